@@ -148,7 +148,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     # each is claimed in the store.
     salts = CacheSalts(config.auth.cache_salt_mode, config.auth.cache_salt_secret, config.auth.master_key)
     messages = MessagesRoutes(gateway.registry, exchange, reactor, salts, gateway.gate,
-                              FileSources(store.files, store.blobs))
+                              FileSources(store.files, store.blobs), keepalive=config.upstreams.messages_keepalive)
     native = NativeResponses(reactor)  # (which providers have no /responses: online and batch lines learn it alike)
     gateway.batch_runner = BatchRunner(store.batches, store.blobs, gateway.registry, reactor, exchange,
                                        concurrency=config.limits.batch_concurrency_per_provider,

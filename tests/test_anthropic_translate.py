@@ -1126,8 +1126,8 @@ def test_a_translated_stream_idle_before_its_first_chunk_starts_the_message_then
     message (its id the gateway's, input tokens 0) with its ping, then pings; the chunks then go on without a second
     message_start, and the SDK accumulates the whole message, its input tokens from message_delta."""
     from anthropic.lib.streaming._messages import accumulate_event
-    translator = ChatToMessagesStream(MODEL)
-    assert translator.keepalive > 0
+    translator = ChatToMessagesStream(MODEL, keepalive=10.0)
+    assert translator.keepalive == 10.0
     started = translator.idle()
     assert translator.idle() == PING
     out = started + translator.feed(b"".join(FULL))
@@ -1148,8 +1148,8 @@ def test_a_translated_stream_idle_before_its_first_chunk_starts_the_message_then
 def test_a_native_stream_pings_only_after_message_start_and_until_its_end():
     """A native stream's keepalive is a ping once message_start went by (before it, the id is the upstream's to name
     and the SDK takes no event), none once the stream ended or failed."""
-    observer = MessagesStreamObserver()
-    assert observer.keepalive > 0 and observer.idle() is None
+    observer = MessagesStreamObserver(keepalive=10.0)
+    assert observer.keepalive == 10.0 and observer.idle() is None
     observer.feed(b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","usage":'
                   b'{"input_tokens":3,"output_tokens":0}}}\n\n')
     assert observer.idle() == PING

@@ -337,6 +337,20 @@ def test_message_batch_results_expire_after_29_days_or_as_set():
         assert "MESSAGE_BATCH_RESULTS_EXPIRE_AFTER" in str(raised.value)
 
 
+def test_the_messages_keepalive_is_10_seconds_or_as_set_and_0_is_none(tmp_path):
+    """C{GOMODEL_MESSAGES_KEEPALIVE_SECONDS} (YAML C{upstreams: messages_keepalive}): the seconds of upstream
+    silence before a Messages stream pings its client, 10 unless set; 0 turns the pings off; a bad one is named."""
+    assert load_config({}).upstreams.messages_keepalive == 10.0
+    assert load_config({"GOMODEL_MESSAGES_KEEPALIVE_SECONDS": "2.5"}).upstreams.messages_keepalive == 2.5
+    assert load_config({"GOMODEL_MESSAGES_KEEPALIVE_SECONDS": "0"}).upstreams.messages_keepalive == 0.0
+    yaml_file = tmp_path / "gateway.yaml"
+    yaml_file.write_text("upstreams:\n  messages_keepalive: 30s\n")
+    assert load_config({}, str(yaml_file)).upstreams.messages_keepalive == 30.0
+    assert load_config({"GOMODEL_MESSAGES_KEEPALIVE_SECONDS": "5"}, str(yaml_file)).upstreams.messages_keepalive == 5
+    with pytest.raises(ConfigError, match="GOMODEL_MESSAGES_KEEPALIVE_SECONDS"):
+        load_config({"GOMODEL_MESSAGES_KEEPALIVE_SECONDS": "-1"})
+
+
 def test_batch_concurrency_per_provider():
     assert load_config({}).limits.batch_concurrency_per_provider == 4
     assert load_config({"BATCH_CONCURRENCY_PER_PROVIDER": "16"}).limits.batch_concurrency_per_provider == 16
@@ -421,7 +435,7 @@ def test_the_table_has_every_setting_once():
         "CACHE_SALT_MODE", "CACHE_SALT_SECRET", "REDIS_URL", "REDIS_KEY_PREFIX", "OTEL_ENABLED",
         "STORAGE_TYPE", "POSTGRES_URL", "POSTGRES_MAX_CONNS", "BATCH_LEASE_TIMEOUT",
         "BATCH_MAX_CLAIMED", "BATCH_OUTPUT_EXPIRES_AFTER", "BATCH_INPUT_EXPIRES_AFTER",
-        "MESSAGE_BATCH_RESULTS_EXPIRE_AFTER",
+        "MESSAGE_BATCH_RESULTS_EXPIRE_AFTER", "GOMODEL_MESSAGES_KEEPALIVE_SECONDS",
     }
 
 

@@ -2057,6 +2057,49 @@ async def test_a_tool_choice_that_needs_a_tool_without_tools_is_anthropics_400_b
             client.close()
 
 
+# An upstream's stream head, then silence (the connection held open): a long prefill.
+SILENT_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+NATIVE_START = (b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_up","type":"message",'
+                b'"role":"assistant","model":"m","content":[],"stop_reason":null,"stop_sequence":null,'
+                b'"usage":{"input_tokens":3,"output_tokens":0}}}\n\n')
+
+
+def _until_pings(client, model, pings):
+    """The bytes of a Messages stream of C{model} read through the SDK until C{pings} pings came; then it is
+    closed."""
+    with client.messages.with_streaming_response.create(model=model, max_tokens=8, messages=HELLO,
+                                                        stream=True) as response:
+        seen = b""
+        for chunk in response.iter_bytes():
+            seen += chunk
+            if seen.count(b"event: ping\n") >= pings:
+                return seen
+    return seen
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_messages_keepalive_is_the_configured_one_natively_and_translated(reactor, fake):
+    """With C{GOMODEL_MESSAGES_KEEPALIVE_SECONDS} set, a stream whose upstream falls silent after its head (a long
+    prefill) pings its client at that interval: translated, the gateway's message_start and its ping, then pings;
+    natively, pings after vLLM's message_start. Before, the interval was 10 s whatever was set (no setting read it)."""
+    gateway = await start(reactor, {"VLLM_BASE_URL": fake.base_url, "OPENAI_BASE_URL": fake.base_url,
+                                    "OPENAI_API_KEY": "sk-up", "GOMODEL_MESSAGES_KEEPALIVE_SECONDS": "0.05"})
+    client = sdk(gateway)
+    try:
+        fake.raw[b"/v1/chat/completions"] = (SILENT_HEAD, True)
+        seen = await in_daemon_thread(reactor, _until_pings, client, OPENAI_MODEL, 3)
+        assert [kind for kind, _ in events_of(seen)] == ["message_start", "ping", "ping", "ping"]
+        chunk = b"%x\r\n" % len(NATIVE_START) + NATIVE_START + b"\r\n"
+        fake.raw[b"/v1/messages"] = (SILENT_HEAD + chunk, True)
+        seen = await in_daemon_thread(reactor, _until_pings, client, MODEL, 2)
+        events = events_of(seen)
+        assert [kind for kind, _ in events] == ["message_start", "ping", "ping"]
+        assert events[0][1]["message"]["id"] == "msg_up"
+    finally:
+        client.close()
+        await stop_all(gateway)
+
+
 OMITTED = {"type": "enabled", "budget_tokens": 1024, "display": "omitted"}
 
 

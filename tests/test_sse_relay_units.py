@@ -801,7 +801,7 @@ def test_a_messages_stream_pings_while_its_upstream_is_silent_and_its_idle_timeo
     its keepalive, then pings each keepalive of silence after, counted from the upstream's last bytes; the pings
     are no upstream bytes: the idle timeout still ends the stream, and none is sent after."""
     from gomodel.anthropic.translate import PING, ChatToMessagesStream
-    h = Harness(timers=True, idle_timeout=25, observer=ChatToMessagesStream("m"))
+    h = Harness(timers=True, idle_timeout=25, observer=ChatToMessagesStream("m", keepalive=10.0))
     keepalive = h.relay.observer.keepalive
     h.clock.advance(keepalive - 0.1)
     assert h.written() == b""
@@ -830,7 +830,7 @@ def test_a_native_messages_stream_pings_between_whole_events_only_after_message_
     """A native stream is relayed as it came, a ping only between two whole events, none before message_start,
     none while the client holds the stream paused, none once the client left."""
     from gomodel.anthropic.translate import PING, MessagesStreamObserver
-    h = Harness(idle_timeout=0, observer=MessagesStreamObserver())
+    h = Harness(idle_timeout=0, observer=MessagesStreamObserver(keepalive=10.0))
     keepalive = h.relay.observer.keepalive
 
     def body():
@@ -851,6 +851,36 @@ def test_a_native_messages_stream_pings_between_whole_events_only_after_message_
     h.clock.advance(keepalive * 2)
     assert body() == MESSAGE_START + PING + BLOCK_START
     assert h.clock.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize("keepalive", [0.25, 3.0])
+def test_a_messages_streams_keepalive_is_the_one_it_is_given(keepalive):
+    """The keepalive a Messages stream is given (GOMODEL_MESSAGES_KEEPALIVE_SECONDS, through the routes) is the
+    silence after which it pings, translated and native, on the relay's clock; before, 10 s whatever was wanted."""
+    from gomodel.anthropic.translate import PING, ChatToMessagesStream, MessagesStreamObserver
+    h = Harness(timers=True, idle_timeout=0, observer=ChatToMessagesStream("m", keepalive=keepalive))
+    h.clock.advance(keepalive * 0.9)
+    assert h.written() == b""
+    h.clock.advance(keepalive * 0.1)
+    assert h.written().endswith(PING) and h.written().count(PING) == 1
+    h.clock.advance(keepalive)
+    assert h.written().count(PING) == 2
+    h = Harness(idle_timeout=0, observer=MessagesStreamObserver(keepalive=keepalive))
+    h.relay.dataReceived(MESSAGE_START)
+    h.clock.advance(keepalive * 0.9)
+    assert not h.written().endswith(PING)
+    h.clock.advance(keepalive * 0.1)
+    assert h.written().endswith(MESSAGE_START + PING)
+
+
+def test_a_messages_stream_with_a_keepalive_of_0_never_pings():
+    """GOMODEL_MESSAGES_KEEPALIVE_SECONDS=0: no keepalive timer, no ping however long the upstream is silent."""
+    from gomodel.anthropic.translate import ChatToMessagesStream, MessagesStreamObserver
+    for observer in (ChatToMessagesStream("m", keepalive=0.0), MessagesStreamObserver(keepalive=0.0)):
+        h = Harness(idle_timeout=0, observer=observer)
+        assert h.clock.getDelayedCalls() == []
+        h.relay.dataReceived(MESSAGE_START if isinstance(observer, MessagesStreamObserver) else ROLE)
+        assert h.clock.getDelayedCalls() == []
 
 
 def test_a_chat_stream_has_no_keepalive_timer():

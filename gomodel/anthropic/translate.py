@@ -1201,10 +1201,6 @@ def _event(kind: str, payload: dict) -> bytes:
 # What Anthropic's streams send right after message_start (the anthropic SDKs skip it); so do the gateway's own.
 PING = b'event: ping\ndata: {"type":"ping"}\n\n'
 
-# Seconds of upstream silence after which a Messages stream sends a C{ping}, as Anthropic's do while a stream is
-# idle (a long prefill): a proxy or client with a read timeout (nginx's 60 s) keeps the stream.
-KEEPALIVE = 10.0
-
 
 class _ToolCall:
     """One streamed chat tool call, as it becomes a C{tool_use} block."""
@@ -1262,7 +1258,7 @@ class ChatToMessagesStream:
     index 0): later fragments at that index go on with it.
 
     While the upstream is silent (a long prefill), L{idle} gives the relay what keeps the stream alive every
-    L{KEEPALIVE} seconds (L{gomodel.proxy.relay.StreamRelay}): a C{ping}, and before the first chunk
+    C{keepalive} seconds (L{gomodel.proxy.relay.StreamRelay}): a C{ping}, and before the first chunk
     C{message_start} first (its id the gateway's, its input tokens 0 until C{message_delta} says them).
 
     @ivar done: C{[DONE]} or an error chunk arrived.
@@ -1270,16 +1266,17 @@ class ChatToMessagesStream:
     @ivar events: upstream chunks with content (about one token each), for an estimate.
     """
 
-    keepalive = KEEPALIVE
-
-    def __init__(self, model, message_id: str | None = None, hide=None, omit_thinking: bool = False):
+    def __init__(self, model, message_id: str | None = None, hide=None, omit_thinking: bool = False,
+                 keepalive: float = 0.0):
         """
         @param model: the model C{message_start} names: a string, or a function giving it when the stream
             starts (the target that answered, a fallback's maybe, is known only then).
         @param hide: a function of an in-band error's message giving it as the client may see it (the
             upstream's address hidden: L{gomodel.upstream.errors.without_address}), or None.
         @param omit_thinking: thinking blocks go without their text (no C{thinking_delta}: L{omits_thinking}).
+        @param keepalive: seconds of upstream silence after which the relay sends L{idle}'s bytes; 0: never.
         """
+        self.keepalive = keepalive
         self._framer = SSEFramer()
         self._model = model
         self._hide = hide
@@ -1524,7 +1521,7 @@ class MessagesStreamObserver:
     the stream ends there (its C{message_stop} is not relayed). With C{omit_thinking}, a C{thinking_delta} is
     left out (L{omits_thinking}: vLLM streams the thinking text whatever the request's C{thinking.display}).
 
-    While the upstream is silent after C{message_start}, L{idle} gives the relay a C{ping} every L{KEEPALIVE}
+    While the upstream is silent after C{message_start}, L{idle} gives the relay a C{ping} every C{keepalive}
     seconds (between two whole events: C{feed} returns whole events only); none before it, whose id is the
     upstream's to name (a client's SDK takes no event before C{message_start}).
 
@@ -1532,14 +1529,15 @@ class MessagesStreamObserver:
     @ivar events: C{content_block_delta} events seen (about one token each, those left out too), for an estimate.
     """
 
-    keepalive = KEEPALIVE
     _started = False  # message_start went by
 
-    def __init__(self, hide=None, omit_thinking: bool = False):
+    def __init__(self, hide=None, omit_thinking: bool = False, keepalive: float = 0.0):
         """
         @param hide: as L{ChatToMessagesStream}'s: an error event's message as the client may see it, or None.
         @param omit_thinking: thinking blocks go without their text (no C{thinking_delta}: L{omits_thinking}).
+        @param keepalive: as L{ChatToMessagesStream}'s: seconds of upstream silence before a C{ping}; 0: none.
         """
+        self.keepalive = keepalive
         self._framer = SSEFramer()
         self._hide = hide
         self._omit_thinking = omit_thinking

@@ -132,13 +132,16 @@ class MessagesRoutes:
 
     log = Logger()
 
-    def __init__(self, registry, exchange, clock, salts=None, gate=None, files=None):
+    def __init__(self, registry, exchange, clock, salts=None, gate=None, files=None, keepalive=0.0):
         """
         @param salts: the L{gomodel.auth.tenancy.CacheSalts} (a managed key's C{cache_salt} for vLLM), or None.
         @param gate: the L{gomodel.limits.gate.Gate} (a target at its limit is routed around), or None.
         @param files: the L{gomodel.anthropic.file_sources.FileSources} (a block naming an uploaded file gets
             its contents), or None (such a block is refused where it cannot be sent).
+        @param keepalive: seconds of upstream silence after which a stream sends its client a C{ping}
+            (C{GOMODEL_MESSAGES_KEEPALIVE_SECONDS}); 0: none.
         """
+        self._keepalive = keepalive
         self._registry = registry
         self._exchange = exchange
         self._clock = clock
@@ -212,7 +215,7 @@ class MessagesRoutes:
             try:
                 if native:
                     observer = MessagesStreamObserver(lambda message: self._without_address(ctx, message),
-                                                      omit_thinking=omit) if stream else None
+                                                      omit_thinking=omit, keepalive=self._keepalive) if stream else None
                     whole = message_events_bytes if stream else native_message_bytes
                     return await self._native(request, ctx, upstream, "/messages", body, fallbacks, affinity,
                                               headers, observer, partial(whole, omit_thinking=True) if omit else whole)
@@ -333,7 +336,7 @@ class MessagesRoutes:
         whole = chat_to_events_bytes if stream else chat_to_message_bytes
         observer = ChatToMessagesStream(lambda: ctx.upstream_model,  # (the target that answers)
                                         hide=lambda message: self._without_address(ctx, message),
-                                        omit_thinking=omit) if stream else None
+                                        omit_thinking=omit, keepalive=self._keepalive) if stream else None
         call = UpstreamCall("/chat/completions", jsonutil.dumps(sent), model=ctx.upstream_model, observer=observer,
                             transform=lambda answer: whole(answer, ctx.upstream_model, omit), affinity=affinity,
                             fallbacks=fallbacks,

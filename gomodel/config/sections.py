@@ -166,6 +166,9 @@ class UpstreamsConfig:
     models_refresh_interval: float = setting("MODELS_REFRESH_INTERVAL", parsers.positive_duration, 300.0,
                                              aliases=("CACHE_REFRESH_INTERVAL",))  # GoModel's name too
     timeouts: Timeouts = group(Timeouts)
+    # Seconds of upstream silence after which a /v1/messages stream sends its client a ping (Anthropic's, while a
+    # long prefill goes on): a proxy or client with a read timeout keeps the stream; 0: none.
+    messages_keepalive: float = setting("GOMODEL_MESSAGES_KEEPALIVE_SECONDS", parsers.duration, 10.0)
     pool_max_per_host: int = setting("HTTP_POOL_MAX_PER_HOST", parsers.count, 256)
     pool_idle_timeout: float = setting("HTTP_POOL_IDLE_TIMEOUT", parsers.positive_duration, 4.0)
     passthrough: PassthroughConfig = group(PassthroughConfig)
