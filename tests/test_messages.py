@@ -1020,6 +1020,42 @@ async def test_count_tokens_without_a_tokenizer_is_501_not_a_guess(http, openai_
         client.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_count_tokens_checks_the_tool_choice_as_a_create_does(reactor, fake):
+    """A C{count_tokens} request whose C{tool_choice} a create refuses (one asking for a tool without tools, one
+    naming a tool not declared, one of no known type) is the same 400 naming it, before any upstream: natively (a
+    vLLM), by /tokenize (a vLLM without count_tokens, or a request that goes translated) and for a provider without
+    a tokenizer (the 400 before its 501). Before, vLLM's own count said it in vLLM's words, /tokenize counted it as
+    if it were none, and the others answered the 501 (fixing the provider would only have led to the 400)."""
+    no_count = await start_fake(reactor, messages="no_count")
+    gateway = await start(reactor, {"VLLM_BASE_URL": fake.base_url, "VLLM_TOK_BASE_URL": no_count.base_url,
+                                    "OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "sk-up"})
+    client = sdk(gateway)
+    try:
+        before = len(fake.requests), len(no_count.requests)
+        for model in (MODEL, f"vllm-tok/{CHAT_MODEL}", OPENAI_MODEL):
+            for fields, said in (
+                    ({"tool_choice": {"type": "any"}},
+                     "tool_choice: tool_choice of type 'any' may only be specified while providing tools"),
+                    ({"tool_choice": {"type": "tool", "name": "get_time"}, "tools": [WEATHER_TOOL]},
+                     "tool_choice.name: tool 'get_time' is not one of the tools"),
+                    ({"tool_choice": {"type": "sometimes"}, "tools": [WEATHER_TOOL]},
+                     "tool_choice.type: 'sometimes' is not one of 'auto', 'any', 'tool', 'none'")):
+                with pytest.raises(anthropic.BadRequestError) as caught:
+                    await in_thread(client.messages.count_tokens, model=model, messages=HELLO, **fields)
+                assert caught.value.body == {"type": "error", "error": {
+                    "type": "invalid_request_error", "message": said}}, (model, caught.value.body)
+        assert (len(fake.requests), len(no_count.requests)) == before
+        counted = await in_thread(client.messages.count_tokens, model=MODEL, messages=HELLO, tools=[WEATHER_TOOL],
+                                  tool_choice={"type": "any"})
+        assert counted.input_tokens > 0
+        counted = await in_thread(client.messages.count_tokens, model=f"vllm-tok/{CHAT_MODEL}", messages=HELLO,
+                                  tool_choice={"type": "auto"})
+        assert counted.input_tokens > 0
+    finally:
+        await stop_all(gateway, no_count, clients=[client])
+
+
 # -- errors ----------------------------------------------------------------------------------
 
 

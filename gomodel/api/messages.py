@@ -229,8 +229,8 @@ class MessagesRoutes:
         """The input tokens of a Messages request, C{{"input_tokens": N}}, as the provider's tokenizer counts them
         (for a virtual model: the first of its targets in the routing order whose provider has one).
 
-        @raise gomodel.errors.InvalidRequest: it asks for Anthropic's server side (L{refuse_server_side}), as a
-            create would, or it is no C{count_tokens} request.
+        @raise gomodel.errors.InvalidRequest: it asks for Anthropic's server side (L{refuse_server_side}) or has
+            a tool choice a create refuses (L{check_tool_choice_and_metadata}), or it is no C{count_tokens} request.
         @raise gomodel.errors.NotSupported: no provider of the model has a tokenizer the gateway can ask (and the
             request is one: else its L{gomodel.errors.InvalidRequest}).
         """
@@ -242,6 +242,7 @@ class MessagesRoutes:
         planned = plan_model(self._registry, body, principal=ctx.principal)
         refuse_server_side(body)  # (as a create: counted natively, vLLM drops them unread)
         checked_messages(body)  # (as a create)
+        check_tool_choice_and_metadata(body)  # (as a create: vLLM's words natively, unread by /tokenize)
         # Only vLLM has a tokenizer the gateway can ask.
         routes = self._unsaturated([route for route in planned if route.provider.type in NATIVE_TYPES])
         if not routes:
