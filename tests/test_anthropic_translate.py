@@ -1155,3 +1155,28 @@ def test_a_native_stream_pings_only_after_message_start_and_until_its_end():
     assert observer.idle() == PING
     observer.feed(b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"busy"}}\n\n')
     assert observer.idle() is None
+
+
+def test_tool_names_past_64_characters_go_short_without_changing_what_other_targets_share():
+    """L{fit_tool_names} shortens the tools', the tool choice's and the past calls' names past OpenAI's 64
+    characters, each long name always to the same short one, in new objects only (the body another target is sent
+    keeps the names); L{long_names} maps them back; a short name is left as it is."""
+    from gomodel.translate.call_ids import OPENAI_NAME_MAX, fit_tool_names, long_names, short_name
+    long, other = "mcp__" + "x" * 70, "mcp__" + "x" * 60 + "y" * 10
+    chat = messages_to_chat(request(
+        tools=[{"name": long, "input_schema": {}}, {"name": other, "input_schema": {}}, {"name": "f", "input_schema": {}}],
+        tool_choice={"type": "tool", "name": long},
+        messages=[{"role": "user", "content": "go"},
+                  {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": long, "input": {}}]},
+                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}]}]))
+    kept = jsonutil.dumps(chat)
+    sent = dict(chat)
+    fit_tool_names(sent)
+    assert jsonutil.dumps(chat) == kept
+    names = [tool["function"]["name"] for tool in sent["tools"]]
+    assert names == [short_name(long), short_name(other), "f"] and len(set(names)) == 3
+    assert all(len(name) <= OPENAI_NAME_MAX for name in names) and short_name(long) == short_name(long)
+    assert sent["tool_choice"]["function"]["name"] == short_name(long)
+    assert sent["messages"][1]["tool_calls"][0]["function"]["name"] == short_name(long)
+    assert long_names(chat) == {short_name(long): long, short_name(other): other}
+    assert long_names(messages_to_chat(request(tools=[{"name": "f", "input_schema": {}}]))) is None

@@ -717,3 +717,21 @@ async def test_results_are_archived_and_swept_after_message_batch_results_expire
         [record[k] for k in ("input_file_id", "output_file_id", "error_file_id")]) == set()
     again = await in_thread(client.messages.batches.retrieve, made.id)
     assert again.request_counts.model_dump() == counts
+
+
+async def test_a_translated_lines_tool_name_past_64_characters_goes_short_and_comes_back_as_declared(setup):
+    """A line translated to an OpenAI provider whose tool's name is longer than OpenAI takes (64 characters; Claude
+    Code's MCP tools) is sent it short, and its result's call names it as the line declared it, as online."""
+    gw, client, vllm, openai = setup
+    tool = {"name": "mcp__" + "weather_service_" * 5 + "get_weather", "input_schema": {"type": "object"}}
+    made = await in_thread(client.messages.batches.create, requests=[
+        request("probe", model=TRANSLATED, tools=[tool], max_tokens=16)])
+    await ended(gw, client, made.id)
+    short = openai.requests[-1].body["tools"][0]["function"]["name"]
+    assert len(short) <= 64 < len(tool["name"])
+    openai.steer = {"fake_tool": {"name": short, "arguments": "{}"}}
+    made = await in_thread(client.messages.batches.create, requests=[request("called", model=TRANSLATED, tools=[tool])])
+    await ended(gw, client, made.id)
+    got = await results(client, made.id)
+    assert got["called"].type == "succeeded", got["called"]
+    assert [(block.type, block.name) for block in got["called"].message.content] == [("tool_use", tool["name"])]

@@ -2136,6 +2136,53 @@ async def test_the_messages_keepalive_is_the_configured_one_natively_and_transla
         await stop_all(gateway)
 
 
+LONG_TOOL = dict(WEATHER_TOOL, name="mcp__claude_ai_weather_service_for_every_city__get_the_current_weather_in_a_city")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tool_name_past_openais_64_characters_goes_short_and_comes_back_as_declared(openai_gw, gw, fake):
+    """Anthropic takes tool names of up to 128 characters (Claude Code's MCP tools, C{mcp__<server>__<tool>}, are
+    often longer than 64); OpenAI refuses any past 64 ("string too long"). Translated to an OpenAI provider, such a
+    name goes short (the same one each time: its tool, its C{tool_choice}, the past calls of it), and the answer's
+    calls of it, whole or streamed, name it as the client declared it. Before, OpenAI refused the request. A vLLM
+    is sent the name as it is."""
+    assert len(LONG_TOOL["name"]) > 64
+    history = [{"role": "user", "content": "Paris?"},
+               {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": LONG_TOOL["name"],
+                                                  "input": {"city": "Paris"}}]},
+               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "Sunny"}]},
+               {"role": "user", "content": "And Rome?"}]
+    client = sdk(openai_gw)
+    try:
+        await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=64, tools=[LONG_TOOL, WEATHER_TOOL],
+                        tool_choice={"type": "tool", "name": LONG_TOOL["name"]}, messages=history)
+        sent = fake.requests[-1].body
+        short = sent["tools"][0]["function"]["name"]
+        assert len(short) <= 64 and short != LONG_TOOL["name"]
+        assert sent["tools"][1]["function"]["name"] == "get_weather"
+        assert sent["tool_choice"]["function"]["name"] == short
+        assert sent["messages"][1]["tool_calls"][0]["function"]["name"] == short
+        fake.steer = {"fake_tool": {"name": short, "arguments": '{"city": "Rome"}'}}
+        message = await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=64, tools=[LONG_TOOL],
+                                  messages=history)
+        assert fake.requests[-1].body["tools"][0]["function"]["name"] == short  # (the same short name)
+        assert [(block.type, block.name, block.input) for block in message.content] == [
+            ("tool_use", LONG_TOOL["name"], {"city": "Rome"})]
+        _, final = await in_thread(collect, client.messages.stream(model=OPENAI_MODEL, max_tokens=64,
+                                                                   tools=[LONG_TOOL], messages=history))
+        assert [(block.type, block.name, block.input) for block in final.content] == [
+            ("tool_use", LONG_TOOL["name"], {"city": "Rome"})]
+    finally:
+        client.close()
+    fake.steer = {}
+    client = sdk(gw)
+    try:
+        await in_thread(client.messages.create, model=MODEL, max_tokens=64, tools=[LONG_TOOL], messages=history)
+        assert fake.requests[-1].body["tools"][0]["name"] == LONG_TOOL["name"]
+    finally:
+        client.close()
+
+
 OMITTED = {"type": "enabled", "budget_tokens": 1024, "display": "omitted"}
 
 

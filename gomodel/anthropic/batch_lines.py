@@ -7,6 +7,7 @@ from gomodel.anthropic.translate import (chat_to_message_bytes, check_sampling,
                                          native_message_bytes, omits_thinking, passed_fields, refuse_server_side,
                                          vllm_fields)
 from gomodel.api.messages import chat_for, translates
+from gomodel.translate.call_ids import long_names
 
 
 def native_answer(body: bytes, model, omit_thinking: bool = False) -> bytes:
@@ -65,7 +66,8 @@ class MessagesLines:
         def rebody(model, provider):
             return body_for(principal, chat_for(provider, chat, extras, passed), model, provider)
 
-        answer = partial(chat_to_message_bytes, omit_thinking=True) if omit else chat_to_message_bytes
+        # (a tool whose name an OpenAI target is sent short, chat_for: its calls named as the line declared it)
+        answer = partial(chat_to_message_bytes, omit_thinking=omit, names=long_names(chat))
         return "/chat/completions", rebody(route.upstream_model, route.provider), fallbacks, rebody, answer
 
     def no_native(self, provider, model, status, body) -> bool:

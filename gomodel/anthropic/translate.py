@@ -913,9 +913,10 @@ def omits_thinking(body: dict) -> bool:
     return display == "omitted"
 
 
-def chat_to_message(chat: dict, model: str, omit_thinking: bool = False) -> dict:
+def chat_to_message(chat: dict, model: str, omit_thinking: bool = False, names: dict | None = None) -> dict:
     """The Messages answer for a chat-completions answer C{chat}, naming C{model} (the model that gave it); its
-    thinking block's text empty with C{omit_thinking} (L{omits_thinking}).
+    thinking block's text empty with C{omit_thinking} (L{omits_thinking}); a call of a tool whose name the upstream
+    was sent short named as the client declared it (C{names}, L{gomodel.translate.call_ids.long_names}).
 
     @raise ValueError: C{chat} has no choice.
     @raise TypeError: C{chat} is not shaped as a chat completion.
@@ -949,8 +950,9 @@ def chat_to_message(chat: dict, model: str, omit_thinking: bool = False) -> dict
         function = call.get("function") if isinstance(call.get("function"), dict) else {}
         arguments = function.get("arguments")
         complete = complete and (isinstance(arguments, dict) or _is_json_object(arguments or "{}"))
+        name = _string(function.get("name"))
         content.append({"type": "tool_use", "id": _string(call.get("id")) or new_id("toolu"),
-                        "name": _string(function.get("name")), "input": _tool_input(arguments)})
+                        "name": names.get(name, name) if names else name, "input": _tool_input(arguments)})
     if not content:
         # Anthropic's shape for an empty answer is one empty text block (vLLM's too).
         content.append({"type": "text", "text": ""})
@@ -962,13 +964,13 @@ def chat_to_message(chat: dict, model: str, omit_thinking: bool = False) -> dict
             "usage": usage_from_chat(chat.get("usage")) or {"input_tokens": 0, "output_tokens": 0}}
 
 
-def chat_to_message_bytes(body: bytes, model: str, omit_thinking: bool = False) -> bytes:
+def chat_to_message_bytes(body: bytes, model: str, omit_thinking: bool = False, names: dict | None = None) -> bytes:
     """L{chat_to_message} on JSON bytes, for an exchange's C{transform} hook.
 
     @raise ValueError: C{body} is not JSON (L{jsonutil.JSONError}) or has no choice.
     @raise TypeError: C{body} is not shaped as a chat completion.
     """
-    return jsonutil.dumps(chat_to_message(jsonutil.loads(body), model, omit_thinking))
+    return jsonutil.dumps(chat_to_message(jsonutil.loads(body), model, omit_thinking, names))
 
 
 def message_events(message: dict) -> bytes:
@@ -1074,9 +1076,9 @@ def _thinking_with_text(block) -> bool:
     return isinstance(block, dict) and block.get("type") == "thinking" and block.get("thinking") != ""
 
 
-def chat_to_events_bytes(body: bytes, model: str, omit_thinking: bool = False) -> bytes:
+def chat_to_events_bytes(body: bytes, model: str, omit_thinking: bool = False, names: dict | None = None) -> bytes:
     """L{message_events} of L{chat_to_message} on JSON bytes (raises as L{chat_to_message_bytes})."""
-    return message_events(chat_to_message(jsonutil.loads(body), model, omit_thinking))
+    return message_events(chat_to_message(jsonutil.loads(body), model, omit_thinking, names))
 
 
 # -- errors ---------------------------------------------------------------------
@@ -1267,7 +1269,7 @@ class ChatToMessagesStream:
     """
 
     def __init__(self, model, message_id: str | None = None, hide=None, omit_thinking: bool = False,
-                 keepalive: float = 0.0):
+                 keepalive: float = 0.0, names: dict | None = None):
         """
         @param model: the model C{message_start} names: a string, or a function giving it when the stream
             starts (the target that answered, a fallback's maybe, is known only then).
@@ -1275,8 +1277,10 @@ class ChatToMessagesStream:
             upstream's address hidden: L{gomodel.upstream.errors.without_address}), or None.
         @param omit_thinking: thinking blocks go without their text (no C{thinking_delta}: L{omits_thinking}).
         @param keepalive: seconds of upstream silence after which the relay sends L{idle}'s bytes; 0: never.
+        @param names: C{{short name: name}} of the tools the upstream was sent short (L{chat_to_message}'s).
         """
         self.keepalive = keepalive
+        self._names = names
         self._framer = SSEFramer()
         self._model = model
         self._hide = hide
@@ -1423,7 +1427,10 @@ class ChatToMessagesStream:
 
     def _start_tool(self, call, out):
         self._switch("tool_use", out)
-        call.block = self._begin({"type": "tool_use", "id": call.id, "name": call.name or "", "input": {}}, out)
+        name = call.name or ""
+        if self._names:
+            name = self._names.get(name, name)
+        call.block = self._begin({"type": "tool_use", "id": call.id, "name": name, "input": {}}, out)
         self._open = "tool_use"
         if call.arguments:  # fragments held before the block started
             self._delta({"type": "input_json_delta", "partial_json": "".join(call.arguments)}, out, call.block)

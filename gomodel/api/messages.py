@@ -62,7 +62,7 @@ from gomodel.http.bodies import json_body, query_arg, query_limit, streams
 from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM
 from gomodel.proxy.exchange import ERROR_BODY_LIMIT, UpstreamCall, fails_over
 from gomodel.routing.affinity import affinity_key
-from gomodel.translate.call_ids import SHORT_ID_TYPES, fit_call_ids
+from gomodel.translate.call_ids import SHORT_ID_TYPES, fit_call_ids, fit_tool_names, long_names
 from gomodel.translate.openai_body import OPENAI_TYPES
 from gomodel.upstream.errors import upstream_error, with_retry_after, without_address
 
@@ -319,6 +319,7 @@ class MessagesRoutes:
         """
         chat = messages_to_chat(body)
         extras, passed = vllm_fields(body, chat["messages"]), passed_fields(body)
+        names = long_names(chat)  # (an OpenAI target is sent them short: L{chat_for})
         stream = body.get("stream") is True
         if stream:
             chat["stream"] = True
@@ -337,9 +338,10 @@ class MessagesRoutes:
         whole = chat_to_events_bytes if stream else chat_to_message_bytes
         observer = ChatToMessagesStream(lambda: ctx.upstream_model,  # (the target that answers)
                                         hide=lambda message: self._without_address(ctx, message),
-                                        omit_thinking=omit, keepalive=self._keepalive) if stream else None
+                                        omit_thinking=omit, keepalive=self._keepalive,
+                                        names=names) if stream else None
         call = UpstreamCall("/chat/completions", jsonutil.dumps(sent), model=ctx.upstream_model, observer=observer,
-                            transform=lambda answer: whole(answer, ctx.upstream_model, omit), affinity=affinity,
+                            transform=lambda answer: whole(answer, ctx.upstream_model, omit, names), affinity=affinity,
                             fallbacks=fallbacks,
                             rebody=retargeted(request, ctx, self._salts, made) if fallbacks else None)
         try:
@@ -468,8 +470,8 @@ def chat_for(provider, chat: dict, extras: dict, passed: dict) -> dict:
     as C{reasoning.max_tokens} for those of L{REASONING_BUDGET_TYPES}) but the client's own
     C{top_k} and C{chat_template_kwargs} (C{passed}, L{passed_fields}), which go to every provider but OpenAI
     (L{OPENAI_TYPES}, which refuses them), as on the chat route; its C{max_tokens} as C{max_completion_tokens} for
-    the types of L{MAX_COMPLETION_TYPES}; its tool call ids short for the types of L{SHORT_ID_TYPES}
-    (L{fit_call_ids})."""
+    the types of L{MAX_COMPLETION_TYPES}; its tool call ids and tool names short for the types of
+    L{SHORT_ID_TYPES} (L{fit_call_ids}, L{fit_tool_names}: the answer's calls are named back, L{long_names})."""
     if provider.type in VLLM_CHAT_TYPES:
         return dict(chat, **extras)
     other = without_vllm_fields(chat, reasoning=provider.type in REASONING_BACK_TYPES,
@@ -483,6 +485,7 @@ def chat_for(provider, chat: dict, extras: dict, passed: dict) -> dict:
         other["max_completion_tokens"] = other.pop("max_tokens")
     if provider.type in SHORT_ID_TYPES:  # (a vLLM's call ids, 46 characters, are too long for OpenAI)
         fit_call_ids(other)
+        fit_tool_names(other)  # (and MCP tools' names past 64 characters)
     return other
 
 
