@@ -1089,3 +1089,44 @@ async def test_a_follow_up_of_a_conversation_whose_earlier_turn_was_deleted_neve
         assert said == [{"role": "user", "content": "I like tea"}, {"role": "assistant", "content": "héhéhé"},
                         {"role": "user", "content": "what do you know?"}], model
         assert fourth.previous_response_id == third.id
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_background_stream_whose_client_leaves_before_its_upstreams_head_is_kept_read_and_cancelled(
+        reactor, gateway, fake, client):
+    """A background stream's client that leaves while its instance has not answered yet: the request is not
+    closed at its instance (vLLM makes the response once it answers), which answers, and the response is
+    kept queued, watched, read and cancelled through the gateway, as one whose client leaves after the head
+    (before: its send was cancelled, the connection closed, the response lost to its tenant)."""
+    from tests.rawclient import connect
+    from tests.support import until
+
+    left = Deferred()
+
+    def logged(event):
+        if "before its upstream answered" in (event.get("log_format") or "") and not left.called:
+            left.callback(None)
+
+    globalLogPublisher.addObserver(logged)
+    body = json.dumps({"model": MODEL, "input": "long job", "background": True, "stream": True,
+                       "fake_hold": True, "fake_hang_after": 1}).encode()
+    try:
+        arrived = fake.next_request()
+        raw = await connect(reactor, gateway.port, b"POST /v1/responses HTTP/1.1\r\nHost: gateway\r\n"
+                            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        record = await arrived  # (held by the instance: no head yet)
+        raw.transport.abortConnection()  # the client leaves before the upstream's head
+        await until(reactor, lambda: left.called or record.closed.called, what="the gateway seeing its client leave")
+        assert not record.closed.called  # (before: the upstream request closed at once)
+        fake.release_holds()  # the instance answers: it makes the response
+        await until(reactor, lambda: gateway.service.drain.in_flight == 0, what="the create's end")
+        [response_id] = list(fake.stored_responses)
+        assert record.body["request_id"] == response_id
+        read = await in_thread(client.responses.retrieve, response_id)
+        assert (read.id, read.status) == (response_id, "queued")  # (as its instance has it)
+        assert (await in_thread(client.responses.cancel, response_id)).status == "cancelled"
+        assert fake.stored_responses[response_id]["status"] == "cancelled"
+    finally:
+        globalLogPublisher.removeObserver(logged)
+        fake.release_holds()
+        fake.finish_hung()
