@@ -13,7 +13,7 @@ import treq
 from gomodel import jsonutil
 from gomodel.responses_history import as_input
 from tests.fakes.vllm import _count_tokens
-from tests.support import in_thread, openai_client, start_fake, start_gateway, stop_all
+from tests.support import in_thread, openai_client, start_fake, start_gateway, stop_all, until
 
 MODEL = "vllm/meta-llama/Llama-3.1-8B-Instruct"
 UPSTREAM = "meta-llama/Llama-3.1-8B-Instruct"
@@ -923,22 +923,119 @@ async def test_a_background_response_its_instance_forgot_is_failed_when_cancelle
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_retrieve_asking_for_the_events_again_is_refused_not_answered_with_the_object(client, http, gateway):
-    """The gateway keeps no events: C{retrieve(stream=True)} is a 400 (before: the response object, which the
-    openai SDK read as a stream of no events, silently empty)."""
+async def test_a_background_streams_events_are_replayed_from_its_instance_after_starting_after(reactor, client, fake,
+                                                                                             http, gateway):
+    """OpenAI's C{retrieve(stream=True, starting_after=N)}: a background stream's events after the N-th, relayed
+    from the replica that holds them (vLLM keeps them), then those still to come, to the stream's end (before: a 400
+    for every response)."""
+    def stream():
+        events = client.responses.create(model=MODEL, input="long job", background=True, stream=True,
+                                         extra_body={"fake_hang_after": 2})
+        each = iter(events)
+        first = next(each)
+        events.close()  # (the client leaves: its instance goes on)
+        return first.response.id
+
+    response_id = await in_thread(stream)
+
+    def replay(after):
+        return [(event.type, event.sequence_number)
+                for event in client.responses.retrieve(response_id, stream=True, starting_after=after)]
+
+    replaying = in_thread(replay, 0)
+    await until(reactor, lambda: fake.replaying.get(response_id), what="the replay waiting for its events")
+    asked = fake.requests[-1]
+    assert (asked.method, asked.path) == (b"GET", f"/v1/responses/{response_id}".encode())
+    assert b"stream=true" in asked.uri and b"starting_after=0" in asked.uri
+    fake.finish_hung()  # (its instance makes the rest)
+    assert await replaying == [("response.output_item.added", 1), ("response.content_part.added", 2),
+                               ("response.output_text.delta", 3), ("response.output_item.done", 4),
+                               ("response.completed", 5)]
+    assert [kind for kind, _ in await in_thread(replay, 3)] == ["response.output_item.done", "response.completed"]
+    everything = await http.get(gateway.url + f"/v1/responses/{response_id}?stream=true")  # (none named: all)
+    assert everything.headers.getRawHeaders(b"content-type")[0].startswith(b"text/event-stream")
+    assert (await everything.text()).count("event: ") == 6
+    bad = await http.get(gateway.url + f"/v1/responses/{response_id}?stream=true&starting_after=-1")
+    assert bad.code == 400 and (await bad.json())["error"]["param"] == "starting_after"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replay_whose_client_leaves_closes_it_at_its_instance_and_charges_nothing(reactor, fake, http,
+                                                                                         tmp_path):
+    """A replay is relayed as a stream: its client leaving closes it at its instance; its events' usage, its
+    create's, is not charged again (nor estimated)."""
+    from tests.rawclient import connect
+    from tests.test_quotas import ADMIN
+
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "master-k",
+                                       "GOMODEL_DATA_DIR": str(tmp_path)})
+    try:
+        events = await treq.content(await http.post(gw.url + "/v1/responses", headers=ADMIN, json={
+            "model": MODEL, "input": "long job", "background": True, "stream": True}))
+        created = json.loads(events.split(b"data: ", 1)[1].split(b"\n", 1)[0])["response"]["id"]
+        whole = await http.get(gw.url + f"/v1/responses/{created}?stream=true&starting_after=1", headers=ADMIN)
+        assert (await whole.text()).count("event: ") == 4
+        await gw.service.usage.flush()
+        log = json.loads(await treq.content(await http.get(gw.url + "/admin/api/v1/usage/log", headers=ADMIN)))
+        assert sorted(r["total_tokens"] or 0 for r in log["data"]) == [0, 22]  # (the create's alone)
+
+        fake.event_store[created] = fake.event_store[created][:2]  # (as if still running)
+        raw = await connect(reactor, gw.port, f"GET /v1/responses/{created}?stream=true HTTP/1.1\r\nHost: gw\r\n"
+                            "Authorization: Bearer master-k\r\n\r\n".encode())
+        await raw.wait_for(b"response.output_item.added")
+        [replay] = fake.replaying[created]
+        closed = replay.notifyFinish()
+        raw.transport.abortConnection()
+        with pytest.raises(Exception):
+            await closed  # (closed at its instance)
+        await until(reactor, lambda: gw.service.drain.in_flight == 0, what="the replay's end")
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_response_whose_events_cannot_be_replayed_is_a_400_saying_why(client, http, gateway, fake):
+    """Not made in the background, not streamed, or its instance restarted: a 400 naming why, never the object
+    where events were awaited (the openai SDK read that as a stream of no events, silently empty) nor vLLM's
+    stream that breaks off at once."""
+    def refused(response_id):
+        def events():
+            return list(client.responses.retrieve(response_id, stream=True, starting_after=2))
+
+        return in_thread(events)
+
+    plain = await in_thread(client.responses.create, model=MODEL, input="short job")
+    with pytest.raises(openai.BadRequestError) as not_background:
+        await refused(plain.id)
+    assert (not_background.value.body["param"], not_background.value.body["code"]) == ("stream", "unsupported_value")
+    assert "not created in the background" in not_background.value.body["message"]
     created = await in_thread(client.responses.create, model=MODEL, input="long job", background=True)
-
-    def events():
-        return list(client.responses.retrieve(created.id, stream=True, starting_after=2))
-
-    with pytest.raises(openai.BadRequestError) as refused:
-        await in_thread(events)
-    assert (refused.value.body["param"], refused.value.body["code"]) == ("stream", "unsupported_value")
+    with pytest.raises(openai.BadRequestError) as not_streamed:
+        await refused(created.id)
+    assert (not_streamed.value.body["param"], not_streamed.value.body["code"]) == ("stream", "unsupported_value")
+    assert "not streamed" in not_streamed.value.body["message"]
+    fake.stored_responses.clear()  # (its instance restarted)
+    with pytest.raises(openai.BadRequestError) as forgotten:
+        await refused(created.id)
+    assert "no longer holds it" in forgotten.value.body["message"]
     plain = await http.get(gateway.url + f"/v1/responses/{created.id}?stream=false")
     assert plain.code == 200 and (await plain.json())["id"] == created.id
     unknown = await http.get(gateway.url + "/v1/responses/resp_nobody?stream=true")
     assert unknown.code == 404
     await treq.content(unknown)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_translated_background_responses_events_are_kept_nowhere_a_400_saying_so(translated):
+    _, sdk, _ = translated
+    created = await in_thread(sdk.responses.create, model=MODEL, input="long job", background=True)
+
+    def events():
+        return list(sdk.responses.retrieve(created.id, stream=True))
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        await in_thread(events)
+    assert "kept by the gateway alone" in refused.value.body["message"]
 
 
 @pytest_twisted.ensureDeferred
@@ -1099,7 +1196,6 @@ async def test_a_background_stream_whose_client_leaves_before_its_upstreams_head
     kept queued, watched, read and cancelled through the gateway, as one whose client leaves after the head
     (before: its send was cancelled, the connection closed, the response lost to its tenant)."""
     from tests.rawclient import connect
-    from tests.support import until
 
     left = Deferred()
 

@@ -9,6 +9,7 @@ restarted; its store is off), carries the stored conversation as explicit
 input instead.
 """
 
+import re
 from functools import partial
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -24,6 +25,7 @@ from gomodel.auth.tenancy import tenant_of, visible
 from gomodel.batches.validation import check_metadata
 from gomodel.http.bodies import boolean, json_answer, page, query_arg, query_limit, streams
 from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM
+from gomodel.http.render import RESPONSES
 from gomodel.ids import new_id
 from gomodel.proxy.exchange import BackgroundCall, UpstreamCall, fails_over
 from gomodel.proxy.sse import ResponsesStreamObserver, SSEFramer, event_object
@@ -401,19 +403,88 @@ class ResponsesRoute:
     # -- lifecycle -------------------------------------------------------------
 
     async def retrieve(self, request, response_id):
-        """The stored response; a background one still running is refreshed from its instance. Its events are
-        not kept: asked to stream them again (C{stream=true}, what the openai SDK's C{retrieve(stream=True)}
-        sends) is a 400, never the object where events were awaited."""
+        """The stored response; a background one still running is refreshed from its instance. Asked for its
+        events (C{stream=true}, the openai SDK's C{retrieve(stream=True, starting_after=N)}): L{_replay}."""
         record = await self._record(request, response_id)
         if query_arg(request, b"stream", "false") != "false":
-            raise errors.InvalidRequest("Streaming a stored response again is not supported: retrieve it without "
-                                        "stream.", param="stream", code="unsupported_value")
+            return await self._replay(request, record)
         response = record["response"]
         if response.get("status") in UNFINISHED:
             fresh = await self.refresh(record, request.context.request_id, request.context.trace)
             if fresh is not None:
                 response = fresh
         return json_answer(request, response)
+
+    async def _replay(self, request, record):
+        """The events of C{record}'s background stream after sequence number C{starting_after} (all of them where
+        none is named), then those still to come, relayed from the instance that holds them (its replica: vLLM
+        keeps a background stream's events in its memory, OpenAI too) as a stream is relayed: with its
+        backpressure, its upstream closed when its client leaves, its error events without the upstream's address.
+        What they say of usage is not charged again (its create's was). Never the response object where events
+        were awaited; see L{Exchange.relay} for what this returns.
+
+        @raise gomodel.errors.InvalidRequest: C{starting_after} is no sequence number, or the response's events
+            cannot be replayed: it was not made in the background, or not streamed (vLLM's stream of one then
+            breaks off at once), or it is kept by the gateway alone (made translated to chat completions: its
+            provider has no Responses API), or its instance no longer holds it (it restarted).
+        @raise gomodel.errors.NotFound: its provider is no longer configured.
+        """
+        response_id, response = record["id"], record["response"]
+        after = query_arg(request, b"starting_after")
+        if after is not None and not _SEQUENCE.fullmatch(after):
+            raise errors.InvalidRequest("starting_after must be a sequence number: an integer from 0.",
+                                        param="starting_after", code="invalid_value")
+        if response.get("background") is not True:
+            raise _not_replayed(response_id, "it was not created in the background (background=true, stream=true): "
+                                "only a background stream's events are kept")
+        provider = self._registry.provider(record["provider"])
+        if provider is None:
+            raise errors.NotFound(f"The provider '{record['provider']}' that made response '{response_id}' "
+                                  "is no longer configured.", code="provider_not_found")
+        ctx = request.context
+        ctx.route(provider, response.get("model"), response.get("model"))
+        ctx.dialect = RESPONSES  # (a replay that breaks ends with the Responses stream's error event)
+
+        async def vet(upstream):
+            if upstream.code in (404, 405, 501):
+                await self._unreplayable(provider, upstream, record)
+
+        query = b"stream=true" if after is None else b"stream=true&starting_after=" + after.encode("ascii")
+        call = UpstreamCall(f"/responses/{response_id}", method=b"GET", query=query, vet=vet, limited=False,
+                            observer=_Replayed(partial(without_address, upstream=provider)),
+                            transform=partial(_no_events, response_id), pin=record.get("replica"))
+        try:
+            return await self._exchange.relay(request, ctx, provider, call)
+        except errors.UpstreamUnreachable:  # (broke off before its first event: vLLM's stream of one it keeps no
+            # events of; or its instance is gone: asked for the response itself, which it answers in the first case)
+            if await self.refresh(record, ctx.request_id, ctx.trace) is None:
+                raise
+            raise _not_replayed(response_id, "it was not streamed (stream=true): its instance keeps the events of a "
+                                "background stream alone") from None
+        finally:  # (an answer read whole is no replay either: what it says of usage is not charged)
+            ctx.usage, ctx.estimated = None, False
+
+    async def _unreplayable(self, provider, upstream, record):
+        """Sort out the 404/405/501 of a replay at C{record}'s instance: no Responses API there (the response is
+        kept by the gateway alone, made translated), or an instance that no longer holds it (it restarted).
+
+        @raise gomodel.errors.InvalidRequest: either of those.
+        @raise gomodel.errors.GatewayError: the upstream's own 404, or its body could not be read.
+        """
+        if upstream.code != 404:
+            discard(upstream)
+            answer = b""
+        else:
+            try:
+                answer = await self._exchange.read(provider, upstream, NOT_FOUND_BODY_LIMIT)
+            except errors.BadUpstreamResponse:  # too large to be an error envelope
+                raise upstream_error(404, b"", provider.name, provider.hidden) from None
+        if upstream.code != 404 or no_native_route(404, answer):
+            raise _not_replayed(record["id"], "it is kept by the gateway alone (its provider has no Responses API: "
+                                "it was made translated to chat completions), which keeps no events")
+        if _names(answer, record["id"]):
+            raise _not_replayed(record["id"], "the instance that made it no longer holds it (it restarted)")
+        raise upstream_error(404, answer, provider.name, provider.hidden)
 
     async def delete(self, request, response_id):
         await self._record(request, response_id)
@@ -630,6 +701,32 @@ def _named(body, provider):
         chosen = new_id("resp")
         body = dict(body, request_id=chosen)
     return body, chosen if chosen.__class__ is str and chosen else None
+
+
+_SEQUENCE = re.compile("[0-9]{1,18}")  # a C{starting_after} (a stream's event number)
+
+
+def _not_replayed(response_id, why) -> errors.InvalidRequest:
+    """The 400 of a C{retrieve(stream=True)} of a response whose events cannot be replayed, saying C{why}."""
+    return errors.InvalidRequest(f"The events of response '{errors.shown(response_id)}' cannot be streamed again: "
+                                 f"{why}. Retrieve it without stream.", param="stream", code="unsupported_value")
+
+
+def _no_events(response_id, answer: bytes):
+    """What a replay answered whole (a response object, not its events) becomes: never the object where events
+    were awaited.
+
+    @raise gomodel.errors.InvalidRequest: always.
+    """
+    raise _not_replayed(response_id, "its provider answered the response, not its events")
+
+
+class _Replayed(ResponsesStreamObserver):
+    """A replayed background stream (L{ResponsesRoute._replay}): relayed and watched as any Responses stream, but
+    for its usage and events, which its create's stream or watch charged: none here (nor an estimate of them)."""
+
+    usage = property(lambda self: None, lambda self, usage: None)
+    events = property(lambda self: 0, lambda self, events: None)
 
 
 def _input_tokens(answer: bytes) -> bytes:

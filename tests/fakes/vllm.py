@@ -21,6 +21,11 @@ gateway forwards untouched:
   - C{fake_drop}: close the connection without answering (the request read: a server that crashed on it)
   - C{fake_cut}: a whole (non-streamed) chat answer's head and its first bytes, then the connection closed
   - C{fake_hang_after}: a native Responses stream sends that many events, then nothing (held open)
+
+A background Responses stream's events are kept (vLLM 0.32's C{event_store}) and replayed by
+C{GET /v1/responses/{id}?stream=true&starting_after=N} as vLLM replays them: those after the N-th, then those
+still to come, the body ending after C{response.completed} alone; a response not streamed in the background
+answers the stream's head, then the connection is lost (vLLM's generator raises once the head went out).
   - C{fake_flood}: stream that many bytes of events as fast as the client allows (chat, text completions,
     native Responses and Messages streams, each in its own events)
   - C{fake_status} / C{fake_body}: answer with that status and raw body
@@ -189,6 +194,9 @@ class FakeVLLM(Resource):
         self.holding = True
         self._held = []
         self.hung = []  # (request, its events not sent) of each Responses stream fake_hang_after stopped
+        self.event_store = {}  # a background stream's response id -> its events written so far (whole SSE events)
+        self._streaming = {}  # a background stream's request -> its response id (its events are kept)
+        self.replaying = {}  # response id -> the replays (requests) waiting for its events still to come
         self.port = None
         self.models_status = 200  # set to 503 to make /v1/models fail
         # True: every answer gzip'd unless the request's Accept-Encoding rules gzip out, as RFC 9110 12.5.3
@@ -315,11 +323,44 @@ class FakeVLLM(Resource):
         """Send the rest of each Responses stream stopped by C{fake_hang_after}, and end it."""
         hung, self.hung = self.hung, []
         for request, rest in hung:
-            if request._disconnected:
-                continue
+            response_id = self._streaming.pop(request, None)
             for kind, payload in rest:
-                request.write(b"event: " + kind.encode() + b"\ndata: " + jsonutil.dumps(payload) + b"\n\n")
-            request.finish()
+                event = b"event: " + kind.encode() + b"\ndata: " + jsonutil.dumps(payload) + b"\n\n"
+                if response_id is not None:  # (its instance made it on, though its stream's client left)
+                    self._produced(response_id, event)
+                if not request._disconnected:
+                    request.write(event)
+            if not request._disconnected:
+                request.finish()
+
+    def _produced(self, response_id, event):
+        """Keep C{event} of a background stream's response, and send it to the replays waiting for it."""
+        self.event_store[response_id].append(event)
+        for replay in self.replaying.get(response_id, ()):
+            if not replay._disconnected:
+                replay.write(event)
+                if b"event: response.completed\n" in event:
+                    replay.finish()
+
+    def _replay(self, request, response_id):
+        """vLLM 0.32's C{retrieve_responses(stream=True)}: the events of a background stream after
+        C{starting_after}, then those still to come; the body ends after C{response.completed}."""
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
+        events = self.event_store.get(response_id)
+        if events is None:  # ("Unknown response_id", raised by its generator once the head went out)
+            request.write(b"")
+            self._reactor.callLater(0.05, request.transport.abortConnection)
+            return server.NOT_DONE_YET
+        after = request.args.get(b"starting_after")
+        start = 0 if after is None else int(after[0]) + 1
+        for event in events[start:]:
+            request.write(event)
+            if b"event: response.completed\n" in event:
+                request.finish()
+                return server.NOT_DONE_YET
+        self.replaying.setdefault(response_id, []).append(request)
+        return server.NOT_DONE_YET
 
     def release_holds(self):
         """Stop holding C{fake_hold} requests; answer those still waiting."""
@@ -582,6 +623,8 @@ class FakeVLLM(Resource):
         stored = self.stored_responses.get(response_id)
         if stored is None:
             return self._json(request, 404, _not_found(response_id))
+        if not action and request.method == b"GET" and request.args.get(b"stream", [b"false"])[0] == b"true":
+            return self._replay(request, response_id)
         if action == "cancel" and request.method == b"POST":
             if stored["status"] not in ("queued", "in_progress"):  # (vLLM 0.32's, its issue 57999)
                 return self._json(request, 400, {"error": {
@@ -622,9 +665,15 @@ class FakeVLLM(Resource):
                   ("response.output_item.done", {"output_index": 0, "item": response["output"][0]}),
                   # (a background response's too: its stream runs it to its end)
                   ("response.completed", {"response": dict(response, status="completed", usage=_RESPONSE_USAGE)})]
+        kept = body.get("background") and body.get("store") is not False  # (its events kept: L{_replay})
+        if kept:
+            self.event_store[response_id] = []
         if "fake_events" in body:  # exactly these (event, data) pairs, data as a raw string
             for kind, data in body["fake_events"]:
-                request.write(b"event: " + kind.encode() + b"\ndata: " + data.encode() + b"\n\n")
+                event = b"event: " + kind.encode() + b"\ndata: " + data.encode() + b"\n\n"
+                if kept:
+                    self._produced(response_id, event)
+                request.write(event)
             request.finish()
             return server.NOT_DONE_YET
         if "fake_flood" in body:
@@ -644,13 +693,18 @@ class FakeVLLM(Resource):
             if hang_after is not None and number >= hang_after:  # (its events so far, then silence: see
                 self.hung.append((request, [(kind, dict(fields, type=kind, sequence_number=n))  # finish_hung)
                                             for n, (kind, fields) in enumerate(events) if n >= number]))
+                if kept:
+                    self._streaming[request] = response_id
                 return server.NOT_DONE_YET
             if die_after is not None and number >= die_after:
                 # Let what was written reach the gateway before the connection dies.
                 self._reactor.callLater(0.05, request.transport.abortConnection)
                 return server.NOT_DONE_YET
             payload = {"type": kind, "sequence_number": number, **fields}
-            request.write(b"event: " + kind.encode() + b"\ndata: " + jsonutil.dumps(payload) + b"\n\n")
+            event = b"event: " + kind.encode() + b"\ndata: " + jsonutil.dumps(payload) + b"\n\n"
+            if kept:
+                self._produced(response_id, event)
+            request.write(event)
         request.finish()
         return server.NOT_DONE_YET
 
