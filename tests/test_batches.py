@@ -451,7 +451,8 @@ async def test_responses_lines_to_a_provider_without_a_responses_api_are_refused
 async def test_a_responses_line_translated_at_once_falls_back_as_online(reactor, tmp_path):
     """A C{/v1/responses} line sent translated at once (its first target is known to have no C{/responses}) follows
     the configured fallbacks when that target fails, as the same request online does (before: it had none, and the
-    line failed with its first target's error)."""
+    line failed with its first target's error); a fallback with a Responses API of its own gets it natively, as
+    online (before: translated to chat completions there too, its answer rebuilt from a chat completion)."""
     first = await start_fake(reactor, responses=False)
     second = await start_fake(reactor)
     rules = {f"vllm-a/{UPSTREAM_MODEL}": [f"vllm-b/{UPSTREAM_MODEL}"]}
@@ -468,10 +469,13 @@ async def test_a_responses_line_translated_at_once_falls_back_as_online(reactor,
         batch = await finished(gw, sdk, (await start_batch(sdk, lines, endpoint="/v1/responses")).id)
         assert (batch.request_counts.completed, batch.request_counts.failed) == (1, 0)
         (out,) = await file_lines(sdk, batch.output_file_id)
-        assert out["response"]["body"]["object"] == "response"
-        assert out["response"]["body"]["output"][0]["content"][0]["text"] == "héhéhé"
+        body = out["response"]["body"]
+        assert body["object"] == "response" and body["output"][0]["content"][0]["text"] == "héhéhé"
         assert [r.path for r in first.requests][-1] == b"/v1/chat/completions"  # (translated at once)
-        assert [r.path for r in second.requests if r.path.startswith(b"/v1/c")] == [b"/v1/chat/completions"]
+        [native] = [r for r in second.requests if r.path in (b"/v1/chat/completions", b"/v1/responses")]
+        assert native.path == b"/v1/responses" and native.body["input"] == "Say 1."  # (natively there)
+        assert body["id"] in second.stored_responses  # (its own response object, as its instance keeps it)
+        assert (await in_thread(sdk.responses.retrieve, body["id"])).output_text == "héhéhé"
     finally:
         sdk.close()
         await stop_all(gw, first, second)

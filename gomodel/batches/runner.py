@@ -122,6 +122,16 @@ class _NoAnswer:
         self.gone = gone
 
 
+def _chat_response(echo, now, answer: bytes, model) -> bytes:
+    """A translated C{/v1/responses} line's C{answer}: the response object of a chat completion (L{chat_to_response},
+    C{echo} the line's settings), or as it is where it is one already (a fallback asked natively answered it)."""
+    try:
+        native = jsonutil.loads(answer).get("object") == "response"
+    except (jsonutil.JSONError, AttributeError):
+        native = False
+    return answer if native else chat_to_response(answer, echo, now)
+
+
 def _relinked(previous_id, answer: bytes, model) -> bytes:
     """A line's response, sent its conversation explicitly, naming the response it follows (L{relink})."""
     return relink(previous_id, None, answer)
@@ -882,23 +892,31 @@ class BatchRunner(Service):
         registry.Route}s) that the first's failure sends it to, as online, preferring C{route}'s replica C{prefer}
         (a follow-up's); its answer made a response object naming the request's settings.
 
+        A fallback whose provider has a Responses API of its own (not known to lack one: L{NativeResponses}) gets
+        the line natively, as online each target is asked natively first: its answer is its own response object.
+
         @raise GatewayError: the line cannot be translated (L{request_to_chat}: a C{prompt}, an unknown item).
         """
         echo = dict(payload, model=route.upstream_model, store=payload.get("store") is not False)
         body = echo if previous is None else await with_history(self._responses, echo, previous)
 
-        def rebody(model, provider):
+        def as_chat(model, provider):
             chat = request_to_chat(body, "max_completion_tokens" if provider.type in MAX_COMPLETION_TYPES
                                    else "max_tokens")
             if provider.type in SHORT_ID_TYPES:  # (a vLLM's call ids are too long for OpenAI)
                 fit_call_ids(chat)
             return self._body_for(principal, chat, model, provider)
 
-        call = UpstreamCall("/chat/completions", rebody(route.upstream_model, route.provider),
+        def rebody(model, provider):
+            if previous is None and self._native_responses.native(provider.name):  # (a line that continues none:
+                return "/responses", self._body_for(principal, payload, model, provider)  # its own body, natively)
+            return as_chat(model, provider)
+
+        call = UpstreamCall("/chat/completions", as_chat(route.upstream_model, route.provider),
                             model=route.upstream_model, prefer=prefer, fallbacks=fallbacks,
                             rebody=rebody if fallbacks else None)
         now = int(self._clock.seconds())
-        return call, lambda answer, model: chat_to_response(answer, echo, now)
+        return call, partial(_chat_response, echo, now)
 
     def _translated(self, payload, route, fallbacks, principal, outcome):
         """C{(call, answer)} to send a message batch's line (C{payload}, planned for C{route} and C{fallbacks})

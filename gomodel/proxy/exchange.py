@@ -104,7 +104,8 @@ class UpstreamCall:
     @ivar fallbacks: L{gomodel.routing.registry.Route}s tried, in order, when
         every replica of the first failed before the first byte.
     @ivar rebody: C{(upstream model, provider)} -> the body for that model at that
-        provider (with C{fallbacks}).
+        provider (with C{fallbacks}), or C{(path, body)} where that provider is sent it at another path (a
+        translated C{/v1/responses} batch line's fallback with a Responses API of its own gets it natively).
     @ivar counted: what the request's tokens are estimated from where no usage says them (the limits' reservation,
         a prompt the upstream read before the client left): its C{body}, or a JSON stand-in for one that is no
         text (an audio form's fields without its file).
@@ -469,7 +470,14 @@ class Exchange:
         reached = None  # the last send that reached its replica: (pool, replica index, model), no answer came
         for number, (pool, model) in enumerate(targets[first:] if first else targets, first):
             more = number + 1 < len(targets)
-            body = call.body if number == 0 else call.rebody(model, pool)
+            if number == 0:
+                body = call.body
+                path = call.path
+            else:
+                body = call.rebody(model, pool)
+                path = call.path
+                if body.__class__ is tuple:  # (sent at another path there: L{UpstreamCall.rebody})
+                    path, body = body
             if number != first:
                 tried.clear()
                 if entering is not None:
@@ -494,7 +502,7 @@ class Exchange:
                         break
                     raise
                 server = replica.server
-                url = server.url(call.path, call.native)
+                url = server.url(path, call.native)
                 if call.query:
                     url += "?" + call.query.decode("latin-1")
                 headers = call.headers
