@@ -178,8 +178,8 @@ class KeyRing(Periodic):
         self._updated_of = {}  # key id -> the updated_at of its record held
         self._digests = {}  # secret -> its hash, for secrets of known keys (a hash is the same forever)
         # secret -> its principal, for active keys that never expire (L{find}'s answer, no hash to look up); emptied
-        # whenever a merge changes a principal
-        self._found = {}
+        # in place whenever a merge changes a principal (L{GatewayAuth} looks in it first, holding this dict)
+        self.found = {}
         self._seen = float("-inf")  # the newest updated_at merged
         self._unknown = set()  # hashes of well-formed secrets a look-up did not find (a secret never comes later)
         self._asked = []  # (digest, Deferred) waiting for the next look-up
@@ -189,7 +189,7 @@ class KeyRing(Periodic):
 
     def find(self, secret: bytes):
         """The active principal whose secret is C{secret}, or None (unknown, deactivated or expired)."""
-        principal = self._found.get(secret)  # (every request of a managed key: one look-up)
+        principal = self.found.get(secret)  # (every request of a managed key: one look-up)
         if principal is not None:
             return principal
         digest = self._digests.get(secret)
@@ -204,9 +204,9 @@ class KeyRing(Periodic):
             return None
         if principal.expires_at is not None:
             return None if self._clock.seconds() >= principal.expires_at else principal
-        if len(self._found) >= 10000:
-            self._found.clear()
-        self._found[secret] = principal
+        if len(self.found) >= 10000:
+            self.found.clear()
+        self.found[secret] = principal
         return principal
 
     def look_up(self, secret: bytes):
@@ -283,7 +283,7 @@ class KeyRing(Periodic):
             if before is not None and old == record["hash"] and _same(before, principal):
                 principal = before  # (a refresh's overlap reads it again: what is kept by it, limits' lanes, stays)
             else:
-                self._found.clear()
+                self.found.clear()
             self._by_hash[record["hash"]] = principal
             self._seen = max(self._seen, record["updated_at"])
             if before is not None and before.budgets != principal.budgets and self.budgets_changed is not None:
@@ -324,6 +324,7 @@ class GatewayAuth:
         """
         self._master_key = master_key.encode("utf-8") if master_key else None
         self._keys = keys
+        self._found = keys.found if keys is not None else {}  # (L{KeyRing.find}'s first look, inline)
         self._open = OPEN_PATHS | frozenset(p.encode("ascii") for p in open_paths)
         self._open_prefixes = tuple(p.encode("ascii") for p in open_prefixes)
         self._master_only = frozenset(p.encode("ascii") for p in closed_to_keys)
@@ -360,15 +361,18 @@ class GatewayAuth:
             if hmac.compare_digest(token, self._master_key):
                 values = plain_headers(request.requestHeaders).get(X_GOMODEL_USER_PATH)
                 return MASTER if values is None else self._attribute(MASTER, values)
-            principal = self._keys.find(token) if self._keys is not None else None
+            principal = self._found.get(token)  # (L{KeyRing.find}'s look for a key seen before: every request of one)
             if principal is None:
-                if self._keys is not None:
-                    self._look_up(token, path)
-                raise AuthenticationFailed("Invalid API key.")
-        if principal is not None and (path.startswith(b"/admin/") or path in self._master_only):  # (L{_allowed})
-            raise Forbidden("This route needs the gateway's master key; a managed key cannot use it.",
-                            code="master_key_required")
-        return principal
+                principal = self._keys.find(token) if self._keys is not None else None
+                if principal is None:
+                    if self._keys is not None:
+                        self._look_up(token, path)
+                    raise AuthenticationFailed("Invalid API key.")
+            if path.startswith(b"/admin/") or path in self._master_only:  # (L{_allowed}, inline: a managed key's)
+                raise Forbidden("This route needs the gateway's master key; a managed key cannot use it.",
+                                code="master_key_required")
+            return principal
+        return self._allowed(principal, path)
 
     def _allowed(self, principal, path):
         """C{principal}, unless it is a managed key on a route only the master key reaches (L{Forbidden}); the
