@@ -61,6 +61,7 @@ class Gate(Periodic):
         super().__init__(clock, interval)
         self._limiter = limiter
         self._book = book
+        self._charges = book is not None  # (what L{completed} asks of every request)
         self._quotas = quotas
         self._store = budgets
         self._pricing = pricing or None  # None: no prices (tested once here, not per request)
@@ -424,20 +425,21 @@ class Gate(Periodic):
         charge what a managed key's request that reached an upstream used to its budgets."""
         admission = ctx.admission
         principal = ctx.principal
-        charged = (self._book is not None and ctx.replica is not None and principal is not None
-                   and principal.limited)
+        charged = self._charges and ctx.replica is not None and principal is not None and principal.limited
         if admission is None and not charged:  # (a reservation of its budgets comes with an admission: L{_reserved})
             return
         usage = ctx.usage
         used = usage.get("total_tokens") if usage else 0  # (L{total_tokens}' common case, inline)
         if used.__class__ is not int or not 0 <= used <= MAX_COUNT:
             used = total_tokens(usage)
-        # (a transcription billed in audio seconds has no tokens: its cost is what it used)
-        seconds = audio_seconds(usage) if charged and usage and "seconds" in usage else None
-        charged = charged and (used > 0 or bool(seconds))
         cost = None
-        if charged and self._pricing and ctx.upstream_model:
-            cost = self._pricing.costs(f"{ctx.provider}/{ctx.upstream_model}", ctx.token_counts, seconds)[2]
+        if charged:
+            # (a transcription billed in audio seconds has no tokens: its cost is what it used)
+            seconds = audio_seconds(usage) if usage and "seconds" in usage else None
+            if used <= 0 and not seconds:
+                charged = False
+            elif self._pricing and ctx.upstream_model:
+                cost = self._pricing.costs(f"{ctx.provider}/{ctx.upstream_model}", ctx.token_counts, seconds)[2]
         if admission.__class__ is tuple:  # a L{Lane}'s ticket: the lane and the tokens it reserved; () once settled
             if not admission:
                 return
