@@ -263,7 +263,7 @@ class AccessLog:
                 # held as they are, the line made of them when it goes out (L{TextObserver.hold_line}).
                 if usage and replica is not None and key is not None and ctx.outcome is OK and not ctx.retries:
                     prompt_tokens, completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
-                    if prompt_tokens.__class__ is int and completion_tokens.__class__ is int:
+                    if prompt_tokens is not None and completion_tokens is not None:  # (as L{_line} shows them)
                         self._text.hold_line(KEYED_LINE, (
                             self._head, ctx.method.decode("ascii", "replace"), ctx.path.decode("ascii", "replace"),
                             ctx.status, ctx.duration * 1000, ctx.request_id.decode("ascii"), ctx.provider or DASH,
