@@ -248,31 +248,30 @@ class Gate(Periodic):
                 return None
             budgets, scopes, own = (), targets, None
         else:
-            if self._unread is not None:  # (at start, until the budgets were read once: only a key's have any)
+            # Its plan's lane, the plan not looked up: there is one only while no provider or model has limits of
+            # its own, once the budgets were read (lanes are made below, past both checks).
+            lane = self._key_lanes.get(principal)
+            if lane is not None:
+                body = call.counted
+                tokens = 0
+                if body:  # (L{estimate}, inline: most bodies ask for no max_ tokens, looked for in C, no call)
+                    tokens = len(body) // 4
+                    if b'"max_' in body:
+                        tokens += requested_tokens(body) or 0
+                if lane.costed:
+                    admission = lane.admit(tokens, self._limiter.clock.seconds(), request.responseHeaders,
+                                           self._cost_estimate(ctx, body))
+                else:
+                    admission = lane.admit(tokens, self._limiter.clock.seconds(), request.responseHeaders)
+                if admission is not None:
+                    ctx.admission = admission
+                    return None
+                # refused (the general path below says why), or no longer live (it makes a new lane)
+            elif self._unread is not None:  # (at start, until the budgets were read once: only a key's have any)
                 waiting = Deferred()
                 self._unread.append(waiting)
                 return waiting.addCallback(self._admit_read, request, ctx, upstream, call)
-            if self._any_targets:
-                targets = self._target_scopes(upstream.name, call.model)
-            else:
-                targets = ()
-                lane = self._key_lanes.get(principal)  # (its plan's lane, the plan not looked up)
-                if lane is not None:
-                    body = call.counted
-                    tokens = 0
-                    if body:  # (L{estimate}, inline: most bodies ask for no max_ tokens, looked for in C, no call)
-                        tokens = len(body) // 4
-                        if b'"max_' in body:
-                            tokens += requested_tokens(body) or 0
-                    if lane.costed:
-                        admission = lane.admit(tokens, self._limiter.clock.seconds(), request.responseHeaders,
-                                               self._cost_estimate(ctx, body))
-                    else:
-                        admission = lane.admit(tokens, self._limiter.clock.seconds(), request.responseHeaders)
-                    if admission is not None:
-                        ctx.admission = admission
-                        return None
-                    # refused (the general path below says why), or no longer live (it makes a new lane)
+            targets = self._target_scopes(upstream.name, call.model) if self._any_targets else ()
             plan = self._plans.get(principal.cache_key)  # (L{_plan}'s look-up, inline: every request of a key)
             if plan is None or plan[0] is not principal:
                 plan = self._plan(principal)
