@@ -743,3 +743,50 @@ async def test_the_address_an_upstreams_name_resolved_to_is_hidden_too(reactor, 
         if gw is not None:
             await gw.service.stopService()
         await fake.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_passthrough_streams_ordinary_event_naming_the_upstream_shows_the_provider(http, two):
+    """An ordinary event of a passthrough stream (no error: a chunk, a Responses event) that names the upstream's
+    address or quotes its key is relayed with the provider's name (and C{***}) in their place, in whatever shape it
+    is written (with C{\\\\u} escapes too, in an event that names it otherwise), the model's words in it as they are;
+    every event that names neither byte for byte. Before, only an error event was rewritten: a chunk's
+    C{system_fingerprint} naming the upstream went out as it came."""
+    gw, vllm, other = two
+    hidden = addresses(vllm)
+    port = hidden[3]
+
+    def chunk(content, fingerprint="fp"):
+        return json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": BARE,
+                           "system_fingerprint": fingerprint,
+                           "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}]})
+
+    clean = chunk("h\u00e9llo")
+    named = chunk(f"see {hidden[2]}", f"{vllm.base_url} | LOCALHOST:{port} | {PROVIDER_KEY}")
+    # (one naming it as written and with escapes: both rewritten; escapes alone are no mark, as in a model's words)
+    escaped = chunk("y", f"{hidden[2]} | " + "".join("\\u%04x" % ord(c) for c in "127.0.0.1:") + port).replace(
+        "\\\\", "\\")
+    response, content = await call(http, gw, "/p/vllm/v1/chat/completions", {
+        "model": BARE, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+        "fake_sse": [clean, named, escaped, "[DONE]"]})
+    assert response.code == 200, content
+    events = [e for e in content.split(b"\n\n") if e.strip()]
+    assert events[0] == b"data: " + clean.encode(), events  # (byte for byte)
+    shown = [json.loads(e[len(b"data: "):]) for e in events[1:3]]
+    assert [e["system_fingerprint"] for e in shown] == ["vllm | vllm | ***", "vllm | vllm"], events
+    assert shown[0]["choices"][0]["delta"]["content"] == f"see {hidden[2]}"  # (the model's words as they are)
+    assert shows_none(b"".join(events[2:]), *hidden[:3], f"127.0.0.1:{port}") and PROVIDER_KEY.encode() not in content
+    assert events[3] == b"data: [DONE]"
+    # A Responses stream's ordinary event the same way.
+    created = {"type": "response.created", "sequence_number": 0, "response": {
+        "id": "resp_named1", "object": "response", "created_at": 1, "status": "in_progress", "model": BARE,
+        "output": [], "error": None, "metadata": {"served_by": f"{vllm.root_url}/v1"}}}
+    response, content = await call(http, gw, "/p/vllm/v1/responses", {
+        "model": BARE, "input": "hi", "stream": True,
+        "fake_events": [["response.created", json.dumps(created)], ["response.completed", json.dumps(dict(
+            created, type="response.completed", sequence_number=1, response=dict(created["response"],
+                                                                                   status="completed")))]]})
+    assert response.code == 200, content
+    assert shows_none(content, *hidden[:3]), content
+    assert content.replace(b" ", b"").count(b'"served_by":"vllm"') == 2, content
+

@@ -54,7 +54,7 @@ from gomodel.routing.pool import HOLD_MAX
 from gomodel.routing.vllm_metrics import parse_load_header
 from gomodel.upstream.client import BodyTooLarge, BoundedCollector, discard, read_body, within
 from gomodel.upstream.errors import (error_shown, hidden_in, lacks_scope, out_of_quota, upstream_error,
-                                     with_retry_after)
+                                     with_retry_after, without_address)
 
 ERROR_BODY_LIMIT = 1024 * 1024
 RESPONSE_BODY_LIMIT = 256 * 1024 * 1024
@@ -1073,14 +1073,16 @@ class UsageTap:
             if not data:
                 return data
             self.events += data.count(b"\n\n")
-            if data.find(b'"error"') >= 0:
-                if self.error is None:
-                    self.error = error_in(data)
-                    if self.error is not None:
-                        self.done = ended = True  # (the client has the error: the stream's end, whatever follows)
-                hide = self._hide
-                if hide is not None and (hide.hidden_pattern.search(data) is not None or data.find(b"\\u") >= 0):
-                    data = _errors_hidden(data, hide)  # (an address written with JSON's escapes names it too)
+            erred = data.find(b'"error"') >= 0
+            if erred and self.error is None:
+                self.error = error_in(data)
+                if self.error is not None:
+                    self.done = ended = True  # (the client has the error: the stream's end, whatever follows)
+            hide = self._hide
+            # (an event naming the upstream, any event: its pool's marks, the one search a clean stream costs; an
+            # error's address written with JSON's escapes names it too)
+            if hide is not None and (hide.hidden_pattern.search(data) is not None or erred and data.find(b"\\u") >= 0):
+                data = _errors_hidden(data, hide)
             if self.error is None and data.find(b"response.failed") >= 0:
                 self.error = failure_in(data)  # (a failed response, the upstream's in-band error; the stream's end)
             if self._ends is not None and not self.done:
@@ -1149,17 +1151,57 @@ class UsageTap:
 
 def _errors_hidden(events: bytes, upstream) -> bytes:
     """C{events} (whole ones) with those reporting an error (L{error_in}) written without C{upstream}'s addresses
-    and key (L{hidden_in}), and a Responses stream's failed response with its error so written (L{_failure_hidden});
-    every other event, and the failed response's output, the model's words, as it is."""
+    and key (L{hidden_in}), a Responses stream's failed response with its error so written (L{_failure_hidden}),
+    and any other event naming them (its C{hidden_pattern}) written without them but for the model's words
+    (L{_event_hidden}); every other event as it is."""
     parts = _EVENTS.split(events)  # (events and the blank lines between them, in turn)
+    marks = upstream.hidden_pattern
     for i in range(0, len(parts), 2):
         part = parts[i]
-        if part.find(b'"error"') >= 0:
-            if error_in(part) is not None:
-                parts[i] = hidden_in(part, upstream)
-            elif part.find(b"response.failed") >= 0:
-                parts[i] = _failure_hidden(part, upstream)
+        if part.find(b'"error"') >= 0 and error_in(part) is not None:
+            parts[i] = hidden_in(part, upstream)
+        elif marks.search(part) is not None:
+            parts[i] = _event_hidden(part, upstream)
+        elif part.find(b'"error"') >= 0 and part.find(b"response.failed") >= 0:
+            parts[i] = _failure_hidden(part, upstream)  # (one writing it with JSON's escapes alone)
     return b"".join(parts)
+
+
+# The members of an event's object (at any depth) that hold the model's words (and a client's): a chat or text
+# chunk's choices, a Responses event's delta, text, arguments, refusal, logprobs, item, part and a response's output,
+# a Messages event's delta, content block and content, a speech's audio, an image's: left as they are.
+_WORDS = frozenset(("choices", "delta", "text", "arguments", "refusal", "logprobs", "item", "part", "output",
+                    "content_block", "content", "audio", "b64_json", "partial_image_b64"))
+
+
+def _event_hidden(event: bytes, upstream) -> bytes:
+    """C{event} (without its blank line), an ordinary one naming C{upstream}'s addresses or key (an upstream's field
+    echoing its own URL): written again with the strings of its data's object without them (L{without_address}),
+    but for the model's words (L{_WORDS}; as it is where only those name them); its lines before its data without
+    them too, and one whose data is no JSON object without them throughout (L{hidden_in})."""
+    payload = event_object(event)
+    if payload is None:
+        return hidden_in(event, upstream)
+    at = event.find(b"data:")
+    head = event[:at]
+    if upstream.hidden_pattern.search(head) is not None:
+        head = hidden_in(head, upstream)
+    shown = _said_hidden(payload, partial(without_address, upstream=upstream))
+    if shown == payload:
+        return head + event[at:]
+    return head + b"data: " + jsonutil.dumps(shown)
+
+
+def _said_hidden(value, hide):
+    """C{value} (an event's JSON value) with C{hide} applied to every string in it, at any depth, but those under a
+    member of the model's words (L{_WORDS})."""
+    if value.__class__ is str:
+        return hide(value)
+    if value.__class__ is dict:
+        return {key: item if key in _WORDS else _said_hidden(item, hide) for key, item in value.items()}
+    if value.__class__ is list:
+        return [_said_hidden(item, hide) for item in value]
+    return value
 
 
 def _failure_hidden(event: bytes, upstream) -> bytes:
