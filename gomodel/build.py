@@ -9,6 +9,10 @@ its listeners. No other module constructs a collaborator of another room.
 from functools import partial
 from urllib.parse import urlsplit
 
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.interfaces import IResolutionReceiver
+from zope.interface import implementer
+
 from gomodel.accounting.tokens import Pricing
 from gomodel.accounting.usage import UsageLedger
 from gomodel.anthropic.batch_lines import MessagesLines
@@ -95,11 +99,14 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
                                          key_prefix=redis_prefix + "pins:")
     pools = [_pool(p, routing, relay_client, reactor, timers, config.upstreams.timeouts, pins)
              for p in config.upstreams.providers]
-    for p in pools:  # (the addresses a replica's host name resolves to, hidden as its name is once reached)
+    for p in pools:  # (the addresses a replica's host name resolves to, hidden as its name is)
         for replica in p.replicas:
             host = urlsplit(replica.base_url).hostname
             if host:
-                endpoints.on_peer(host.encode(), partial(p.hide_too, replica.server))
+                noted = partial(p.hide_too, replica.server)
+                endpoints.on_peer(host.encode(), noted)  # (each a connection reaches, as DNS changes)
+                if not (isIPAddress(host) or isIPv6Address(host)):  # (each it resolves to now, reached or not)
+                    reactor.nameResolver.resolveHostName(_Resolved(noted), host)
     if pins is not None:
         pins.attach([p for p in pools if p.pins is not None])
 
@@ -324,6 +331,25 @@ def _store(settings, reactor, shared):
     from gomodel.store import SQLiteStore
 
     return SQLiteStore(settings.data_dir, reactor, shared=shared)
+
+
+@implementer(IResolutionReceiver)
+class _Resolved:
+    """What a replica's host name resolves to (the reactor's resolver, at start): C{noted} called with each address
+    (text: C{10.0.0.5}, C{fd00::5}), hidden as the name is (L{ReplicaPool.hide_too}) whether or not a connection
+    ever reaches it; a name that resolves to none, none."""
+
+    def __init__(self, noted):
+        self._noted = noted
+
+    def resolutionBegan(self, resolution):
+        pass
+
+    def addressResolved(self, address):
+        self._noted(address.host)
+
+    def resolutionComplete(self):
+        pass
 
 
 def _pool(provider, routing, relay_client, clock, timers, timeouts, pins) -> ReplicaPool:

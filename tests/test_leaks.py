@@ -700,7 +700,8 @@ class _Names:
         if address is None:
             return self._fallback.resolveHostName(receiver, hostName, portNumber, addressTypes, transportSemantics)
         receiver.resolutionBegan(_Resolution(hostName))
-        receiver.addressResolved(IPv4Address("TCP", address, portNumber))
+        for one in [address] if isinstance(address, str) else address:  # (a name may resolve to several)
+            receiver.addressResolved(IPv4Address("TCP", one, portNumber))
         receiver.resolutionComplete()
         return receiver
 
@@ -790,3 +791,30 @@ async def test_a_passthrough_streams_ordinary_event_naming_the_upstream_shows_th
     assert shows_none(content, *hidden[:3]), content
     assert content.replace(b" ", b"").count(b'"served_by":"vllm"') == 2, content
 
+
+@pytest_twisted.ensureDeferred
+async def test_every_address_an_upstreams_name_resolves_to_is_hidden(reactor, http):
+    """An upstream configured by a name that resolves to several addresses: each is hidden, the one no connection of
+    the gateway's reached too (another replica behind the same name, a server naming its other interface), on a
+    model-routed route and through the passthrough. Before, only an address a connection reached was:
+    C{10.255.0.9:PORT} behind C{http://gpu-a.test:PORT} went out as it came."""
+    fake = await start_fake(reactor)
+    port = fake.port.getHost().port
+    previous = reactor.installNameResolver(_Names({"gpu-a.test": ["127.0.0.1", "10.255.0.9"]}, reactor.nameResolver))
+    gw = None
+    try:
+        gw = await start_gateway(reactor, {"VLLM_BASE_URL": f"http://gpu-a.test:{port}/v1",
+                                           "GOMODEL_MASTER_KEY": MASTER, "REPLICA_FAILURE_THRESHOLD": "100"})
+        said = f"peer 10.255.0.9:{port} failed | http://[::ffff:10.255.0.9]:{port}/v1 | 10.255.0.90 kept"
+        error = json.dumps({"error": {"message": said, "type": "internal_error", "param": None, "code": 500}})
+        chat = {"messages": [{"role": "user", "content": "hi"}]}
+        for path, model in (("/v1/chat/completions", MODEL), ("/p/vllm/v1/chat/completions", BARE)):
+            response, content = await call(http, gw, path, dict(chat, model=model, fake_status=500, fake_body=error))
+            assert response.code == 500, content
+            assert json.loads(content)["error"]["message"] == "peer vllm failed | vllm | 10.255.0.90 kept", (
+                path, content)
+    finally:
+        reactor.installNameResolver(previous)
+        if gw is not None:
+            await gw.service.stopService()
+        await fake.stop()
