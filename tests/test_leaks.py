@@ -818,3 +818,20 @@ async def test_every_address_an_upstreams_name_resolves_to_is_hidden(reactor, ht
         if gw is not None:
             await gw.service.stopService()
         await fake.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstreams_retry_after_that_is_no_wait_is_not_relayed(http, two):
+    """An upstream error's C{Retry-After} goes to the client only where it is one (seconds, an HTTP date): one
+    holding anything else (the upstream's address, its key) stays upstream, as every other header naming them does.
+    Before, its value went out as it came."""
+    gw, vllm, other = two
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    overloaded = json.dumps({"error": {"message": "overloaded", "type": "x", "param": None, "code": 503}})
+    for path, body in (("/v1/chat/completions", chat),):
+        for sent, shown in ((f"{vllm.base_url} {PROVIDER_KEY}", None), ("7", ["7"]),
+                            ("Wed, 21 Oct 2099 07:28:00 GMT", ["Wed, 21 Oct 2099 07:28:00 GMT"])):
+            response, content = await call(http, gw, path, dict(body, fake_status=503, fake_body=overloaded,
+                                                                 fake_headers={"Retry-After": sent}))
+            assert response.code == 503, content
+            assert response.headers.getRawHeaders("retry-after") == shown, (path, sent)

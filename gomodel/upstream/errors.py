@@ -117,13 +117,15 @@ def with_retry_after(error: UpstreamError, response) -> UpstreamError:
     """C{error}, made of C{response}'s error answer, with that answer's C{Retry-After} (an overloaded vLLM's 429
     or 503, a proxy's in front of it): the client waits as long as the upstream asked before it tries again.
     A wait past L{SDK_RETRY_WAIT} (a provider's daily quota) comes with C{x-should-retry: false}, as the
-    gateway's own refusals' do: the SDKs tell their caller rather than sleep through it."""
+    gateway's own refusals' do: the SDKs tell their caller rather than sleep through it. One that is no wait
+    (neither seconds nor a date to come: an upstream's address, its key) is not relayed."""
     retry_after = response.headers.getRawHeaders(b"retry-after")
     if retry_after and error.__class__ is not UpstreamQuotaExhausted:  # (no wait lifts a spent quota)
-        error.headers["Retry-After"] = retry_after[0].decode("latin-1")
         seconds = retry_after_seconds(retry_after[0], time.time())
-        if seconds is not None and seconds > SDK_RETRY_WAIT:
-            error.headers["x-should-retry"] = "false"
+        if seconds is not None or retry_after[0].strip() == b"0":
+            error.headers["Retry-After"] = retry_after[0].strip().decode("latin-1")
+            if seconds is not None and seconds > SDK_RETRY_WAIT:
+                error.headers["x-should-retry"] = "false"
     return error
 
 
