@@ -835,3 +835,33 @@ async def test_an_upstreams_retry_after_that_is_no_wait_is_not_relayed(http, two
                                                                  fake_headers={"Retry-After": sent}))
             assert response.code == 503, content
             assert response.headers.getRawHeaders("retry-after") == shown, (path, sent)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_compressed_passthrough_error_shows_the_provider_not_its_address(http, two):
+    """A passthrough error an upstream compressed though the gateway asked for none (a proxy in front of it that
+    gzips anyway) is relayed uncompressed, without the upstream's address or key, as an uncompressed one is; one in
+    a coding the gateway cannot read is the gateway's envelope saying the status. Before, it went compressed as it
+    came: the client's decoder showed the address."""
+    import gzip
+    import zlib
+    gw, vllm, other = two
+    said = json.dumps({"error": {"message": f"at {vllm.base_url} with {PROVIDER_KEY}", "type": "x", "param": None,
+                                 "code": 500}}).encode()
+
+    def raw(coding, body):
+        return (f"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\nContent-Encoding: {coding}"
+                f"\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+
+    for coding, body in (("gzip", gzip.compress(said)), ("deflate", zlib.compress(said))):
+        response, content = await call(http, gw, "/p/vllm/v1/chat/completions", {
+            "model": BARE, "messages": [], "fake_raw": raw(coding, body).decode("latin-1"), "fake_raw_latin1": True})
+        assert response.code == 500, content
+        assert response.headers.getRawHeaders("content-encoding") in (None, [""]), coding  # (treq's, once read)
+        assert json.loads(content)["error"]["message"] == "at vllm with ***", (coding, content)
+    response, content = await call(http, gw, "/p/vllm/v1/chat/completions", {
+        "model": BARE, "messages": [], "fake_raw": raw("br", b"\x0b\x02\x80" + said).decode("latin-1"),
+        "fake_raw_latin1": True})
+    assert response.code == 500 and response.headers.getRawHeaders("content-encoding") in (None, [""])
+    assert response.headers.getRawHeaders("content-type") == ["application/json"]
+    assert json.loads(content)["error"]["message"] == "The upstream provider 'vllm' answered HTTP 500.", content

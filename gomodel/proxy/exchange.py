@@ -29,6 +29,7 @@ off the cost is a None check at each of those points.
 """
 
 import re
+import zlib
 from functools import partial
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout, ensureDeferred
@@ -356,7 +357,18 @@ class Exchange:
             body = await self.read(upstream, response, ERROR_BODY_LIMIT)
         except UpstreamUnreachable as e:
             raise _BrokeOff(e) from None
-        return self._whole(request, ctx, upstream, response, call, hidden_in(body, upstream))
+        codings = response.headers.getRawHeaders(b"content-encoding")
+        if codings is None:
+            return self._whole(request, ctx, upstream, response, call, hidden_in(body, upstream))
+        # Compressed though the gateway asked for none (a proxy in front of it): searched uncompressed, relayed so;
+        # in a coding it cannot read, its status in the gateway's words.
+        shown = uncoded(body, codings, ERROR_BODY_LIMIT)
+        answer = self._whole(request, ctx, upstream, response, call, hidden_in(shown, upstream) if shown is not None
+                             else upstream_error(response.code, b"", upstream.name).body())
+        request.responseHeaders.removeHeader(b"content-encoding")
+        if shown is None:
+            request.responseHeaders.put(CONTENT_TYPE, b"application/json")
+        return answer
 
     async def _small(self, upstream, response):
         """The whole body of C{response} where it came with its head or says it is within L{ERROR_BODY_LIMIT}, else
@@ -1215,6 +1227,28 @@ def _failure_hidden(event: bytes, upstream) -> bytes:
         return event
     payload["response"] = shown
     return event[:max(event.find(b"data:"), 0)] + b"data: " + jsonutil.dumps(payload)
+
+
+def uncoded(body: bytes, codings, limit: int):
+    """C{body} without its C{Content-Encoding} C{codings} (the header's values: C{gzip}, C{x-gzip}, C{deflate},
+    C{identity}, each undone in turn, last first), up to C{limit} bytes; None where one is none of those, or it is
+    no such body, or it is larger uncompressed."""
+    for coding in reversed([c.strip().lower() for value in codings for c in value.split(b",") if c.strip()]):
+        if coding == b"identity":
+            continue
+        if coding in (b"gzip", b"x-gzip"):
+            decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif coding == b"deflate":  # (zlib's wrapper, as the RFC says; raw deflate, as some servers send it)
+            decoder = zlib.decompressobj(zlib.MAX_WBITS if body[:1] == b"\x78" else -zlib.MAX_WBITS)
+        else:
+            return None
+        try:
+            body = decoder.decompress(body, limit + 1)
+        except zlib.error:
+            return None
+        if len(body) > limit or decoder.unconsumed_tail:
+            return None
+    return body
 
 
 def _response_shown(body: bytes, upstream) -> bytes:

@@ -67,7 +67,8 @@ C{marker_answers}) and, on any route:
 
   - C{fake_delay}: answer after that many seconds
   - C{fake_raw}: answer with exactly these bytes (a string: status line, head and body), then close the
-    connection: a body without a length or chunks ends with it, as an HTTP/1.0 server's or a proxy's does
+    connection (with C{fake_raw_latin1}, each character as one byte: a compressed body): a body without a length or
+    chunks ends with it, as an HTTP/1.0 server's or a proxy's does
     (with C{fake_raw_path}, only a request on that path: the others are answered as they would be; with
     C{fake_raw_hold}, the connection is held open after them, silent)
   - C{fake_hold}: hold the request unanswered while C{fake.holding} is true
@@ -293,7 +294,8 @@ class FakeVLLM(Resource):
                                                               "type": "ServiceUnavailableError",
                                                               "param": None, "code": status}})
         if "fake_raw" in body and body.get("fake_raw_path", request.path.decode()) == request.path.decode():
-            request.transport.write(body["fake_raw"].encode())
+            raw = body["fake_raw"]  # (with C{fake_raw_latin1}: each character one byte, a gzip'd body's say)
+            request.transport.write(raw.encode("latin-1") if body.get("fake_raw_latin1") else raw.encode())
             if not body.get("fake_raw_hold"):
                 request.transport.loseConnection()
             return server.NOT_DONE_YET
