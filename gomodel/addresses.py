@@ -7,7 +7,7 @@ any case, with the root's trailing dot, an IPv6 literal with or without its brac
 loopback host under any of its names (C{localhost}, C{127.0.0.1}, C{[::1]}), with any scheme, user and password,
 port (not only the configured one) and the configured base path, each separator also percent-encoded
 (C{http%3A%2F%2Fh%3A8000}) or as JSON may escape it (C{http:\\/\\/h}); and aiohttp's C{('h', 8000)} (vLLM's
-"Cannot connect to host ..."). Only error paths run it; a pool's cheap test that something may name it is
+"Cannot connect to host ..."); its base path alone too where it is its own (not C{/v1}). Only error paths run it; a pool's cheap test that something may name it is
 L{marks}.
 """
 
@@ -37,6 +37,10 @@ _SLASH = r"(?:/|\\/|%2F)"
 _AT = r"(?:@|%40)"
 # Where a host may begin: not inside a longer name, but right after a percent-encoded separator.
 _START = r"(?:(?<![\w.-])|(?<=%[0-9a-f]{2}))"
+
+
+# A base path any provider may have (an upstream's own is hidden alone too: L{scrubber}).
+_COMMON_PATHS = ("", "/v1")
 
 
 def hosts_of(hide) -> list:
@@ -150,6 +154,12 @@ def scrubber(hide: tuple):
         alternatives.append(rf"""(?:(?P<q>['"])|{_START}(?:[a-z][a-z0-9+.-]{{0,31}}{_COLON}{_SLASH}{_SLASH}"""
                             rf"""(?:[^\s/@"'<>()\[\]|,;=]{{1,128}}{_AT})?)?){host}"""
                             rf"""(?(q)(?P=q),\s*\d{{1,5}}(?!\d)|(?:{_COLON}\d{{1,5}}(?!\d))?{path})""")
+        # its base path alone, where it is its own (not a provider's C{/v1}): a path that no host, no other path
+        # segment and no word comes right before
+        own = [p for p in paths if p.rstrip("/").lower() not in _COMMON_PATHS]
+        if own:
+            alternatives.append(rf"(?<![\w.~%:/\\-])(?:{'|'.join(_path_source(p.rstrip('/')) for p in own)})"
+                                r"(?![\w~-]|\.\w)")
     if len(alternatives) == 1 and not keys:
         return None
     source = "|".join(alternatives)

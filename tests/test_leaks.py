@@ -865,3 +865,23 @@ async def test_a_compressed_passthrough_error_shows_the_provider_not_its_address
     assert response.code == 500 and response.headers.getRawHeaders("content-encoding") in (None, [""])
     assert response.headers.getRawHeaders("content-type") == ["application/json"]
     assert json.loads(content)["error"]["message"] == "The upstream provider 'vllm' answered HTTP 500.", content
+
+
+def test_an_upstreams_base_path_alone_is_hidden_too():
+    """An upstream's error that names its base path without its host (OpenAI's "Invalid URL (POST /v1/...)" from a
+    server behind a proxy's prefix, a proxy's own 404 page) shows the provider's name in its place, in the message
+    the client gets and in a passthrough's relayed body; a path no different from any provider's (C{/v1}), another
+    host's, or a longer name are left as they are. Before, only a path after the host was."""
+    from gomodel.upstream.errors import hidden_in, upstream_error
+
+    class Pool:
+        name = "other"
+        hidden = ("http://10.0.0.5:8000/tenant-a/v1", "http://10.0.0.5:8000/tenant-a", "10.0.0.5:8000", "10.0.0.5")
+
+    kept = " | /v1/chat/completions | http://elsewhere/tenant-a/v1 | /tenant-ab/v1 | x/tenant-a"
+    body = json.dumps({"error": {"message": "Invalid URL (POST /tenant-a/v1/chat/completions)" + kept,
+                                 "type": "invalid_request_error", "param": None, "code": None}}).encode()
+    error = upstream_error(404, body, Pool.name, Pool.hidden)
+    assert error.message == "Invalid URL (POST other/chat/completions)" + kept
+    page = b"<p>The requested URL /tenant-a/v1/x was not found; see \"/tenant-a/docs\" or \\/tenant-a\\/v1.</p>"
+    assert hidden_in(page, Pool) == b"<p>The requested URL other/x was not found; see \"other/docs\" or other.</p>"
