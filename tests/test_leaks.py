@@ -885,3 +885,18 @@ def test_an_upstreams_base_path_alone_is_hidden_too():
     assert error.message == "Invalid URL (POST other/chat/completions)" + kept
     page = b"<p>The requested URL /tenant-a/v1/x was not found; see \"/tenant-a/docs\" or \\/tenant-a\\/v1.</p>"
     assert hidden_in(page, Pool) == b"<p>The requested URL other/x was not found; see \"other/docs\" or other.</p>"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_passthrough_error_too_large_to_search_is_not_relayed(http, two):
+    """A passthrough error whose body is larger than the gateway searches (1 MiB), its length said in its head, is
+    the gateway's 502 C{response_too_large}, as one of unknown length already was: never relayed unsearched.
+    Before, it went as it came, the upstream's address with it."""
+    gw, vllm, other = two
+    body = f"<h1>{vllm.base_url} failed</h1>" + "x" * (1024 * 1024)
+    response, content = await call(http, gw, "/p/vllm/v1/chat/completions", {
+        "model": BARE, "messages": [], "fake_raw": "HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/html\r\n"
+                                                   f"Content-Length: {len(body)}\r\n\r\n{body}"})
+    assert response.code == 502, content[:200]
+    assert json.loads(content)["error"]["code"] == "response_too_large"
+    assert shows_none(content, *addresses(vllm))

@@ -296,9 +296,9 @@ class Exchange:
         if call.raw:  # a passthrough
             if CONTENT_TYPE not in plain_headers(response.headers):
                 request.defaultContentType = None  # (Twisted's, text/html: no type the upstream gave its body)
-            if response.code >= 300 and response.code != 304 and upstream.hidden and request.method != b"HEAD" and (
-                    response.length is UNKNOWN_LENGTH or response.length <= ERROR_BODY_LIMIT):
-                return await self._raw_error(request, ctx, upstream, response, call)  # (an event stream's too)
+            if response.code >= 300 and response.code != 304 and upstream.hidden and request.method != b"HEAD":
+                # (an event stream's too; one too large to search is no answer: L{_raw_error})
+                return await self._raw_error(request, ctx, upstream, response, call)
             events = is_event_stream(response.headers)
             if events:
                 ctx.stream = True
@@ -349,7 +349,8 @@ class Exchange:
     async def _raw_error(self, request, ctx, upstream, response, call):
         """A passthrough's error answer (or redirect) as the upstream sent it (status, headers, body), but for its
         addresses (and key): replaced in the body as in any error's message (L{hidden_in}), the headers naming them
-        left out (L{copy_response_headers}). An error is small: it is read whole first.
+        left out (L{copy_response_headers}). An error is small: it is read whole first (one past
+        L{ERROR_BODY_LIMIT}, which could not be searched, is the gateway's 502 C{response_too_large}).
 
         @raise _BrokeOff: it broke off before any of it went to the client.
         """
