@@ -7,8 +7,8 @@ any case, with the root's trailing dot, an IPv6 literal with or without its brac
 loopback host under any of its names (C{localhost}, C{127.0.0.1}, C{[::1]}), with any scheme, user and password,
 port (not only the configured one) and the configured base path, each separator also percent-encoded
 (C{http%3A%2F%2Fh%3A8000}) or as JSON may escape it (C{http:\\/\\/h}); and aiohttp's C{('h', 8000)} (vLLM's
-"Cannot connect to host ..."); its base path alone too where it is its own (not C{/v1}). Only error paths run it; a pool's cheap test that something may name it is
-L{marks}.
+"Cannot connect to host ..."); its base path alone too where it is its own (not C{/v1}). Only error paths run
+it; a pool's cheap test that something may name it is L{marks}.
 """
 
 import re
