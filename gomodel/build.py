@@ -99,14 +99,15 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
                                          key_prefix=redis_prefix + "pins:")
     pools = [_pool(p, routing, relay_client, reactor, timers, config.upstreams.timeouts, pins)
              for p in config.upstreams.providers]
+    resolver = getattr(reactor, "nameResolver", None)  # (none in a test's clock)
     for p in pools:  # (the addresses a replica's host name resolves to, hidden as its name is)
         for replica in p.replicas:
             host = urlsplit(replica.base_url).hostname
             if host:
                 noted = partial(p.hide_too, replica.server)
                 endpoints.on_peer(host.encode(), noted)  # (each a connection reaches, as DNS changes)
-                if not (isIPAddress(host) or isIPv6Address(host)):  # (each it resolves to now, reached or not)
-                    reactor.nameResolver.resolveHostName(_Resolved(noted), host)
+                if resolver is not None and not (isIPAddress(host) or isIPv6Address(host)):
+                    resolver.resolveHostName(_Resolved(noted), host)  # (each it resolves to now, reached or not)
     if pins is not None:
         pins.attach([p for p in pools if p.pins is not None])
 
