@@ -225,7 +225,13 @@ _PASSING_ON = ((passthru, (), {}), (passthru, (), {}))
 
 class PromptClientProtocol(HTTP11ClientProtocol):
     """Twisted's HTTP/1.1 client protocol on a L{prompt} connection, its answers parsed by llhttp
-    (L{AnswerParser}) but a HEAD's."""
+    (L{AnswerParser}) but a HEAD's.
+
+    @ivar _answers: the L{AnswerParser} that read this connection's last prepared request's answer, kept
+        for the next one, or None.
+    """
+
+    _answers = None
 
     def makeConnection(self, transport):
         prompt(transport)
@@ -235,10 +241,11 @@ class PromptClientProtocol(HTTP11ClientProtocol):
     def request(self, request):
         """Send C{request} and return a Deferred firing with its answer, as Twisted's C{request} does.
 
-        A L{PreparedRequest} leaves in one write, and its answer is read by an L{AnswerParser} firing the
+        A L{PreparedRequest} leaves in one write, and its answer is read by the connection's L{AnswerParser}
+        (made for its first, then kept from one whole answer to the next: L{AnswerParser.again}) firing the
         Deferred returned: one Deferred per request, where Twisted makes three (the request's, the
-        written body's, its parser's, chained). Other requests (an Agent's) go through Twisted's
-        C{request}, their answers read by llhttp too; a HEAD's answer by Twisted's parser (llhttp cannot be
+        written body's, its parser's, chained) and a parser per answer. Other requests (an Agent's) go through
+        Twisted's C{request}, their answers read by llhttp too; a HEAD's answer by Twisted's parser (llhttp cannot be
         told that an answer has no body), the headers its C{Connection} names then set apart as llhttp's are.
         """
         if type(request) is not PreparedRequest or request.method == b"HEAD":
@@ -257,16 +264,22 @@ class PromptClientProtocol(HTTP11ClientProtocol):
         self.transport.write(request._data)
         self._finishedRequest = self._responseDeferred = answered = WaitedDeferred(self._cancel_waiting)
         self._currentRequest = request
-        self._transportProxy = TransportProxyProducer(self.transport)
-        self._parser = AnswerParser(request, self._finish_whole, answered)
-        self._parser.makeConnection(self._transportProxy)
+        self._transportProxy = proxy = TransportProxyProducer(self.transport)
+        parser = self._answers
+        if parser is not None and parser.idle:
+            parser.again(request, answered, proxy)
+        else:
+            self._answers = parser = AnswerParser(request, self._finish_whole, answered)
+            parser.makeConnection(proxy)
+        self._parser = parser
         return answered
 
     def _finish_whole(self, rest):
         """Twisted's C{_finishResponse_WAITING} for a request sent whole, whose state is C{WAITING} until
         its answer is whole: the same steps (the connection back to its pool, or closed), without the
         dispatch on the state, the connection header's name encoded, a log context around the pool's
-        callback and a C{ConnectionDone} made for each answer."""
+        callback, a C{ConnectionDone} made for each answer and the parser's C{connectionLost} (the connection
+        keeps it for its next answer: L{AnswerParser.again})."""
         if self._state != "WAITING" or self._parser is None:
             self._finishResponse(rest)  # (not what a request sent whole comes to: Twisted's steps)
             return
@@ -281,7 +294,20 @@ class PromptClientProtocol(HTTP11ClientProtocol):
         except Exception:
             _log.failure("while invoking the connection pool's quiescent callback")
             self.transport.loseConnection()  # keeping it is an optimisation
-        self._disconnectParser(_SYNTHETIC_DONE)
+        # (_disconnectParser's steps, but the parser's connectionLost: it is kept for the next answer, and ends
+        # this one's body itself once this returns, as it would at that call)
+        self._parser = self._currentRequest = self._finishedRequest = self._responseDeferred = None
+        self._transportProxy._producer = None  # (its stopProxying)
+        self._transportProxy = None
+
+    def connectionLost(self, reason):
+        """Twisted's, then the kept L{AnswerParser} let go of its llhttp parser, which holds its methods: a cycle
+        only the gc would free otherwise."""
+        super().connectionLost(reason)
+        answers = self._answers
+        if answers is not None:
+            self._answers = None
+            answers._parser = None
 
     def _cancel_waiting(self, answered):
         """Cancelling a request sent whole: as Twisted's (closes the connection; the answer fails with
@@ -291,8 +317,6 @@ class PromptClientProtocol(HTTP11ClientProtocol):
 
 
 _log = Logger()
-# What a connection kept for the next request tells the answer's parser (Twisted makes one per answer).
-_SYNTHETIC_DONE = ConnectionDone("synthetic!")
 # How every whole body ends, made once: a Failure works out its exception's class names when made.
 _BODY_DONE = Failure(ResponseDone("Response body fully received"))
 _CONTROL_HEADERS = frozenset(_nameEncoder.encode(name) for name in HTTPParser.CONNECTION_CONTROL_HEADERS)
@@ -318,14 +342,20 @@ class AnswerParser(Protocol):
     the connection and fails the answer. Bytes after a whole answer (an upstream answering twice) close
     the connection too (Twisted drops them), and so do more than L{ANSWER_HEAD_LIMIT} bytes in a row without
     any of the body (a head or trailers without end; Twisted's parser bounds a line to 16 kB, not their number).
+
+    A kept-alive connection's parser reads its next answer too, once the read that completed this one is parsed
+    (L{idle}, L{again}): one parser (and llhttp's) per connection rather than per answer.
+
+    @ivar idle: this answer is whole and its last read parsed: L{again} may set it to read the next.
     """
 
     response = None
-    _received = False  # any byte of the answer came
+    idle = False
     _in_body = False  # the head was read; the body's end has not been delivered
     _complete = False  # llhttp read the whole answer
     _until_close = False  # the body ends with the connection (neither Content-Length nor chunked)
     _bare = 0  # bytes read since the last read that brought some of the body (ANSWER_HEAD_LIMIT bounds them)
+    _last = False  # llhttp reads nothing after this answer (an HTTP/1.0 one's, without keep-alive)
 
     def __init__(self, request, finisher, answered):
         self.request = request
@@ -341,8 +371,19 @@ class AnswerParser(Protocol):
         self._pairs = []
         self._reason = b""
 
+    def again(self, request, answered, transport):
+        """Read the answer to C{request} (firing C{answered}, pausing and resuming C{transport}) as a parser
+        just made for it would: this parser is L{idle}, its last answer read whole on a connection kept alive."""
+        self.idle = False
+        self.request = request
+        self._responseDeferred = answered
+        self.transport = transport
+        self.connHeaders._rawHeaders.clear()
+        self.response = None
+        self._complete = self._until_close = False
+        self._bare = 0
+
     def dataReceived(self, data):
-        self._received = True
         try:
             self._parser.feed_data(data)
         finally:
@@ -360,14 +401,16 @@ class AnswerParser(Protocol):
                 self._bare += len(data)
                 if self._bare > ANSWER_HEAD_LIMIT:
                     raise ValueError("the upstream sent more than ANSWER_HEAD_LIMIT bytes without a body")
-            if self._complete:
-                self._parser = None  # it holds this parser's methods: a cycle only the gc would free
+            response = self.response
+            if self._complete:  # (nothing of this answer is read after here: the connection's next may come)
+                self.idle = self._parser is not None and not self._last
+                self.request = self.response = None  # (an idle connection keeps neither)
             # The answer's Deferred fires once what came in this read is parsed: an answer that came
             # whole is whole when its Deferred fires (its body can be taken at once: whole_body).
             answered = self._responseDeferred
-            if answered is not None and self.response is not None:
+            if answered is not None and response is not None:
                 self._responseDeferred = None
-                answered.callback(self.response)
+                answered.callback(response)
 
     def on_message_begin(self):
         if self._complete:
@@ -394,9 +437,11 @@ class AnswerParser(Protocol):
         connection = control.get(b"Connection")
         if connection is not None:
             _set_apart_named(plain, control, connection)
+        version = parser.get_http_version()
+        if version != "1.1":
+            self._last = True  # (llhttp reads on after an HTTP/1.0 answer only with keep-alive: Twisted reads on)
         self.response = response = Response._construct(
-            _HTTP_VERSIONS.get(parser.get_http_version(), (b"HTTP", 1, 1)), code, self._reason, headers,
-            self.transport, self.request)
+            _HTTP_VERSIONS.get(version, (b"HTTP", 1, 1)), code, self._reason, headers, self.transport, self.request)
         length = control.get(b"Content-Length")
         if length is not None:
             response.length = int(length[0])  # llhttp let only one, all digits, through
@@ -424,12 +469,13 @@ class AnswerParser(Protocol):
         self._end_body(None)
 
     def connectionLost(self, reason=None):
-        self._parser = None  # (see dataReceived)
+        self._parser = None  # it holds this parser's methods: a cycle only the gc would free
         if self._in_body:
             self._end_body(reason)
         elif self._responseDeferred is not None and self.response is None:
             answered, self._responseDeferred = self._responseDeferred, None
-            answered.errback(Failure((ResponseFailed if self._received else ResponseNeverReceived)([reason])))
+            # (before its head, every byte that came is counted in _bare)
+            answered.errback(Failure((ResponseFailed if self._bare else ResponseNeverReceived)([reason])))
 
     def _end_body(self, reason):
         if not self._in_body:

@@ -10,6 +10,7 @@ import treq
 
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.web.iweb import UNKNOWN_LENGTH
 
 from gomodel.upstream import client
 from gomodel.upstream.client import CachingEndpointFactory, RelayClient, make_pool, tcp_endpoint
@@ -220,3 +221,68 @@ def test_a_requests_header_lines_are_its_extras_then_content_type_request_id_and
     for bad in (b"r\r\n", b"r\n"):
         with pytest.raises(ValueError):
             provider._header_lines(bad, None, None)
+
+
+class _Scripted(Protocol):
+    """A raw upstream's connection: each request read whole is answered with the next of the server's C{script}
+    (bytes written as they are: C{None} in their place closes the connection after them)."""
+
+    def connectionMade(self):
+        self._buffer = b""
+
+    def dataReceived(self, data):
+        self._buffer += data
+        while True:
+            head, sep, rest = self._buffer.partition(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1)) if b"ength:" in head else 0
+            if not sep or len(rest) < length:
+                return
+            self._buffer = rest[length:]
+            self.factory.served.append(self)
+            answer, close = self.factory.script.pop(0)
+            self.transport.write(answer)
+            if close:
+                self.transport.loseConnection()
+                return
+
+
+@pytest_twisted.ensureDeferred
+async def test_answers_on_a_kept_connection_and_after_a_broken_one_are_each_their_own(reactor):
+    """A kept-alive upstream connection reads each answer with the parser of the one before it: the second
+    answer (chunked, other headers) has nothing of the first's (its length, its headers); an answer broken off
+    mid-body fails, and the next request, on a new connection, is answered whole with only its own headers."""
+    factory = Factory.forProtocol(_Scripted)
+    factory.served = []
+    factory.script = [
+        (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-First: 1\r\nContent-Length: 7\r\n\r\n"
+         b"{\"a\":1}", False),
+        (b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\nX-Second: 2\r\n\r\n"
+         b"6\r\n{\"b\":2\r\n1\r\n}\r\n0\r\n\r\n", False),
+        (b"HTTP/1.1 200 OK\r\nX-Cut: 3\r\nContent-Length: 100\r\n\r\n{\"cut", True),
+        (b"HTTP/1.1 202 Accepted\r\nX-Fourth: 4\r\nContent-Length: 7\r\n\r\n{\"d\":4}", False),
+    ]
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    pool = make_pool(reactor, 4, 30.0)
+    relay = RelayClient(pool, CachingEndpointFactory(reactor, 5.0))
+    url = b"http://127.0.0.1:%d/v1/chat/completions" % port.getHost().port
+    seen = []
+    try:
+        for _ in range(4):
+            response = await relay.request(b"POST", url, b"Content-Type: application/json\r\n", b"{}")
+            own = sorted(name for name, _ in response.headers.getAllRawHeaders() if name.startswith(b"X-"))
+            try:
+                body = await treq.content(response)
+            except Exception as e:
+                body = type(e).__name__
+            seen.append((response.code, response.length, own, body))
+        assert seen == [
+            (200, 7, [b"X-First"], b'{"a":1}'),
+            (201, UNKNOWN_LENGTH, [b"X-Second"], b'{"b":2}'),
+            (200, 100, [b"X-Cut"], "ResponseFailed"),
+            (202, 7, [b"X-Fourth"], b'{"d":4}'),
+        ]
+        served = factory.served
+        assert served[0] is served[1] is served[2] and served[3] is not served[2]
+    finally:
+        await pool.closeCachedConnections()
+        await port.stopListening()

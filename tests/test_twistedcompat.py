@@ -15,7 +15,9 @@ from twisted.internet.task import deferLater
 from twisted.web import _newclient, client, http, resource, server
 from twisted.web.http_headers import Headers
 from twisted.internet.protocol import Protocol
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from gomodel import _twistedcompat
 
@@ -1023,8 +1025,9 @@ def test_an_answer_that_came_in_one_read_is_whole_when_its_deferred_fires():
 
 
 def test_an_answer_parser_is_freed_without_the_garbage_collector():
-    # httptools' parser holds the protocol's bound methods: the protocol lets it go once the answer is in
-    # (a cycle per upstream request would otherwise wait for the gc, memory growing with the load).
+    # httptools' parser holds the answer parser's bound methods: a connection keeps its parser from one answer to the
+    # next, and lets it go when it is lost (a cycle per upstream connection would otherwise wait for the gc, memory
+    # growing with the load); an answer lost before it came lets its parser go at once.
     import gc
     import weakref
 
@@ -1035,17 +1038,118 @@ def test_an_answer_parser_is_freed_without_the_garbage_collector():
         answer = protocol.request(_twistedcompat.PreparedRequest(b"POST", b"POST / HTTP/1.1\r\n\r\n"))
         parser = weakref.ref(protocol._parser)
         protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        assert _twistedcompat.whole_body(answer.result) == b"ok"
+        response = answer.result
+        assert _twistedcompat.whole_body(response) == b"ok"
         del answer
+        assert parser().request is None and parser().response is None  # an idle connection keeps neither
+        protocol.connectionLost(Failure(ConnectionDone()))
         assert parser() is None
+        protocol = _twistedcompat.PromptClientProtocol()
+        protocol.makeConnection(StringTransport())
         answer = protocol.request(_twistedcompat.PreparedRequest(b"POST", b"POST / HTTP/1.1\r\n\r\n"))
         parser = weakref.ref(protocol._parser)
         answer.addErrback(lambda _: None)
         answer.cancel()  # lost before its answer
         del answer
+        protocol.connectionLost(Failure(ConnectionDone()))  # (as the aborted connection's transport tells it)
         assert parser() is None
     finally:
         gc.enable()
+
+
+def _answers(protocol_class, answers):
+    """L{_answer}'s, for each of C{answers} (C{(method, chunks)}) in turn on one connection, each request sent once
+    the answer before it was whole and its connection back in its pool."""
+    pooled = []
+    protocol = protocol_class(pooled.append)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    seen, parsers = [], []
+    for method, chunks in answers:
+        answer = protocol.request(_twistedcompat.PreparedRequest(method, method + b" / HTTP/1.1\r\nHost: h\r\n\r\n"))
+        parsers.append(protocol._parser)
+        got, body, ended = {}, [], []
+
+        class Collect(Protocol):
+            def dataReceived(self, data):
+                body.append(data)
+
+            def connectionLost(self, reason):
+                ended.append(reason.type.__name__)
+
+        def read(response, got=got):
+            got.update(code=response.code, phrase=response.phrase, version=response.version,
+                       length=response.length, headers=sorted(response.headers.getAllRawHeaders()))
+            response.deliverBody(Collect())
+
+        answer.addCallbacks(read, lambda failure, got=got: got.update(failed=failure.type.__name__))
+        for chunk in chunks:
+            protocol.dataReceived(chunk)
+        seen.append((got, b"".join(body), ended, len(pooled), transport.disconnecting))
+        if transport.disconnecting:
+            break
+    return seen, parsers
+
+
+_KEPT = [
+    (b"POST", [b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-First: 1\r\nContent-Length: 7\r\n\r\n",
+               b"{\"a\":1}"]),
+    (b"POST", [b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\nX-Second: 2\r\n\r\n5\r\nhel",
+               b"lo\r\n0\r\nX-Trailer: t\r\n\r\n"]),
+    (b"DELETE", [b"HTTP/1.1 204 No Content\r\nX-Third: 3\r\n\r\n"]),
+    (b"POST", [b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"]),
+    (b"HEAD", [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nX-Head: h\r\n\r\n"]),
+    (b"POST", [b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nX-Sixth: 6\r\nContent-Length: 2\r\n\r\n", b"ok"]),
+    (b"POST", [b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 3\r\n\r\none"]),
+    (b"POST", [b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\ntwo"]),  # llhttp reads nothing after it
+    (b"POST", [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nthree"]),
+    (b"POST", [b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 10\r\n\r\nbroken", b" off"]),
+    (b"POST", [b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 4\r\n\r\nlast"]),
+]
+
+
+def test_a_kept_connections_answers_are_each_what_twisteds_parser_makes_of_them():
+    """A connection kept alive reads each answer with the parser that read the one before it (one per connection,
+    not one per answer): every answer is still what Twisted's parser, made anew for each, makes of it (no header,
+    length, chunked framing, status or version of the one before it left in the next)."""
+    ours, parsers = _answers(_twistedcompat.PromptClientProtocol, _KEPT)
+    theirs, _ = _answers(_newclient.HTTP11ClientProtocol, _KEPT)
+    assert ours == theirs
+    assert len(ours) == len(_KEPT) and ours[-1][-1]  # all read; the last closed the connection
+    assert [got["code"] for got, *_ in ours] == [200, 201, 204, 200, 200, 200, 200, 200, 200, 500, 200]
+    # One parser but for the HEAD's (Twisted's) and after each HTTP/1.0 answer (made anew: llhttp reads no answer
+    # after one without keep-alive).
+    assert len(set(map(id, parsers[:4] + parsers[5:7]))) == 1 and isinstance(parsers[4], _newclient.HTTPClientParser)
+    assert len(set(map(id, parsers[6:9]))) == 3 and parsers[8] is parsers[9] is parsers[10]
+
+
+def test_a_kept_connections_parser_reads_its_next_answer_only_once_the_last_read_is_parsed():
+    """A request sent on the connection by whoever read the last answer's end (the body's protocol, called while
+    llhttp still parses that read) has its answer read by a parser of its own: bytes the upstream sent after its
+    whole answer, in that read, still close the connection rather than answer the new request."""
+    pooled = []
+    protocol = _twistedcompat.PromptClientProtocol(pooled.append)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    answer = protocol.request(_twistedcompat.PreparedRequest(b"POST", b"POST / HTTP/1.1\r\n\r\n"))
+    first = protocol._parser
+    later = []
+
+    class Again(Protocol):
+        def connectionLost(self, reason):
+            later.append(protocol.request(_twistedcompat.PreparedRequest(b"POST", b"POST / HTTP/1.1\r\n\r\n")))
+            later.append(protocol._parser)
+
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+    answer.result.deliverBody(Again())
+    protocol.dataReceived(b"okHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nno")
+    again, parser = later
+    assert parser is not first and transport.disconnecting
+    failures = []
+    again.addErrback(failures.append)
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert failures and failures[0].check(_newclient.ResponseFailed, _newclient.ResponseNeverReceived)
+
 
 
 def test_the_header_name_cache_keep_headers_reads_is_the_one_twisteds_encoder_fills():
@@ -1161,3 +1265,17 @@ async def test_a_client_connection_hands_its_reads_to_the_http_protocol_itself(r
     other.transport.loseConnection()
     await port.stopListening()
     await _turns(reactor, 2)
+
+
+def test_a_transport_proxy_stops_as_stopProxying_stops_it_once_its_producer_is_dropped():
+    """L{PromptClientProtocol._finish_whole} stops the answer's transport proxy by dropping its C{_producer}, as
+    C{stopProxying} does."""
+    transport = StringTransport()
+    proxy = _newclient.TransportProxyProducer(transport)
+    proxy.stopProxying()
+    assert proxy._producer is None
+    proxy = _newclient.TransportProxyProducer(transport)
+    proxy._producer = None
+    proxy.pauseProducing()
+    proxy.stopProducing()
+    assert transport.producerState == "producing"
