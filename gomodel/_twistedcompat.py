@@ -32,7 +32,8 @@ from twisted.python import log
 from twisted.python.failure import Failure
 from twisted.web import resource, server
 from twisted.web._newclient import (HTTP11ClientProtocol, HTTPParser, RequestNotSent, Response, ResponseDone,
-                                     ResponseFailed, ResponseNeverReceived, TransportProxyProducer)
+                                     ResponseFailed, ResponseNeverReceived, TransportProxyProducer,
+                                     _ClientRequestProxy)
 from twisted.web.http import PotentialDataLoss, _DataLoss
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers, _nameEncoder
@@ -320,7 +321,9 @@ _log = Logger()
 # How every whole body ends, made once: a Failure works out its exception's class names when made.
 _BODY_DONE = Failure(ResponseDone("Response body fully received"))
 _CONTROL_HEADERS = frozenset(_nameEncoder.encode(name) for name in HTTPParser.CONNECTION_CONTROL_HEADERS)
-_HTTP_VERSIONS = {"1.1": (b"HTTP", 1, 1), "1.0": (b"HTTP", 1, 0)}
+_HTTP_1_1 = (b"HTTP", 1, 1)
+_HTTP_VERSIONS = {"1.1": _HTTP_1_1, "1.0": (b"HTTP", 1, 0)}
+_new = object.__new__
 
 
 # The most bytes an upstream may send in a row without any of its answer's body (its head; a chunk's size line; its
@@ -429,8 +432,9 @@ class AnswerParser(Protocol):
         code = parser.get_status_code()
         if code < 200:
             return  # 100 Continue and the like: the answer follows
-        headers = Headers()
-        plain, control = headers._rawHeaders, self.connHeaders._rawHeaders
+        headers = _new(Headers)  # (Headers' __init__ and Response's: what they set, without their frames)
+        headers._rawHeaders = plain = {}
+        control = self.connHeaders._rawHeaders
         keep_headers(plain, self._pairs)
         for name in _CONTROL_HEADERS.intersection(plain):
             control[name] = plain.pop(name)
@@ -440,8 +444,12 @@ class AnswerParser(Protocol):
         version = parser.get_http_version()
         if version != "1.1":
             self._last = True  # (llhttp reads on after an HTTP/1.0 answer only with keep-alive: Twisted reads on)
-        self.response = response = Response._construct(
-            _HTTP_VERSIONS.get(version, (b"HTTP", 1, 1)), code, self._reason, headers, self.transport, self.request)
+        response = _new(Response)  # (what Response._construct sets: a test checks it)
+        response.__dict__ = {
+            "version": _HTTP_VERSIONS.get(version, _HTTP_1_1), "code": code, "phrase": self._reason,
+            "headers": headers, "_transport": self.transport, "_bodyBuffer": [], "_state": "INITIAL",
+            "request": _ClientRequestProxy(self.request), "previousResponse": None}
+        self.response = response
         length = control.get(b"Content-Length")
         if length is not None:
             response.length = int(length[0])  # llhttp let only one, all digits, through

@@ -1279,3 +1279,25 @@ def test_a_transport_proxy_stops_as_stopProxying_stops_it_once_its_producer_is_d
     proxy.pauseProducing()
     proxy.stopProducing()
     assert transport.producerState == "producing"
+
+
+def test_an_answers_response_and_headers_are_what_twisteds_constructors_make():
+    """The answer parser makes an answer's L{Response} and L{Headers} without their constructors (two Python
+    frames, and Response._construct's third): the same attributes, of the same values, as theirs set."""
+    protocol = _twistedcompat.PromptClientProtocol()
+    protocol.makeConnection(StringTransport())
+    request = _twistedcompat.PreparedRequest(b"POST", b"POST / HTTP/1.1\r\n\r\n")
+    answer = protocol.request(request)
+    transport = protocol._transportProxy
+    protocol.dataReceived(b"HTTP/1.1 201 Made\r\nX-A: 1\r\nContent-Length: 2\r\n\r\n")
+    ours = answer.result
+    theirs = _newclient.Response._construct((b"HTTP", 1, 1), 201, b"Made", Headers({b"X-A": [b"1"]}), transport,
+                                            request)
+    theirs.length = 2
+    assert type(ours) is type(theirs) and type(ours.headers) is Headers
+    assert sorted(vars(ours)) == sorted(vars(theirs))
+    for name, value in vars(theirs).items():
+        if name != "request":
+            assert vars(ours)[name] == value, name
+    assert type(ours.request) is type(theirs.request) and ours.request.original is request
+    assert ours.headers._rawHeaders == theirs.headers._rawHeaders and Headers.__slots__ == ["_rawHeaders"]
