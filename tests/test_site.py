@@ -1061,3 +1061,24 @@ def test_a_request_finishes_as_twisteds_and_is_logged_by_a_site_that_logs():
             channel.connectionLost(None)
     assert logged == [b"/whole", b"/chunked"] and answers[:2] == answers[2:]
     assert answers[0].endswith(b"\r\n\r\nok") and answers[1].endswith(b"5\r\nchunk\r\n0\r\n\r\n")
+
+
+def test_a_body_is_kept_in_memory_or_in_a_temporary_file_as_twisted_keeps_it():
+    """gotLength makes a body's BytesIO itself below Twisted's limit (without its two frames): the same
+    storage as twisted.web.http's for every announced length, a chunked body's (None) included."""
+    import io
+
+    from twisted.web import http
+    from twisted.web.test.requesthelper import DummyChannel
+
+    from gomodel.http import site
+
+    for length in (0, 2, site.IN_MEMORY_BODY - 1, site.IN_MEMORY_BODY, site.IN_MEMORY_BODY + 1, None):
+        request = site.GatewayRequest(DummyChannel())
+        request.method, request.uri = b"POST", b"/v1/chat/completions"
+        request.gotLength(length)
+        theirs = http._getContentFile(length)
+        assert type(request.content) is type(theirs)
+        assert (type(theirs) is io.BytesIO) == (length is not None and length < site.IN_MEMORY_BODY)
+        request.content.close()
+        theirs.close()

@@ -251,8 +251,12 @@ class GatewayRequest(_twistedcompat.EndingRequest):
                 self.close_after()
                 return
         # twisted.web.http's, as server.Request's comes to for a site without getContentFile (it looks
-        # that up, and makes and drops an AttributeError for every request)
-        HTTPRequest.gotLength(self, length)
+        # that up, and makes and drops an AttributeError for every request); a body it keeps in memory made
+        # here, without its two frames (twisted.web.http's _getContentFile: a test checks the limit)
+        if length is not None and length < IN_MEMORY_BODY:
+            self.content = io.BytesIO()
+        else:
+            HTTPRequest.gotLength(self, length)
 
     def _await_identity(self, identity):
         """Hold the request, once its body is in, until C{identity} (a Deferred) says who sent it, or a drain out of
@@ -347,6 +351,9 @@ class GatewayRequest(_twistedcompat.EndingRequest):
         self.process()
 
 
+# The announced length below which Twisted keeps a request's body in memory (a BytesIO; a temporary file at and
+# past it, or for a chunked body): twisted.web.http's _getContentFile's.
+IN_MEMORY_BODY = 100000
 # The paths (their ends: /v1/audio/..., a passthrough's /p/{provider}/.../audio/...) whose bodies the site's
 # audio_limit bounds: an audio file OpenAI takes (25 MB) is past BODY_SIZE_LIMIT's default.
 AUDIO_PATHS = (b"/audio/transcriptions", b"/audio/translations")
