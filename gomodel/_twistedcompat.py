@@ -805,14 +805,20 @@ class _Prompt:
         answer, paused or not; Twisted's resume of a connection still reading
         goes through the reactor (four calls, about 50 bytecodes) to change
         nothing.
+
+    @ivar _direct: whether a write may go to the socket at once: the connection is connected and neither closing
+        (C{loseConnection}), aborted, half-closed (C{loseWriteConnection}) nor TLS (C{startTLS}). Each of those
+        calls clears it (Twisted changes those states nowhere else), so that C{write} tests one attribute, not
+        five (L{prompt} sets it from them when it makes the connection prompt).
     """
 
     _pause_pending = False
     _read_stopped = False  # stopReading ran since the last startReading (it starts reading when made)
+    _direct = False
 
     def write(self, data):
-        if (not data or self.dataBuffer or self._tempDataBuffer or not self.connected or self.disconnecting
-                or self._aborting or self._writeDisconnected or self.TLS or len(data) > PROMPT_WRITE_LIMIT):
+        # (an empty write sends nothing either way)
+        if not self._direct or self.dataBuffer or self._tempDataBuffer or len(data) > PROMPT_WRITE_LIMIT:
             super().write(data)
             return
         try:
@@ -824,6 +830,26 @@ class _Prompt:
 
     def writeSequence(self, iovec):
         self.write(b"".join(iovec))
+
+    def loseConnection(self, *args, **kwargs):
+        self._direct = False
+        return super().loseConnection(*args, **kwargs)
+
+    def loseWriteConnection(self):
+        self._direct = False  # (what is written after it is buffered, and sent before the half-close)
+        return super().loseWriteConnection()
+
+    def abortConnection(self):
+        self._direct = False
+        return super().abortConnection()
+
+    def startTLS(self, *args, **kwargs):
+        self._direct = False
+        return super().startTLS(*args, **kwargs)
+
+    def connectionLost(self, reason):
+        self._direct = False
+        return super().connectionLost(reason)
 
     def pauseProducing(self):
         self._pause_pending = True
@@ -889,6 +915,8 @@ def prompt(transport):
     cls = _PROMPT_CLASSES.get(transport.__class__)
     if cls is not None:
         transport.__class__ = cls
+        transport._direct = bool(transport.connected and not (transport.disconnecting or transport._aborting
+                                                              or transport._writeDisconnected or transport.TLS))
         try:
             transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:  # (already reset: its first write meets that)

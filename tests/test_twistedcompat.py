@@ -609,6 +609,43 @@ async def test_nothing_written_after_an_abort_reaches_the_peer(reactor):
     await _close(reactor, server, sock, port)
 
 
+def _twisteds_direct(transport) -> bool:
+    """What a prompt connection's C{_direct} stands for, read from Twisted's own state."""
+    return bool(transport.connected and not (transport.disconnecting or transport._aborting
+                                             or transport._writeDisconnected or transport.TLS))
+
+
+@pytest.mark.parametrize("how", ["loseConnection", "loseWriteConnection", "abortConnection", "connectionLost",
+                                 "startTLS"])
+@pytest_twisted.ensureDeferred
+async def test_a_prompt_connection_writes_at_once_only_in_the_states_twisted_would_send_in(reactor, how):
+    """A prompt connection keeps in one attribute (C{_direct}) whether a write may go to the socket at once; each
+    of Twisted's steps that closes, aborts, half-closes, loses or secures the connection clears it: a write after
+    any is Twisted's (buffered, or dropped), never sent past that state."""
+    from twisted.internet import ssl
+    from twisted.internet.error import ConnectionDone
+
+    server, sock, port = await _pair(reactor)
+    transport = server.transport
+    assert transport._direct is True and _twisteds_direct(transport)
+    assert set(_twistedcompat._Prompt.__dict__) >= {how}  # (each is one of _Prompt's, which clears it)
+    if how == "connectionLost":
+        transport.stopReading()
+        transport.connectionLost(Failure(ConnectionDone()))
+    elif how == "startTLS":
+        transport.startTLS(ssl.CertificateOptions())
+    else:
+        getattr(transport, how)()
+    assert transport._direct is False
+    transport.write(b"after")
+    assert b"after" not in _recv_all(sock)  # (a write straight to the socket would be there at once, on loopback)
+    if how != "connectionLost":
+        transport.abortConnection()
+    sock.close()
+    await port.stopListening()
+    await _turns(reactor, 2)
+
+
 def test_other_transports_are_left_as_they_are():
     transport = StringTransport()
     _twistedcompat.prompt(transport)
