@@ -1082,3 +1082,38 @@ def test_a_body_is_kept_in_memory_or_in_a_temporary_file_as_twisted_keeps_it():
         assert (type(theirs) is io.BytesIO) == (length is not None and length < site.IN_MEMORY_BODY)
         request.content.close()
         theirs.close()
+
+
+@pytest.mark.parametrize("last", [False, True])
+def test_a_chunked_answers_first_write_is_framed_as_twisteds_toChunk_frames_it(last):
+    """The first write of a chunked answer (and, with C{last}, its end in the same write, as a short stream's
+    whole body is written) goes out framed as Twisted's toChunk frames a chunk, its end as Twisted's finish writes
+    it: each chunk's size in lower-case hex."""
+    from twisted.internet.testing import StringTransport
+    from twisted.web.http import toChunk
+    from twisted.web.resource import Resource
+    from twisted.web.server import NOT_DONE_YET
+
+    from gomodel.http.site import GatewaySite
+
+    first, second = b"x" * 26, b"more"
+
+    class Page(Resource):
+        isLeaf = True
+
+        def render_GET(self, request):
+            request.setHeader(b"content-type", b"text/event-stream")
+            request.write(first, last)
+            if not last:
+                request.write(second)
+            request.finish()
+            return NOT_DONE_YET
+
+    channel = GatewaySite(Page(), 1024).buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in head
+    assert body == b"".join(toChunk(first) + (() if last else toChunk(second))) + b"0\r\n\r\n"
+    channel.connectionLost(None)

@@ -16,7 +16,7 @@ from twisted.python import failure
 from twisted.web import server
 from twisted.web.resource import getChildForRequest
 # Read once: twisted.web.http's attributes are read through a deprecation proxy (tens of steps a read).
-from twisted.web.http import NO_BODY_CODES, Request as HTTPRequest, datetimeToString, parse_qs, toChunk, unquote
+from twisted.web.http import NO_BODY_CODES, Request as HTTPRequest, datetimeToString, parse_qs, unquote
 
 from gomodel import _twistedcompat
 from gomodel.errors import GatewayError, InternalError, MethodNotAllowed
@@ -35,10 +35,6 @@ class _Discard(io.BytesIO):
 
 
 _log = Logger()
-
-
-# A chunked body's last chunk, empty, and its end (no trailers): what Twisted's C{finish} writes.
-_LAST_CHUNK = b"0\r\n\r\n"
 
 
 def _nothing(data):
@@ -160,12 +156,13 @@ class GatewayRequest(_twistedcompat.EndingRequest):
             return
         self.sentLength += len(data)
         if data:
-            if self.chunked:
+            if self.chunked:  # (toChunk's framing, made one piece at once)
                 if last:
                     self.chunked = 0  # (its end is written: Twisted's finish writes a chunked answer's only)
-                    self.channel.writeSequence((*toChunk(data), _LAST_CHUNK))
+                    # (and the last chunk, empty, and the body's end without trailers: what Twisted's finish writes)
+                    self.channel.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data))
                     return
-                self.channel.writeSequence(toChunk(data))
+                self.channel.write(b"%x\r\n%b\r\n" % (len(data), data))
             else:
                 self.channel.write(data)
 
