@@ -73,14 +73,12 @@ _CANONICAL_NAMES = _nameEncoder._canonicalHeaderCache
 plain_headers = attrgetter("_rawHeaders")
 
 
-class _IdleSince:
-    """What L{SweptPool} keeps where Twisted's pool keeps a cached connection's timer: when it went idle.
-    Twisted cancels it when the connection is taken again or closed; nothing is scheduled."""
+class _IdleSince(float):
+    """What L{SweptPool} keeps where Twisted's pool keeps a cached connection's timer: when it went idle (the
+    number itself: made in C, without an C{__init__} frame). Twisted cancels it when the connection is taken
+    again or closed; nothing is scheduled."""
 
-    __slots__ = ("at",)
-
-    def __init__(self, at):
-        self.at = at
+    __slots__ = ()
 
     def cancel(self):
         pass
@@ -119,7 +117,7 @@ class SweptPool(HTTPConnectionPool):
         (a sweep every C{early} seconds closes each within the timeout, never after it)."""
         limit = self._reactor.seconds() - self.cachedConnectionTimeout + early
         for key, connections in list(self._connections.items()):
-            for connection in [c for c in connections if self._timeouts[c].at <= limit]:
+            for connection in [c for c in connections if self._timeouts[c] <= limit]:
                 self._removeConnection(key, connection)
 
 
