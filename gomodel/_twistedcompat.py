@@ -51,15 +51,13 @@ def keep_headers(headers: dict, pairs: list):
     L{Headers}' dict (L{plain_headers}), as Twisted's parsers would: names in Header-Case, each one's values
     in order, trailing whitespace stripped (llhttp strips the leading, and lets no CR, LF or other control
     character through). In C but for names not seen before and names given twice."""
-    names = pairs[::2]
-    canonical = list(map(_CANONICAL_NAMES.get, names))
+    canonical = list(map(_CANONICAL_NAMES.get, pairs[::2]))
     if None in canonical:
-        canonical = [known or _nameEncoder.encode(name) for known, name in zip(canonical, names)]
-    values = list(map(bytes.rstrip, pairs[1::2]))
-    headers.update(zip(canonical, map(list, zip(values))))
+        canonical = [known or _nameEncoder.encode(name) for known, name in zip(canonical, pairs[::2])]
+    headers.update(zip(canonical, map(list, zip(map(bytes.rstrip, pairs[1::2])))))
     if len(headers) < len(canonical):  # a name more than once: its values in order
         headers.clear()
-        for name, value in zip(canonical, values):
+        for name, value in zip(canonical, map(bytes.rstrip, pairs[1::2])):
             headers.setdefault(name, []).append(value)
 
 
