@@ -742,6 +742,8 @@ def send_now(transport):
     reactor. Transports without C{doWrite} (TLS), closing ones, ones whose
     producer is paused (a full buffer) and ones holding nothing are left alone.
     """
+    if transport.__class__ in _PROMPTS and transport._direct:
+        return  # (a prompt connection that holds nothing: what it was given is with the kernel already)
     do_write = getattr(transport, "doWrite", None)
     if (do_write is not None and (transport.dataBuffer or transport._tempDataBuffer) and transport.connected
             and not transport.disconnecting and not transport.producerPaused):
@@ -802,20 +804,24 @@ class _Prompt:
         goes through the reactor (four calls, about 50 bytecodes) to change
         nothing.
 
-    @ivar _direct: whether a write may go to the socket at once: the connection is connected and neither closing
-        (C{loseConnection}), aborted, half-closed (C{loseWriteConnection}) nor TLS (C{startTLS}). Each of those
-        calls clears it (Twisted changes those states nowhere else), so that C{write} tests one attribute, not
-        five (L{prompt} sets it from them when it makes the connection prompt).
+    @ivar _direct: whether a write may go to the socket at once: nothing is buffered, and the connection is
+        connected and neither closing (C{loseConnection}), aborted, half-closed (C{loseWriteConnection}) nor TLS
+        (C{startTLS}). A write that buffers clears it and the C{doWrite} that empties the buffer sets it again;
+        each of those calls clears it for good (C{_shut}: Twisted changes those states nowhere else). So C{write}
+        tests one attribute, not seven, and L{send_now} one (L{prompt} sets it from them when it makes the
+        connection prompt).
     """
 
     _pause_pending = False
     _read_stopped = False  # stopReading ran since the last startReading (it starts reading when made)
     _direct = False
+    _shut = False  # closed, closing, aborted, half-closed or TLS: never direct again
 
     def write(self, data):
         # (an empty write sends nothing either way)
-        if not self._direct or self.dataBuffer or self._tempDataBuffer or len(data) > PROMPT_WRITE_LIMIT:
+        if not self._direct or len(data) > PROMPT_WRITE_LIMIT:
             super().write(data)
+            self._direct = False  # (what it held waits for doWrite)
             return
         try:
             sent = self.socket.send(data)
@@ -823,28 +829,35 @@ class _Prompt:
             sent = 0
         if sent < len(data):
             super().write(data[sent:] if sent else data)
+            self._direct = False
+
+    def doWrite(self):
+        why = super().doWrite()
+        if why is None and not (self._shut or self.dataBuffer or self._tempDataBuffer):
+            self._direct = True  # (all it held was sent)
+        return why
 
     def writeSequence(self, iovec):
         self.write(b"".join(iovec))
 
     def loseConnection(self, *args, **kwargs):
-        self._direct = False
+        self._direct, self._shut = False, True
         return super().loseConnection(*args, **kwargs)
 
     def loseWriteConnection(self):
-        self._direct = False  # (what is written after it is buffered, and sent before the half-close)
+        self._direct, self._shut = False, True  # (what is written after it is buffered, and sent before the half-close)
         return super().loseWriteConnection()
 
     def abortConnection(self):
-        self._direct = False
+        self._direct, self._shut = False, True
         return super().abortConnection()
 
     def startTLS(self, *args, **kwargs):
-        self._direct = False
+        self._direct, self._shut = False, True
         return super().startTLS(*args, **kwargs)
 
     def connectionLost(self, reason):
-        self._direct = False
+        self._direct, self._shut = False, True
         return super().connectionLost(reason)
 
     def pauseProducing(self):
@@ -892,6 +905,7 @@ class _PromptClient(_Prompt, tcp.Client):
 
 
 _PROMPT_CLASSES = {tcp.Server: _PromptServer, tcp.Client: _PromptClient}
+_PROMPTS = frozenset(_PROMPT_CLASSES.values())
 
 
 def prompt(transport):
@@ -911,8 +925,9 @@ def prompt(transport):
     cls = _PROMPT_CLASSES.get(transport.__class__)
     if cls is not None:
         transport.__class__ = cls
-        transport._direct = bool(transport.connected and not (transport.disconnecting or transport._aborting
-                                                              or transport._writeDisconnected or transport.TLS))
+        transport._shut = not transport.connected or bool(
+            transport.disconnecting or transport._aborting or transport._writeDisconnected or transport.TLS)
+        transport._direct = not (transport._shut or transport.dataBuffer or transport._tempDataBuffer)
         try:
             transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:  # (already reset: its first write meets that)

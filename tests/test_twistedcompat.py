@@ -521,6 +521,7 @@ async def test_a_prompt_connection_buffers_what_the_socket_does_not_take(reactor
     transport.write(b"|after")  # queued behind what is buffered, never before it
     assert transport._tempDataBuffer  # the rest waits for the reactor
     assert transport in reactor.getWriters()
+    assert not transport._direct  # (while it holds some: every write is Twisted's, behind it)
     got = bytearray()
     for _ in range(2000):
         got += _recv_all(sock)
@@ -529,6 +530,26 @@ async def test_a_prompt_connection_buffers_what_the_socket_does_not_take(reactor
         await deferLater(reactor, 0.001, lambda: None)
     assert bytes(got) == data + b"|after"
     assert transport not in reactor.getWriters()  # drained: unregistered as Twisted does
+    assert transport._direct  # (and written at once again)
+    transport.write(b"again")
+    assert _recv_all(sock) == b"again" and transport not in reactor.getWriters()
+    await _close(reactor, server, sock, port)
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_now_hands_over_what_a_prompt_connection_holds_and_skips_one_that_holds_nothing(reactor):
+    server, sock, port = await _pair(reactor)
+    transport = server.transport
+    writes = []
+    transport.doWrite = lambda: writes.append(1) or type(transport).doWrite(transport)
+    transport.write(b"x" * (_twistedcompat.PROMPT_WRITE_LIMIT + 1))  # (past the limit: buffered, as Twisted does)
+    assert transport._tempDataBuffer and not transport._direct
+    _twistedcompat.send_now(transport)  # handed over now (as much as one doWrite sends), not on the reactor's turn
+    assert writes == [1] and _recv_all(sock)
+    await _turns(reactor)  # (the rest, by the reactor)
+    assert not transport._tempDataBuffer and not transport.dataBuffer and transport._direct
+    _twistedcompat.send_now(transport)  # holds nothing: nothing to do
+    assert len(writes) == 2
     await _close(reactor, server, sock, port)
 
 
@@ -636,7 +657,7 @@ async def test_a_prompt_connection_writes_at_once_only_in_the_states_twisted_wou
         transport.startTLS(ssl.CertificateOptions())
     else:
         getattr(transport, how)()
-    assert transport._direct is False
+    assert transport._direct is False and transport._shut is True
     transport.write(b"after")
     assert b"after" not in _recv_all(sock)  # (a write straight to the socket would be there at once, on loopback)
     if how != "connectionLost":
