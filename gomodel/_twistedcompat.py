@@ -386,6 +386,8 @@ class AnswerParser(Protocol):
         try:
             self._parser.feed_data(data)
         finally:
+            # The answer's Deferred fires once what came in this read is parsed: an answer that came
+            # whole is whole when its Deferred fires (its body can be taken at once: whole_body).
             pieces = self._pieces
             if pieces:  # (L{_deliver}'s steps, in this frame: a paced stream's every read brings one piece)
                 self._bare = 0
@@ -396,20 +398,23 @@ class AnswerParser(Protocol):
                     response._bodyProtocol.dataReceived(body)
                 else:
                     _deliver_to(response, body)
+                # (pieces left to deliver: the answer's end was not in this read, which delivers them before it)
+                answered = self._responseDeferred
+                if answered is not None:  # (its head came in this read too)
+                    self._responseDeferred = None
+                    answered.callback(response)
             else:  # (a read without body: the head, a chunk's framing, the trailers; llhttp holds each header)
                 self._bare += len(data)
                 if self._bare > ANSWER_HEAD_LIMIT:
                     raise ValueError("the upstream sent more than ANSWER_HEAD_LIMIT bytes without a body")
-            response = self.response
-            if self._complete:  # (nothing of this answer is read after here: the connection's next may come)
-                self.idle = self._parser is not None and not self._last
-                self.request = self.response = None  # (an idle connection keeps neither)
-            # The answer's Deferred fires once what came in this read is parsed: an answer that came
-            # whole is whole when its Deferred fires (its body can be taken at once: whole_body).
-            answered = self._responseDeferred
-            if answered is not None and response is not None:
-                self._responseDeferred = None
-                answered.callback(response)
+                response = self.response
+                if self._complete:  # (nothing of this answer is read after here: the connection's next may come)
+                    self.idle = self._parser is not None and not self._last
+                    self.request = self.response = None  # (an idle connection keeps neither)
+                answered = self._responseDeferred
+                if answered is not None and response is not None:
+                    self._responseDeferred = None
+                    answered.callback(response)
 
     def on_message_begin(self):
         if self._complete:
