@@ -1117,3 +1117,47 @@ def test_a_chunked_answers_first_write_is_framed_as_twisteds_toChunk_frames_it(l
     assert b"Transfer-Encoding: chunked" in head
     assert body == b"".join(toChunk(first) + (() if last else toChunk(second))) + b"0\r\n\r\n"
     channel.connectionLost(None)
+
+
+@pytest.mark.parametrize("end", ["finish", "lost"])
+def test_a_chunked_answers_write_after_its_end_is_twisteds_refused_or_dropped(end):
+    """A chunked answer's later writes are framed without Twisted's checks while it goes on; once it is finished
+    a write raises as Twisted's does, and once its connection is lost a write is dropped as Twisted drops it."""
+    from twisted.internet.error import ConnectionLost
+    from twisted.internet.testing import StringTransport
+    from twisted.python.failure import Failure
+    from twisted.web.resource import Resource
+    from twisted.web.server import NOT_DONE_YET
+
+    from gomodel.http.site import GatewaySite
+
+    requests = []
+
+    class Page(Resource):
+        isLeaf = True
+
+        def render_GET(self, request):
+            request.setHeader(b"content-type", b"text/event-stream")
+            request.write(b"one")
+            requests.append(request)
+            return NOT_DONE_YET
+
+    channel = GatewaySite(Page(), 1024).buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    [request] = requests
+    request.write(b"two")
+    assert transport.value().endswith(b"3\r\none\r\n3\r\ntwo\r\n")
+    if end == "finish":
+        request.finish()
+        sent = transport.value()
+        assert sent.endswith(b"3\r\ntwo\r\n0\r\n\r\n")
+        with pytest.raises(RuntimeError):
+            request.write(b"three")
+    else:
+        request.connectionLost(Failure(ConnectionLost()))
+        sent = transport.value()
+        request.write(b"three")
+    assert transport.value() == sent
+    channel.connectionLost(None)

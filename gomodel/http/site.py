@@ -123,11 +123,10 @@ class GatewayRequest(_twistedcompat.EndingRequest):
         one send where Twisted's C{finish} sends it on its own (it then writes none). Twisted's writes leave
         that end to C{finish}.
 
-        A stream's later writes (a chunk each, nothing else to decide) are framed here: Twisted's two C{write}s
-        cost about 45 bytecodes of checks a chunk, every upstream read of a stream."""
+        A stream's later writes (a chunk each, nothing else to decide: L{_framing}) are framed here: Twisted's
+        two C{write}s cost about 45 bytecodes of checks a chunk, every upstream read of a stream."""
         if self.startedWriting:
-            if self.chunked and data and not (self._encoder or self._inFakeHead or self.finished
-                                              or self._disconnected):
+            if self._framing and data:
                 self.sentLength += len(data)
                 self.channel.write(b"%x\r\n%b\r\n" % (len(data), data))  # (toChunk's, made one piece at once)
                 return
@@ -155,19 +154,28 @@ class GatewayRequest(_twistedcompat.EndingRequest):
             self.write = _nothing  # as Twisted does: no body for a HEAD or a 204/304
             return
         self.sentLength += len(data)
-        if data:
-            if self.chunked:  # (toChunk's framing, made one piece at once)
-                if last:
-                    self.chunked = 0  # (its end is written: Twisted's finish writes a chunked answer's only)
-                    # (and the last chunk, empty, and the body's end without trailers: what Twisted's finish writes)
-                    self.channel.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data))
-                    return
+        if self.chunked:  # (toChunk's framing, made one piece at once)
+            if last and data:
+                self.chunked = 0  # (its end is written: Twisted's finish writes a chunked answer's only)
+                # (and the last chunk, empty, and the body's end without trailers: what Twisted's finish writes)
+                self.channel.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data))
+                return
+            self._framing = 1  # (the writes after it: chunks, L{_framing})
+            if data:
                 self.channel.write(b"%x\r\n%b\r\n" % (len(data), data))
-            else:
-                self.channel.write(data)
+        elif data:
+            self.channel.write(data)
 
     # Whether its site logs it when it finishes (C{log}: L{GatewaySite}'s does nothing, the request's context logs it).
     site_logs = True
+    # Whether a write is a chunk to frame and send, nothing else to decide: the answer went out chunked, without an
+    # encoder or a fake HEAD (set by the first write, but a last one), and is neither finished nor lost (cleared by
+    # finish and by connectionLost).
+    _framing = 0
+
+    def connectionLost(self, reason):
+        self._framing = 0  # (lost: a write after it is Twisted's, which drops it)
+        super().connectionLost(reason)
 
     def finish(self):
         """Twisted's C{finish} (C{server.Request}'s, then C{http.Request}'s) for an answer whose head went out, not
@@ -175,6 +183,7 @@ class GatewayRequest(_twistedcompat.EndingRequest):
         without their steps for the other cases. Any other is Twisted's."""
         if (self.chunked or not self.startedWriting or self.finished or self._disconnected or self._encoder
                 or self.queued or self.site_logs):
+            self._framing = 0  # (finished: a write after it is Twisted's, which refuses it)
             super().finish()
             return
         self.finished = 1
