@@ -32,7 +32,8 @@ L{import_html_without_entities} imports C{html} (for its C{escape}) without its 
 references, read on first use: 0.4 MiB less. L{package_without_init} makes prometheus_client's package
 without its C{__init__}, which imports its HTTP servers and push clients: 0.5 MiB less.
 L{leave_cookiejar_out} leaves out C{http.cookiejar} and what it imports, L{leave_zipfile_out} C{zipfile},
-L{leave_http_servers_out} the HTTP servers prometheus_client's text format brings (2 MiB at a plain scrape).
+L{leave_http_servers_out} the HTTP servers prometheus_client's text format brings (2 MiB at a plain scrape),
+L{leave_templates_out} Twisted's templates from Klein's routes (1.3 MiB after an admin request).
 
 Nothing here imports Twisted.
 """
@@ -89,8 +90,8 @@ def leave_tls_out() -> bool:
 # hyperlink come with it) 1.9 MiB; multipart (uploads' and audio's form parser) 0.15 MiB; http.cookiejar (Twisted's
 # compat names it a deprecated alias) with L{leave_cookiejar_out}; ipaddress (urllib.parse checks a bracketed host
 # with it, which the gateway's own URLs never have: its configuration checks its IPv6 hosts itself) 0.2 MiB;
-# urllib.request (xml.sax.saxutils opens a template's system id with it: Twisted's templates, which Klein imports and
-# which parse one at import, a string) with http.client and the email parser, after an admin request 0.6 MiB.
+# urllib.request (xml.sax.saxutils opens a template's system id with it: Twisted's templates, which parse one at
+# import, a string, where they are imported) with http.client and the email parser, 0.6 MiB.
 _RARE = {"pdb": "twisted.application.app", "getpass": "twisted.application.app",
          "decimal": "twisted.spread.jelly", "pty": "twisted.internet.process",
          "gzip": "prometheus_client.exposition", "mimetypes": "http.server",
@@ -210,6 +211,23 @@ def leave_http_servers_out() -> bool:
         "wsgiref.simple_server": {"make_server": partial(_left_out, "wsgiref.simple_server", "make_server"),
                                   "WSGIRequestHandler": _left_out_class("wsgiref.simple_server", "WSGIRequestHandler"),
                                   "WSGIServer": _left_out_class("wsgiref.simple_server", "WSGIServer")}})
+
+
+def leave_templates_out() -> bool:
+    """From now on, Klein's app and resource modules (its routes: L{gomodel.build}'s Klein routes, with
+    L{package_without_init}'s C{klein}) are imported with a stand-in for Twisted's templates
+    (C{twisted.web.template}), whose names they take for Klein's renderables: C{Tag}, which its app names in
+    a type alias only, and C{renderElement}, which its resource calls for a route's answer that is an
+    C{IRenderable} (the gateway's never are): the stand-in's loads the real one on its first call. The real
+    templates import C{xml.sax}, C{pyexpat}, C{twisted.python.urlpath} and parse one at import (about 1.5 MiB).
+    The next C{import twisted.web.template} gets the real module (any other name read of the stand-in too).
+
+    @return: whether it was done: not where C{twisted.web.template} is loaded already, nor where
+        C{GOMODEL_EAGER_IMPORTS=1}.
+    """
+    names = {"Tag": _Placeholder, "renderElement": partial(_call_real, "twisted.web.template", "renderElement")}
+    # (one stand-in for both: the app imports the resource while its own is there)
+    return all([_import_beside(importee, "twisted.web.template", **names) for importee in ("klein._app", "klein._resource")])
 
 
 def _left_out(module, name, *args, **kwargs):
@@ -349,13 +367,15 @@ class _MappingOnRead(collections.abc.Mapping):
         return len(self._mapping())
 
 
-def package_without_init(name):
+def package_without_init(name, **names):
     """Make the package C{name} (not imported yet) without running its C{__init__}: its submodules import as
     usual; the first read of any other name of it (C{from name import X}, C{name.X}) runs the C{__init__} then,
     in the same module, and answers from it. prometheus_client's imports its HTTP servers and push clients,
     which the gateway never uses (its C{exposition} module, loaded at the first scrape:
     L{gomodel.accounting.metrics.GatewayMetrics.page}); werkzeug's its development server and test client
-    (Klein takes its routing and exceptions only: L{gomodel.build}'s Klein routes).
+    (Klein takes its routing and exceptions only: L{gomodel.build}'s Klein routes). C{names}: names of the package
+    read from the submodule that defines them, without the C{__init__} (klein's C{Klein}, from C{klein._app}: its
+    C{__init__} imports its forms, sessions and plating, which import Twisted's templates).
 
     @return: the package's module, from C{sys.modules} where it was imported already, or made as usual (its
         C{__init__} run) where C{GOMODEL_EAGER_IMPORTS=1}.
@@ -368,6 +388,8 @@ def package_without_init(name):
     def init_on_read(attribute):
         if attribute.startswith("__"):  # (the import machinery's probes: no reason to run it)
             raise AttributeError(attribute)
+        if attribute in names:
+            return getattr(importlib.import_module(names[attribute]), attribute)
         if importlib.util.find_spec(f"{name}.{attribute}") is not None:  # (C{from . import values} in a submodule)
             return importlib.import_module(f"{name}.{attribute}")
         del package.__getattr__

@@ -507,6 +507,50 @@ def test_the_admin_routes_import_werkzeug_without_its_development_server_and_tes
                      "server": "werkzeug.serving"}
 
 
+_KLEIN_AFTER = """
+import gc, io
+from gomodel.api.lazy import LazyRoutes
+next(o for o in gc.get_objects() if type(o) is LazyRoutes).app  # (what the first admin request builds)
+loaded = [name for name in ("twisted.web.template", "xml.sax", "pyexpat", "twisted.python.urlpath", "klein._form",
+                            "klein._plating") if name in sys.modules]
+import klein
+from klein import Klein, Plating  # (a name of its own: its __init__ runs now)
+from twisted.web import server
+from twisted.web.template import Element, XMLString
+from twisted.web.test.requesthelper import DummyChannel
+
+class Page(Element):
+    loader = XMLString("<p>a &amp; b</p>")
+
+app = Klein()
+app.route("/page")(lambda request: Page())  # (an IRenderable: Klein renders it with renderElement)
+channel = DummyChannel()
+channel.site = server.Site(app.resource())
+request = server.Request(channel)
+request.content = io.BytesIO()
+request.requestReceived(b"GET", b"/page", b"HTTP/1.1")
+print(json.dumps({"loaded": loaded, "same": klein is sys.modules["klein"], "plating": Plating.__module__,
+                  "page": channel.transport.written.getvalue().decode().endswith("<p>a &amp; b</p>\\r\\n0\\r\\n\\r\\n")}))
+"""
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_the_admin_routes_import_klein_without_twisteds_templates(tmp_path, eager):
+    """Klein's routes (the admin API's, the dashboard's), built at the first request for one, import klein's package
+    without its C{__init__} (its forms, sessions and plating) and its app and resource with a stand-in for Twisted's
+    templates (C{xml.sax}, C{pyexpat}, C{urlpath}), never used here: reading a name of the package runs it then, and a
+    route that answers an element is rendered by the real templates, loaded then. C{GOMODEL_EAGER_IMPORTS=1}: at
+    import, as usual."""
+    before = ("from gomodel.lean import leave_cookiejar_out, leave_tls_out, load_rare_modules_on_use\n"
+              "leave_tls_out()\n"
+              "load_rare_modules_on_use()\n"  # (as the gomodel command: Twisted's web server loads its HTML pages on use)
+              "leave_cookiejar_out()\n")
+    found = json.loads(_built_in_child(
+        tmp_path, dict(PLAIN_UPSTREAM, GOMODEL_EAGER_IMPORTS="1" if eager else "0"), before, _KLEIN_AFTER))
+    loaded = ["twisted.web.template", "xml.sax", "pyexpat", "twisted.python.urlpath", "klein._form", "klein._plating"]
+    assert found == {"loaded": loaded if eager else [], "same": True, "plating": "klein._plating", "page": True}
+
+
 _TEMPLATES_AFTER = """
 import gc
 from gomodel.api.lazy import LazyRoutes
@@ -524,15 +568,16 @@ print(json.dumps({"loaded": loaded, "page": page[0].decode(), "escape": escape("
 
 
 def test_the_admin_routes_load_urllib_request_for_twisteds_templates_on_first_use(tmp_path):
-    """Klein imports Twisted's templates, which parse one at import (C{xml.sax}, whose C{saxutils} imports
-    C{urllib.request} to open a template's system id: never here, and with it C{http.client} and the C{email}
-    parser, about 0.6 MiB): with the C{gomodel} command's modules on first use, it is loaded on its first use."""
+    """Twisted's templates (which Klein's routes no longer import: L{test_the_admin_routes_import_klein_without_twisteds_templates})
+    parse one at import (C{xml.sax}, whose C{saxutils} imports C{urllib.request} to open a template's system id: never
+    here, and with it C{http.client} and the C{email} parser, about 0.6 MiB): with the C{gomodel} command's modules on
+    first use, it is loaded on its first use."""
     before = ("from gomodel.lean import leave_cookiejar_out, leave_tls_out, load_rare_modules_on_use\n"
               "leave_tls_out()\n"
               "assert load_rare_modules_on_use()\n"
               "leave_cookiejar_out()\n")
     found = json.loads(_built_in_child(tmp_path, PLAIN_UPSTREAM, before, _TEMPLATES_AFTER))
-    assert found == {"loaded": ["xml.sax.saxutils"], "page": "<p>a &amp; b</p>", "escape": "&lt;",
+    assert found == {"loaded": [], "page": "<p>a &amp; b</p>", "escape": "&lt;",
                      "request": "a.example"}
 
 
