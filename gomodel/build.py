@@ -286,11 +286,12 @@ def _dialect_below(request):
 
 def _klein_app(config, reactor, gateway, store, book, plain, responses, exchange, dashboard, salts):
     """Klein's routes and every API they mount (imported now: at the first request for one of them)."""
-    from gomodel.lean import leave_templates_out, package_without_init
+    from gomodel.lean import leave_hyperlink_out, leave_templates_out, package_without_init
 
     package_without_init("werkzeug")  # (its __init__ imports its development server and test client: never used here)
     package_without_init("klein", Klein="klein._app")  # (its __init__ imports its forms: Twisted's templates)
     leave_templates_out()  # (Klein's routes take two names of them: see gomodel.lean)
+    leave_hyperlink_out()  # (and one of hyperlink, for a dependency they never inject here)
     from gomodel.api.admin import AdminAPI
     from gomodel.api.app import GatewayApp
     from gomodel.api.batches import BatchesAPI

@@ -33,7 +33,8 @@ references, read on first use: 0.4 MiB less. L{package_without_init} makes prome
 without its C{__init__}, which imports its HTTP servers and push clients: 0.5 MiB less.
 L{leave_cookiejar_out} leaves out C{http.cookiejar} and what it imports, L{leave_zipfile_out} C{zipfile},
 L{leave_http_servers_out} the HTTP servers prometheus_client's text format brings (2 MiB at a plain scrape),
-L{leave_templates_out} Twisted's templates from Klein's routes (1.3 MiB after an admin request).
+L{leave_templates_out} Twisted's templates from Klein's routes (1.3 MiB after an admin request),
+L{leave_hyperlink_out} hyperlink and idna from them.
 
 Nothing here imports Twisted.
 """
@@ -228,6 +229,41 @@ def leave_templates_out() -> bool:
     names = {"Tag": _Placeholder, "renderElement": partial(_call_real, "twisted.web.template", "renderElement")}
     # (one stand-in for both: the app imports the resource while its own is there)
     return all([_import_beside(importee, "twisted.web.template", **names) for importee in ("klein._app", "klein._resource")])
+
+
+def leave_hyperlink_out() -> bool:
+    """From now on, Klein's dependency-injected request metadata (C{klein._dihttp}, which its resource imports for its
+    C{Response}) is imported with a stand-in for C{hyperlink}, whose C{DecodedURL} it names in annotations and casts
+    and calls for its C{Requirer}'s C{RequestURL} only (never here): the stand-in's C{DecodedURL} is a class whose any
+    name read or call loads the real one and answers from it (L{_class_on_use}). The real module imports C{idna} and
+    its tables (about 0.8 MiB). The next C{import hyperlink} gets the real module.
+
+    @return: whether it was done: not where C{hyperlink} is loaded already, nor where C{GOMODEL_EAGER_IMPORTS=1}.
+    """
+    return _import_beside("klein._dihttp", "hyperlink", DecodedURL=_class_on_use("hyperlink", "DecodedURL"))
+
+
+class _OnUse(type):
+    """The type of a stand-in for a class (L{_class_on_use}): a name read of it (but its own dunder names), or a
+    call, is the real class's, loaded then."""
+
+    def __getattr__(cls, attribute):
+        if attribute.startswith("__"):
+            raise AttributeError(attribute)
+        return getattr(cls._real(), attribute)
+
+    def __call__(cls, *args, **kwargs):
+        return cls._real()(*args, **kwargs)
+
+
+def _class_on_use(module, name):
+    """A stand-in for C{module}'s class C{name}, for an importer that names it and uses it rarely."""
+    real = staticmethod(partial(_real_name, module, name))
+    return _OnUse(name, (), {"_real": real, "__doc__": f"A stand-in for {module}.{name} (gomodel.lean)."})
+
+
+def _real_name(module, name):
+    return getattr(importlib.import_module(module), name)
 
 
 def _left_out(module, name, *args, **kwargs):

@@ -551,6 +551,45 @@ def test_the_admin_routes_import_klein_without_twisteds_templates(tmp_path, eage
     assert found == {"loaded": loaded if eager else [], "same": True, "plating": "klein._plating", "page": True}
 
 
+_HYPERLINK_AFTER = """
+import gc, io
+from gomodel.api.lazy import LazyRoutes
+next(o for o in gc.get_objects() if type(o) is LazyRoutes).app  # (what the first admin request builds)
+loaded = [name for name in ("hyperlink", "idna") if name in sys.modules]
+from klein import Klein, Requirer, RequestURL
+from twisted.web import server
+from twisted.web.test.requesthelper import DummyChannel
+
+app, requirer = Klein(), Requirer()
+requirer.require(app.route("/url"), url=RequestURL)(lambda url: url.child("x").to_text())  # (Klein's DecodedURL)
+channel = DummyChannel()
+channel.site = server.Site(app.resource())
+request = server.Request(channel)
+request.content = io.BytesIO()
+request.requestHeaders.setRawHeaders(b"host", [b"a.example:8080"])
+request.requestReceived(b"GET", b"/url", b"HTTP/1.1")
+import hyperlink
+print(json.dumps({"loaded": loaded, "url": channel.transport.written.getvalue().decode().split("\\r\\n")[-4],
+                  "real": type(sys.modules["hyperlink"]).__name__ + " " + hyperlink.DecodedURL.__module__}))
+"""
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_the_admin_routes_import_klein_without_hyperlink(tmp_path, eager):
+    """Klein's request metadata (imported by its resource) names hyperlink's C{DecodedURL} in annotations and calls it
+    for a C{Requirer}'s C{RequestURL} only (never here): Klein's routes, built at the first request for one, import it
+    with a stand-in whose class loads the real one on its first use, so neither hyperlink nor idna is loaded; a route
+    that requires the URL gets it from the real one. C{GOMODEL_EAGER_IMPORTS=1}: at import, as usual."""
+    before = ("from gomodel.lean import leave_cookiejar_out, leave_tls_out, load_rare_modules_on_use\n"
+              "leave_tls_out()\n"
+              "load_rare_modules_on_use()\n"
+              "leave_cookiejar_out()\n")
+    found = json.loads(_built_in_child(
+        tmp_path, dict(PLAIN_UPSTREAM, GOMODEL_EAGER_IMPORTS="1" if eager else "0"), before, _HYPERLINK_AFTER))
+    assert found == {"loaded": ["hyperlink", "idna"] if eager else [], "url": "http://a.example:8080/url/x",
+                     "real": "module hyperlink._url"}
+
+
 _TEMPLATES_AFTER = """
 import gc
 from gomodel.api.lazy import LazyRoutes
