@@ -92,13 +92,18 @@ def leave_tls_out() -> bool:
 # compat names it a deprecated alias) with L{leave_cookiejar_out}; ipaddress (urllib.parse checks a bracketed host
 # with it, which the gateway's own URLs never have: its configuration checks its IPv6 hosts itself) 0.2 MiB;
 # urllib.request (xml.sax.saxutils opens a template's system id with it: Twisted's templates, which parse one at
-# import, a string, where they are imported) with http.client and the email parser, 0.6 MiB.
-_RARE = {"pdb": "twisted.application.app", "getpass": "twisted.application.app",
-         "decimal": "twisted.spread.jelly", "pty": "twisted.internet.process",
-         "gzip": "prometheus_client.exposition", "mimetypes": "http.server",
-         "twisted.web.util": "twisted.web.server", "multipart": "gomodel.api.uploads",
-         "http.cookiejar": "twisted.python.compat", "ipaddress": "urllib.parse",
-         "urllib.request": "xml.sax.saxutils"}
+# import, a string, where they are imported) with http.client and the email parser, 0.6 MiB. After an admin request,
+# werkzeug's (Klein's routing): difflib (a routing BuildError's suggestion), mimetypes (send_file's guess of a type;
+# its FileStorage's with L{leave_mimetypes_out}), pkgutil (find_modules) and secrets (gen_salt), 0.3 MiB. (On CPython
+# 3.11 a second import statement of a module on first use loads it: it reads the module's C{__spec__}.)
+_RARE = {"pdb": ("twisted.application.app",), "getpass": ("twisted.application.app",),
+         "decimal": ("twisted.spread.jelly",), "pty": ("twisted.internet.process",),
+         "gzip": ("prometheus_client.exposition",),
+         "mimetypes": ("http.server", "werkzeug.utils"),
+         "twisted.web.util": ("twisted.web.server",), "multipart": ("gomodel.api.uploads",),
+         "http.cookiejar": ("twisted.python.compat",), "ipaddress": ("urllib.parse",),
+         "urllib.request": ("xml.sax.saxutils",), "difflib": ("werkzeug.routing.exceptions",),
+         "pkgutil": ("werkzeug.utils",), "secrets": ("werkzeug.security",)}
 _LAZY = importlib.util._LazyModule  # (the type of a module made by a LazyLoader, not loaded yet)
 
 
@@ -108,7 +113,7 @@ class _OnFirstUse:
 
     @staticmethod
     def find_spec(name, path=None, target=None):
-        if _RARE.get(name) is None or _importer() != _RARE[name]:
+        if name not in _RARE or _importer() not in _RARE[name]:
             return None
         spec = importlib.util.find_spec(name)  # (this finder gives None for it there: the importer is importlib)
         if spec is not None and hasattr(spec.loader, "exec_module"):
@@ -229,6 +234,17 @@ def leave_templates_out() -> bool:
     names = {"Tag": _Placeholder, "renderElement": partial(_call_real, "twisted.web.template", "renderElement")}
     # (one stand-in for both: the app imports the resource while its own is there)
     return all([_import_beside(importee, "twisted.web.template", **names) for importee in ("klein._app", "klein._resource")])
+
+
+def leave_mimetypes_out() -> bool:
+    """From now on, werkzeug's C{FileStorage} module (imported with its routing: Klein's routes) is imported with a
+    stand-in C{mimetypes} (its second importer, after C{werkzeug.utils}, which gets it loaded on first use: see
+    L{_RARE}), whose any name read (C{guess_type}, for an uploaded file's type, never here: the gateway reads its
+    forms with C{multipart}) loads the real module and answers from it.
+
+    @return: whether it was done: not where C{mimetypes} is loaded already, nor where C{GOMODEL_EAGER_IMPORTS=1}.
+    """
+    return _import_beside("werkzeug.datastructures.file_storage", "mimetypes")
 
 
 def leave_hyperlink_out() -> bool:

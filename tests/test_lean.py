@@ -590,6 +590,46 @@ def test_the_admin_routes_import_klein_without_hyperlink(tmp_path, eager):
                      "real": "module hyperlink._url"}
 
 
+_WERKZEUGS_RARE_AFTER = """
+import gc, io
+from gomodel.api.lazy import LazyRoutes
+next(o for o in gc.get_objects() if type(o) is LazyRoutes).app  # (what the first admin request builds)
+first = {name: type(sys.modules[name]).__name__ if name in sys.modules else None
+         for name in ("difflib", "mimetypes", "pkgutil", "secrets")}
+import werkzeug.routing.exceptions, werkzeug.security, werkzeug.utils
+from werkzeug.datastructures import FileMultiDict
+files = FileMultiDict()
+files.add_file("file", io.BytesIO(b"{}"), filename="a.json")  # (its type guessed by FileStorage's module)
+print(json.dumps({"first": first, "salt": len(werkzeug.security.gen_salt(8)), "type": files["file"].content_type,
+                  "sent": werkzeug.utils.mimetypes.guess_type("a.json")[0],
+                  "close": werkzeug.routing.exceptions.difflib.get_close_matches("usage", ["usages", "keys"]),
+                  "found": "json.decoder" in werkzeug.utils.find_modules("json"),
+                  "real": sorted(name for name in ("difflib", "mimetypes", "pkgutil", "secrets")
+                                 if type(sys.modules[name]).__name__ == "module")}))
+"""
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_the_admin_routes_load_werkzeugs_rare_modules_on_their_first_use(tmp_path, eager):
+    """werkzeug (Klein's routing), imported at the first request for Klein's routes, imports C{difflib} (a routing
+    error's suggestion), C{mimetypes} (a file's type: C{send_file}, an uploaded C{FileStorage}), C{pkgutil}
+    (C{find_modules}) and C{secrets} (C{gen_salt}), none of them used here: the C{gomodel} command's hooks load them on
+    their first use (C{FileStorage}'s module's C{mimetypes} a stand-in), and each does what werkzeug asks of it then.
+    C{GOMODEL_EAGER_IMPORTS=1}: at import, as usual."""
+    before = ("from gomodel.lean import leave_cookiejar_out, leave_mimetypes_out, leave_tls_out, "
+              "load_rare_modules_on_use\n"
+              "leave_tls_out()\n"
+              "load_rare_modules_on_use()\n"
+              "leave_cookiejar_out()\n"
+              "assert leave_mimetypes_out() is " + str(not eager) + "\n")
+    found = json.loads(_built_in_child(
+        tmp_path, dict(PLAIN_UPSTREAM, GOMODEL_EAGER_IMPORTS="1" if eager else "0"), before, _WERKZEUGS_RARE_AFTER))
+    rare = ["difflib", "mimetypes", "pkgutil", "secrets"]
+    assert found == {"first": dict.fromkeys(rare, "module" if eager else "_LazyModule"), "salt": 8,
+                     "type": "application/json", "sent": "application/json", "close": ["usages"], "found": True,
+                     "real": rare}
+
+
 _TEMPLATES_AFTER = """
 import gc
 from gomodel.api.lazy import LazyRoutes
