@@ -630,6 +630,28 @@ def test_the_admin_routes_load_werkzeugs_rare_modules_on_their_first_use(tmp_pat
                      "real": rare}
 
 
+_ZONES_AFTER = """
+import gc
+from gomodel.api.lazy import LazyRoutes
+from twisted.web.test.requesthelper import DummyRequest
+from gomodel.api.windows import time_zone
+next(o for o in gc.get_objects() if type(o) is LazyRoutes).app  # (what the first admin request builds)
+utc = str(time_zone(DummyRequest([b""])))  # (an admin request naming no zone)
+loaded = [name for name in ("zoneinfo", "sysconfig") if name in sys.modules]
+request = DummyRequest([b""])
+request.requestHeaders.setRawHeaders(b"x-gomodel-timezone", [b"Asia/Kolkata"])
+print(json.dumps({"loaded": loaded, "utc": utc, "zone": str(time_zone(request))}))
+"""
+
+
+def test_the_admin_routes_load_the_time_zone_database_for_a_request_that_names_a_zone(tmp_path):
+    """The admin API's usage routes count days of the zone C{X-GoModel-Timezone} names, UTC without it: C{zoneinfo}
+    (with its database's paths and C{sysconfig}) is imported by the first request that names one, not with the
+    routes."""
+    found = json.loads(_built_in_child(tmp_path, PLAIN_UPSTREAM, "", _ZONES_AFTER))
+    assert found == {"loaded": [], "utc": "UTC", "zone": "Asia/Kolkata"}
+
+
 _TEMPLATES_AFTER = """
 import gc
 from gomodel.api.lazy import LazyRoutes
