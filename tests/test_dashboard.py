@@ -58,6 +58,19 @@ def secure(response):
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_files_are_read_at_the_first_request_for_the_page_not_with_the_admin_api(http, gw):
+    """The admin API's first request builds the routes and the dashboard, which reads its files (about 0.3 MiB)
+    only when the page or an asset is first asked for."""
+    code, _ = await call(http, gw, "GET", "/admin/api/v1/usage/summary")
+    dashboard = gw.service.site.resource._routes.app._dashboard
+    assert code == 200 and set(vars(dashboard)) == {"_directory", "_open_gateway"}  # (no file read yet)
+    response, shell = await get(http, gw.url + "/admin/dashboard")
+    assert response.code == 200 and f"?v={dashboard.version}" in shell.decode()
+    response, asset = await get(http, gw.url + f"/admin/static/{dashboard.names[0]}?v={dashboard.version}")
+    assert response.code == 200 and header(response, "cache-control") == "public, max-age=31536000, immutable"
+
+
+@pytest_twisted.ensureDeferred
 async def test_shell_and_assets_need_no_key_carry_the_csp_and_are_cache_busted(http, gw):
     assert CSP.decode() == EXPECTED_CSP
     version = Dashboard().version

@@ -1,4 +1,5 @@
-"""The admin dashboard's shell and static assets, read once from the package and served from memory.
+"""The admin dashboard's shell and static assets, read once from the package (at the first request for the page or
+an asset) and served from memory.
 
 The shell (C{/admin/dashboard}, and C{/admin/dashboard/<page>} for each of
 L{PAGES}, where C{/admin/dashboard/<page>/} redirects) and the assets (C{/admin/static/...}) hold no data and need no key (the shell says whether the gateway is open, with no
@@ -17,6 +18,7 @@ nosniff} and C{Referrer-Policy: no-referrer}.
 import hashlib
 import os
 import re
+from functools import cached_property
 
 from gomodel.errors import NotFound, shown
 
@@ -52,13 +54,22 @@ class Dashboard:
     """The shell and the assets of one directory (the package's C{static/}), in memory."""
 
     def __init__(self, directory=STATIC, open_gateway=False):
-        """Read every file under C{directory} (once, at start).
+        """Serve the files under C{directory}, read at the first request for one of them (not with the admin API's
+        routes: about 0.3 MiB a process whose dashboard is never opened).
 
         @param open_gateway: whether the gateway has no master key (the page then says so, whatever key was typed).
-
-        @raise OSError: the directory or the shell (C{index.html}) cannot be read.
         """
-        files = {}
+        self._directory = directory
+        self._open_gateway = open_gateway
+
+    @cached_property
+    def _contents(self):
+        """C{(version, shell, assets)}: every file under the directory, read now (once).
+
+        @raise OSError: the directory or the shell (C{index.html}) cannot be read (the request's 500; the next
+            reads them again).
+        """
+        directory, files = self._directory, {}
         for root, dirs, names in os.walk(directory):
             dirs.sort()
             for name in sorted(names):
@@ -68,27 +79,34 @@ class Dashboard:
         digest = hashlib.sha256()
         for name in sorted(files):
             digest.update(name.encode("utf-8") + b"\0" + files[name] + b"\0")
-        self.version = digest.hexdigest()[:16]
-        version = self.version.encode("ascii")
-        self._shell = files.pop(SHELL).replace(b"__VERSION__", version).replace(
-            b"__OPEN_GATEWAY__", b"true" if open_gateway else b"false")
-        self._assets = {}
+        text = digest.hexdigest()[:16]
+        version = text.encode("ascii")
+        shell = files.pop(SHELL).replace(b"__VERSION__", version).replace(
+            b"__OPEN_GATEWAY__", b"true" if self._open_gateway else b"false")
+        assets = {}
         for name, content in files.items():
             suffix = os.path.splitext(name)[1]
             if suffix == ".js" and not name.startswith("vendor/"):
                 content = _IMPORT.sub(lambda m: m.group(1) + m.group(2) + m.group(3) + b"?v=" + version
                                       + m.group(2), content)
-            self._assets[name] = (content, CONTENT_TYPES.get(suffix, b"application/octet-stream"))
+            assets[name] = (content, CONTENT_TYPES.get(suffix, b"application/octet-stream"))
+        return text, shell, assets
+
+    @property
+    def version(self) -> str:
+        """A hash of all the files' contents (every asset URL's C{v})."""
+        return self._contents[0]
 
     @property
     def names(self) -> tuple:
         """The asset names (paths below C{/admin/static/})."""
-        return tuple(sorted(self._assets))
+        return tuple(sorted(self._contents[2]))
 
     def shell(self, request) -> bytes:
         """The page (C{GET /admin/dashboard}): never cached, so it always names the current assets."""
-        _headers(request, CONTENT_TYPES[".html"], b"no-cache", len(self._shell))
-        return self._shell
+        shell = self._contents[1]
+        _headers(request, CONTENT_TYPES[".html"], b"no-cache", len(shell))
+        return shell
 
     def to_page(self, request, page: str) -> bytes:
         """A 308 from C{/admin/dashboard/<page>/} to C{/admin/dashboard/<page>} (one of L{PAGES}), its query kept:
@@ -104,12 +122,13 @@ class Dashboard:
 
         @raise NotFound: no such asset.
         """
-        found = self._assets.get(name)
+        version, _, assets = self._contents
+        found = assets.get(name)
         if found is None:
             raise NotFound(f"No dashboard asset '{shown(name)}'.")
         content, content_type = found
         asked = request.args.get(b"v", [b""])[0]
-        _headers(request, content_type, IMMUTABLE if asked == self.version.encode("ascii") else b"no-cache",
+        _headers(request, content_type, IMMUTABLE if asked == version.encode("ascii") else b"no-cache",
                  len(content))
         return content
 
