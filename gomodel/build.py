@@ -285,41 +285,55 @@ def _dialect_below(request):
 
 
 def _klein_app(config, reactor, gateway, store, book, plain, responses, exchange, dashboard, salts):
-    """Klein's routes and every API they mount (imported now: at the first request for one of them)."""
+    """Klein's routes (imported now: at the first request for one of them) and the APIs they mount, each imported and
+    made at the first request for it (L{gomodel.api.lazy.LazyAPI})."""
     from gomodel.lean import leave_hyperlink_out, leave_templates_out, package_without_init
 
     package_without_init("werkzeug")  # (its __init__ imports its development server and test client: never used here)
     package_without_init("klein", Klein="klein._app")  # (its __init__ imports its forms: Twisted's templates)
     leave_templates_out()  # (Klein's routes take two names of them: see gomodel.lean)
     leave_hyperlink_out()  # (and one of hyperlink, for a dependency they never inject here)
-    from gomodel.api.admin import AdminAPI
     from gomodel.api.app import GatewayApp
-    from gomodel.api.batches import BatchesAPI
-    from gomodel.api.budgets import BudgetsAPI
-    from gomodel.api.files import FilesAPI
-    from gomodel.anthropic.batches import MessageBatchesAPI
-    from gomodel.api.keys import KeysAPI
+    from gomodel.api.lazy import LazyAPI
     from gomodel.api.passthrough import Passthrough
     from gomodel.api.self_usage import SelfUsage
     from gomodel.dashboard import Dashboard
 
-    admin = None
-    if config.auth.admin_endpoints:
-        admin = AdminAPI(gateway.registry, gateway.monitor, reactor, store.usage if config.usage.enabled else None,
-                         keys=KeysAPI(store.keys, gateway.keys, reactor, book),
-                         budgets=BudgetsAPI(store.budgets, gateway.gate, book, config.quotas, reactor)
-                         if book is not None else None)
+    def admin():
+        from gomodel.api.admin import AdminAPI
+        from gomodel.api.keys import KeysAPI
+
+        return AdminAPI(gateway.registry, gateway.monitor, reactor, store.usage if config.usage.enabled else None,
+                        keys=KeysAPI(store.keys, gateway.keys, reactor, book),
+                        budgets=LazyAPI(budgets) if book is not None else None)
+
+    def budgets():
+        from gomodel.api.budgets import BudgetsAPI
+
+        return BudgetsAPI(store.budgets, gateway.gate, book, config.quotas, reactor)
+
+    def files():
+        from gomodel.api.files import FilesAPI
+
+        return FilesAPI(store.files, store.blobs, config.limits.files_max_bytes,
+                        config.limits.batch_input_expires_after or None, store.batches)
+
+    def batches():
+        from gomodel.api.batches import BatchesAPI
+
+        return BatchesAPI(store.batches, store.files, gateway.batch_runner, gateway.gate,
+                          config.limits.batch_output_expires_after or None)
+
+    def message_batches():
+        from gomodel.anthropic.batches import MessageBatchesAPI
+
+        return MessageBatchesAPI(store.batches, store.files, store.blobs, gateway.batch_runner, gateway.registry,
+                                 gateway.gate, config.limits.message_batch_results_expire_after or None, reactor)
+
     passthrough = Passthrough(config.upstreams.passthrough, gateway.registry, exchange, salts, store.responses)
-    return GatewayApp(plain, responses, passthrough,
-                      files=FilesAPI(store.files, store.blobs, config.limits.files_max_bytes,
-                                     config.limits.batch_input_expires_after or None, store.batches),
-                      batches=BatchesAPI(store.batches, store.files, gateway.batch_runner, gateway.gate,
-                                         config.limits.batch_output_expires_after or None),
-                      admin=admin,
-                      message_batches=MessageBatchesAPI(store.batches, store.files, store.blobs,
-                                                        gateway.batch_runner, gateway.registry, gateway.gate,
-                                                        config.limits.message_batch_results_expire_after or None,
-                                                        reactor),
+    return GatewayApp(plain, responses, passthrough, files=LazyAPI(files), batches=LazyAPI(batches),
+                      admin=LazyAPI(admin) if config.auth.admin_endpoints else None,
+                      message_batches=LazyAPI(message_batches),
                       dashboard=Dashboard(open_gateway=not config.auth.master_key) if dashboard else None,
                       self_usage=SelfUsage(gateway.usage, gateway.gate, reactor))
 

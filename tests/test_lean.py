@@ -706,6 +706,39 @@ async def test_plain_routes_answer_as_kleins_routes_do_and_load_no_klein(reactor
     assert plain == klein
 
 
+def test_klein_routes_are_built_without_the_apis_they_mount(tmp_path):
+    """The first request for Klein's routes imports none of the APIs they mount (each at the first request for it:
+    L{test_each_mounted_api_is_made_at_the_first_request_for_it})."""
+    mounted = ["gomodel.anthropic.batches", "gomodel.api.admin", "gomodel.api.batches", "gomodel.api.budgets",
+               "gomodel.api.files"]
+    shown = _built_in_child(tmp_path, PLAIN_UPSTREAM, "", (
+        "import gc\n"
+        "from gomodel.api.lazy import LazyRoutes\n"
+        "next(o for o in gc.get_objects() if type(o) is LazyRoutes).app\n"
+        f"print(json.dumps([name for name in {mounted!r} if name in sys.modules]))"))
+    assert json.loads(shown) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_mounted_api_is_made_at_the_first_request_for_it(reactor, gateway, http):
+    import treq
+
+    async def get(path):
+        response = await http.get(gateway.url + path)
+        await treq.content(response)
+        return response.code
+
+    app = gateway.service.site.resource._routes.app
+    apis = {"files": app.files, "batches": app._batches, "message_batches": app._message_batches, "admin": app._admin}
+    assert await get("/admin/api/v1/usage/summary") == 200
+    assert {name: api._api is not None for name, api in apis.items()} == {
+        "files": False, "batches": False, "message_batches": False, "admin": True}
+    assert app._admin._budgets is None or app._admin._budgets._api is None  # (mounted in the admin API)
+    assert await get("/v1/files") == 200 and await get("/v1/batches") == 200
+    assert await get("/v1/messages/batches") == 200
+    assert all(api._api is not None for api in apis.values())
+
+
 def test_klein_routes_that_cannot_be_built_answer_500_and_are_tried_again(logged_errors):
     attempts = []
 

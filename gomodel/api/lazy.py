@@ -61,6 +61,32 @@ class LazyRoutes(Resource):
         return self.app.files.upload_sink(request, method, path, length)
 
 
+class LazyAPI:
+    """An API mounted on Klein's routes (an object with a Klein C{app}: L{gomodel.http.bodies.mounted}), made by
+    C{make()} at the first request for it: a request for one API (the admin API's usage) imports none of the
+    others (files, batches, Message Batches, budgets: their modules and Klein rules, about 0.5 MiB)."""
+
+    def __init__(self, make):
+        """
+        @param make: imports and returns the API (the composition root's function); one that raises is that
+            request's error (its 500), and the next request calls it again.
+        """
+        self._make = make
+        self._api = None
+
+    @property
+    def api(self):
+        """The API (made now if it was not)."""
+        if self._api is None:
+            self._api = self._make()
+        return self._api
+
+    def __getattr__(self, name):  # (its app, an upload's sink...: the API's own)
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.api, name)
+
+
 def _utf8(request) -> bool:
     """Whether Klein can decode C{request}'s path segments (percent-decoded by Twisted) and Host as UTF-8:
     it answers any other request with a text 400 and logs a traceback of the client's bytes."""
