@@ -739,6 +739,19 @@ async def test_each_mounted_api_is_made_at_the_first_request_for_it(reactor, gat
     assert all(api._api is not None for api in apis.values())
 
 
+def test_the_admin_api_loads_csv_for_its_first_csv_answer(tmp_path):
+    shown = _built_in_child(tmp_path, PLAIN_UPSTREAM, "", (
+        "import gc\n"
+        "from gomodel.api.lazy import LazyRoutes\n"
+        "from twisted.web.test.requesthelper import DummyRequest\n"
+        "next(o for o in gc.get_objects() if type(o) is LazyRoutes).app._admin.api  # (the admin API, made)\n"
+        "loaded = 'csv' in sys.modules\n"
+        "from gomodel.api.admin import _csv\n"
+        "body = _csv(DummyRequest([b'']), [{'day': '2026-01-01', 'note': 'a,b'}], ('day', 'note'))\n"
+        "print(json.dumps([loaded, body.decode()]))"))
+    assert json.loads(shown) == [False, 'day,note\r\n2026-01-01,"a,b"\r\n']
+
+
 def test_klein_routes_that_cannot_be_built_answer_500_and_are_tried_again(logged_errors):
     attempts = []
 
