@@ -34,7 +34,7 @@ without its C{__init__}, which imports its HTTP servers and push clients: 0.5 Mi
 L{leave_cookiejar_out} leaves out C{http.cookiejar} and what it imports, L{leave_zipfile_out} C{zipfile},
 L{leave_http_servers_out} the HTTP servers prometheus_client's text format brings (2 MiB at a plain scrape),
 L{leave_templates_out} Twisted's templates from Klein's routes (1.3 MiB after an admin request),
-L{leave_hyperlink_out} hyperlink and idna from them.
+L{leave_hyperlink_out} hyperlink and idna from them, L{leave_markupsafe_out} markupsafe from werkzeug.
 
 Nothing here imports Twisted.
 """
@@ -234,6 +234,20 @@ def leave_templates_out() -> bool:
     names = {"Tag": _Placeholder, "renderElement": partial(_call_real, "twisted.web.template", "renderElement")}
     # (one stand-in for both: the app imports the resource while its own is there)
     return all([_import_beside(importee, "twisted.web.template", **names) for importee in ("klein._app", "klein._resource")])
+
+
+def leave_markupsafe_out() -> bool:
+    """From now on, werkzeug's exceptions and utils (Klein's routing imports them) are imported with a stand-in for
+    C{markupsafe}, whose C{escape} and C{Markup} they call for their own HTML pages only (an error's body, a redirect's;
+    never here: the gateway answers Klein's routing errors itself, L{gomodel.http.render.install}): the stand-in's
+    load the real ones on their first call (L{_class_on_use} for the class). The real module imports its C speedups
+    (about 0.15 MiB). The next C{import markupsafe} gets the real module.
+
+    @return: whether it was done: not where C{markupsafe} is loaded already, nor where C{GOMODEL_EAGER_IMPORTS=1}.
+    """
+    names = {"escape": partial(_call_real, "markupsafe", "escape"), "Markup": _class_on_use("markupsafe", "Markup")}
+    # (one stand-in for both: utils imports exceptions while its own is there)
+    return all([_import_beside(importee, "markupsafe", **names) for importee in ("werkzeug.utils", "werkzeug.exceptions")])
 
 
 def leave_mimetypes_out() -> bool:

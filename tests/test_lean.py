@@ -652,6 +652,31 @@ def test_the_admin_routes_load_the_time_zone_database_for_a_request_that_names_a
     assert found == {"loaded": [], "utc": "UTC", "zone": "Asia/Kolkata"}
 
 
+_MARKUPSAFE_AFTER = """
+import gc
+from gomodel.api.lazy import LazyRoutes
+next(o for o in gc.get_objects() if type(o) is LazyRoutes).app  # (what the first admin request builds)
+loaded = "markupsafe" in sys.modules
+import werkzeug.exceptions, werkzeug.utils
+page = werkzeug.exceptions.NotFound("a <b>\\nc").get_description()  # (werkzeug's own HTML error page)
+moved = werkzeug.utils.redirect("/x?a=<b>").get_data(as_text=True)
+import markupsafe
+print(json.dumps({"loaded": loaded, "page": page, "moved": "/x?a=&lt;b&gt;" in moved,
+                  "real": type(werkzeug.exceptions.escape("<")).__module__ + " " + markupsafe.Markup.__module__}))
+"""
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_the_admin_routes_import_werkzeug_without_markupsafe(tmp_path, eager):
+    """werkzeug's exceptions and utils (Klein's routing) escape with markupsafe for their own HTML pages only (an
+    error's body, a redirect's), which the gateway never answers with: Klein's routes, built at the first request for
+    one, import them with a stand-in whose C{escape} and C{Markup} load the real ones on their first call, so
+    markupsafe is not loaded; werkzeug's pages are as before when asked for. C{GOMODEL_EAGER_IMPORTS=1}: at import."""
+    found = json.loads(_built_in_child(
+        tmp_path, dict(PLAIN_UPSTREAM, GOMODEL_EAGER_IMPORTS="1" if eager else "0"), "", _MARKUPSAFE_AFTER))
+    assert found == {"loaded": eager, "page": "<p>a &lt;b&gt;<br>c</p>", "moved": True, "real": "markupsafe markupsafe"}
+
+
 _TEMPLATES_AFTER = """
 import gc
 from gomodel.api.lazy import LazyRoutes
