@@ -290,6 +290,9 @@ def _klein_app(config, reactor, gateway, store, book, plain, responses, exchange
     from gomodel.lean import leave_hyperlink_out, leave_markupsafe_out, leave_templates_out, package_without_init
 
     package_without_init("werkzeug")  # (its __init__ imports its development server and test client: never used here)
+    # (its data structures' imports all of them: the routing takes four; HTTP headers' parsers, never run here, the rest)
+    package_without_init("werkzeug.datastructures", Headers="werkzeug.datastructures.headers",
+                         **dict.fromkeys(("ImmutableDict", "MultiDict", "iter_multi_items"), "werkzeug.datastructures.structures"))
     package_without_init("klein", Klein="klein._app")  # (its __init__ imports its forms: Twisted's templates)
     leave_templates_out()  # (Klein's routes take two names of them: see gomodel.lean)
     leave_hyperlink_out()  # (and one of hyperlink, for a dependency they never inject here)

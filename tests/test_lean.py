@@ -677,6 +677,35 @@ def test_the_admin_routes_import_werkzeug_without_markupsafe(tmp_path, eager):
     assert found == {"loaded": eager, "page": "<p>a &lt;b&gt;<br>c</p>", "moved": True, "real": "markupsafe markupsafe"}
 
 
+_DATASTRUCTURES_AFTER = """
+import gc
+from gomodel.api.lazy import LazyRoutes
+next(o for o in gc.get_objects() if type(o) is LazyRoutes).app  # (what the first admin request builds)
+parts = ("accept", "auth", "cache_control", "csp", "etag", "file_storage", "range")
+loaded = [part for part in parts if "werkzeug.datastructures." + part in sys.modules]
+import werkzeug.datastructures, werkzeug.http
+package = sys.modules["werkzeug.datastructures"]
+from werkzeug.datastructures import Accept, MultiDict  # (a name of its own: its __init__ runs now)
+print(json.dumps({"loaded": loaded, "same": werkzeug.datastructures is package, "accept": Accept.__module__,
+                  "best": werkzeug.http.parse_accept_header("text/html;q=0.5, application/json").best,
+                  "multi": MultiDict([("a", "1"), ("a", "2")]).getlist("a")}))
+"""
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_the_admin_routes_import_werkzeugs_data_structures_without_its_header_parsers(tmp_path, eager):
+    """werkzeug's C{datastructures} package imports every data structure of it in its C{__init__}; Klein's routing
+    takes four names of it (its multi-dicts and headers): Klein's routes, built at the first request for one, make it
+    without its C{__init__} and serve those names from their modules, so the HTTP headers' structures (accept, auth,
+    cache control, CSP, ETags, ranges, uploaded files) are not loaded; reading another name of the package runs it
+    then, in the same module. C{GOMODEL_EAGER_IMPORTS=1}: at import, as usual."""
+    found = json.loads(_built_in_child(
+        tmp_path, dict(PLAIN_UPSTREAM, GOMODEL_EAGER_IMPORTS="1" if eager else "0"), "", _DATASTRUCTURES_AFTER))
+    parts = ["accept", "auth", "cache_control", "csp", "etag", "file_storage", "range"]
+    assert found == {"loaded": parts if eager else [], "same": True, "accept": "werkzeug.datastructures.accept",
+                     "best": "application/json", "multi": ["1", "2"]}
+
+
 _TEMPLATES_AFTER = """
 import gc
 from gomodel.api.lazy import LazyRoutes
