@@ -34,7 +34,8 @@ without its C{__init__}, which imports its HTTP servers and push clients: 0.5 Mi
 L{leave_cookiejar_out} leaves out C{http.cookiejar} and what it imports, L{leave_zipfile_out} C{zipfile},
 L{leave_http_servers_out} the HTTP servers prometheus_client's text format brings (2 MiB at a plain scrape),
 L{leave_templates_out} Twisted's templates from Klein's routes (1.3 MiB after an admin request),
-L{leave_hyperlink_out} hyperlink and idna from them, L{leave_markupsafe_out} markupsafe from werkzeug.
+L{leave_hyperlink_out} hyperlink and idna from them, L{leave_markupsafe_out} markupsafe from werkzeug,
+L{leave_perspective_broker_out} Perspective Broker from Twisted's web server.
 
 Nothing here imports Twisted.
 """
@@ -236,6 +237,29 @@ def leave_templates_out() -> bool:
     return all([_import_beside(importee, "twisted.web.template", **names) for importee in ("klein._app", "klein._resource")])
 
 
+def leave_perspective_broker_out() -> bool:
+    """From now on, Twisted's web server (C{twisted.web.server}: the gateway's) is imported with a stand-in for
+    Perspective Broker (C{twisted.spread.pb}), whose two names it takes for its C{Request}, C{Copyable} (a base class)
+    and C{ViewPoint} (a request's copy for a PB client calls it, never here), both the real ones: C{pb} takes them from
+    C{twisted.spread.flavors} too (L{_NameOf}). The real module imports banana, Twisted's portals and its own
+    protocol, never used here (about 0.2 MiB at start). The next C{import twisted.spread.pb} gets the real module.
+
+    @return: whether it was done: not where C{twisted.spread.pb} is loaded already, nor where
+        C{GOMODEL_EAGER_IMPORTS=1}.
+    """
+    return _import_beside("twisted.web.server", "twisted.spread.pb",
+                          Copyable=_NameOf("twisted.spread.flavors", "Copyable"),
+                          ViewPoint=_NameOf("twisted.spread.flavors", "ViewPoint"))
+
+
+class _NameOf:
+    """A stand-in's name that is the real C{module}'s C{name}, read when the stand-in is made (while its importer
+    is imported: L{_stand_in})."""
+
+    def __init__(self, module, name):
+        self.module, self.name = module, name
+
+
 def leave_markupsafe_out() -> bool:
     """From now on, werkzeug's exceptions and utils (Klein's routing imports them) are imported with a stand-in for
     C{markupsafe}, whose C{escape} and C{Markup} they call for their own HTML pages only (an error's body, a redirect's;
@@ -374,7 +398,8 @@ class _ExecBeside:
 def _stand_in(name, **names):
     """A module C{name} with C{names}, whose any other name read loads the real module and answers from it."""
     module = types.ModuleType(name, f"A stand-in for {name} while one importer is imported (gomodel.lean).")
-    vars(module).update(names)
+    vars(module).update({key: _real_name(value.module, value.name) if isinstance(value, _NameOf) else value
+                         for key, value in names.items()})
     module.__getattr__ = partial(_real_attribute, module)
     return module
 

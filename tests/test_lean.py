@@ -301,6 +301,38 @@ def test_the_gomodel_command_imports_html_without_its_named_character_references
                      "escape": "&lt;a&amp;&#x27;&gt;"}
 
 
+_PB_AFTER = """
+import io
+from twisted.web import server
+from twisted.web.test.requesthelper import DummyChannel
+left_out = "twisted.spread.pb" not in sys.modules
+request = server.Request(DummyChannel())
+request.site = None
+request.content = io.BytesIO(b"x")
+state = request.getStateToCopyFor("issuer")  # (a request copied for a Perspective Broker client)
+from twisted.spread import pb
+print(json.dumps({"left_out": left_out, "copied": state["content_data"].decode(),
+                  "same": [pb.Copyable is server.Copyable, type(state["remote"]) is pb.ViewPoint],
+                  "real": pb.__file__.endswith(".py")}))
+"""
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_the_gomodel_command_imports_twisteds_web_server_without_perspective_broker(tmp_path, eager):
+    """Twisted's web server takes two names of Perspective Broker (C{twisted.spread.pb}) for its requests, both
+    defined in C{twisted.spread.flavors}: the C{gomodel} command gives it a stand-in with them, so a built gateway has
+    no C{pb} (nor banana, portals...); a request copied for a PB client is as before, and the next import of C{pb}
+    gets the real module, the same classes. C{GOMODEL_EAGER_IMPORTS=1}: the real one at once."""
+    before = ("from gomodel.lean import leave_perspective_broker_out, leave_tls_out, load_rare_modules_on_use\n"
+              "leave_tls_out()\n"
+              "load_rare_modules_on_use()\n"
+              "assert leave_perspective_broker_out() is " + str(not eager) + "\n"
+              "import twisted.scripts.twistd\n")
+    found = json.loads(_built_in_child(
+        tmp_path, dict(PLAIN_UPSTREAM, GOMODEL_EAGER_IMPORTS="1" if eager else "0"), before, _PB_AFTER))
+    assert found == {"left_out": not eager, "copied": "x", "same": [True, True], "real": True}
+
+
 _COOKIEJAR_AFTER = """
 left_out = sorted({"urllib.request", "http.client", "email.parser"} - set(sys.modules))
 openssl = sys.modules.get("OpenSSL") is not None  # (the client came where the options had kept it out)
