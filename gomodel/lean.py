@@ -96,7 +96,9 @@ def leave_tls_out() -> bool:
 # import, a string, where they are imported) with http.client and the email parser, 0.6 MiB. After an admin request,
 # werkzeug's (Klein's routing): difflib (a routing BuildError's suggestion), mimetypes (send_file's guess of a type;
 # its FileStorage's with L{leave_mimetypes_out}), pkgutil (find_modules) and secrets (gen_salt), 0.3 MiB. (On CPython
-# 3.11 a second import statement of a module on first use loads it: it reads the module's C{__spec__}.)
+# 3.11 a second import statement of a module on first use loads it: it reads the module's C{__spec__}.) At start, bz2
+# and lzma (shutil checks that they import, for its archives; Twisted's web server imports it through tempfile), with
+# their C modules and libbz2 and liblzma, 0.3 MiB.
 _RARE = {"pdb": ("twisted.application.app",), "getpass": ("twisted.application.app",),
          "decimal": ("twisted.spread.jelly",), "pty": ("twisted.internet.process",),
          "gzip": ("prometheus_client.exposition",),
@@ -104,7 +106,7 @@ _RARE = {"pdb": ("twisted.application.app",), "getpass": ("twisted.application.a
          "twisted.web.util": ("twisted.web.server",), "multipart": ("gomodel.api.uploads",),
          "http.cookiejar": ("twisted.python.compat",), "ipaddress": ("urllib.parse",),
          "urllib.request": ("xml.sax.saxutils",), "difflib": ("werkzeug.routing.exceptions",),
-         "pkgutil": ("werkzeug.utils",), "secrets": ("werkzeug.security",)}
+         "pkgutil": ("werkzeug.utils",), "secrets": ("werkzeug.security",), "bz2": ("shutil",), "lzma": ("shutil",)}
 _LAZY = importlib.util._LazyModule  # (the type of a module made by a LazyLoader, not loaded yet)
 
 

@@ -229,6 +229,45 @@ def test_the_gomodel_command_loads_modules_the_gateway_never_uses_on_their_first
                      "then": ["module"]}
 
 
+_COMPRESSORS_AFTER = """
+first = {name: type(sys.modules[name]).__name__ if name in sys.modules else None for name in ("bz2", "lzma")}
+maps = open("/proc/self/maps").read()
+native = [name for name in ("libbz2", "liblzma", "_bz2.", "_lzma.") if name in maps]
+import io, shutil, tarfile
+archive = io.BytesIO()
+with tarfile.open(fileobj=archive, mode="w:xz") as tar:  # (tarfile imports lzma: its first use)
+    info = tarfile.TarInfo("a.txt")
+    info.size = 2
+    tar.addfile(info, io.BytesIO(b"hi"))
+import bz2
+print(json.dumps({"first": first, "native": native, "formats": sorted(name for name, _ in shutil.get_archive_formats()),
+                  "xz": tarfile.open(fileobj=io.BytesIO(archive.getvalue())).extractfile("a.txt").read().decode(),
+                  "bz2": bz2.decompress(bz2.compress(b"gomodel")).decode(),
+                  "then": sorted({type(sys.modules[name]).__name__ for name in first})}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("eager", [False, True])
+def test_the_gomodel_command_loads_bz2_and_lzma_on_their_first_use(tmp_path, eager):
+    """Twisted's web server imports C{tempfile}, which imports C{shutil}, which checks that C{bz2} and C{lzma} import
+    (for its archives, never made here): the C{gomodel} command loads them on their first use, so a built gateway maps
+    neither their C modules nor libbz2 and liblzma; used, they are the real modules, and shutil still offers its
+    archive formats. C{GOMODEL_EAGER_IMPORTS=1}: loaded at import."""
+    before = ("from gomodel.lean import leave_tls_out, leave_zipfile_out, load_rare_modules_on_use\n"
+              "leave_tls_out()\n"
+              "assert load_rare_modules_on_use() is " + str(not eager) + "\n"
+              "leave_zipfile_out()\n"  # (as the gomodel command: zipfile imports them too)
+              "import twisted.scripts.twistd, twisted.web.server\n")
+    found = json.loads(_built_in_child(
+        tmp_path, dict(PLAIN_UPSTREAM, GOMODEL_EAGER_IMPORTS="1" if eager else "0"), before, _COMPRESSORS_AFTER))
+    kind = "module" if eager else "_LazyModule"
+    assert found == {"first": {"bz2": kind, "lzma": kind},
+                     "native": ["libbz2", "liblzma", "_bz2.", "_lzma."] if eager else [],
+                     "formats": ["bztar", "gztar", "tar", "xztar", "zip"], "xz": "hi", "bz2": "gomodel",
+                     "then": ["module"]}
+
+
 _ASYNCIO_AFTER = """
 from twisted.internet import defer
 left_out = "asyncio" not in sys.modules
