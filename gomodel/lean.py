@@ -35,7 +35,8 @@ L{leave_cookiejar_out} leaves out C{http.cookiejar} and what it imports, L{leave
 L{leave_http_servers_out} the HTTP servers prometheus_client's text format brings (2 MiB at a plain scrape),
 L{leave_templates_out} Twisted's templates from Klein's routes (1.3 MiB after an admin request),
 L{leave_hyperlink_out} hyperlink and idna from them, L{leave_markupsafe_out} markupsafe from werkzeug,
-L{leave_perspective_broker_out} Perspective Broker from Twisted's web server.
+L{leave_perspective_broker_out} Perspective Broker from Twisted's web server, L{leave_credentials_out} Twisted's
+credentials from its web interfaces.
 
 Nothing here imports Twisted.
 """
@@ -252,6 +253,21 @@ def leave_perspective_broker_out() -> bool:
     return _import_beside("twisted.web.server", "twisted.spread.pb",
                           Copyable=_NameOf("twisted.spread.flavors", "Copyable"),
                           ViewPoint=_NameOf("twisted.spread.flavors", "ViewPoint"))
+
+
+def leave_credentials_out() -> bool:
+    """From now on, Twisted's web interfaces (C{twisted.web.iweb}: its web server's and client's) are imported with a
+    stand-in for Twisted's credentials (C{twisted.cred.credentials}), whose one name it takes, C{IUsernameDigestHash},
+    it names in no code (its HTTP digest authentication, never used here, is C{twisted.web._auth}'s): the stand-in's is
+    a class whose any name read or call answers from the real interface, loaded then (L{_class_on_use}). The real
+    module imports Twisted's digest helpers and random bytes (about 0.15 MiB at start). The next
+    C{import twisted.cred.credentials} gets the real module.
+
+    @return: whether it was done: not where C{twisted.cred.credentials} is loaded already, nor where
+        C{GOMODEL_EAGER_IMPORTS=1}.
+    """
+    return _import_beside("twisted.web.iweb", "twisted.cred.credentials",
+                          IUsernameDigestHash=_class_on_use("twisted.cred.credentials", "IUsernameDigestHash"))
 
 
 class _NameOf:

@@ -372,6 +372,41 @@ def test_the_gomodel_command_imports_twisteds_web_server_without_perspective_bro
     assert found == {"left_out": not eager, "copied": "x", "same": [True, True], "real": True}
 
 
+_CREDENTIALS_AFTER = """
+left_out = "twisted.cred.credentials" not in sys.modules
+from twisted.web import iweb
+from twisted.web._auth.digest import DigestCredentialFactory  # (HTTP digest authentication: Twisted's credentials)
+from twisted.internet.address import IPv4Address
+from twisted.web.test.requesthelper import DummyRequest
+request = DummyRequest([b""])
+request.client = IPv4Address("TCP", "127.0.0.1", 80)
+challenge = DigestCredentialFactory(b"md5", b"gomodel").getChallenge(request)
+from twisted.cred import credentials
+hashed = credentials.DigestedCredentials(b"u", b"GET", b"gomodel", {"response": b"x"})
+print(json.dumps({"left_out": left_out, "realm": challenge["realm"].decode(),
+                  "provided": [iweb.IUsernameDigestHash.providedBy(hashed), credentials.IUsernameDigestHash.providedBy(hashed)],
+                  "real": credentials.__file__.endswith(".py")}))
+"""
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_the_gomodel_command_imports_twisteds_web_interfaces_without_its_credentials(tmp_path, eager):
+    """Twisted's web interfaces import C{IUsernameDigestHash} of its credentials and name it in no code: the
+    C{gomodel} command gives them a stand-in whose name reads and calls answer from the real interface, so a built
+    gateway has no C{twisted.cred}; Twisted's HTTP digest authentication, used, gets the real module.
+    C{GOMODEL_EAGER_IMPORTS=1}: the real one at once."""
+    before = ("from gomodel.lean import leave_credentials_out, leave_perspective_broker_out, leave_tls_out, "
+              "load_rare_modules_on_use\n"
+              "leave_tls_out()\n"
+              "load_rare_modules_on_use()\n"
+              "leave_perspective_broker_out()\n"  # (Perspective Broker imports them too)
+              "assert leave_credentials_out() is " + str(not eager) + "\n"
+              "import twisted.scripts.twistd\n")
+    found = json.loads(_built_in_child(
+        tmp_path, dict(PLAIN_UPSTREAM, GOMODEL_EAGER_IMPORTS="1" if eager else "0"), before, _CREDENTIALS_AFTER))
+    assert found == {"left_out": not eager, "realm": "gomodel", "provided": [True, True], "real": True}
+
+
 _COOKIEJAR_AFTER = """
 left_out = sorted({"urllib.request", "http.client", "email.parser"} - set(sys.modules))
 openssl = sys.modules.get("OpenSSL") is not None  # (the client came where the options had kept it out)
