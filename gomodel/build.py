@@ -287,7 +287,8 @@ def _dialect_below(request):
 def _klein_app(config, reactor, gateway, store, book, plain, responses, exchange, dashboard, salts):
     """Klein's routes (imported now: at the first request for one of them) and the APIs they mount, each imported and
     made at the first request for it (L{gomodel.api.lazy.LazyAPI})."""
-    from gomodel.lean import leave_hyperlink_out, leave_markupsafe_out, leave_templates_out, package_without_init
+    from gomodel.lean import (leave_hyperlink_out, leave_markupsafe_out, leave_pprint_out, leave_templates_out,
+                              package_without_init)
 
     package_without_init("werkzeug")  # (its __init__ imports its development server and test client: never used here)
     # (its data structures' imports all of them: the routing takes four; HTTP headers' parsers, never run here, the rest)
@@ -297,6 +298,7 @@ def _klein_app(config, reactor, gateway, store, book, plain, responses, exchange
     leave_templates_out()  # (Klein's routes take two names of them: see gomodel.lean)
     leave_hyperlink_out()  # (and one of hyperlink, for a dependency they never inject here)
     leave_markupsafe_out()  # (werkzeug's HTML pages' escaping: never rendered here)
+    leave_pprint_out()  # (and its routing map's repr)
     from gomodel.api.app import GatewayApp
     from gomodel.api.lazy import LazyAPI
     from gomodel.api.passthrough import Passthrough

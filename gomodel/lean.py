@@ -34,7 +34,8 @@ without its C{__init__}, which imports its HTTP servers and push clients: 0.5 Mi
 L{leave_cookiejar_out} leaves out C{http.cookiejar} and what it imports, L{leave_zipfile_out} C{zipfile},
 L{leave_http_servers_out} the HTTP servers prometheus_client's text format brings (2 MiB at a plain scrape),
 L{leave_templates_out} Twisted's templates from Klein's routes (1.3 MiB after an admin request),
-L{leave_hyperlink_out} hyperlink and idna from them, L{leave_markupsafe_out} markupsafe from werkzeug,
+L{leave_hyperlink_out} hyperlink and idna from them, L{leave_markupsafe_out} markupsafe and L{leave_pprint_out}
+pprint from werkzeug,
 L{leave_perspective_broker_out} Perspective Broker from Twisted's web server, L{leave_credentials_out} Twisted's
 credentials from its web interfaces.
 
@@ -290,6 +291,16 @@ def leave_markupsafe_out() -> bool:
     names = {"escape": partial(_call_real, "markupsafe", "escape"), "Markup": _class_on_use("markupsafe", "Markup")}
     # (one stand-in for both: utils imports exceptions while its own is there)
     return all([_import_beside(importee, "markupsafe", **names) for importee in ("werkzeug.utils", "werkzeug.exceptions")])
+
+
+def leave_pprint_out() -> bool:
+    """From now on, werkzeug's routing map (Klein's routes) is imported with a stand-in C{pprint}, whose C{pformat} it
+    calls for a map's C{repr} only (never here): the stand-in's loads the real one on its first call. The next
+    C{import pprint} gets the real module.
+
+    @return: whether it was done: not where C{pprint} is loaded already, nor where C{GOMODEL_EAGER_IMPORTS=1}.
+    """
+    return _import_beside("werkzeug.routing.map", "pprint", pformat=partial(_call_real, "pprint", "pformat"))
 
 
 def leave_mimetypes_out() -> bool:

@@ -812,6 +812,28 @@ def test_the_admin_routes_import_werkzeugs_data_structures_without_its_header_pa
                      "best": "application/json", "multi": ["1", "2"]}
 
 
+_PPRINT_AFTER = """
+import gc
+from gomodel.api.lazy import LazyRoutes
+app = next(o for o in gc.get_objects() if type(o) is LazyRoutes).app  # (what the first admin request builds)
+loaded = "pprint" in sys.modules
+shown = repr(app.app.url_map)  # (werkzeug's map's repr: pprint's pformat of its rules)
+import pprint
+print(json.dumps({"loaded": loaded, "shown": shown.startswith("Map([<Rule ") and "/v1/usage" in shown,
+                  "real": pprint.__file__.endswith(".py")}))
+"""
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_the_admin_routes_import_werkzeugs_routing_without_pprint(tmp_path, eager):
+    """werkzeug's routing map calls C{pprint.pformat} for its C{repr} only: Klein's routes, built at the first request
+    for one, import it with a stand-in whose C{pformat} loads the real one on its first call, so C{pprint} is not
+    loaded; a map's C{repr} is as before. C{GOMODEL_EAGER_IMPORTS=1}: at import, as usual."""
+    found = json.loads(_built_in_child(
+        tmp_path, dict(PLAIN_UPSTREAM, GOMODEL_EAGER_IMPORTS="1" if eager else "0"), "", _PPRINT_AFTER))
+    assert found == {"loaded": eager, "shown": True, "real": True}
+
+
 _TEMPLATES_AFTER = """
 import gc
 from gomodel.api.lazy import LazyRoutes
