@@ -307,11 +307,14 @@ def _klein_app(config, reactor, gateway, store, book, plain, responses, exchange
 
     def admin():
         from gomodel.api.admin import AdminAPI
-        from gomodel.api.keys import KeysAPI
 
         return AdminAPI(gateway.registry, gateway.monitor, reactor, store.usage if config.usage.enabled else None,
-                        keys=KeysAPI(store.keys, gateway.keys, reactor, book),
-                        budgets=LazyAPI(budgets) if book is not None else None)
+                        keys=LazyAPI(keys), budgets=LazyAPI(budgets) if book is not None else None)
+
+    def keys():
+        from gomodel.api.keys import KeysAPI
+
+        return KeysAPI(store.keys, gateway.keys, reactor, book)
 
     def budgets():
         from gomodel.api.budgets import BudgetsAPI

@@ -892,13 +892,16 @@ def test_klein_routes_are_built_without_the_apis_they_mount(tmp_path):
     """The first request for Klein's routes imports none of the APIs they mount (each at the first request for it:
     L{test_each_mounted_api_is_made_at_the_first_request_for_it})."""
     mounted = ["gomodel.anthropic.batches", "gomodel.api.admin", "gomodel.api.batches", "gomodel.api.budgets",
-               "gomodel.api.files"]
+               "gomodel.api.files", "gomodel.api.keys"]
     shown = _built_in_child(tmp_path, PLAIN_UPSTREAM, "", (
         "import gc\n"
         "from gomodel.api.lazy import LazyRoutes\n"
-        "next(o for o in gc.get_objects() if type(o) is LazyRoutes).app\n"
-        f"print(json.dumps([name for name in {mounted!r} if name in sys.modules]))"))
-    assert json.loads(shown) == []
+        "app = next(o for o in gc.get_objects() if type(o) is LazyRoutes).app\n"
+        f"routes = [name for name in {mounted!r} if name in sys.modules]\n"
+        "app._admin.api  # (the admin API, made: its keys API is not)\n"
+        f"admin = [name for name in {mounted!r} if name in sys.modules]\n"
+        "print(json.dumps([routes, admin]))"))
+    assert json.loads(shown) == [[], ["gomodel.api.admin"]]
 
 
 @pytest_twisted.ensureDeferred
@@ -916,6 +919,8 @@ async def test_each_mounted_api_is_made_at_the_first_request_for_it(reactor, gat
     assert {name: api._api is not None for name, api in apis.items()} == {
         "files": False, "batches": False, "message_batches": False, "admin": True}
     assert app._admin._budgets is None or app._admin._budgets._api is None  # (mounted in the admin API)
+    assert app._admin._keys._api is None
+    assert await get("/admin/api/v1/auth-keys") == 200 and app._admin._keys._api is not None
     assert await get("/v1/files") == 200 and await get("/v1/batches") == 200
     assert await get("/v1/messages/batches") == 200
     assert all(api._api is not None for api in apis.values())

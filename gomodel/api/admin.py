@@ -9,7 +9,7 @@ from datetime import timedelta, timezone
 
 from klein import Klein
 
-from gomodel.api.keys import user_path
+from gomodel.api.fields import user_path
 from gomodel.api.self_usage import usage_fields
 from gomodel.api.windows import DAY, day, local, seconds_of, time_zone, window
 from gomodel.errors import InvalidRequest, NotFound
@@ -45,7 +45,8 @@ class AdminAPI:
         @param registry: the L{gomodel.routing.registry.ModelRegistry} (its providers' pools).
         @param monitor: the L{gomodel.routing.health.ReplicaMonitor}.
         @param usage: the L{gomodel.store.interfaces.IUsageStore}, or None (C{USAGE_ENABLED=false}).
-        @param keys: the L{gomodel.api.keys.KeysAPI} mounted at C{auth-keys}.
+        @param keys: the L{gomodel.api.keys.KeysAPI} mounted at C{auth-keys} (made at the first request for it:
+            L{gomodel.api.lazy.LazyAPI}).
         @param budgets: an API mounted at C{budgets} (see L{gomodel.api.budgets}), or None
             (C{BUDGETS_ENABLED=false}).
         """

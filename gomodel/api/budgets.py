@@ -23,7 +23,7 @@ C{has_usage}, ...) and C{server_time}, beside ours.
 from klein import Klein
 from twisted.logger import Logger
 
-from gomodel.api.keys import iso, user_path
+from gomodel.api.fields import iso, user_path
 from gomodel.api.self_usage import budget_status
 from gomodel.errors import InvalidRequest, NotFound, shown
 from gomodel.http.bodies import json_answer, json_body, query_arg

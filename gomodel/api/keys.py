@@ -13,14 +13,14 @@ from datetime import datetime, timezone
 
 from klein import Klein
 
+from gomodel.api.fields import CONTROL as _CONTROL, invalid_field as _bad, iso, user_path
 from gomodel.auth.keys import hash_secret, new_secret, redact
 from gomodel.batches.validation import check_metadata
 from gomodel.errors import Conflict, InvalidRequest, NotFound, quoted, shown
 from gomodel.http.bodies import json_answer, json_body, page, query_arg, query_limit
 from gomodel.http.render import install as install_error_handlers
 from gomodel.limits.gate import key_budgets
-from gomodel.limits.specs import (COUNT_MAX, PERIOD_FORMS, BadPeriod, budget_period, counted_window, is_cost, is_count,
-                                  normalize_user_path)
+from gomodel.limits.specs import COUNT_MAX, PERIOD_FORMS, BadPeriod, budget_period, counted_window, is_cost, is_count
 
 # The largest token and request counts a limit or budget may say (L{COUNT_MAX}); the largest number
 # PostgreSQL's INTEGER columns hold (max_concurrency, priority); the last second an ISO 8601 date can say.
@@ -34,7 +34,6 @@ _UTC_SUFFIX = re.compile("[Zz]$")  # (RFC 3339's Z, in either case)
 # What C{expires_at} takes (Unix seconds in a JSON string are refused, as GoModel's Go time.Time refuses them).
 _EXPIRY_FORMS = ("must be ISO 8601 text (2027-01-31T00:00:00Z) or Unix seconds as a JSON number "
                  "(1801353600, not in quotes)")
-_CONTROL = re.compile("[\x00-\x1f\x7f]")  # (no store keeps a NUL; no header or log line holds a newline)
 
 
 class KeysAPI:
@@ -291,24 +290,6 @@ def key_fields(body: dict, now: float, *, creating: bool) -> dict:
     return fields
 
 
-def user_path(value) -> str:
-    """A normalised user path (C{/team/alpha}), as GoModel accepts and normalises them
-    (L{normalize_user_path}), of at most 256 characters, none a control character.
-
-    @raise InvalidRequest: not a string of C{/}-separated segments (none C{.} or C{..}, no C{:}).
-    """
-    if not isinstance(value, str):
-        raise _bad("user_path", "must be a string like '/team/alpha'")
-    try:
-        path = normalize_user_path(value)
-    except ValueError:
-        path = None
-    if path is None or len(path) > 256 or _CONTROL.search(path):
-        raise _bad("user_path", "must be '/'-separated segments (none '.' or '..', without ':' or a control "
-                                "character) of at most 256 characters")
-    return path
-
-
 def expiry(value, now: float):
     """Unix seconds from ISO 8601 text or a number; None for null.
 
@@ -376,13 +357,6 @@ def budgets(value) -> list:
     return out
 
 
-def iso(seconds):
-    """ISO 8601 UTC text of Unix C{seconds}, or None."""
-    if seconds is None:
-        return None
-    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 def _selectors(value, name):
     if value is None:
         return None
@@ -402,11 +376,6 @@ def _optional_text(body, name, limit):
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _bad(field, what):
-    field = shown(field)  # (an unknown field's name is the client's)
-    return InvalidRequest(f"'{field}' {what}.", param=field, code="invalid_value")
 
 
 install_error_handlers(KeysAPI.app)

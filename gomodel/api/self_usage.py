@@ -22,7 +22,7 @@ import math
 from twisted.logger import Logger
 
 from gomodel._twistedcompat import plain_headers
-from gomodel.api.keys import iso
+from gomodel.api.fields import iso
 from gomodel.auth.keys import header_user_path
 from gomodel.api.windows import DAY, day, window
 from gomodel.errors import GatewayError, StorageUnavailable

@@ -428,7 +428,7 @@ def header_user_path(values) -> str:
 
     @raise InvalidRequest: it is no user path (C{invalid_user_path}), or was sent twice, differently.
     """
-    from gomodel.api.keys import user_path  # (a key's rules: the paths it names are keys' paths)
+    from gomodel.api.fields import user_path  # (a key's rules: the paths it names are keys' paths)
 
     raw = values[0] if len(values) == 1 else _one(values, "X-GoModel-User-Path", "X-GoModel-User-Path")
     try:
