@@ -491,6 +491,41 @@ async def test_a_deactivated_keys_secret_is_not_rotated(http, gw):
     assert got["redacted_value"] == key["redacted_value"]
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_rotations_body_sets_the_keys_fields_with_its_new_secret_and_any_other_field_is_a_400(http, gw):
+    """C{POST /auth-keys/{id}/rotate} takes an optional body of the fields a C{PATCH} sets, written with the new
+    secret in one change (a leaked key renamed, its expiry moved, in the same call); a field it cannot honour (a
+    grace period for the old secret: it is refused at once) is a 400 naming it, the key untouched. Before, any body
+    was ignored: the secret was rotated and the fields silently dropped."""
+    key = await new_key(http, gw, rpm=100, budgets=[{"period": "daily", "max_tokens": 1000}])
+    for body, field in (({"grace_period": 3600}, "grace_period"), ({"name": "x", "expires_in": 60}, "expires_in"),
+                        ({"name": 5}, "name"), ({"expires_at": "yesterday"}, "expires_at"), ({"value": "sk"}, "value")):
+        code, error = await admin(http, gw, "POST", f"{KEYS}/{key['id']}/rotate", body)
+        assert code == 400 and error["error"]["param"] == field, (body, error)
+        assert error["error"]["type"] == "invalid_request_error" and field in error["error"]["message"]
+    response = await http.post(gw.url + f"{KEYS}/{key['id']}/rotate", data=b"[1]", headers=ADMIN)
+    assert response.code == 400 and json.loads(await treq.content(response))["error"]["code"] == "invalid_json"
+    code, got = await admin(http, gw, "GET", f"{KEYS}/{key['id']}")
+    assert got["redacted_value"] == key["redacted_value"] and got["name"] == "team"  # untouched
+    code, rotated = await admin(http, gw, "POST", f"{KEYS}/{key['id']}/rotate", {
+        "name": "team (rotated)", "expires_at": "2999-01-01T00:00:00Z", "rpm": 50})
+    assert code == 200 and rotated["value"] != key["value"] and rotated["id"] == key["id"], rotated
+    assert (rotated["name"], rotated["expires_at"], rotated["rpm"]) == ("team (rotated)", "2999-01-01T00:00:00Z", 50)
+    assert rotated["budgets"][0]["max_tokens"] == 1000  # (what it did not name is kept)
+    code, got = await admin(http, gw, "GET", f"{KEYS}/{key['id']}")
+    assert (got["name"], got["rpm"], got["redacted_value"]) == ("team (rotated)", 50, rotated["redacted_value"])
+    client = openai_client(gw, rotated["value"])
+    try:
+        await chat(client)
+    finally:
+        client.close()
+    code, _ = await admin(http, gw, "POST", f"{KEYS}/{key['id']}/deactivate")
+    code, error = await admin(http, gw, "POST", f"{KEYS}/{key['id']}/rotate", {"name": "revived"})
+    assert code == 409 and error["error"]["code"] == "key_deactivated"
+    code, got = await admin(http, gw, "GET", f"{KEYS}/{key['id']}")
+    assert got["name"] == "team (rotated)" and got["redacted_value"] == rotated["redacted_value"]
+
+
 @pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_a_keys_requests_in_flight_end_as_they_began_whatever_befalls_the_key(reactor, http, gw, two):

@@ -34,6 +34,9 @@ _UTC_SUFFIX = re.compile("[Zz]$")  # (RFC 3339's Z, in either case)
 # What C{expires_at} takes (Unix seconds in a JSON string are refused, as GoModel's Go time.Time refuses them).
 _EXPIRY_FORMS = ("must be ISO 8601 text (2027-01-31T00:00:00Z) or Unix seconds as a JSON number "
                  "(1801353600, not in quotes)")
+# What a create, an update or a rotation body may set.
+KEY_FIELDS = frozenset(("name", "description", "user_path", "expires_at", "models", "allowed_models", "rpm", "tpm",
+                        "max_concurrency", "budgets", "priority", "metadata", "own_cache_salt"))
 
 
 class KeysAPI:
@@ -109,11 +112,18 @@ class KeysAPI:
     async def rotate(self, request, key_id):
         """Give the key a new secret (its C{value}, shown this once), the key kept as it is (its id, what it made,
         its limits, budgets and usage): the old secret is refused at once here, on every process within about a
-        second (the key ring's refresh). 409 C{key_deactivated} for a deactivated key (its new secret would be
-        refused too), the key untouched."""
+        second (the key ring's refresh). An optional body sets what a C{PATCH} sets, written with the new secret
+        (another field, a grace period for the old secret say, is a 400 naming it). 409 C{key_deactivated} for a
+        deactivated key (its new secret would be refused too), the key untouched."""
+        body = json_body(request) if request.content.seek(0, 2) else {}
+        unknown = set(body) - KEY_FIELDS
+        if unknown:
+            raise _bad(sorted(unknown)[0], "is not a field of a rotation: it sets an auth key's fields with the new "
+                                           "secret, and the old secret is refused at once")
+        changes = key_fields(body, self._clock.seconds(), creating=False)
         secret = new_secret()
         # (read and written in one transaction: a deactivation meanwhile is seen)
-        record = await self._store.edit(key_id, _rotating(key_id, secret))
+        record = await self._store.edit(key_id, _rotating(key_id, secret, changes))
         if record is None:
             raise _unknown(key_id)
         self._ring.merge([record])
@@ -220,8 +230,8 @@ def _resetting(key_id, period, at):
     return change
 
 
-def _rotating(key_id, secret):
-    """The change (for C{IKeyStore.edit}) that gives the key C{secret}.
+def _rotating(key_id, secret, changes):
+    """The change (for C{IKeyStore.edit}) that gives the key C{secret}, and sets C{changes} (L{key_fields}').
 
     @raise Conflict: C{key_deactivated}, the key being deactivated.
     """
@@ -229,7 +239,10 @@ def _rotating(key_id, secret):
         if record["deactivated_at"] is not None:
             raise Conflict(f"The key {key_id} is deactivated: a new secret would be refused too. Make a new key "
                            "instead.", code="key_deactivated")
-        return {"hash": hash_secret(secret), "redacted": redact(secret)}
+        fields = dict(changes, hash=hash_secret(secret), redacted=redact(secret))
+        if changes.get("budgets"):  # (a reset of theirs kept, as a PATCH keeps it)
+            fields["budgets"] = _kept_resets(changes["budgets"], record)
+        return fields
     return change
 
 
@@ -242,8 +255,7 @@ def key_fields(body: dict, now: float, *, creating: bool) -> dict:
 
     @raise InvalidRequest: a field is missing (C{name} on create) or malformed.
     """
-    unknown = set(body) - {"name", "description", "user_path", "expires_at", "models", "allowed_models", "rpm",
-                           "tpm", "max_concurrency", "budgets", "priority", "metadata", "own_cache_salt"}
+    unknown = set(body) - KEY_FIELDS
     if unknown:
         raise _bad(sorted(unknown)[0], "is not a field of an auth key")
     fields = {}
