@@ -758,3 +758,25 @@ async def test_a_cross_site_page_cannot_write_through_an_open_gateway(reactor, h
             assert response.code == 200, (headers, await response.content())
     finally:
         await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_timeseries_counts_each_kind_of_error_in_its_summary_and_buckets(http, ledger):
+    """C{usage/timeseries} (the overview's) splits its C{errors} into C{client_errors} (400 to 499: a bad request, an
+    upstream's 429), C{server_errors} (5xx, a 504), C{client_gone} (499: the client left) and C{stream_broken}, in
+    its summary, its buckets (an empty one: zeros) and its CSV; the four add up to C{errors}."""
+    await record(ledger, ("ok", {}), ("bad", {"status_code": 400, "outcome": "error"}),
+                 ("limited", {"status_code": 429, "outcome": "error"}),
+                 ("timeout", {"status_code": 504, "outcome": "error"}),
+                 ("gone", {"status_code": 499, "client_gone": True, "outcome": "client_gone"}),
+                 ("broken", {"stream": True, "outcome": "stream_broken"}))
+    _, body = await get(http, ledger, "/admin/api/v1/usage/timeseries?window=hour")
+    series = json.loads(body)
+    kinds = ("requests", "errors", "client_errors", "server_errors", "client_gone", "stream_broken")
+    assert {name: series["summary"][name] for name in kinds} == {
+        "requests": 6, "errors": 5, "client_errors": 2, "server_errors": 1, "client_gone": 1, "stream_broken": 1}
+    assert {name: series["data"][-1][name] for name in kinds} == {name: series["summary"][name] for name in kinds}
+    assert {name: series["data"][0][name] for name in kinds} == dict.fromkeys(kinds, 0)
+    _, body = await get(http, ledger, "/admin/api/v1/usage/timeseries?window=hour&format=csv")
+    last = list(csv.DictReader(io.StringIO(body.decode(), newline="")))[-1]
+    assert (last["errors"], last["client_errors"], last["server_errors"], last["client_gone"]) == ("5", "2", "1", "1")

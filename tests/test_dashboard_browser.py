@@ -2112,6 +2112,37 @@ async def _add_usage(gw, rows):
                                       for request_id, at, tokens in rows])
 
 
+
+@pytest_twisted.ensureDeferred
+async def test_the_overviews_errors_say_what_kind_they_were(reactor, tmp_path):
+    """The overview's Errors card counts every request that did not end well and says what they were: answers of
+    5xx (a 504 too), refused ones of 400 to 499 (an upstream's 429), clients that left (499) and broken streams
+    (before, one red count of them all, a client's cancel read as the gateway's failure)."""
+    from gomodel.store.records import USAGE_FIELDS
+
+    master = "gm-dash-" + secrets.token_urlsafe(16)
+    async with _own_gateway(reactor, tmp_path, master, {"GOMODEL_MASTER_KEY": master}) as (gw, b):
+        base = dict.fromkeys(USAGE_FIELDS)
+        base.update(timestamp=time.time(), provider="vllm", provider_name="vllm", replica=0, model=MODEL,
+                    endpoint="/v1/chat/completions", status_code=200, stream=False, input_tokens=3, output_tokens=1,
+                    total_tokens=4, client_gone=False, estimated=False, outcome="ok", duration_ms=40)
+        kinds = [("ok-1", 200, "ok"), ("ok-2", 200, "ok"), ("ok-3", 200, "ok"), ("bad", 400, "error"),
+                 ("limited", 429, "error"), ("timeout", 504, "error"), ("gone", 499, "client_gone")]
+        await gw.service.store.usage.add([tuple(dict(base, request_id=rid, status_code=status, outcome=outcome,
+                                                     client_gone=outcome == "client_gone")[name]
+                                                for name in USAGE_FIELDS) for rid, status, outcome in kinds])
+
+        def overview():
+            b.sign_in()
+            b.go("overview")
+            b.wait_text("#card-requests .card-value", lambda t: t == "7", "the 7 requests")
+            assert b.text_of("#card-errors .card-value") == "4"
+            assert b.text_of("#card-errors .card-detail") == (
+                "57.1% of requests · 1 server (5xx) · 2 refused (4xx) · 1 client left (499)")
+            b.assert_clean()
+
+        await in_thread(overview)
+
 async def _summary_today(gw, key, zone=None):
     headers = {"authorization": f"Bearer {key}"}
     if zone:

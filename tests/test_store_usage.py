@@ -255,6 +255,29 @@ async def test_errors_are_the_records_whose_outcome_is_not_ok_whatever_their_sta
     assert (await usage.summary(0, 1e9, {"outcome": "ok"}))["requests"] == 1
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_time_series_tells_each_kind_of_error_apart(store):
+    """Each bucket of the time series (the overview's) splits its C{errors} by what they were: C{client_errors}
+    (an error answer of status 400 to 499: a bad request, the upstream's 429), C{server_errors} (5xx, a timeout's
+    504, an error told inside a 200 stream, an older gateway's record by its status), C{client_gone} (the client
+    left: 499) and C{stream_broken}; the four add up to C{errors} (before, one count of them all)."""
+    await store.usage.add([row("ok", 100.0), row("bad", 101.0, status_code=400, outcome="error"),
+                           row("limited", 102.0, status_code=429, outcome="error"),
+                           row("timeout", 103.0, status_code=504, outcome="error"),
+                           row("in-band", 104.0, status_code=200, outcome="error", stream=True),
+                           row("older", 105.0, status_code=502, outcome=None),
+                           row("gone", 106.0, status_code=499, client_gone=True, outcome="client_gone"),
+                           row("gone-older", 107.0, status_code=499, client_gone=True, outcome=None),
+                           row("broken", 108.0, outcome="stream_broken", stream=True),
+                           row("later", 200.0, status_code=404, outcome="error")])
+    first, second = await store.usage.timeseries(0, 300, 150)
+    assert {name: first[name] for name in ("requests", "errors", "client_errors", "server_errors", "client_gone",
+                                           "stream_broken")} == {
+        "requests": 9, "errors": 8, "client_errors": 2, "server_errors": 3, "client_gone": 2, "stream_broken": 1}
+    assert (second["errors"], second["client_errors"], second["server_errors"], second["client_gone"],
+            second["stream_broken"]) == (1, 1, 0, 0, 0)
+
+
 # Records written before the outcome column, and one an older gateway writes after it (a rolling upgrade): their
 # outcome is read from their status, the table not rewritten by the migration.
 OLD_ROWS = (("r-ok", 200, False), ("r-bad", 503, False), ("r-gone", 499, True))

@@ -289,6 +289,7 @@ def _filters(request) -> dict:
 
 def _empty_bucket(period) -> dict:
     return {"period": period, "requests": 0, "input_tokens": 0, "output_tokens": 0, "total_tokens": 0, "errors": 0,
+            "client_errors": 0, "server_errors": 0, "client_gone": 0, "stream_broken": 0,
             "duration_ms_p50": None, "duration_ms_p95": None, "ttft_ms_p50": None, "ttft_ms_p95": None}
 
 

@@ -102,6 +102,25 @@ OUTCOME = ("COALESCE(outcome, CASE WHEN client_gone THEN 'client_gone' WHEN stat
            "ELSE 'ok' END)")
 
 
+# The time series' count of each kind of error but the server's (the rest of its errors), of a bucket's rows of
+# C{status_code} and C{outcome} (L{OUTCOME}'s): an error answer of 400 to 499, a client that left, a broken stream.
+ERROR_KINDS = ("SUM(CASE WHEN outcome = 'error' AND status_code >= 400 AND status_code < 500 THEN 1 ELSE 0 END), "
+               "SUM(CASE WHEN outcome = 'client_gone' THEN 1 ELSE 0 END), "
+               "SUM(CASE WHEN outcome = 'stream_broken' THEN 1 ELSE 0 END)")
+
+
+def series_bucket(period, requests, tokens_in, tokens_out, tokens, errors, client_errors, client_gone,
+                  stream_broken) -> dict:
+    """A time series bucket of a row of C{_SERIES} (each store's: its totals, its errors and L{ERROR_KINDS}), its
+    percentiles None until they are read: C{server_errors} are the errors of no other kind (5xx, an error told
+    inside a 200 stream)."""
+    return {"period": period, "requests": requests, "input_tokens": tokens_in, "output_tokens": tokens_out,
+            "total_tokens": tokens, "errors": errors, "client_errors": client_errors,
+            "server_errors": errors - client_errors - client_gone - stream_broken, "client_gone": client_gone,
+            "stream_broken": stream_broken, "duration_ms_p50": None, "duration_ms_p95": None, "ttft_ms_p50": None,
+            "ttft_ms_p95": None}
+
+
 def usage_columns(columns) -> str:
     """The select list of a usage record's C{columns}, its C{outcome} as L{OUTCOME} derives it."""
     return ", ".join(f"{OUTCOME} AS outcome" if column == "outcome" else column for column in columns)

@@ -463,7 +463,9 @@ class IUsageStore(Interface):
 
         @return: a Deferred firing with one dict per bucket that has records, oldest first:
             C{period} (the bucket's start, seconds), C{requests, input_tokens, output_tokens,
-            total_tokens, errors} (status 400 or above), C{duration_ms_p50, duration_ms_p95,
+            total_tokens, errors} (the records whose C{outcome} is not C{ok}), C{errors} by kind (C{client_errors}:
+            an error answer of status 400 to 499; C{client_gone}; C{stream_broken}; C{server_errors}: the rest,
+            5xx and errors told inside a 200 stream), C{duration_ms_p50, duration_ms_p95,
             ttft_ms_p50, ttft_ms_p95} (None without values).
         """
 

@@ -6,8 +6,8 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from gomodel.errors import RowsRejected
-from gomodel.store.codec import (LOG_ORDER, OUTCOME, SEARCHED, log_after, spent_many, usage_columns,
-                                 usage_where)
+from gomodel.store.codec import (ERROR_KINDS, LOG_ORDER, OUTCOME, SEARCHED, log_after, series_bucket, spent_many,
+                                 usage_columns, usage_where)
 from gomodel.store.interfaces import IUsageStore
 from gomodel.store.postgresql.database import in_batches
 from gomodel.store.records import USAGE_FIELDS as COLUMNS, USAGE_TOTALS
@@ -44,8 +44,8 @@ _TOTALS = ("COUNT(*), COALESCE(SUM(input_tokens), 0)::bigint, COALESCE(SUM(outpu
 # ceil(0.95 n) = (95 n + 99) / 100 (the same statements as SQLite's, with PostgreSQL's casts).
 _BUCKETED = "SELECT floor((timestamp - %s) / %s) AS k, {columns} FROM usage WHERE {where}"
 _SERIES = ("SELECT k, COUNT(*), COALESCE(SUM(input_tokens), 0)::bigint, COALESCE(SUM(output_tokens), 0)::bigint, "
-           "COALESCE(SUM(total_tokens), 0)::bigint, COUNT(*) FILTER (WHERE outcome <> 'ok') FROM ("
-           + _BUCKETED.format(columns=f"input_tokens, output_tokens, total_tokens, {OUTCOME} AS outcome",
+           f"COALESCE(SUM(total_tokens), 0)::bigint, COUNT(*) FILTER (WHERE outcome <> 'ok'), {ERROR_KINDS} FROM ("
+           + _BUCKETED.format(columns=f"input_tokens, output_tokens, total_tokens, status_code, {OUTCOME} AS outcome",
                               where="{where}")
            + ") AS t GROUP BY k ORDER BY k")
 # A column's percentiles are of the records that have it, a time to first token's of streams alone (a whole
@@ -150,11 +150,8 @@ class PostgreSQLUsageStore:
         clauses = " AND ".join(where)
         window, series = (start, bucket, *args), _SERIES.format(where=clauses)
         buckets = {}
-        for k, requests, tokens_in, tokens_out, tokens, errors in conn.execute(series, window).fetchall():
-            buckets[int(k)] = {"period": start + int(k) * bucket, "requests": requests, "input_tokens": tokens_in,
-                               "output_tokens": tokens_out, "total_tokens": tokens, "errors": errors,
-                               "duration_ms_p50": None, "duration_ms_p95": None,
-                               "ttft_ms_p50": None, "ttft_ms_p95": None}
+        for k, *totals in conn.execute(series, window).fetchall():
+            buckets[int(k)] = series_bucket(start + int(k) * bucket, *totals)
         for column in ("duration_ms", "ttft_ms"):
             percentiles = _PERCENTILES.format(column=column, where=clauses, only=_ONLY.get(column, ""))
             for k, rank, n, value in conn.execute(percentiles, window).fetchall():

@@ -99,7 +99,8 @@ export function mount(el) {
       usageCards = [
         card("Requests", int(s.requests), "requests"),
         card("Errors", int(s.errors), "errors", s.requests
-          ? `${((100 * s.errors) / s.requests).toFixed(1)}% of requests` : null, s.errors ? "bad" : null),
+          ? [`${((100 * s.errors) / s.requests).toFixed(1)}% of requests`, ...errorKinds(s)].join(" · ") : null,
+          s.errors ? "bad" : null),
         card("Input tokens", compact(s.input_tokens), "input-tokens"),
         card("Output tokens", compact(s.output_tokens), "output-tokens"),
         card("Latency p50 / p95", msPair(s.duration_ms_p50, s.duration_ms_p95), "latency", "whole request"),
@@ -148,6 +149,14 @@ export function mount(el) {
     clearInterval(timer);
     Object.values(charts).forEach((c) => c.destroy());
   };
+}
+
+// What the errors were, each kind the window had: the answers of 5xx (and errors told inside a 200 stream), of
+// 400 to 499 (a bad request, an upstream's 429), the clients that left (499) and the streams that broke.
+function errorKinds(s) {
+  return [[s.server_errors, "server (5xx)"], [s.client_errors, "refused (4xx)"], [s.client_gone, "client left (499)"],
+    [s.stream_broken, s.stream_broken === 1 ? "stream broken" : "streams broken"]]
+    .filter(([n]) => n).map(([n, what]) => `${int(n)} ${what}`);
 }
 
 function panel(titleText, box) {
