@@ -245,7 +245,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     if role == "worker":  # its connections come from the primary
         from gomodel.workers import HandedConnections, ParentWatch
 
-        handed = HandedConnections(reactor, gateway.site)
+        handed = HandedConnections(reactor, gateway.site, ready=gateway.registry.ready)
         handed.setServiceParent(gateway)
         gateway.listeners.append(handed)
         ParentWatch(reactor).setServiceParent(gateway)

@@ -152,24 +152,38 @@ class WorkerChannel:
 class HandedConnections(Service):
     """In a worker: take the connections the primary passes down the channel on L{HANDOFF_FD}.
 
-    Started, it tells the primary it is ready. L{stopListening} (a drain) takes what is already in
-    the channel, then closes it: the primary serves new connections itself from then on.
+    Started, it tells the primary it is ready once its reactor runs and C{ready} fired. L{stopListening} (a
+    drain) takes what is already in the channel, then closes it: the primary serves new connections itself
+    from then on.
     """
 
     log = Logger()
 
-    def __init__(self, reactor, factory, fd=HANDOFF_FD):
+    def __init__(self, reactor, factory, fd=HANDOFF_FD, ready=None):
+        """
+        @param ready: called once the reactor runs, a Deferred that fires once the worker can serve (its
+            registry's C{ready}: its models discovered), or None (at once).
+        """
         self._reactor = reactor
         self._factory = factory
         self._fd = fd
         self._sock = None
+        self._serves = ready
 
     def startService(self):
         super().startService()
         self._sock = socket.socket(fileno=self._fd)
         self._sock.setblocking(False)
-        # Once the reactor runs, and so handles SIGTERM with a drain: twistd starts the services before.
-        self._reactor.callWhenRunning(self._ready)
+        # Once the reactor runs, and so handles SIGTERM with a drain (twistd starts the services before), and
+        # once its models are known: the primary, ready, deals a worker still discovering none of its turns (each
+        # would be a 503 no_ready_replica).
+        self._reactor.callWhenRunning(self._when_serving)
+
+    def _when_serving(self):
+        if self._serves is None:
+            self._ready()
+        else:
+            self._serves().addCallback(lambda _: self._ready())
 
     def _ready(self):
         """Tell the primary to hand connections over, and take them."""

@@ -459,3 +459,27 @@ def test_a_worker_asks_for_connections_only_once_its_reactor_runs():
     finally:
         handed.stopService()
         ours.close()
+
+
+def test_a_worker_asks_for_connections_only_once_its_models_are_discovered():
+    """A worker is dealt connections once its own discovery has run (its registry's C{ready}), not as soon as its
+    reactor runs: before, the primary (ready, answering C{/health/ready} 200) dealt a worker still discovering its
+    share of new connections, each answered 503 C{no_ready_replica} (the SIGTERM drain test's stream that never
+    got its first event on a loaded host)."""
+    from twisted.internet.testing import MemoryReactor
+
+    reactor = MemoryReactor()
+    discovered = Deferred()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    handed = HandedConnections(reactor, Factory(), fd=theirs.detach(), ready=lambda: discovered)
+    try:
+        handed.startService()
+        reactor.run()
+        with pytest.raises(BlockingIOError):  # (its reactor runs, its models not known yet)
+            ours.recv(16)
+        discovered.callback(None)
+        assert ours.recv(16) == b"r"
+    finally:
+        handed.stopService()
+        ours.close()
