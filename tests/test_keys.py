@@ -526,6 +526,21 @@ async def test_a_rotations_body_sets_the_keys_fields_with_its_new_secret_and_any
     assert got["name"] == "team (rotated)" and got["redacted_value"] == rotated["redacted_value"]
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_deactivation_with_a_field_in_its_body_is_a_400_naming_it_the_key_left_active(http, gw):
+    """C{POST /auth-keys/{id}/deactivate} takes no field: a body with one (a reason, a date to deactivate at) is a
+    400 naming it, the key still active, as a rotation's body is read (before, it was ignored and the key
+    deactivated at once); no body, or an empty object, deactivates."""
+    key = await new_key(http, gw)
+    for body, field in (({"reason": "leaked"}, "reason"), ({"deactivate_at": "2999-01-01T00:00:00Z"}, "deactivate_at")):
+        code, error = await admin(http, gw, "POST", f"{KEYS}/{key['id']}/deactivate", body)
+        assert code == 400 and error["error"]["param"] == field and error["error"]["code"] == "invalid_value", error
+    code, got = await admin(http, gw, "GET", f"{KEYS}/{key['id']}")
+    assert got["active"] is True
+    code, got = await admin(http, gw, "POST", f"{KEYS}/{key['id']}/deactivate", {})
+    assert code == 200 and got["active"] is False and got["deactivated_at"] is not None
+
+
 @pytest.mark.utc_day
 @pytest_twisted.ensureDeferred
 async def test_a_keys_requests_in_flight_end_as_they_began_whatever_befalls_the_key(reactor, http, gw, two):

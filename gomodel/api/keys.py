@@ -102,6 +102,11 @@ class KeysAPI:
 
     @app.route("/<key_id>/deactivate", methods=["POST"])
     async def deactivate(self, request, key_id):
+        """Deactivate the key (again: as it is). It takes no field: a body with one is a 400 naming it."""
+        body = json_body(request) if request.content.seek(0, 2) else {}
+        if body:
+            raise _bad(sorted(body)[0], "is not a field of a deactivation (it takes none: the key is refused at once; "
+                                        "to refuse it later, set its expires_at)")
         record = await self._record(key_id)
         if record["deactivated_at"] is None:
             record = await self._store.update(key_id, {"deactivated_at": int(self._clock.seconds())})
