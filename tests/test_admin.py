@@ -780,3 +780,22 @@ async def test_the_timeseries_counts_each_kind_of_error_in_its_summary_and_bucke
     _, body = await get(http, ledger, "/admin/api/v1/usage/timeseries?window=hour&format=csv")
     last = list(csv.DictReader(io.StringIO(body.decode(), newline="")))[-1]
     assert (last["errors"], last["client_errors"], last["server_errors"], last["client_gone"]) == ("5", "2", "1", "1")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refresh_with_a_field_in_its_body_is_a_400_naming_it(reactor, http, fake):
+    """C{POST runtime/refresh} re-reads every replica's models and takes no field: one (a provider to refresh alone,
+    say) is a 400 naming it, nothing refreshed (before, it was ignored and every provider refreshed, as if it had
+    been honoured); no body, or C{{}}, refreshes."""
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1"})
+    try:
+        for body, field in (({"provider": "vllm"}, "provider"), ({"models": ["x"], "all": True}, "all")):
+            code, error = await admin(http, gw, "POST", "/admin/api/v1/runtime/refresh", body)
+            assert code == 400 and error["error"]["param"] == field and field in error["error"]["message"], error
+        code, error = await admin(http, gw, "POST", "/admin/api/v1/runtime/refresh", "[1]")
+        assert code == 400 and error["error"]["code"] == "invalid_json"
+        for body in (None, {}):
+            code, answer = await admin(http, gw, "POST", "/admin/api/v1/runtime/refresh", body)
+            assert (code, answer) == (200, {"status": "refreshing"})
+    finally:
+        await gw.service.stopService()

@@ -12,8 +12,8 @@ from klein import Klein
 from gomodel.api.fields import user_path
 from gomodel.api.self_usage import usage_fields
 from gomodel.api.windows import DAY, day, local, seconds_of, time_zone, window
-from gomodel.errors import InvalidRequest, NotFound
-from gomodel.http.bodies import json_answer, mounted, query_arg, query_int, query_limit
+from gomodel.errors import InvalidRequest, NotFound, shown
+from gomodel.http.bodies import json_answer, json_body, mounted, query_arg, query_int, query_limit
 from gomodel.http.context import CLIENT_GONE, ERROR, OK, STREAM_BROKEN
 from gomodel.http.render import install as install_error_handlers
 from gomodel.store.records import USAGE_FIELDS, USAGE_TOTALS
@@ -104,7 +104,13 @@ class AdminAPI:
 
     @app.route("/runtime/refresh", methods=["POST"])
     def refresh(self, request):
-        """Re-read every replica's models now; the answer does not wait for them."""
+        """Re-read every replica's models now; the answer does not wait for them. It takes no field: a body with
+        one is a 400 naming it, nothing refreshed."""
+        body = json_body(request) if request.content.seek(0, 2) else {}
+        if body:
+            field = shown(sorted(body)[0])
+            raise InvalidRequest(f"'{field}' is not a field of a refresh: it re-reads every replica's models and "
+                                 "takes none.", param=field, code="invalid_value")
         self._monitor.refresh()
         return json_answer(request, {"status": "refreshing"})
 
