@@ -1398,6 +1398,26 @@ def test_a_clock_stepped_back_refuses_no_request_the_limits_had_room_for(limiter
     fired(limiter.admit(scopes, 0))
 
 
+def test_a_smaller_clock_step_back_that_leaves_room_costs_a_bucket_nothing(limiter, counters, clock):
+    """The wall clock steps back 10 s, a bucket still has room for the request: it is read at its level when
+    stored, not drained by the step's refill (before, it lost 10 s of refill: 10 requests and 166 tokens)."""
+    scopes = [("key:k_1", RateLimit(rpm=60, tpm=1000))]
+    fired(limiter.admit(scopes, 100))
+    clock.rightNow -= 10
+    fired(limiter.admit(scopes, 100))
+    assert counters.level("key:k_1|r60")[0] == 58 and counters.level("key:k_1|t60")[0] == 800
+
+
+def test_a_keys_lane_loses_no_refill_to_a_smaller_clock_step_back(clock, counters):
+    """A key's lane reads a bucket stored after a clock stepped back 10 s at its stored level, when the request
+    fits as when it does not (before, a request that fitted took the step's refill off the bucket)."""
+    gate, key = _gate(counters, clock), _key(rpm=60, tpm=1000, budgets=[])
+    _request(gate, key, max_tokens=8, used=5)
+    clock.rightNow -= 10
+    ctx, _ = _request(gate, key, max_tokens=8)
+    assert _by_a_lane(ctx) and counters.level("key:k_1|r60")[0] == 58
+
+
 def test_a_keys_lane_admits_and_settles_across_a_clock_stepped_back(clock, counters):
     """A key's lane (its buckets' cells written in place) takes and settles as the general path does when the
     wall clock steps back: an hour back does not refuse the key until its buckets refill."""

@@ -278,13 +278,12 @@ class LocalCounters(_Forms):
             if state is None:
                 level = capacity
             else:
-                level = state[0] + (now - state[1]) * refill
+                at = state[1]
+                level = state[0] + (now - at) * refill if now > at else state[0]  # (L{stepped_back})
                 if state[2] != capacity:  # the limit changed (L{moved})
                     level = moved(state, level, capacity)
                 if level > capacity:
                     level = capacity
-                if level < amount and now < state[1]:  # (checked only where it would refuse: L{stepped_back})
-                    level = stepped_back(state, capacity)
             states.append((state, level))
             if level < amount:
                 ok = False
@@ -476,8 +475,8 @@ def stepped_back(state, capacity) -> float:
     stepped back (NTP) since it was stored (C{now < state[1]}). Neither refilled nor drained until the clock is
     past that time again: read as C{level + (now - at) * refill}, an hour back would take an hour's refill off it
     and refuse its key's requests until it refilled. What was used stays used; a level stored under the
-    stepped-back clock refills from then on. (An admission reads it so only where it would refuse: a smaller
-    step, one that leaves room for the request, costs the bucket that step's refill.)"""
+    stepped-back clock refills from then on. (Read so however small the step, and whether or not the request
+    fits: before, a step that left room for the request cost the bucket that step's refill.)"""
     level = state[0]
     if state[2] != capacity:
         level = moved(state, level, capacity)

@@ -107,16 +107,17 @@ class Lane:
                 return None
         lines = b""
         for cell, capacity, refill, by_tokens, shown, last in self._buckets:  # each taken from as it is looked at
-            level = cell[0] + (now - cell[1]) * refill
-            if level > capacity:
-                level = capacity
+            at = cell[1]
+            if now < at:  # the wall clock stepped back since it was stored (L{stepped_back})
+                level = stepped_back(cell, capacity)
+            else:
+                level = cell[0] + (now - at) * refill
+                if level > capacity:
+                    level = capacity
             level -= tokens if by_tokens else 1
             if level < 0:
-                if now < cell[1]:  # the wall clock stepped back since it was stored (L{stepped_back})
-                    level = stepped_back(cell, capacity) - (tokens if by_tokens else 1)
-                if level < 0:
-                    self._give_back(cell, tokens)
-                    return None
+                self._give_back(cell, tokens)
+                return None
             cell[0] = level
             cell[1] = now
             if shown is not None:  # as L{header_lines} writes them (%d floors a level, here never below 0)
