@@ -679,7 +679,7 @@ async def test_a_slot_held_when_redis_loses_its_data_is_counted_again_at_its_ren
 @pytest_twisted.ensureDeferred
 async def test_a_slot_released_while_its_renewal_runs_is_not_put_back(reactor, make, client, prefix):
     """A renewal that Redis runs after the release of one of its leases (they run on different threads) would put
-    the released slot back until its lease lapsed: the slot is freed again once the renewal is done."""
+    the released slot back until its lease lapsed: the release is sent once the renewal is done."""
     counters = make(lease_ttl=30)
     lease = await counters.acquire("slot", 1)
     go = threading.Event()
@@ -691,11 +691,12 @@ async def test_a_slot_released_while_its_renewal_runs_is_not_put_back(reactor, m
 
     counters._renew_script = renew_late
     renewing = counters._renew()
-    await counters.release(lease)
-    assert client.zcard(prefix + "slot") == 0
+    releasing = counters.release(lease)
+    assert not releasing.called  # (waits for the renewal in flight)
     go.set()
     await renewing
-    assert client.zcard(prefix + "slot") == 0
+    await releasing
+    assert client.zcard(prefix + "slot") == 0 and not counters._orphans
     assert await counters.acquire("slot", 1) is not None
 
 
@@ -839,6 +840,31 @@ async def test_an_admission_cancelled_while_it_waits_for_a_release_keeps_the_oth
         await released
         assert proxy.passed == 0
         assert int(redis_client().zcard(prefix + "slot:k")) == 1  # the one that stayed; none for the one gone
+    finally:
+        counters.stop()
+        await proxy.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_release_goes_after_the_renewal_of_its_lease_in_flight(reactor, prefix):
+    """A lease's renewal puts back a lease it does not find. A request ending while its lease's renewal was on its
+    way to Redis had its release sent at once: Redis could run it first, the renewal then held the slot again (a
+    spurious refusal for another process until this one freed it as an orphan, with another release that no
+    admission was ordered after: a sequential client's next admission on a loaded host overtook it). The release
+    is now sent after the renewal, which then needs no second release."""
+    from gomodel.limits.counters import _FINISH, _RENEW
+    from tests.redis_server import HoldingProxy, script_sha
+
+    proxy = HoldingProxy(reactor, script_sha(_RENEW), script_sha(_FINISH), hold=0.3)
+    counters = RedisCounters(connect(proxy.url, timeout=2), prefix, reactor)
+    counters.start()
+    try:
+        admitted = await counters.admit([], [("slot:k", 1)])
+        renewed = counters._renew()  # (as its LoopingCall runs it), held by the proxy a while
+        await counters.finish([], admitted.lease)
+        await renewed
+        assert proxy.holds == 1 and proxy.passed == 0  # the release did not overtake the renewal
+        assert not counters._orphans and int(redis_client().zcard(prefix + "slot:k")) == 0
     finally:
         counters.stop()
         await proxy.close()

@@ -819,6 +819,7 @@ class RedisCounters(_Forms):
         self._orphans = {}  # lease id -> (slot keys, when it lapses): released, but Redis may hold them still
         self._orphans_freed = True  # since the last orphan, a release of them all succeeded
         self._next_free = None  # the release of the orphans planned for when Redis is tried again
+        self._renewing = None  # the renewal in flight: (a Deferred firing once it is over, the leases it renews)
         self._owner = uuid.uuid4().hex  # this process, in the budget sums' parts (L{_SUMS}; anew: L{_unanswered})
         self._alive = prefix + "alive|"  # + a process's id: its liveness key, renewed while it holds reservations
         self._reservations = 0  # budget reservations taken here and not settled yet
@@ -953,7 +954,12 @@ class RedisCounters(_Forms):
         for _, capacity, refill, delta in specs:
             args += (repr(float(capacity)), repr(float(refill)), repr(float(delta)))
         opened = [capacity for _, capacity, _, _ in specs]
-        d = self._writing(keys, self._run(opened, self._finish_sync, keys, args))
+        renewing = self._renewing
+        if slot_keys and renewing is not None and lease in renewing[1]:  # (sent after it: it would put it back)
+            d = self._after({0: renewing[0]}).addCallback(self._run_after, opened, self._finish_sync, keys, args)
+        else:
+            d = self._run(opened, self._finish_sync, keys, args)
+        d = self._writing(keys, d)
         if slot_keys:
             d.addCallback(self._released, lease, slot_keys, opened)
         return d
@@ -1068,11 +1074,23 @@ class RedisCounters(_Forms):
             for key in held:
                 keys.append(key)
                 args.append(lease)
-        return self._run(None, self._renew_script, keys, args).addCallback(self._renewed, renewed)
+        over = Deferred()  # (a release of one of its leases is sent after it: L{finish})
+        self._renewing = (over, {lease for lease, _ in renewed})
+        return self._run(None, self._renew_script, keys, args).addBoth(self._renew_over, over).addCallback(
+            self._renewed, renewed)
 
-    def _renewed(self, _, renewed):
-        """Free again the leases released while their renewal ran: Redis may have run it after the release, and
-        a renewal puts back a lease it does not find (freed as orphans: again at each renewal if that fails)."""
+    def _renew_over(self, result, over):
+        if self._renewing is not None and self._renewing[0] is over:
+            self._renewing = None
+        over.callback(None)
+        return result
+
+    def _renewed(self, answer, renewed):
+        """Free again the leases released while a renewal that Redis did not answer was on its way (stalled, cut
+        off: it may run it after their release, and a renewal puts back a lease it does not find): as orphans,
+        again at each renewal if that fails. (A renewal answered ran before their releases, sent after it.)"""
+        if answer is not None:
+            return None
         lapses = self._reactor.seconds() + self._lease_ttl
         released = [(lease, keys) for lease, keys in renewed if lease not in self._held]
         for lease, keys in released:
