@@ -247,6 +247,33 @@ async def test_a_dead_holders_lease_expires_and_a_live_one_is_renewed(reactor, m
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_lease_stored_under_a_clock_ahead_lapses_within_its_ttl_and_a_live_one_survives(
+        reactor, make, client, prefix):
+    """A failover to a replica whose clock lags an hour: a lease is stored as the Redis time it was taken or renewed
+    at plus its TTL, so one of a process that died holding a slot before it held the slot for an hour more (its
+    key's limit refused every request meanwhile). A lease expiring further than a TTL from Redis's now is read as
+    renewed now: a dead holder's lapses within its TTL, a live holder's is kept (and renewed from the new clock)."""
+    counters, live = make(lease_ttl=0.5), make(lease_ttl=3.0)
+    ahead = (int(client.time()[0]) + 3600) * 1000
+    client.zadd(prefix + "slot", {"dead": ahead + 500})  # (as the old clock stored it)
+    client.pexpireat(prefix + "slot", ahead + 1500)
+    assert await counters.acquire("slot", 1) is None  # held still: it lapses from now on
+    for _ in range(50):
+        await deferLater(reactor, 0.1, lambda: None)
+        lease = await counters.acquire("slot", 1)
+        if lease is not None:
+            break
+    else:
+        pytest.fail("a lease stored under a clock an hour ahead held its slot past its TTL")
+    held = await live.acquire("kept", 1)
+    client.zadd(prefix + "kept", {held: ahead + 3000})  # its holder lives on across the step
+    assert await counters.acquire("kept", 1) is None
+    await live._renew()
+    assert await counters.acquire("kept", 1) is None
+    assert client.zscore(prefix + "kept", held) <= (int(client.time()[0]) + 4) * 1000
+
+
+@pytest_twisted.ensureDeferred
 async def test_from_url_and_the_interface(reactor, prefix):
     from zope.interface.verify import verifyObject
 

@@ -493,7 +493,8 @@ def moved(state, level, capacity) -> float:
 
 
 # Redis scripts. Levels travel as strings (%.17g): a Lua number in a reply is truncated to an integer. A level stored
-# at a time after Redis's now (written under a clock ahead: a failover, a clock stepped back) refills from now on.
+# at a time after Redis's now (written under a clock ahead: a failover, a clock stepped back) refills from now on; a
+# lease expiring more than its TTL after Redis's now (stored so) is read as renewed now.
 _NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) + tonumber(t[2]) / 1000000 "
 
 # KEYS: nb token buckets, then the slot buckets. ARGV: nb, lease ttl (ms), lease id, capacity, refill and
@@ -524,6 +525,10 @@ local ms = math.floor(now * 1000)
 if ok == 1 then
   for i = nb + 1, #KEYS do
     redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ms)
+    -- a lease expiring further than a TTL from now was stored under a clock ahead (a failover to a replica whose
+    -- clock lags): read as renewed now, it lapses within a TTL unless its holder renews it
+    local ahead = redis.call('ZRANGEBYSCORE', KEYS[i], '(' .. (ms + ttl), '+inf')
+    for j = 1, #ahead do redis.call('ZADD', KEYS[i], ms + ttl, ahead[j]) end
     if redis.call('ZCARD', KEYS[i]) >= tonumber(ARGV[3 * nb + 3 + i - nb]) then
       ok = 0
       refused = i - nb
