@@ -1431,3 +1431,48 @@ async def test_a_request_in_flight_when_redis_lost_the_sum_settles_apart_from_th
     await books[0].settle(new, 200, 0.0)
     await books[0]._counters.written()
     assert await books[1].spent(pairs) == [(300, 0.0)] * 2
+
+
+def _snapshot(client, prefix) -> dict:
+    """The keys under C{prefix} as an RDB snapshot holds them: C{{key: (DUMP, ms left or 0)}}."""
+    return {key: (client.dump(key), max(0, client.pttl(key))) for key in client.keys(prefix + "*")}
+
+
+def _restore(client, prefix, snapshot):
+    """Redis restarted from C{snapshot} (L{_snapshot}): what was written since is gone."""
+    for key in client.keys(prefix + "*"):
+        client.delete(key)
+    for key, (dumped, ttl) in snapshot.items():
+        client.restore(key, ttl, dumped, replace=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_redis_restored_from_an_earlier_snapshot_has_its_budget_sums_seeded_again(
+        reactor, make, client, prefix):
+    """Redis restarted from a snapshot taken before some spending (an RDB a few minutes old) keeps its sums marked
+    seeded, lower than what was spent: the budgets undercounted until their period's end (a key spent 400 of 1000
+    and its sum said 100). A process's next settlement sees Redis went back (a counter of its own that each of its
+    settlements counts up answers no more than it saw before): it seeds its sums again from the ledger at their next
+    use, the larger of what they hold and the ledger's figure, and starts its parts of them anew."""
+    ledger = {"key:k": (0, 0.0)}
+    clock = Clock()
+    clock.rightNow = reactor.seconds()
+    books = [BudgetBook(make(), clock, seed=lambda scope, since: ledger[scope]) for _ in range(2)]
+    scopes = [("key:k", [Budget("daily", max_tokens=1000)])]
+    pairs = [("key:k", Budget("daily", max_tokens=1000))]
+
+    async def request(book, tokens):
+        await book.settle(await book.reserve(scopes, tokens, 0.0), tokens, 0.0)
+        await book._counters.written()
+        ledger["key:k"] = (ledger["key:k"][0] + tokens, 0.0)
+
+    await request(books[0], 100)
+    snapshot = _snapshot(client, prefix)
+    await request(books[0], 300)
+    assert await books[1].spent(pairs) == [(400, 0.0)]
+    _restore(client, prefix, snapshot)
+    assert await books[1].spent(pairs) == [(100, 0.0)]  # (what the snapshot held)
+    await request(books[0], 10)  # its settlement sees Redis went back
+    assert await books[0].spent(pairs) == [(410, 0.0)]
+    assert await books[1].spent(pairs) == [(410, 0.0)]
+

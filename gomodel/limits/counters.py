@@ -706,16 +706,18 @@ end
 return n
 """
 
-# Reservations settled (L{RedisCounters.settle_all}): KEYS the sums; ARGV per key: tokens and cost used, tokens and
-# cost reserved, expires_at or '', the id of the part it was reserved in (L{_RESERVE}); then the settling process's
-# id. What of the reservation the process's part of a sum still holds (all of it, but where Redis lost the sum
+# Reservations settled (L{RedisCounters.settle_all}): KEYS the sums, then the settling process's generation key;
+# ARGV per key: tokens and cost used, tokens and cost reserved, expires_at or '', the id of the part it was reserved
+# in (L{_RESERVE}); then the settling process's id. Returns the generation key counted up (kept a day): no more than
+# the process saw before where Redis went back to an earlier state (restored from a snapshot, flushed). What of the reservation the process's part of a sum still holds (all of it, but where Redis lost the sum
 # since, or its part was taken off as a dead process's: paused past its lease) leaves its part and is taken off the
 # sum, which is charged what was used: the sum is right however it was seeded meanwhile. A part of another id (the
 # process's part started afresh since: taken off, then reserved in again) holds none of it: nothing is taken off.
 _SETTLE = _SUMS + """
-local owner = ARGV[6 * #KEYS + 1]
+local n = #KEYS - 1
+local owner = ARGV[6 * n + 1]
 local ft, fc, fg = 'rt:' .. owner, 'rc:' .. owner, 'rg:' .. owner
-for i = 1, #KEYS do
+for i = 1, n do
   local s = redis.call('HMGET', KEYS[i], ft, fc, fg)
   local gt, gc = 0, 0
   if s[3] == ARGV[6 * i] then
@@ -733,7 +735,9 @@ for i = 1, #KEYS do
   redis.call('HINCRBYFLOAT', KEYS[i], 'c', float(tonumber(ARGV[6 * i - 4]) - gc))
   if ARGV[6 * i - 1] ~= '' then redis.call('EXPIREAT', KEYS[i], ARGV[6 * i - 1]) end
 end
-return 0
+local generation = redis.call('INCR', KEYS[n + 1])
+redis.call('PEXPIRE', KEYS[n + 1], 86400000)
+return generation
 """
 
 # A read of budget sums: KEYS the sums, ARGV the prefix of the processes' liveness keys. Returns the tokens, cost
@@ -829,6 +833,8 @@ class RedisCounters(_Forms):
         self._alive = prefix + "alive|"  # + a process's id: its liveness key, renewed while it holds reservations
         self._reservations = 0  # budget reservations taken here and not settled yet
         self._parts = itertools.count(1)  # ids of this process's parts of budget sums (L{_RESERVE})
+        # counted up by each settlement of this process (L{_SETTLE}): the highest Redis answered
+        self._generation_key, self._generation = prefix + "generation|" + uuid.uuid4().hex, 0
         self._renewal = LoopingCall(self._renew)
         self._renewal.clock = reactor
         # key -> Deferreds of the writes of it in flight that nobody waits for (L{finish}, L{spend_all}): an
@@ -1120,7 +1126,9 @@ class RedisCounters(_Forms):
         @param items: C{(bucket, tokens used, cost used, tokens reserved, cost reserved, expires_at)}, as
             L{spend_all}'s.
         @param parts: the ids of the parts it was reserved in, one per item (what L{reserve_all} answered).
-        @return: Deferred firing None.
+        @return: Deferred firing True where Redis went back to an earlier state (restored from a snapshot taken
+            before this process's last settlement, flushed): its sums may lack charges, to be seeded again from
+            the usage ledger (this process's parts start anew, as for a settlement not answered); else None.
         """
         keys = [self._prefix + bucket for bucket, _, _, _, _, _ in items]
         args = [x for (_, tokens, cost, reserved_tokens, reserved_cost, expires), part in zip(items, parts)
@@ -1130,12 +1138,23 @@ class RedisCounters(_Forms):
         if self._reservations:
             self._reservations -= 1
         opened = [None]  # (answered open: L{_unanswered})
-        return self._writing(keys, self._run(opened, self._settle_sync, keys, args)).addCallback(self._settled, opened)
+        return self._writing(keys, self._run(opened, self._settle_sync, keys + [self._generation_key], args)
+                             ).addCallback(self._settled, opened, self._generation)
 
-    def _settled(self, answer, opened):
+    def _settled(self, answer, opened, seen):
+        """C{answer}: the generation counted up by a settlement sent when this process had seen C{seen}."""
         if answer is opened:
             self._unanswered()
-        return None
+            return None
+        if answer > seen:
+            if answer > self._generation:
+                self._generation = answer
+            return None
+        self._generation = answer  # (counted up since: Redis went back to an earlier state)
+        self._unanswered()
+        self.log.warn("Redis went back to an earlier state (restored from a snapshot, flushed): budget sums are "
+                      "seeded again from the usage ledger")
+        return True
 
     def _unanswered(self):
         """A reservation or settlement that Redis did not answer (it may run it later, or have run it): this
@@ -1145,7 +1164,7 @@ class RedisCounters(_Forms):
         self._owner = uuid.uuid4().hex
 
     def _settle_sync(self, keys, args):
-        self._settle(keys=keys, args=args)
+        return int(self._settle(keys=keys, args=args))
 
     def spent_all(self, buckets):
         keys = [self._prefix + b for b in buckets]
