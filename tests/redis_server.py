@@ -94,7 +94,12 @@ class HoldingProxy:
     """A TCP proxy on 127.0.0.1:<free port> in front of the test Redis that holds each command naming C{held}
     (a script's SHA1: L{script_sha}) for C{hold} seconds while the commands of other connections pass: as a Redis
     thread the OS did not run for that long. C{url} is its Redis URL; C{passed} counts the commands naming
-    C{marked} that passed while one was held (an operation that overtook the held one)."""
+    C{marked} that passed while one was held (an operation that overtook the held one).
+
+    With C{hold} None a command is held until L{release} (no timer: an order of events, not of time), and
+    C{on_marked}, where set, is called after each command naming C{marked} passed."""
+
+    on_marked = None
 
     def __init__(self, reactor, held, marked, hold=0.3):
         from urllib.parse import urlparse
@@ -115,6 +120,7 @@ class HoldingProxy:
         self._held, self._marked, self._hold = held, marked, hold
         self._holding = {}  # server connection -> the bytes it holds
         self._timers = []
+        self._waiting = []  # L{when_held}'s Deferreds
         self.passed = 0
         self.holds = 0
         self._port = reactor.listenTCP(0, factory, interface="127.0.0.1")
@@ -127,11 +133,32 @@ class HoldingProxy:
         elif self._held in data:
             self.holds += 1
             self._holding[server] = [data]
-            self._timers.append(self._reactor.callLater(self._hold, self._release, server))
+            if self._hold is not None:
+                self._timers.append(self._reactor.callLater(self._hold, self._release, server))
+            waiting, self._waiting = self._waiting, []
+            for d in waiting:
+                d.callback(None)
         else:
-            if self._marked in data and self._holding:
+            marked = self._marked in data
+            if marked and self._holding:
                 self.passed += 1
             server.peer.transport.write(data)
+            if marked and self.on_marked is not None:
+                self.on_marked()
+
+    def when_held(self):
+        """A Deferred firing with None once a command is held (at once if one is now)."""
+        from twisted.internet.defer import Deferred, succeed
+
+        if self._holding:
+            return succeed(None)
+        self._waiting.append(Deferred())
+        return self._waiting[-1]
+
+    def release(self):
+        """Send on every command held now."""
+        for server in list(self._holding):
+            self._release(server)
 
     def _release(self, server):
         for data in self._holding.pop(server):
@@ -143,4 +170,5 @@ class HoldingProxy:
         for timer in self._timers:
             if timer.active():
                 timer.cancel()
+        self.release()
         return self._port.stopListening()

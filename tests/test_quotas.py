@@ -1066,31 +1066,35 @@ async def test_a_sequential_client_is_never_refused_a_slot_its_last_request_stil
 async def test_a_sequential_client_behind_a_round_robin_balancer_is_never_refused_the_slot_it_frees(
         reactor, http, fake, tmp_path):
     """Two gateways on one Redis behind a round-robin balancer, a key of C{max_concurrency: 1} used by one client
-    one request at a time: its request to one gateway frees its slot after the answer went out (here held 0.3 s
-    on its way to Redis, as by a loaded host), while its next request, to the other gateway, is admitted. That
-    admission now waits a moment (about half a second at most) for a slot before it refuses; before, it was
-    refused at once (a spurious 429: ordering a process's own writes cannot order another's)."""
+    one request at a time: its request to one gateway frees its slot after the answer went out (here held on its
+    way to Redis, as by a loaded host, until the other gateway's admission of the next request reached Redis),
+    while its next request, to the other gateway, is admitted. That admission now waits a moment (about half a
+    second at most) for a slot before it refuses; before, it was refused at once (a spurious 429: ordering a
+    process's own writes cannot order another's). (Each release is let go when the other gateway's admission
+    passed, not after a fixed hold: on a loaded host a release's own thread could take longer than the hold,
+    and the two together longer than the admission's half second.)"""
     from gomodel.limits.counters import _ADMIT, _FINISH
-    from tests.redis_server import script_sha
+    from tests.redis_server import HoldingProxy, script_sha
 
     with _redis_counters() as env:
-        one, proxy, _ = await _sequential_client_on_a_slow_redis(
-            reactor, http, fake, tmp_path, env, script_sha(_FINISH), script_sha(_ADMIT))
-        two = await start(reactor, fake, tmp_path, **env)
-        key = await new_key(http, one, max_concurrency=1)
-        clients = [openai_client(gateway, key["value"]) for gateway in (one, two)]
+        proxies = [HoldingProxy(reactor, script_sha(_FINISH), script_sha(_ADMIT), hold=None) for _ in range(2)]
+        proxies[0].on_marked, proxies[1].on_marked = proxies[1].release, proxies[0].release
+        gateways = [await start(reactor, fake, tmp_path, **dict(env, REDIS_URL=proxy.url)) for proxy in proxies]
+        key = await new_key(http, gateways[0], max_concurrency=1)
+        clients = [openai_client(gateway, key["value"]) for gateway in gateways]
         try:
-            await two.service.keys.refresh()
+            await gateways[1].service.keys.refresh()
             for turn in range(4):  # one, two, one, two: each after the last answer came
                 answer = await in_thread(raw_chat, clients[turn % 2])
                 assert answer.http_response.status_code == 200
-            assert proxy.holds >= 2  # (each release of gateway one held while gateway two admitted the next)
+                await proxies[turn % 2].when_held()  # (its release on its way, held until the next admission)
+            assert proxies[0].holds >= 2 and proxies[1].holds >= 2
         finally:
             for client in clients:
                 client.close()
-            await one.service.stopService()
-            await two.service.stopService()
-            await proxy.close()
+            for gateway, proxy in zip(gateways, proxies):
+                await proxy.close()
+                await gateway.service.stopService()
 
 
 @pytest.mark.utc_day
