@@ -27,7 +27,7 @@ from gomodel.http.bodies import boolean, json_answer, page, query_arg, query_lim
 from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM
 from gomodel.http.render import RESPONSES
 from gomodel.ids import new_id
-from gomodel.proxy.exchange import BackgroundCall, UpstreamCall, fails_over
+from gomodel.proxy.exchange import UpstreamCall, fails_over
 from gomodel.proxy.sse import ResponsesStreamObserver, SSEFramer, event_object
 from gomodel.responses_history import (continued, cut_short, error_hidden, error_shown, no_chosen_id, normalise_input,
                                       relink, swept_for, unknown_previous, unknown_response, with_history,
@@ -272,10 +272,9 @@ class ResponsesRoute:
             else:
                 observer = ResponsesStreamObserver(hide)
             # (an upstream that ignores "stream" answers whole: its response becomes the stream's events)
-            # (a background one's client that leaves before the head leaves its request going on: L{BackgroundCall})
-            call = (BackgroundCall if background else UpstreamCall)(
-                "/responses", jsonutil.dumps(body), observer=observer, vet=vet, model=body["model"],
-                transform=partial(_streamed, observer), prefer=prefer, affinity=affinity, counted=counted)
+            call = UpstreamCall("/responses", jsonutil.dumps(body), observer=observer, vet=vet, model=body["model"],
+                                transform=partial(_streamed, observer), prefer=prefer, affinity=affinity,
+                                counted=counted)
             left = None  # whether the client left, once the stream is over; None: it failed before it began
             if background:
                 ctx.hold()  # (completed once its reservation's fate is known, below)

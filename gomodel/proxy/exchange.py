@@ -32,7 +32,7 @@ import re
 import zlib
 from functools import partial
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout, ensureDeferred
+from twisted.internet.defer import CancelledError, TimeoutError as DeferredTimeout
 from twisted.logger import Logger
 from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
@@ -144,21 +144,6 @@ class UpstreamCall:
         self.pin = pin
         self.fallbacks = fallbacks
         self.rebody = rebody
-
-    # A background response's stream (L{BackgroundCall}): where its client leaves before the answer's head, its
-    # send goes on (its instance makes the response once it answers) and its answer is read on as when its
-    # client leaves later (L{Exchange._send}).
-    reads_on = False
-
-
-class BackgroundCall(UpstreamCall):
-    """The L{UpstreamCall} of a background response's stream: its instance goes on making the response whether
-    or not its client stays, so a client that leaves before the answer's head does not close the request there;
-    the answer, once its head came, is read on (L{gomodel.proxy.relay.StreamRelay._client_left}: its observer
-    says how far) and L{Exchange.relay} raises C{CancelledError} then, as for a client that leaves later."""
-
-    __slots__ = ()
-    reads_on = True
 
 
 class Fetched:
@@ -523,11 +508,7 @@ class Exchange:
                     if trace is not None:
                         headers = trace.attempt(pool, replica, model, call)
                     sent = self._clock.seconds()
-                    if call.reads_on:  # (a background stream's: L{_head_read_on})
-                        response = await _head_read_on(
-                            server.send(call.method, url, body, request_id, headers, call.content_type), pool)
-                    else:
-                        response = await server.send(call.method, url, body, request_id, headers, call.content_type)
+                    response = await server.send(call.method, url, body, request_id, headers, call.content_type)
                 except (UpstreamUnreachable, UpstreamTimeout) as e:
                     if trace is not None:
                         trace.failed(e.code)
@@ -768,13 +749,11 @@ class Exchange:
                             first_write=ctx.first_byte_written, end_written=ctx.end_written, timers=self._timers)
         relay.head_before = ours  # (put back by a drain that answers before this head went out: L{gomodel.lifecycle})
         if request.channel is None:
-            # The client left before we could start (while its head was awaited: a L{BackgroundCall}): nothing to
-            # relay; its upstream is closed, unless its observer reads on, as where the client leaves later
+            # The client left before we could start: close the upstream, nothing to relay.
             relay.finished.addErrback(lambda _: None)
             response.deliverBody(relay)
-            relay.client_gone = True
-            relay.finished.cancel()
-            raise CancelledError()
+            relay.stopProducing()
+            return None
         whole = whole_body(response)  # (a short stream may have come whole with its head: nothing more can come)
         if whole is not None:
             relay.relay_whole(whole)  # (no producer: there is no upstream left to hold back)
@@ -895,28 +874,6 @@ class _GatheredBody(BoundedCollector):
             self._end_call.cancel()
             self._end_call = None
         super().connectionLost(reason)
-
-
-async def _head_read_on(sending, pool):
-    """The answer C{sending} (a send: its coroutine or Deferred) gives, for a L{BackgroundCall}: where the request's client
-    leaves before it comes (the wait for it is cancelled), the send is not cancelled (which would close it at its
-    instance, which may make the response all the same) but awaited still; a send that then fails is the
-    C{CancelledError} of the client's leaving."""
-    head, later = Deferred(), Deferred()  # (cancelled: the other one fires with the answer)
-
-    def came(result):
-        (later if head.called else head).callback(result)
-
-    ensureDeferred(sending).addBoth(came)
-    try:
-        return await head
-    except CancelledError as left:
-        Exchange.log.info("a background stream's client left before its upstream answered ({provider}); its "
-                          "answer is awaited and read on", provider=pool.name)
-        try:
-            return await later
-        except Exception:
-            raise left from None
 
 
 def _account(replica):
