@@ -1010,19 +1010,47 @@ async def test_a_response_whose_events_cannot_be_replayed_is_a_400_saying_why(cl
     assert (not_background.value.body["param"], not_background.value.body["code"]) == ("stream", "unsupported_value")
     assert "not created in the background" in not_background.value.body["message"]
     created = await in_thread(client.responses.create, model=MODEL, input="long job", background=True)
+    asked = len(fake.requests)
     with pytest.raises(openai.BadRequestError) as not_streamed:
         await refused(created.id)
     assert (not_streamed.value.body["param"], not_streamed.value.body["code"]) == ("stream", "unsupported_value")
     assert "not streamed" in not_streamed.value.body["message"]
+    assert len(fake.requests) == asked  # (known not streamed: its instance is not asked)
+    [replica] = gateway.registry.provider("vllm").replicas
+    assert replica.failures == 0
+
+    def streamed():
+        return list(client.responses.create(model=MODEL, input="long job", background=True, stream=True))[-1]
+
+    done = await in_thread(streamed)
     fake.stored_responses.clear()  # (its instance restarted)
     with pytest.raises(openai.BadRequestError) as forgotten:
-        await refused(created.id)
+        await refused(done.response.id)
     assert "no longer holds it" in forgotten.value.body["message"]
     plain = await http.get(gateway.url + f"/v1/responses/{created.id}?stream=false")
     assert plain.code == 200 and (await plain.json())["id"] == created.id
     unknown = await http.get(gateway.url + "/v1/responses/resp_nobody?stream=true")
     assert unknown.code == 404
     await treq.content(unknown)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replay_of_a_response_stored_before_streamed_was_kept_never_marks_its_replica(client, gateway, fake):
+    """A response stored by a gateway that kept not whether it was streamed is asked of its instance; vLLM's stream
+    of a non-streamed one breaks off at once: a 400 saying so, the replica not counted as failing (it is well)."""
+    created = await in_thread(client.responses.create, model=MODEL, input="long job", background=True)
+    store = gateway.service.store.responses
+    await store.put({**await store.get(created.id), "streamed": None})
+
+    def events():
+        return list(client.responses.retrieve(created.id, stream=True))
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        await in_thread(events)
+    assert "not streamed" in refused.value.body["message"]
+    assert any(b"stream=true" in asked.uri for asked in fake.requests)  # (asked: not known)
+    [replica] = gateway.registry.provider("vllm").replicas
+    assert (replica.failures, replica.last_error) == (0, None)
 
 
 @pytest_twisted.ensureDeferred

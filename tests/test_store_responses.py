@@ -14,6 +14,16 @@ def record(**extra):
 
 
 @pytest_twisted.ensureDeferred
+async def test_whether_a_response_was_streamed_is_kept_and_read_back_in_its_chain(store):
+    responses = store.responses
+    await responses.put(record(streamed=True))
+    responses.keep(record(id="resp_2", previous_response_id="resp_1", streamed=False))
+    await responses.put(record(id="resp_3", previous_response_id="resp_2"))  # (not known: None)
+    assert [(await responses.get(i))["streamed"] for i in ("resp_1", "resp_2", "resp_3")] == [True, False, None]
+    assert [r["streamed"] for r in await responses.chain("resp_3")] == [False, True]
+
+
+@pytest_twisted.ensureDeferred
 async def test_responses_are_kept_replaced_and_swept(store):
     responses = store.responses
     verifyObject(IResponseStore, responses)

@@ -391,7 +391,7 @@ class ResponsesRoute:
         record = {"id": response_id, "provider": provider.name, "replica": replica,
                   "created_at": int(self._clock.seconds()), "previous_response_id": previous_id,
                   "status": response.get("status"), "input_items": normalise_input(body.get("input")),
-                  "response": response, "tenant": tenant_of(ctx.principal)}
+                  "response": response, "tenant": tenant_of(ctx.principal), "streamed": body.get("stream") is True}
         if response_json is not None:
             record["response_json"] = response_json
         self._store.keep(record)
@@ -440,6 +440,10 @@ class ResponsesRoute:
         if provider is None:
             raise errors.NotFound(f"The provider '{record['provider']}' that made response '{response_id}' "
                                   "is no longer configured.", code="provider_not_found")
+        if record.get("streamed") is False:  # (its instance's stream of it would break off at once: not asked)
+            if not self._native_responses.native(provider.name):
+                raise _gateways_alone(response_id)
+            raise _not_streamed(response_id)
         ctx = request.context
         ctx.route(provider, response.get("model"), response.get("model"))
         ctx.dialect = RESPONSES  # (a replay that breaks ends with the Responses stream's error event)
@@ -449,17 +453,16 @@ class ResponsesRoute:
                 await self._unreplayable(provider, upstream, record)
 
         query = b"stream=true" if after is None else b"stream=true&starting_after=" + after.encode("ascii")
-        call = UpstreamCall(f"/responses/{response_id}", method=b"GET", query=query, vet=vet, limited=False,
-                            observer=_Replayed(partial(without_address, upstream=provider)),
-                            transform=partial(_no_events, response_id), pin=record.get("replica"))
+        call = _ReplayCall(f"/responses/{response_id}", method=b"GET", query=query, vet=vet, limited=False,
+                           observer=_Replayed(partial(without_address, upstream=provider)),
+                           transform=partial(_no_events, response_id), pin=record.get("replica"))
         try:
             return await self._exchange.relay(request, ctx, provider, call)
         except errors.UpstreamUnreachable:  # (broke off before its first event: vLLM's stream of one it keeps no
             # events of; or its instance is gone: asked for the response itself, which it answers in the first case)
             if await self.refresh(record, ctx.request_id, ctx.trace) is None:
                 raise
-            raise _not_replayed(response_id, "it was not streamed (stream=true): its instance keeps the events of a "
-                                "background stream alone") from None
+            raise _not_streamed(response_id) from None
         finally:  # (an answer read whole is no replay either: what it says of usage is not charged)
             ctx.usage, ctx.estimated = None, False
 
@@ -479,8 +482,7 @@ class ResponsesRoute:
             except errors.BadUpstreamResponse:  # too large to be an error envelope
                 raise upstream_error(404, b"", provider.name, provider.hidden) from None
         if upstream.code != 404 or no_native_route(404, answer):
-            raise _not_replayed(record["id"], "it is kept by the gateway alone (its provider has no Responses API: "
-                                "it was made translated to chat completions), which keeps no events")
+            raise _gateways_alone(record["id"])
         if _names(answer, record["id"]):
             raise _not_replayed(record["id"], "the instance that made it no longer holds it (it restarted)")
         raise upstream_error(404, answer, provider.name, provider.hidden)
@@ -711,6 +713,18 @@ def _not_replayed(response_id, why) -> errors.InvalidRequest:
                                  f"{why}. Retrieve it without stream.", param="stream", code="unsupported_value")
 
 
+def _not_streamed(response_id) -> errors.InvalidRequest:
+    """The 400 of a replay of a background response not created with stream."""
+    return _not_replayed(response_id, "it was not streamed (stream=true): its instance keeps the events of a "
+                         "background stream alone")
+
+
+def _gateways_alone(response_id) -> errors.InvalidRequest:
+    """The 400 of a replay of a response made translated to chat completions."""
+    return _not_replayed(response_id, "it is kept by the gateway alone (its provider has no Responses API: it was "
+                         "made translated to chat completions), which keeps no events")
+
+
 def _no_events(response_id, answer: bytes):
     """What a replay answered whole (a response object, not its events) becomes: never the object where events
     were awaited.
@@ -718,6 +732,14 @@ def _no_events(response_id, answer: bytes):
     @raise gomodel.errors.InvalidRequest: always.
     """
     raise _not_replayed(response_id, "its provider answered the response, not its events")
+
+
+class _ReplayCall(UpstreamCall):
+    """A replay's call (L{ResponsesRoute._replay}): its breaking off before any event is no failure of its
+    replica (vLLM's stream of a response it keeps no events of breaks off at once)."""
+
+    __slots__ = ()
+    blames = False
 
 
 class _Replayed(ResponsesStreamObserver):

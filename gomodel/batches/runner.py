@@ -985,7 +985,7 @@ class BatchRunner(Service):
         record = {"id": response["id"], "provider": answer.provider.name, "replica": answer.replica,
                   "created_at": self._now(), "previous_response_id": previous_id, "status": response.get("status"),
                   "input_items": normalise_input(payload.get("input")), "response": response,
-                  "tenant": job.tenant}
+                  "tenant": job.tenant, "streamed": False}  # (a line is answered whole)
         if previous_id is not None and response.get("previous_response_id") is None:
             response["previous_response_id"] = previous_id  # (vLLM's own object, sent none, says null)
         else:

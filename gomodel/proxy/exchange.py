@@ -113,7 +113,11 @@ class UpstreamCall:
     @ivar limited: whether it passes every limit and budget (L{gomodel.limits.gate.Gate.admit}); a token count
         (Messages' C{count_tokens}, Responses' C{input_tokens}, vLLM's C{tokenize}) generates nothing: it takes
         only a slot of its key's caps on requests in flight.
+    @cvar blames: whether an answer that breaks off counts as its replica's failure (a replay of events its
+        instance may keep none of breaks off though the replica is well: a subclass's C{False}).
     """
+
+    blames = True
 
     __slots__ = ("method", "path", "body", "native", "query", "headers", "content_type", "observer",
                  "transform", "raw", "ends", "vet", "model", "affinity", "prefer", "pin", "fallbacks", "rebody",
@@ -245,7 +249,8 @@ class Exchange:
                 except _BrokeOff as e:  # nothing went to the client yet: another replica may answer
                     if trace is not None:
                         trace.failed(e.error.code)
-                    replica.failed(e.error.message)
+                    if call.blames:
+                        replica.failed(e.error.message)
                     tried.append(replica)
                     ctx.attempts += 1
                     again = self._again(upstream, model, call, tried, ctx.attempts, first < len(call.fallbacks),

@@ -5,9 +5,11 @@ import json
 from gomodel import jsonutil
 
 # A stored response's columns, in the order of L{response_row}.
-RESPONSE_COLUMNS = "id, provider, replica, created_at, previous_response_id, status, input_items, response, tenant"
+RESPONSE_COLUMNS = ("id, provider, replica, created_at, previous_response_id, status, input_items, response, tenant, "
+                    "streamed")
 # Those a response written again replaces (not its id, nor who owns it).
-_RESPONSE_REPLACED = ("provider", "replica", "created_at", "previous_response_id", "status", "input_items", "response")
+_RESPONSE_REPLACED = ("provider", "replica", "created_at", "previous_response_id", "status", "input_items", "response",
+                      "streamed")
 
 
 # The statement that stores responses, before its rows of values, and after them: a response stored
@@ -22,7 +24,7 @@ RESPONSE_CONFLICT = ("ON CONFLICT (id) DO UPDATE SET " + ", ".join(f"{c} = exclu
 def response_upsert(mark: str) -> str:
     """The statement that stores a response (L{response_row}'s values) or replaces the stored one, each
     value written as C{mark}, the driver's placeholder (C{?} for SQLite, C{%s} for psycopg)."""
-    return f"{RESPONSE_INSERT} ({', '.join([mark] * 9)}) {RESPONSE_CONFLICT}"
+    return f"{RESPONSE_INSERT} ({', '.join([mark] * 10)}) {RESPONSE_CONFLICT}"
 
 
 MAX_CHAIN = 1000  # turns followed back through previous_response_id
@@ -85,7 +87,7 @@ def response_row(record) -> tuple:
             record.get("previous_response_id"),
             record.get("status"), jsonutil.dumps(record["input_items"]).decode("utf-8"),
             raw.decode("utf-8") if raw is not None else jsonutil.dumps(record["response"]).decode("utf-8"),
-            record.get("tenant"))
+            record.get("tenant"), record.get("streamed"))
 
 
 def like_pattern(text: str) -> str:

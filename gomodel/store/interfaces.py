@@ -282,7 +282,8 @@ class IResponseStore(Interface):
 
         A record: C{id, provider, replica} (the index of the provider's
         replica that made it, or None), C{created_at, previous_response_id,
-        status, input_items} (a list) and C{response} (a dict).
+        status, input_items} (a list), C{response} (a dict) and C{streamed}
+        (whether it was created with stream; None: not known).
 
         @return: a Deferred firing with None.
         """

@@ -289,6 +289,11 @@ MIGRATIONS = (
         )""",
         "CREATE INDEX swept_responses_at ON swept_responses (swept_at)",
     )),
+    (21, (
+        # Whether a stored response was created with stream: a background one's events can be replayed (retrieve
+        # with stream) only where it was streamed. Null in those made before: not known.
+        "ALTER TABLE responses ADD COLUMN streamed BOOLEAN",
+    )),
 )
 
 

@@ -263,6 +263,11 @@ MIGRATIONS = (
         )""",
         "CREATE INDEX swept_responses_at ON swept_responses (swept_at)",
     )),
+    (20, (
+        # Whether a stored response was created with stream (1) or not (0): a background one's events can be
+        # replayed (retrieve with stream) only where it was streamed. Null in those made before: not known.
+        "ALTER TABLE responses ADD COLUMN streamed INTEGER",
+    )),
 )
 
 

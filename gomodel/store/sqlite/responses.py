@@ -185,4 +185,6 @@ def _record(row) -> dict:
     record = dict(row)
     record["input_items"] = json.loads(record["input_items"])
     record["response"] = json.loads(record["response"])
+    if record["streamed"] is not None:  # (SQLite's 0 or 1)
+        record["streamed"] = record["streamed"] == 1
     return record
