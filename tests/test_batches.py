@@ -482,6 +482,35 @@ async def test_a_responses_line_translated_at_once_falls_back_as_online(reactor,
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_native_fallbacks_stream_nobody_asked_for_is_collected_as_the_path_it_was_sent(reactor, tmp_path):
+    """A translated C{/v1/responses} line's fallback gets it natively (C{/responses}); an upstream that streams its
+    answer anyway is collected as a Responses stream, the path sent there (before: as a chat completions stream, the
+    first target's path, and the line failed)."""
+    first = await start_fake(reactor, responses=False)
+    second = await start_fake(reactor)
+    rules = {f"vllm-a/{UPSTREAM_MODEL}": [f"vllm-b/{UPSTREAM_MODEL}"]}
+    gw = await start_gateway(reactor, {"VLLM_A_BASE_URL": first.base_url, "VLLM_B_BASE_URL": second.base_url,
+                                       "FAILOVER_RULES_JSON": json.dumps(rules), "GOMODEL_MASTER_KEY": KEY,
+                                       "GOMODEL_DATA_DIR": str(tmp_path)})
+    sdk = openai_client(gw, KEY)
+    try:
+        await in_thread(sdk.responses.create, model=f"vllm-a/{UPSTREAM_MODEL}", input="hi")  # (known translated)
+        first.steer = {"fake_status": 503, "fake_body": '{"error": {"message": "overloaded"}}'}
+        second.steer = {"fake_stream_anyway": True}
+        lines = [{"custom_id": "one", "method": "POST", "url": "/v1/responses",
+                  "body": {"model": f"vllm-a/{UPSTREAM_MODEL}", "input": "Say 1."}}]
+        batch = await finished(gw, sdk, (await start_batch(sdk, lines, endpoint="/v1/responses")).id)
+        assert (batch.request_counts.completed, batch.request_counts.failed) == (1, 0)
+        (out,) = await file_lines(sdk, batch.output_file_id)
+        body = out["response"]["body"]
+        assert body["object"] == "response" and body["output"][0]["content"][0]["text"] == "héhéhé"
+        assert [r.path for r in second.requests][-1] == b"/v1/responses"
+    finally:
+        sdk.close()
+        await stop_all(gw, first, second)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_responses_line_falling_back_to_a_provider_without_a_responses_api_is_translated_there(
         reactor, tmp_path):
     """A C{/v1/responses} line whose first target fails goes on to its fallback; one without a Responses API (its

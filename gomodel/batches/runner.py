@@ -1043,7 +1043,7 @@ class BatchRunner(Service):
                 upstream_id = response.headers.getRawHeaders(b"x-request-id", [request_id.encode("ascii")])[0]
                 status, body = response.code, fetched.body
                 if status < 300 and is_event_stream(response.headers):  # (a line never streams: one answer asked)
-                    gather = gathered.BY_PATH.get(call.path)
+                    gather = gathered.BY_PATH.get(fetched.path)  # (the path sent there: a fallback's may be its own)
                     if gather is not None:
                         try:
                             body = gather(body)

@@ -159,17 +159,19 @@ class Fetched:
     @ivar model: the upstream model sent to it.
     @ivar replica: the index of the replica of C{upstream} that answered.
     @ivar seconds: from its send to the whole answer read.
+    @ivar path: the path it was sent at (the call's, or a fallback's own: L{UpstreamCall.rebody}).
     """
 
-    __slots__ = ("response", "body", "upstream", "model", "replica", "seconds")
+    __slots__ = ("response", "body", "upstream", "model", "replica", "seconds", "path")
 
-    def __init__(self, response, body, upstream, model, replica=None, seconds=None):
+    def __init__(self, response, body, upstream, model, replica=None, seconds=None, path=None):
         self.response = response
         self.body = body
         self.upstream = upstream
         self.model = model
         self.replica = replica
         self.seconds = seconds
+        self.path = path
 
 
 class _BrokeOff(Exception):
@@ -227,7 +229,7 @@ class Exchange:
             pool, tried, first = upstream, [], 0
             while True:
                 try:
-                    response, replica, upstream, model, sent, first = await self._send(
+                    response, replica, upstream, model, sent, first, path = await self._send(
                         ctx.request_id, pool, call, tried, trace, None, ctx, first)
                 except (UpstreamTimeout, UpstreamUnreachable, CancelledError) as e:
                     reached = getattr(e, "reached", None)
@@ -241,7 +243,7 @@ class Exchange:
                         ctx.route(upstream, ctx.model, model)  # a fallback target served it
                     ctx.replica = replica.index
                     request.responseHeaders.put(X_GOMODEL_REPLICA, b"%d" % replica.index)
-                    answer = await self._answer(request, ctx, upstream, response, call)
+                    answer = await self._answer(request, ctx, upstream, response, call, path)
                     if response.code < 300 and ctx.outcome is None:
                         took = self._clock.seconds() - sent
                         replica.succeeded()
@@ -275,8 +277,9 @@ class Exchange:
         finally:
             ctx.release()
 
-    async def _answer(self, request, ctx, upstream, response, call):
-        """Relay C{response} onto C{request} as C{call} says (see L{relay}).
+    async def _answer(self, request, ctx, upstream, response, call, path):
+        """Relay C{response} onto C{request} as C{call} says (see L{relay}), C{path} the one it was sent at (C{call}'s,
+        or a fallback's own: L{UpstreamCall.rebody}).
 
         @raise _BrokeOff: a whole answer or a stream broke off (a stream: or sent nothing for too long)
             before anything was sent.
@@ -308,9 +311,9 @@ class Exchange:
         if media == b"text/event-stream":
             observer = call.observer if call.observe is None else call.observe(upstream)
             if observer is None:  # (a whole answer was asked for: only an event stream's way looks)
-                gather = gathered.BY_PATH.get(call.path)
+                gather = gathered.BY_PATH.get(path)
                 if gather is not None:
-                    return await self._gathered(request, ctx, upstream, response, call, gather)
+                    return await self._gathered(request, ctx, upstream, response, call, path, gather)
             ctx.stream = True
             return await self._relay_stream(request, ctx, upstream, response, observer, True, call.counted)
         # (a proxy's page, a web UI's: no API answers in text but its events and a transcription's text, srt or vtt,
@@ -375,9 +378,9 @@ class Exchange:
         except UpstreamUnreachable as e:
             raise _BrokeOff(e) from None
 
-    async def _gathered(self, request, ctx, upstream, response, call, gather):
+    async def _gathered(self, request, ctx, upstream, response, call, path, gather):
         """The whole answer for a call that did not ask to stream, made of the event stream the upstream sent
-        anyway (L{gomodel.proxy.gather}); then as L{_whole}.
+        anyway (L{gomodel.proxy.gather}: C{gather}, that of the C{path} it was sent at); then as L{_whole}.
 
         @raise _BrokeOff: it broke off (nothing went to the client: another replica may answer).
         @raise gomodel.errors.UpstreamError: the stream carried an error event (its status: the error's own
@@ -385,7 +388,7 @@ class Exchange:
         @raise gomodel.errors.BadUpstreamResponse: it did not end properly, or held what is no event.
         """
         try:
-            stream = await self.read(upstream, response, RESPONSE_BODY_LIMIT, GATHERED_ENDS.get(call.path))
+            stream = await self.read(upstream, response, RESPONSE_BODY_LIMIT, GATHERED_ENDS.get(path))
         except UpstreamUnreachable as e:
             raise _BrokeOff(e) from None
         try:
@@ -415,18 +418,19 @@ class Exchange:
             L{_send}'s has (the answer's own replica where its body broke off), and so has a C{CancelledError}
             once a replica took the request.
         """
-        response, replica, upstream, model, sent, _ = await self._send(request_id, upstream, call, [], trace, entering)
+        response, replica, upstream, model, sent, _, path = await self._send(request_id, upstream, call, [], trace,
+                                                                              entering)
         took = None
         try:
             limit = RESPONSE_BODY_LIMIT if response.code < 400 else ERROR_BODY_LIMIT
             # (an event stream answered anyway, read whole to be gathered: cut once past its end, as in L{_gathered})
-            ends = GATHERED_ENDS.get(call.path) if response.code < 300 and is_event_stream(response.headers) else None
+            ends = GATHERED_ENDS.get(path) if response.code < 300 and is_event_stream(response.headers) else None
             body = await self.read(upstream, response, limit, ends)
             seconds = self._clock.seconds() - sent
             if response.code < 300:
                 took = seconds
                 replica.succeeded()
-            return Fetched(response, body, upstream, model, replica.index, seconds)
+            return Fetched(response, body, upstream, model, replica.index, seconds, path)
         except BaseException as e:
             if trace is not None:
                 trace.failed(_error_type(e))
@@ -447,12 +451,12 @@ class Exchange:
         virtual model's other targets, failover candidates), each with the
         body made for its model; at most C{max_attempts} sends in all.
 
-        @return: C{(response, replica, pool, model, sent, target)}: the L{IResponse}
+        @return: C{(response, replica, pool, model, sent, target, path)}: the L{IResponse}
             (any status), the L{gomodel.routing.pool.Replica} that gave it
             (whose lease the caller releases, with the seconds since C{sent}
             when the answer succeeded), its pool, the upstream model sent,
-            when it was sent, and which target it was (0: C{pool}, then the
-            call's fallbacks).
+            when it was sent, which target it was (0: C{pool}, then the
+            call's fallbacks), and the path it was sent at (a fallback's may be its own: L{UpstreamCall.rebody}).
         @param tried: the replicas of target C{first} not to use (this request failed there: an earlier call's
             send, or an answer that broke off), a list this call keeps: on return it holds those of the target
             that answered (each replica whose send failed added, emptied for each next target), so that a
@@ -546,7 +550,7 @@ class Exchange:
                     if report is not None:
                         replica.answered(parse_load_header(report[0]))
                     if response.code < 300:  # (a success: its whole answer is the relay's to judge, a stream may break)
-                        return response, replica, pool, model, sent, number
+                        return response, replica, pool, model, sent, number, path
                     spent = False  # (a 429 saying the account's quota is spent: no rate limit, L{out_of_quota})
                     refused = response.code == 401  # (its key for that replica refused: misconfigured, or revoked)
                     if response.code == 429:
@@ -580,7 +584,7 @@ class Exchange:
                     elif response.code == 404 and model is not None and _forgot(pool, replica, model, response, tried):
                         why = f"HTTP 404: it has no {model} any more"
                     else:
-                        return response, replica, pool, model, sent, number
+                        return response, replica, pool, model, sent, number, path
                     attempts += 1
                     if ctx is not None:
                         ctx.attempts = attempts
@@ -594,7 +598,7 @@ class Exchange:
                         if again == "replica":
                             continue
                         break
-                    return response, replica, pool, model, sent, number
+                    return response, replica, pool, model, sent, number, path
                 except BaseException:
                     discard(response)
                     pool.release(replica)
