@@ -511,6 +511,35 @@ async def test_a_native_fallbacks_stream_nobody_asked_for_is_collected_as_the_pa
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_translated_lines_native_fallback_without_a_responses_api_is_sent_it_translated(reactor, tmp_path):
+    """A C{/v1/responses} line sent translated at once falls back to a provider not known to lack C{/responses},
+    asked natively there; its "no such route" sends the line there again translated, as online (before: no second
+    chance, the line failed with that 404)."""
+    first = await start_fake(reactor, responses=False)
+    second = await start_fake(reactor, responses=False)
+    rules = {f"vllm-a/{UPSTREAM_MODEL}": [f"vllm-b/{UPSTREAM_MODEL}"]}
+    gw = await start_gateway(reactor, {"VLLM_A_BASE_URL": first.base_url, "VLLM_B_BASE_URL": second.base_url,
+                                       "FAILOVER_RULES_JSON": json.dumps(rules), "GOMODEL_MASTER_KEY": KEY,
+                                       "GOMODEL_DATA_DIR": str(tmp_path)})
+    sdk = openai_client(gw, KEY)
+    try:
+        await in_thread(sdk.responses.create, model=f"vllm-a/{UPSTREAM_MODEL}", input="hi")  # (known translated)
+        first.steer = {"fake_status": 503, "fake_body": '{"error": {"message": "overloaded"}}'}
+        lines = [{"custom_id": "one", "method": "POST", "url": "/v1/responses",
+                  "body": {"model": f"vllm-a/{UPSTREAM_MODEL}", "input": "Say 1."}}]
+        batch = await finished(gw, sdk, (await start_batch(sdk, lines, endpoint="/v1/responses")).id)
+        assert (batch.request_counts.completed, batch.request_counts.failed) == (1, 0)
+        (out,) = await file_lines(sdk, batch.output_file_id)
+        body = out["response"]["body"]
+        assert body["object"] == "response" and body["output"][0]["content"][0]["text"] == "héhéhé"
+        asked = [r.path for r in second.requests if r.path in (b"/v1/chat/completions", b"/v1/responses")]
+        assert asked == [b"/v1/responses", b"/v1/chat/completions"]  # (natively, then translated there)
+    finally:
+        sdk.close()
+        await stop_all(gw, first, second)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_responses_line_falling_back_to_a_provider_without_a_responses_api_is_translated_there(
         reactor, tmp_path):
     """A C{/v1/responses} line whose first target fails goes on to its fallback; one without a Responses API (its

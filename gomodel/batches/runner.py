@@ -630,8 +630,9 @@ class BatchRunner(Service):
                     raise
                 await self._unsent(job, line, custom_id, e.code or "invalid_request", e.message)
                 return
-            sent, first, fallbacks, rebody, again = (translated.path, translated.body, translated.fallbacks,
-                                                     translated.rebody, None)
+            sent, first, fallbacks, rebody = translated.path, translated.body, translated.fallbacks, translated.rebody
+            # (a fallback asked natively that has no /responses: translated there, as online)
+            again = partial(self._fallback_refused, route, payload, previous, job.principal, fallbacks)
         reserved = None
         if self._gate is not None:
             try:
@@ -880,6 +881,25 @@ class BatchRunner(Service):
         self._native_responses.remember(outcome.provider.name)  # (the next lines go translated at once)
         if outcome.provider.name == route.provider.name:
             return await self._as_chat(payload, previous, route, principal, fallbacks, prefer)
+        return await self._translated_at(payload, previous, principal, fallbacks, outcome)
+
+    async def _fallback_refused(self, route, payload, previous, principal, fallbacks, outcome):
+        """C{(call, answer, provider)} to send a C{/v1/responses} line sent translated (L{_as_chat}: C{route},
+        then C{fallbacks}) again, translated, at the fallback whose native C{outcome} says it has no
+        C{/responses} (as online; the next lines go translated there at once), on to the fallbacks after it; else
+        None (its first target's or a translated fallback's answer).
+
+        @raise GatewayError: the line cannot be translated.
+        """
+        if outcome.provider.name == route.provider.name or not no_native_route(outcome.status, outcome.body):
+            return None  # (route's provider is translated, each target of it too)
+        self._native_responses.remember(outcome.provider.name)
+        return await self._translated_at(payload, previous, principal, fallbacks, outcome)
+
+    async def _translated_at(self, payload, previous, principal, fallbacks, outcome):
+        """C{(call, answer, provider)} to send a C{/v1/responses} line (C{payload}, continuing C{previous} or
+        None) translated at the fallback (of C{fallbacks}) whose C{outcome} it is, then at those after it; or
+        None where none of them gave it."""
         for at, fallback in enumerate(fallbacks):  # (its first target failed: translated where it went on to)
             if fallback.provider.name == outcome.provider.name and fallback.upstream_model == outcome.model:
                 call, answer = await self._as_chat(payload, previous, fallback, principal, fallbacks[at + 1:])
