@@ -184,3 +184,23 @@ async def test_a_translated_response_echoes_the_settings_a_native_one_does(trans
 
     final = await in_thread(streamed)
     assert {name: getattr(final, name) for name in settings} == settings
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_translated_responses_include_is_checked_as_openai_and_vllm_check_it(translated):
+    """C{include} lists what OpenAI's Responses API can add to an answer (the openai SDK's C{ResponseIncludable}); a
+    native vLLM refuses a value it does not know, or an C{include} that is no list. Translated, such a request is a
+    400 naming C{include}, sent nowhere (before, it was dropped unsaid: a typo's logprobs never came, nothing said
+    why); the values OpenAI knows are taken (logprobs asked of the chat upstream)."""
+    sdk, fake = translated
+    answer = await in_thread(sdk.responses.create, model="vllm/" + CHAT_MODEL, input="hi",
+                             include=["message.output_text.logprobs", "reasoning.encrypted_content"])
+    assert answer.output_text == "héhéhé" and fake.requests[-1].body["logprobs"] is True
+    sent_before = len(fake.requests)
+    for include, code in ((["message.output_text.logprob"], "invalid_value"), ([1], "invalid_type"),
+                          ("message.output_text.logprobs", "invalid_type")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            await in_thread(sdk.responses.create, model="vllm/" + CHAT_MODEL, input="hi",
+                            extra_body={"include": include})
+        assert (refused.value.param, refused.value.code) == ("include", code), include
+    assert len(fake.requests) == sent_before

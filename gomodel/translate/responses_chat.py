@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from gomodel import jsonutil
 from gomodel.accounting.tokens import tokens_by_type, total_tokens
 from gomodel.anthropic.translate import ABORTED, context_overflow
-from gomodel.errors import BadUpstreamResponse, InvalidRequest, quoted
+from gomodel.errors import BadUpstreamResponse, InvalidRequest, quoted, shown
 from gomodel.ids import new_id
 from gomodel.proxy.sse import SSEFramer, StreamIncomplete, data_object, event_data, require_end
 from gomodel.responses_history import unknown_item, unknown_previous
@@ -122,14 +122,38 @@ def request_to_chat(body: dict, bound: str = "max_tokens") -> dict:
     effort = (body.get("reasoning") or {}).get("effort") if isinstance(body.get("reasoning"), dict) else None
     if effort:
         chat["reasoning_effort"] = effort
-    include = body.get("include")
-    if body.get("top_logprobs") or isinstance(include, list) and "message.output_text.logprobs" in include:
+    include = _include(body.get("include"))
+    if body.get("top_logprobs") or "message.output_text.logprobs" in include:
         chat["logprobs"] = True
         if body.get("top_logprobs"):
             chat["top_logprobs"] = body["top_logprobs"]
     if body.get("stream") is True:
         chat["stream_options"] = {"include_usage": True}
     return chat
+
+
+# What a Responses request's C{include} may name (OpenAI's, the openai SDK's C{ResponseIncludable}; vLLM's too): those
+# of hosted tools and images a translated answer has none of, reasoning's encrypted content it cannot make, its
+# logprobs asked of the chat upstream.
+INCLUDABLE = frozenset({"file_search_call.results", "web_search_call.results", "web_search_call.action.sources",
+                        "message.input_image.image_url", "computer_call_output.output.image_url",
+                        "code_interpreter_call.outputs", "reasoning.encrypted_content", "message.output_text.logprobs"})
+
+
+def _include(include) -> list:
+    """A translated request's C{include} (None: none), checked as a native one is (never dropped unsaid).
+
+    @raise InvalidRequest: it is no list of strings, or names what OpenAI's Responses API has not (a typo).
+    """
+    if include is None:
+        return []
+    if include.__class__ is not list or any(value.__class__ is not str for value in include):
+        raise InvalidRequest("include must be a list of strings.", param="include", code="invalid_type")
+    for value in include:
+        if value not in INCLUDABLE:
+            raise InvalidRequest(f"include cannot hold '{shown(value)}': it takes "
+                                 f"{', '.join(sorted(INCLUDABLE))}.", param="include", code="invalid_value")
+    return include
 
 
 # What L{context_overflow} makes of an upstream's words for a prompt that does not fit the model's context.
