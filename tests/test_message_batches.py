@@ -232,6 +232,21 @@ async def test_a_line_with_a_document_goes_to_a_vllm_translated_as_online(setup)
                                                                   {"type": "text", "text": "Sum up."}]}]
 
 
+async def test_a_lines_failed_tool_result_tells_a_native_vllm_it_failed(setup):
+    """vLLM's Messages API drops a tool_result's is_error: a native line says the failure in its text, as online."""
+    gw, client, vllm, _ = setup
+    messages = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": [
+        {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "timed out",
+                                      "is_error": True}]}]
+    made = await in_thread(client.messages.batches.create, requests=[request("failed", messages=messages)])
+    await ended(gw, client, made.id)
+    assert (await results(client, made.id))["failed"].type == "succeeded"
+    [sent] = [r for r in vllm.requests if r.method == b"POST"]
+    assert sent.path == b"/v1/messages"
+    assert sent.body["messages"][2]["content"][0]["content"] == "Error: timed out"
+
+
 async def test_a_lines_tool_changes_go_to_a_vllm_translated_as_online(setup):
     """A system message's tool_addition and tool_removal blocks send a line to a vLLM translated, its tools resolved,
     as online (before: left out natively, so a removed tool was still offered)."""

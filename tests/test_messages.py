@@ -2287,3 +2287,38 @@ async def test_a_thinking_display_other_than_summarized_or_omitted_is_anthropics
         body = {"model": model, "max_tokens": 2000, "messages": HELLO, "thinking": dict(OMITTED, display=None)}
         response, content = await post(http, gateway.url + "/v1/messages", body)
         assert response.code == 200, content
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_tool_result_tells_a_native_vllm_it_failed(gw, fake, client):
+    """vLLM's Messages API drops a C{tool_result}'s C{is_error}: the model never learned the tool failed. The
+    gateway says it in the result's text, as the translated path does (C{Error: ...}); a result without the flag
+    goes as the client sent it, and the client's body is not changed for a fallback reached the other way."""
+    call = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
+    results = [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "timed out", "is_error": True},
+               {"type": "tool_result", "tool_use_id": "toolu_2", "is_error": True},
+               {"type": "tool_result", "tool_use_id": "toolu_3", "is_error": True,
+                "content": [{"type": "text", "text": "no such city"}, {"type": "text", "text": "try again"}]},
+               {"type": "tool_result", "tool_use_id": "toolu_4", "is_error": True, "content": [image]},
+               {"type": "tool_result", "tool_use_id": "toolu_5", "content": "sunny", "is_error": False}]
+    messages = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": [call]},
+                {"role": "user", "content": results}]
+    await in_thread(client.messages.create, model=MODEL, max_tokens=8, tools=[WEATHER_TOOL], messages=messages)
+    sent = fake.requests[-1]
+    assert sent.path == b"/v1/messages"
+    contents = [block.get("content") for block in sent.body["messages"][2]["content"]]
+    assert contents == ["Error: timed out", "Error",
+                        [{"type": "text", "text": "Error: no such city"}, {"type": "text", "text": "try again"}],
+                        [{"type": "text", "text": "Error"}, image], "sunny"]
+    assert sent.body["messages"][:2] == messages[:2]
+    assert messages[2]["content"] == results and results[0]["content"] == "timed out"
+    # Counted as it is sent.
+    await in_thread(client.messages.count_tokens, model=MODEL, tools=[WEATHER_TOOL], messages=messages)
+    sent = fake.requests[-1]
+    assert sent.path == b"/v1/messages/count_tokens"
+    assert sent.body["messages"][2]["content"][0]["content"] == "Error: timed out"
+    # Without a failed result, the body goes as the client sent it.
+    ok = messages[:2] + [{"role": "user", "content": results[4:]}]
+    await in_thread(client.messages.create, model=MODEL, max_tokens=8, tools=[WEATHER_TOOL], messages=ok)
+    assert fake.requests[-1].body["messages"] == ok

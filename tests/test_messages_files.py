@@ -211,8 +211,9 @@ async def test_the_list_restricted_to_ids_answers_those_files_only(http, gw, cli
 
 
 def test_one_walk_finds_file_sources_and_the_blocks_that_go_translated():
-    # One walk of a conversation's blocks finds both (create used to walk them twice): the file sources, in a
-    # message and in a tool result, and whether a document or search result (anywhere) sends it translated.
+    # One walk of a conversation's blocks finds all three (create used to walk them twice): the file sources, in a
+    # message and in a tool result, whether a document or search result (anywhere) sends it translated, and the
+    # tool results that say their tool failed (is_error: their text says so natively too).
     named = {"type": "image", "source": {"type": "file", "file_id": "file_1"}}
     inner = {"type": "document", "source": {"type": "file", "file_id": "file_2"}}
     messages = [{"role": "user", "content": "Hi."},
@@ -220,17 +221,20 @@ def test_one_walk_finds_file_sources_and_the_blocks_that_go_translated():
                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [inner]},
                                              {"type": "text", "text": "and"}, named]}]
     assert walk_blocks({"messages": messages}) == (
-        [("messages.2.content.0.content.0", inner), ("messages.2.content.2", named)], True)
-    assert walk_blocks({"messages": messages}, files=False) == ([], True)
+        [("messages.2.content.0.content.0", inner), ("messages.2.content.2", named)], True, [])
+    assert walk_blocks({"messages": messages}, files=False) == ([], True, [])
     search = {"type": "search_result", "source": "s", "title": "t", "content": [{"type": "text", "text": "x"}]}
     for where in ([search], [{"type": "tool_result", "tool_use_id": "t1", "content": [search]}]):
-        assert walk_blocks({"messages": [{"role": "user", "content": where}]}) == ([], True)
+        assert walk_blocks({"messages": [{"role": "user", "content": where}]}) == ([], True, [])
     assert walk_blocks({"messages": [{"role": "user", "content": [named, "odd", {"type": 1}, {"type": ["image"]}]}]}) == (
-        [("messages.0.content.0", named)], False)
-    assert walk_blocks({"messages": "no list"}) == ([], False)
+        [("messages.0.content.0", named)], False, [])
+    assert walk_blocks({"messages": "no list"}) == ([], False, [])
     # a system message's tool change (Claude Code's when an MCP server connects) sends it translated too, in the
     # same walk (before, has_tool_changes walked the messages again); a user's is no tool change
     change = {"type": "tool_addition", "tool_name": "f"}
     assert walk_blocks({"messages": [{"role": "system", "content": [change]}, *messages[:2]]}, files=False) == (
-        [], True)
-    assert walk_blocks({"messages": [{"role": "user", "content": [change]}]}) == ([], False)
+        [], True, [])
+    assert walk_blocks({"messages": [{"role": "user", "content": [change]}]}) == ([], False, [])
+    failed = {"type": "tool_result", "tool_use_id": "t1", "content": [inner], "is_error": True}
+    assert walk_blocks({"messages": messages[:2] + [{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "t0", "is_error": False}, failed]}]}, files=False) == ([], True, [(2, 1)])

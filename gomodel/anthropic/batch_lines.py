@@ -2,10 +2,11 @@
 
 from functools import partial
 
+from gomodel.anthropic.file_sources import walk_blocks
 from gomodel.anthropic.translate import (chat_to_message_bytes, check_sampling,
                                          check_tool_choice_and_metadata, checked_messages, messages_to_chat,
                                          native_message_bytes, omits_thinking, passed_fields, refuse_server_side,
-                                         vllm_fields)
+                                         vllm_fields, with_tool_errors)
 from gomodel.api.messages import chat_for, translates
 from gomodel.translate.call_ids import long_names
 
@@ -50,13 +51,16 @@ class MessagesLines:
         check_tool_choice_and_metadata(payload)
         omit = omits_thinking(payload)  # (thinking.display "omitted": its thinking blocks without their text)
         prioritised = principal is not None and principal.priority is not None
-        translating = translates(payload)
+        _, walked, errored = walk_blocks(payload, files=False)
+        translating = translates(payload, walked)
         native = self._messages.native_for(route, prioritised=prioritised, translating=translating)
         fallbacks = [r for r in fallbacks
                      if self._messages.native_for(r, prioritised=prioritised, translating=translating) == native]
         if native:
+            sent = with_tool_errors(payload, errored) if errored else payload  # (vLLM drops is_error, as online)
+
             def rebody(model, provider):
-                return body_for(principal, payload, model, provider)
+                return body_for(principal, sent, model, provider)
 
             answer = partial(native_answer, omit_thinking=True) if omit else native_answer
             return "/messages", rebody(route.upstream_model, route.provider), fallbacks, rebody, answer

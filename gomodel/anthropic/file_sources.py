@@ -41,15 +41,16 @@ _LOOKED_AT = ("document", "search_result", "image")  # (a tuple: a type may be u
 
 
 def walk_blocks(body, files=True) -> tuple:
-    """C{(found, translated)} of the Messages request C{body}, in one walk of its blocks: L{file_blocks}' list (with
-    C{files}; else C{[]}) and whether a message or a tool result in one holds a block of L{TRANSLATED_BLOCKS}, or a
-    system message a tool change (L{gomodel.anthropic.translate.TOOL_CHANGES}; what a vLLM gets translated,
-    L{gomodel.api.messages.translates}).
+    """C{(found, translated, errored)} of the Messages request C{body}, in one walk of its blocks: L{file_blocks}'
+    list (with C{files}; else C{[]}), whether a message or a tool result in one holds a block of
+    L{TRANSLATED_BLOCKS}, or a system message a tool change (L{gomodel.anthropic.translate.TOOL_CHANGES}; what a
+    vLLM gets translated, L{gomodel.api.messages.translates}), and the C{(message, block)} indexes of the
+    C{tool_result} blocks whose C{is_error} is true (L{gomodel.anthropic.translate.with_tool_errors}).
 
     (No scan of the body's bytes for those words first: on a long Claude Code conversation, 200 messages in
     82 kB, scanning for them took longer than this walk: bench/messages_blocks.py.)
     """
-    found, translated = [], False
+    found, translated, errored = [], False, []
     messages = body.get("messages")
     for i, message in enumerate(messages if isinstance(messages, list) else ()):
         content = message.get("content") if isinstance(message, dict) else None
@@ -61,7 +62,11 @@ def walk_blocks(body, files=True) -> tuple:
                 translated = translated or kind in TRANSLATED_BLOCKS
                 if files and _names_file(block):
                     found.append((f"messages.{i}.content.{j}", block))
-            elif kind == "tool_result" and isinstance(block.get("content"), list):
+            elif kind == "tool_result":
+                if block.get("is_error") is True:
+                    errored.append((i, j))
+                if not isinstance(block.get("content"), list):
+                    continue
                 for k, item in enumerate(block["content"]):
                     kind = item.get("type") if isinstance(item, dict) else None
                     if kind in _LOOKED_AT:
@@ -70,7 +75,7 @@ def walk_blocks(body, files=True) -> tuple:
                             found.append((f"messages.{i}.content.{j}.content.{k}", item))
             elif kind in TOOL_CHANGES:
                 translated = translated or message.get("role") == "system"
-    return found, translated
+    return found, translated, errored
 
 
 def _names_file(block) -> bool:

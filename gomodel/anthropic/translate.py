@@ -662,8 +662,35 @@ def _tool_result(block, where):
     text = "\n".join(texts)
     if block.get("is_error") is True:
         # Chat has no error flag on a tool message: the model reads it in the text.
-        text = f"Error: {text}" if text else "Error"
+        text = _errored(text)
     return {"role": "tool", "tool_call_id": call_id, "content": text}, images
+
+
+def _errored(text: str) -> str:
+    """The text of a failed tool's result (C{is_error}) as the model reads it."""
+    return f"Error: {text}" if text else "Error"
+
+
+def with_tool_errors(body: dict, errored: list) -> dict:
+    """The Messages request C{body} with each C{tool_result} block at C{errored} (C{(message, block)} indexes, those
+    whose C{is_error} is true: L{gomodel.anthropic.file_sources.walk_blocks}) saying it failed in its text, as the
+    translation says it (L{_tool_result}): vLLM's Messages API drops C{is_error}. C{body} itself is left as it was
+    (a fallback reached the other way translates it)."""
+    messages = list(body["messages"])
+    for i, j in errored:
+        message = messages[i] = dict(messages[i])
+        content = message["content"] = list(message["content"])
+        block = content[j]
+        value = block.get("content")
+        if isinstance(value, list) and value and isinstance(value[0], dict) and value[0].get("type") == "text" \
+                and isinstance(value[0].get("text"), str):
+            value = [dict(value[0], text=_errored(value[0]["text"])), *value[1:]]
+        elif isinstance(value, list):
+            value = [{"type": "text", "text": "Error"}, *value]
+        else:
+            value = _errored(value if isinstance(value, str) else "")
+        content[j] = dict(block, content=value)
+    return dict(body, messages=messages)
 
 
 def _tool_reference(block, where) -> str:

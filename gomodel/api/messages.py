@@ -55,7 +55,7 @@ from gomodel.anthropic.translate import (ANTHROPIC_ERROR_TYPES, ChatToMessagesSt
                                          count_tokens_request, is_anthropic_error, message_events_bytes,
                                          messages_to_chat, native_message_bytes, omits_thinking,
                                          openai_error_to_anthropic, passed_fields, refuse_server_side, vllm_fields,
-                                         without_vllm_fields)
+                                         with_tool_errors, without_vllm_fields)
 from gomodel.api.inference import plan_model, rebody, retargeted, target, unsaturated, vet_priority
 from gomodel.http import render
 from gomodel.http.bodies import json_body, query_arg, query_limit, streams
@@ -186,8 +186,8 @@ class MessagesRoutes:
         @raise gomodel.errors.GatewayError: before anything was sent to the client.
         """
         body = json_body(request)
-        # (one walk of a long conversation's blocks for both: walk_blocks)
-        files, walked = walk_blocks(body, files=self._files is not None)
+        # (one walk of a long conversation's blocks for all three: walk_blocks)
+        files, walked, errored = walk_blocks(body, files=self._files is not None)
         if files:  # (blocks naming an uploaded file get its contents)
             await self._files.resolve(files, ctx.principal)
         stream = ctx.asked_stream = streams(body)
@@ -217,7 +217,9 @@ class MessagesRoutes:
                     observer = MessagesStreamObserver(lambda message: self._without_address(ctx, message),
                                                       omit_thinking=omit, keepalive=self._keepalive) if stream else None
                     whole = message_events_bytes if stream else native_message_bytes
-                    return await self._native(request, ctx, upstream, "/messages", body, fallbacks, affinity,
+                    # (vLLM drops a tool_result's is_error: the failure said in its text, as translated)
+                    sent = with_tool_errors(body, errored) if errored else body
+                    return await self._native(request, ctx, upstream, "/messages", sent, fallbacks, affinity,
                                               headers, observer, partial(whole, omit_thinking=True) if omit else whole)
                 return await self._translated(request, ctx, upstream, body, fallbacks, affinity, omit)
             except _NoNative:
@@ -235,7 +237,7 @@ class MessagesRoutes:
             request is one: else its L{gomodel.errors.InvalidRequest}).
         """
         body = json_body(request)
-        files, walked = walk_blocks(body, files=self._files is not None)
+        files, walked, errored = walk_blocks(body, files=self._files is not None)
         if files:  # (blocks naming an uploaded file get its contents)
             await self._files.resolve(files, ctx.principal)
         model = body.get("model")
@@ -260,7 +262,8 @@ class MessagesRoutes:
             try:
                 if not native:
                     return await self._tokenize(request, ctx, upstream, body, fallbacks)
-                return await self._native(request, ctx, upstream, "/messages/count_tokens", body, fallbacks,
+                return await self._native(request, ctx, upstream, "/messages/count_tokens",
+                                          with_tool_errors(body, errored) if errored else body, fallbacks,
                                           None, _forwarded(request), None)
             except _NoNative as e:
                 self._remember(ctx, MESSAGES if e.api else COUNT_TOKENS)
