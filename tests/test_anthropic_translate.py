@@ -1145,11 +1145,11 @@ def test_a_translated_stream_idle_before_its_first_chunk_starts_the_message_then
     assert [block.type for block in message.content] == ["thinking", "text", "tool_use", "tool_use"]
 
 
-def test_a_native_stream_pings_only_after_message_start_and_until_its_end():
-    """A native stream's keepalive is a ping once message_start went by (before it, the id is the upstream's to name
-    and the SDK takes no event), none once the stream ended or failed."""
+def test_a_native_stream_pings_before_and_after_message_start_until_its_end():
+    """A native stream's keepalive is a ping, before vLLM's message_start too (its prefill: the SDKs skip a ping
+    wherever it comes), none once the stream ended or failed."""
     observer = MessagesStreamObserver(keepalive=10.0)
-    assert observer.keepalive == 10.0 and observer.idle() is None
+    assert observer.keepalive == 10.0 and observer.idle() == PING
     observer.feed(b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","usage":'
                   b'{"input_tokens":3,"output_tokens":0}}}\n\n')
     assert observer.idle() == PING

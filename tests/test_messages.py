@@ -2136,6 +2136,32 @@ async def test_the_messages_keepalive_is_the_configured_one_natively_and_transla
         await stop_all(gateway)
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_native_stream_pings_during_vllms_prefill_before_its_message_start(reactor, fake):
+    """vLLM sends its stream's head at once and its C{message_start} only with the first token: during a long
+    prefill, the client got nothing (the native keepalive waited for vLLM's C{message_start}, whose id is vLLM's to
+    name). It gets a C{ping} every keepalive now: the anthropic SDK (and the TypeScript one, Claude Code's) skips
+    a C{ping} wherever it comes, before C{message_start} too, and reads the stream after it as ever."""
+    gateway = await start(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MESSAGES_KEEPALIVE_SECONDS": "0.05"})
+    client = sdk(gateway)
+    try:
+        fake.raw[b"/v1/messages"] = (SILENT_HEAD, True)
+        seen = await in_daemon_thread(reactor, _until_pings, client, MODEL, 2)
+        assert [kind for kind, _ in events_of(seen)] == ["ping", "ping"]
+        # What the client then reads: the pings, then vLLM's stream, which the SDK takes whole.
+        del fake.raw[b"/v1/messages"]
+        _, direct = await post(treq, fake.base_url + "/messages",
+                               {"model": CHAT_MODEL, "max_tokens": 8, "messages": HELLO, "stream": True})
+        pinged = seen + direct
+        fake.raw[b"/v1/messages"] = (SILENT_HEAD + b"%x\r\n" % len(pinged) + pinged + b"\r\n0\r\n\r\n", False)
+        events, final = await in_thread(collect, client.messages.stream(model=MODEL, max_tokens=8, messages=HELLO))
+        assert events[0].type == "message_start" and final.content[0].text == "héhéhé"
+        assert final.stop_reason == "max_tokens" and final.usage.output_tokens == 3
+    finally:
+        client.close()
+        await stop_all(gateway)
+
+
 LONG_TOOL = dict(WEATHER_TOOL, name="mcp__claude_ai_weather_service_for_every_city__get_the_current_weather_in_a_city")
 
 

@@ -826,9 +826,9 @@ def test_a_messages_stream_pings_while_its_upstream_is_silent_and_its_idle_timeo
     assert h.written() == ended and h.timers._pending == {}
 
 
-def test_a_native_messages_stream_pings_between_whole_events_only_after_message_start():
-    """A native stream is relayed as it came, a ping only between two whole events, none before message_start,
-    none while the client holds the stream paused, none once the client left."""
+def test_a_native_messages_stream_pings_between_whole_events_before_and_after_message_start():
+    """A native stream is relayed as it came, a ping only between two whole events, before message_start too
+    (vLLM's prefill), none while the client holds the stream paused, none once the client left."""
     from gomodel.anthropic.translate import PING, MessagesStreamObserver
     h = Harness(idle_timeout=0, observer=MessagesStreamObserver(keepalive=10.0))
     keepalive = h.relay.observer.keepalive
@@ -836,20 +836,21 @@ def test_a_native_messages_stream_pings_between_whole_events_only_after_message_
     def body():
         return h.written().partition(b"\r\n\r\n")[2]
     h.clock.advance(keepalive * 2)
-    assert body() == b""  # (before message_start: nothing of ours)
+    assert body() == PING  # (before message_start: the prefill)
     h.relay.dataReceived(MESSAGE_START + BLOCK_START[:30])
     h.clock.advance(keepalive)
-    assert body() == MESSAGE_START + PING
+    sent = PING + MESSAGE_START + PING
+    assert body() == sent
     h.relay.dataReceived(BLOCK_START[30:])
-    assert body() == MESSAGE_START + PING + BLOCK_START
+    assert body() == sent + BLOCK_START
     h.relay.pauseProducing()
     h.clock.advance(keepalive * 2)
-    assert body() == MESSAGE_START + PING + BLOCK_START
+    assert body() == sent + BLOCK_START
     h.relay.resumeProducing()
     h.relay.stopProducing()  # the client left
     h.relay.finished.addErrback(lambda _: None)
     h.clock.advance(keepalive * 2)
-    assert body() == MESSAGE_START + PING + BLOCK_START
+    assert body() == sent + BLOCK_START
     assert h.clock.getDelayedCalls() == []
 
 

@@ -1555,15 +1555,14 @@ class MessagesStreamObserver:
     the stream ends there (its C{message_stop} is not relayed). With C{omit_thinking}, a C{thinking_delta} is
     left out (L{omits_thinking}: vLLM streams the thinking text whatever the request's C{thinking.display}).
 
-    While the upstream is silent after C{message_start}, L{idle} gives the relay a C{ping} every C{keepalive}
-    seconds (between two whole events: C{feed} returns whole events only); none before it, whose id is the
-    upstream's to name (a client's SDK takes no event before C{message_start}).
+    While the upstream is silent, L{idle} gives the relay a C{ping} every C{keepalive} seconds (between two whole
+    events: C{feed} returns whole events only), before C{message_start} too: vLLM sends its head at once and its
+    C{message_start} only with the first token, after the prefill. Anthropic's SDKs (Python's, and TypeScript's,
+    Claude Code's) skip a C{ping} wherever it comes, before C{message_start} too.
 
     @ivar error: the C{error} event's C{error} object, if one came.
     @ivar events: C{content_block_delta} events seen (about one token each, those left out too), for an estimate.
     """
-
-    _started = False  # message_start went by
 
     def __init__(self, hide=None, omit_thinking: bool = False, keepalive: float = 0.0):
         """
@@ -1624,7 +1623,6 @@ class MessagesStreamObserver:
             return None
         kind = payload.get("type")
         if kind == "message_start":
-            self._started = True
             message = payload.get("message")
             usage = message.get("usage") if isinstance(message, dict) else None
             self._merge(usage)
@@ -1657,9 +1655,8 @@ class MessagesStreamObserver:
         return True
 
     def idle(self) -> bytes | None:
-        """What to send while the upstream is silent: a C{ping} once C{message_start} went by, until the stream
-        is over; else None."""
-        return PING if self._started and not self.done else None
+        """What to send while the upstream is silent: a C{ping}, until the stream is over; then None."""
+        return None if self.done else PING
 
     def finish(self):
         """The upstream body ended cleanly; raise L{StreamIncomplete} if the stream did not."""
