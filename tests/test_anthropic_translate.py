@@ -1180,3 +1180,61 @@ def test_tool_names_past_64_characters_go_short_without_changing_what_other_targ
     assert sent["messages"][1]["tool_calls"][0]["function"]["name"] == short_name(long)
     assert long_names(chat) == {short_name(long): long, short_name(other): other}
     assert long_names(messages_to_chat(request(tools=[{"name": "f", "input_schema": {}}]))) is None
+
+
+# -- stop sequences past the four OpenAI takes ------------------------------------------
+
+FIVE_STOPS = ["w", "x", "y", "z", "END"]
+
+
+def test_stop_sequences_past_four_are_watched_for_in_a_whole_answer():
+    """OpenAI takes at most four stop sequences (a 400 past them; Anthropic takes more): it is sent four, and the
+    answer is cut at the first of the others it holds, C{stop_sequence} naming it, as Anthropic's would end."""
+    from gomodel.anthropic.translate import unsent_stops
+    assert unsent_stops(request(stop_sequences=FIVE_STOPS)) == ["END"]
+    assert unsent_stops(request(stop_sequences=FIVE_STOPS[:4])) is None and unsent_stops(request()) is None
+    assert unsent_stops(request(stop_sequences=FIVE_STOPS[:4] + ["", "STOP", "END"])) == ["STOP", "END"]
+    answer = {"id": "chatcmpl-1", "choices": [{"index": 0, "finish_reason": "length", "message": {
+        "role": "assistant", "content": "Done. END and more", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}}]}
+    message = chat_to_message(answer, MODEL, stops=["more", "END"])
+    assert message["content"] == [{"type": "text", "text": "Done. "}]
+    assert (message["stop_reason"], message["stop_sequence"]) == ("stop_sequence", "END")
+    # Not there: the answer as it came.
+    message = chat_to_message(answer, MODEL, stops=["STOP"])
+    assert message["content"][0]["text"] == "Done. END and more" and message["stop_reason"] == "max_tokens"
+    events = events_of(chat_to_events_bytes(jsonutil.dumps(answer), MODEL, stops=["END"]))
+    assert events[-2][1]["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "END"}
+
+
+def _texts(events):
+    return "".join(p["delta"]["text"] for kind, p in events
+                   if kind == "content_block_delta" and p["delta"]["type"] == "text_delta")
+
+
+def test_stop_sequences_past_four_are_watched_for_in_a_stream():
+    """A stream is cut at the first unsent stop sequence, one split across chunks too: the text before it goes
+    out, then the message's end (C{stop_sequence} naming it), and nothing the upstream sends after; text that
+    could begin one is held only until it cannot, and goes out before a block that follows it."""
+    stream = b"".join([chunk({"role": "assistant", "content": ""}), chunk({"content": "Hello E"}),
+                       chunk({"content": "N"}), chunk({"content": "D and on"}), chunk({"content": " and on"}),
+                       chunk({}, finish="length"), chunk(choices=False, usage=USAGE), DONE])
+    for step in (None, 7):
+        translator, out = translate(stream, step, stops=["END"])
+        translator.finish()
+        events = events_of(out)
+        assert _texts(events) == "Hello "
+        assert events[-2][1]["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "END"}
+        assert [kind for kind, _ in events][-3:] == ["content_block_stop", "message_delta", "message_stop"]
+        assert translator.done
+    # Text that only begins one goes out whole, before the tool call's block and at the end.
+    stream = b"".join([chunk({"content": "Calling E"}), chunk(tool_delta(0, "c1", "f", "{}")),
+                       chunk({}, finish="tool_calls"), DONE])
+    translator, out = translate(stream, stops=["END"])
+    events = events_of(out)
+    assert _texts(events) == "Calling E" and events[-2][1]["delta"]["stop_reason"] == "tool_use"
+    assert [p["content_block"]["type"] for kind, p in events if kind == "content_block_start"] == ["text", "tool_use"]
+    translator, out = translate(b"".join([chunk({"content": "Ends with EN"}), chunk({}, finish="stop"), DONE]),
+                                stops=["END"])
+    events = events_of(out)
+    assert _texts(events) == "Ends with EN" and events[-2][1]["delta"]["stop_reason"] == "end_turn"

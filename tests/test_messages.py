@@ -2348,3 +2348,39 @@ async def test_a_failed_tool_result_tells_a_native_vllm_it_failed(gw, fake, clie
     ok = messages[:2] + [{"role": "user", "content": results[4:]}]
     await in_thread(client.messages.create, model=MODEL, max_tokens=8, tools=[WEATHER_TOOL], messages=ok)
     assert fake.requests[-1].body["messages"] == ok
+
+
+SIX_STOPS = ["<1>", "<2>", "<3>", "<4>", "ba", "<6>"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_sequences_past_openais_four_end_the_answer_where_anthropics_would(openai_gw, gw, fake):
+    """OpenAI refuses more than four stop sequences (a 400 the client got: Anthropic takes more). An OpenAI
+    provider is sent the first four, and the answer, whole or streamed, ends at the first of the others it holds
+    (split across chunks too): the text before it, C{stop_reason} C{stop_sequence} naming it. A vLLM is sent
+    them all."""
+    fake.steer = {"fake_text": "ab", "fake_chunks": 4}
+    client = sdk(openai_gw)
+    try:
+        message = await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=16, messages=HELLO,
+                                  stop_sequences=SIX_STOPS)
+        assert fake.requests[-1].body["stop"] == SIX_STOPS[:4]
+        assert [block.text for block in message.content] == ["a"]
+        assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", "ba")
+        seen, final = await in_thread(collect, client.messages.stream(model=OPENAI_MODEL, max_tokens=16,
+                                                                      messages=HELLO, stop_sequences=SIX_STOPS))
+        assert fake.requests[-1].body["stop"] == SIX_STOPS[:4]
+        assert [block.text for block in final.content] == ["a"] and seen[-1].type == "message_stop"
+        assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", "ba")
+        # None of the others in it: the answer as it came.
+        message = await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=16, messages=HELLO,
+                                  stop_sequences=SIX_STOPS[:4] + ["zz", "<6>"])
+        assert message.content[0].text == "abababab" and message.stop_reason == "max_tokens"
+    finally:
+        client.close()
+    client = sdk(gw)
+    try:
+        await in_thread(client.messages.create, model=MODEL, max_tokens=16, messages=HELLO, stop_sequences=SIX_STOPS)
+        assert fake.requests[-1].body["stop"] == SIX_STOPS
+    finally:
+        client.close()

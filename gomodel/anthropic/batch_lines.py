@@ -6,7 +6,7 @@ from gomodel.anthropic.file_sources import walk_blocks
 from gomodel.anthropic.translate import (chat_to_message_bytes, check_sampling,
                                          check_tool_choice_and_metadata, checked_messages, messages_to_chat,
                                          native_message_bytes, omits_thinking, passed_fields, refuse_server_side,
-                                         vllm_fields, with_tool_errors)
+                                         unsent_stops, vllm_fields, with_tool_errors)
 from gomodel.api.messages import chat_for, translates
 from gomodel.translate.call_ids import long_names
 
@@ -71,7 +71,8 @@ class MessagesLines:
             return body_for(principal, chat_for(provider, chat, extras, passed), model, provider)
 
         # (a tool whose name an OpenAI target is sent short, chat_for: its calls named as the line declared it)
-        answer = partial(chat_to_message_bytes, omit_thinking=omit, names=long_names(chat))
+        # (and cut at a stop sequence past the four an OpenAI target is sent: chat_for, unsent_stops)
+        answer = partial(chat_to_message_bytes, omit_thinking=omit, names=long_names(chat), stops=unsent_stops(payload))
         return "/chat/completions", rebody(route.upstream_model, route.provider), fallbacks, rebody, answer
 
     def no_native(self, provider, model, status, body) -> bool:

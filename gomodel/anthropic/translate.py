@@ -99,6 +99,31 @@ def messages_to_chat(body: dict) -> dict:
     return chat
 
 
+# The most stop sequences OpenAI takes (a 400 past them); Anthropic takes more.
+OPENAI_MAX_STOPS = 4
+
+
+def unsent_stops(body: dict) -> list | None:
+    """The stop sequences of the Messages request C{body} past the L{OPENAI_MAX_STOPS} an OpenAI provider is sent
+    (L{gomodel.api.messages.chat_for}), which the translated answer is watched for (L{first_stop}): None where
+    there are none (an empty one, which would end every answer at once, is none)."""
+    stop = body.get("stop_sequences")
+    if not isinstance(stop, list) or len(stop) <= OPENAI_MAX_STOPS:
+        return None
+    return [s for s in stop[OPENAI_MAX_STOPS:] if isinstance(s, str) and s] or None
+
+
+def first_stop(text: str, stops: list) -> tuple:
+    """C{(at, sequence)}: where in C{text} the first of C{stops} begins (the first listed of those that begin
+    there), and which; C{(None, None)} where none is in it."""
+    at, which = None, None
+    for sequence in stops:
+        found = text.find(sequence)
+        if found >= 0 and (at is None or found < at):
+            at, which = found, sequence
+    return at, which
+
+
 def checked_max_tokens(body: dict) -> int:
     """The C{max_tokens} of the Messages request C{body}, which every create needs (natively too: the gateway's 400
     in Anthropic's words, not vLLM's validation error).
@@ -940,10 +965,13 @@ def omits_thinking(body: dict) -> bool:
     return display == "omitted"
 
 
-def chat_to_message(chat: dict, model: str, omit_thinking: bool = False, names: dict | None = None) -> dict:
+def chat_to_message(chat: dict, model: str, omit_thinking: bool = False, names: dict | None = None,
+                    stops: list | None = None) -> dict:
     """The Messages answer for a chat-completions answer C{chat}, naming C{model} (the model that gave it); its
     thinking block's text empty with C{omit_thinking} (L{omits_thinking}); a call of a tool whose name the upstream
-    was sent short named as the client declared it (C{names}, L{gomodel.translate.call_ids.long_names}).
+    was sent short named as the client declared it (C{names}, L{gomodel.translate.call_ids.long_names}); its text
+    cut at the first of C{stops} (L{unsent_stops}: those the upstream was not sent) it holds, and nothing after it
+    (stop reason C{stop_sequence}, naming it), as Anthropic's answer ends there.
 
     @raise ValueError: C{chat} has no choice.
     @raise TypeError: C{chat} is not shaped as a chat completion.
@@ -967,11 +995,16 @@ def chat_to_message(chat: dict, model: str, omit_thinking: bool = False, names: 
     text = message.get("content")
     if isinstance(text, list):  # content parts (some OpenAI-compatible servers)
         text = "".join(p["text"] for p in text if isinstance(p, dict) and isinstance(p.get("text"), str))
+    stopped = None
+    if stops and isinstance(text, str):
+        at, stopped = first_stop(text, stops)
+        if stopped is not None:
+            text = text[:at]
     if isinstance(text, str) and text:
         content.append({"type": "text", "text": text})
     elif isinstance(message.get("refusal"), str) and message["refusal"]:
         content.append({"type": "text", "text": message["refusal"]})
-    calls = [c for c in message.get("tool_calls") or [] if isinstance(c, dict)]
+    calls = [c for c in message.get("tool_calls") or [] if isinstance(c, dict)] if stopped is None else []
     complete = True
     for call in calls:
         function = call.get("function") if isinstance(call.get("function"), dict) else {}
@@ -985,19 +1018,23 @@ def chat_to_message(chat: dict, model: str, omit_thinking: bool = False, names: 
         content.append({"type": "text", "text": ""})
     if choice.get("finish_reason") in ABORTED:
         raise BadUpstreamResponse(_aborted(choice["finish_reason"]))
-    reason, sequence = stop_reason(choice.get("finish_reason"), choice.get("stop_reason"), bool(calls), complete)
+    if stopped is not None:
+        reason, sequence = "stop_sequence", stopped
+    else:
+        reason, sequence = stop_reason(choice.get("finish_reason"), choice.get("stop_reason"), bool(calls), complete)
     return {"id": message_id(chat.get("id")), "type": "message", "role": "assistant", "model": model,
             "content": content, "stop_reason": reason, "stop_sequence": sequence,
             "usage": usage_from_chat(chat.get("usage")) or {"input_tokens": 0, "output_tokens": 0}}
 
 
-def chat_to_message_bytes(body: bytes, model: str, omit_thinking: bool = False, names: dict | None = None) -> bytes:
+def chat_to_message_bytes(body: bytes, model: str, omit_thinking: bool = False, names: dict | None = None,
+                          stops: list | None = None) -> bytes:
     """L{chat_to_message} on JSON bytes, for an exchange's C{transform} hook.
 
     @raise ValueError: C{body} is not JSON (L{jsonutil.JSONError}) or has no choice.
     @raise TypeError: C{body} is not shaped as a chat completion.
     """
-    return jsonutil.dumps(chat_to_message(jsonutil.loads(body), model, omit_thinking, names))
+    return jsonutil.dumps(chat_to_message(jsonutil.loads(body), model, omit_thinking, names, stops))
 
 
 def message_events(message: dict) -> bytes:
@@ -1103,9 +1140,10 @@ def _thinking_with_text(block) -> bool:
     return isinstance(block, dict) and block.get("type") == "thinking" and block.get("thinking") != ""
 
 
-def chat_to_events_bytes(body: bytes, model: str, omit_thinking: bool = False, names: dict | None = None) -> bytes:
+def chat_to_events_bytes(body: bytes, model: str, omit_thinking: bool = False, names: dict | None = None,
+                         stops: list | None = None) -> bytes:
     """L{message_events} of L{chat_to_message} on JSON bytes (raises as L{chat_to_message_bytes})."""
-    return message_events(chat_to_message(jsonutil.loads(body), model, omit_thinking, names))
+    return message_events(chat_to_message(jsonutil.loads(body), model, omit_thinking, names, stops))
 
 
 # -- errors ---------------------------------------------------------------------
@@ -1290,13 +1328,20 @@ class ChatToMessagesStream:
     C{keepalive} seconds (L{gomodel.proxy.relay.StreamRelay}): a C{ping}, and before the first chunk
     C{message_start} first (its id the gateway's, its input tokens 0 until C{message_delta} says them).
 
+    With C{stops} (L{unsent_stops}), the text is watched for them: at the first one found, one split across chunks
+    too, the text before it goes out and the stream ends (stop reason C{stop_sequence}, naming it), what the
+    upstream sends after unread; the end of the text that could begin one is held until it cannot (or its block
+    ends).
+
     @ivar done: C{[DONE]} or an error chunk arrived.
     @ivar error: the upstream's in-band error, if any.
     @ivar events: upstream chunks with content (about one token each), for an estimate.
     """
 
+    _stopped = False  # a stop sequence the upstream was not sent ended the text (L{_watched})
+
     def __init__(self, model, message_id: str | None = None, hide=None, omit_thinking: bool = False,
-                 keepalive: float = 0.0, names: dict | None = None):
+                 keepalive: float = 0.0, names: dict | None = None, stops: list | None = None):
         """
         @param model: the model C{message_start} names: a string, or a function giving it when the stream
             starts (the target that answered, a fallback's maybe, is known only then).
@@ -1305,9 +1350,12 @@ class ChatToMessagesStream:
         @param omit_thinking: thinking blocks go without their text (no C{thinking_delta}: L{omits_thinking}).
         @param keepalive: seconds of upstream silence after which the relay sends L{idle}'s bytes; 0: never.
         @param names: C{{short name: name}} of the tools the upstream was sent short (L{chat_to_message}'s).
+        @param stops: the stop sequences the upstream was not sent (L{unsent_stops}), or None.
         """
         self.keepalive = keepalive
         self._names = names
+        self._stops = stops
+        self._tail = ""  # with stops: the end of the text that could begin one, not sent yet
         self._framer = SSEFramer()
         self._model = model
         self._hide = hide
@@ -1413,13 +1461,36 @@ class ChatToMessagesStream:
                 self._held.append(text)
             else:
                 self._switch("text", out)
-                self._delta({"type": "text_delta", "text": text}, out)
+                if self._stops is not None:
+                    text = self._watched(text, out)
+                    if self.done:
+                        return
+                if text:
+                    self._delta({"type": "text_delta", "text": text}, out)
         for call in calls if isinstance(calls, list) else ():
             if isinstance(call, dict):
                 self._tool_call(call, out)
         if choice.get("finish_reason"):
             self._finish = choice["finish_reason"]
             self._matched = choice.get("stop_reason")
+
+    def _watched(self, text, out) -> str:
+        """Of the open text block's C{text}, what goes out now: without the end that could begin a stop sequence
+        (held, L{_tail}); where one is found, the text before it, and the stream ends (L{_end})."""
+        seen = self._tail + text
+        at, which = first_stop(seen, self._stops)
+        if which is not None:
+            self._tail = ""
+            if at:
+                self._delta({"type": "text_delta", "text": seen[:at]}, out)
+            self._finish, self._matched, self._stopped = "stop", which, True
+            self._end(out)
+            return ""
+        keep = max(len(sequence) for sequence in self._stops) - 1
+        if not keep:
+            return seen
+        self._tail = seen[-keep:]
+        return seen[:-keep]
 
     def _tool_call(self, delta, out):
         index = delta.get("index")
@@ -1487,6 +1558,9 @@ class ChatToMessagesStream:
     def _stop(self, out):
         if self._open is None:
             return
+        if self._tail:  # (the open block's text: the end held for the stop sequences, L{_watched})
+            self._delta({"type": "text_delta", "text": self._tail}, out)
+            self._tail = ""
         if self._open == "thinking":
             self._delta({"type": "signature_delta", "signature": ""}, out)
         out.append(_event("content_block_stop", {"index": self._next - 1}))
@@ -1504,9 +1578,14 @@ class ChatToMessagesStream:
             self._switch("thinking", out)
             if not self._omit_thinking:
                 self._delta({"type": "thinking_delta", "thinking": "".join(self._held_reasoning)}, out)
-        if self._held:
+        held = "".join(self._held)
+        if held and self._stops is not None:
+            at, which = first_stop(held, self._stops)
+            if which is not None:
+                held, self._finish, self._matched = held[:at], "stop", which
+        if held:
             self._switch("text", out)
-            self._delta({"type": "text_delta", "text": "".join(self._held)}, out)
+            self._delta({"type": "text_delta", "text": held}, out)
         self._switch(None, out)  # (the held reasoning's or text's block)
         for call in self._calls.values():
             if call.block is None:  # held calls (a name that never came too: the call is still told), whole
@@ -1516,7 +1595,10 @@ class ChatToMessagesStream:
             self._switch("text", out)
             self._switch(None, out)
         complete = all(_is_json_object("".join(c.arguments) or "{}") for c in self._calls.values())
-        reason, sequence = stop_reason(self._finish or "stop", self._matched, bool(self._calls), complete)
+        if self._stopped:  # (a stop sequence in the text, L{_watched}: no call comes after it)
+            reason, sequence = "stop_sequence", self._matched
+        else:
+            reason, sequence = stop_reason(self._finish or "stop", self._matched, bool(self._calls), complete)
         usage = self.usage or {"output_tokens": 0}
         out.append(_event("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": sequence},
                                             "usage": usage}))

@@ -48,14 +48,14 @@ from twisted.logger import Logger
 from gomodel import errors, jsonutil
 from gomodel.anthropic.file_sources import walk_blocks
 from gomodel.anthropic.files import wants_anthropic_files
-from gomodel.anthropic.translate import (ANTHROPIC_ERROR_TYPES, ChatToMessagesStream, MessagesStreamObserver,
-                                         chat_to_events_bytes, chat_to_message_bytes, check_sampling,
-                                         check_tool_choice_and_metadata,
+from gomodel.anthropic.translate import (ANTHROPIC_ERROR_TYPES, OPENAI_MAX_STOPS, ChatToMessagesStream,
+                                         MessagesStreamObserver, chat_to_events_bytes, chat_to_message_bytes,
+                                         check_sampling, check_tool_choice_and_metadata,
                                          checked_max_tokens, checked_messages, count_tokens_answer,
                                          count_tokens_request, is_anthropic_error, message_events_bytes,
                                          messages_to_chat, native_message_bytes, omits_thinking,
-                                         openai_error_to_anthropic, passed_fields, refuse_server_side, vllm_fields,
-                                         with_tool_errors, without_vllm_fields)
+                                         openai_error_to_anthropic, passed_fields, refuse_server_side, unsent_stops,
+                                         vllm_fields, with_tool_errors, without_vllm_fields)
 from gomodel.api.inference import plan_model, rebody, retargeted, target, unsaturated, vet_priority
 from gomodel.http import render
 from gomodel.http.bodies import json_body, query_arg, query_limit, streams
@@ -323,6 +323,7 @@ class MessagesRoutes:
         chat = messages_to_chat(body)
         extras, passed = vllm_fields(body, chat["messages"]), passed_fields(body)
         names = long_names(chat)  # (an OpenAI target is sent them short: L{chat_for})
+        stops = unsent_stops(body)  # (an OpenAI target is sent four: the answer is watched for the others)
         stream = body.get("stream") is True
         if stream:
             chat["stream"] = True
@@ -342,9 +343,10 @@ class MessagesRoutes:
         observer = ChatToMessagesStream(lambda: ctx.upstream_model,  # (the target that answers)
                                         hide=lambda message: self._without_address(ctx, message),
                                         omit_thinking=omit, keepalive=self._keepalive,
-                                        names=names) if stream else None
+                                        names=names, stops=stops) if stream else None
         call = UpstreamCall("/chat/completions", jsonutil.dumps(sent), model=ctx.upstream_model, observer=observer,
-                            transform=lambda answer: whole(answer, ctx.upstream_model, omit, names), affinity=affinity,
+                            transform=lambda answer: whole(answer, ctx.upstream_model, omit, names, stops),
+                            affinity=affinity,
                             fallbacks=fallbacks,
                             rebody=retargeted(request, ctx, self._salts, made) if fallbacks else None)
         try:
@@ -474,7 +476,9 @@ def chat_for(provider, chat: dict, extras: dict, passed: dict) -> dict:
     C{top_k} and C{chat_template_kwargs} (C{passed}, L{passed_fields}), which go to every provider but OpenAI
     (L{OPENAI_TYPES}, which refuses them), as on the chat route; its C{max_tokens} as C{max_completion_tokens} for
     the types of L{MAX_COMPLETION_TYPES}; its tool call ids and tool names short for the types of
-    L{SHORT_ID_TYPES} (L{fit_call_ids}, L{fit_tool_names}: the answer's calls are named back, L{long_names})."""
+    L{SHORT_ID_TYPES} (L{fit_call_ids}, L{fit_tool_names}: the answer's calls are named back, L{long_names}), and
+    its first L{OPENAI_MAX_STOPS} stop sequences only for the types of L{OPENAI_TYPES}, which refuse more (the
+    answer is watched for the others: L{unsent_stops})."""
     if provider.type in VLLM_CHAT_TYPES:
         return dict(chat, **extras)
     other = without_vllm_fields(chat, reasoning=provider.type in REASONING_BACK_TYPES,
@@ -486,6 +490,8 @@ def chat_for(provider, chat: dict, extras: dict, passed: dict) -> dict:
         other["reasoning"] = {"max_tokens": extras["thinking_token_budget"]}
     if provider.type in MAX_COMPLETION_TYPES:
         other["max_completion_tokens"] = other.pop("max_tokens")
+    if provider.type in OPENAI_TYPES and len(other.get("stop") or ()) > OPENAI_MAX_STOPS:
+        other["stop"] = other["stop"][:OPENAI_MAX_STOPS]
     if provider.type in SHORT_ID_TYPES:  # (a vLLM's call ids, 46 characters, are too long for OpenAI)
         fit_call_ids(other)
         fit_tool_names(other)  # (and MCP tools' names past 64 characters)
