@@ -1,6 +1,8 @@
 """Request shapes of Anthropic's Messages API that RAG clients and Claude Code send, through the gateway with the
 official anthropic SDK: natively to the fake vLLM and translated for an OpenAI-compatible provider."""
 
+from functools import partial
+
 import anthropic
 import pytest
 import pytest_twisted
@@ -121,6 +123,27 @@ async def test_server_side_features_are_refused_natively_and_translated(gw, fake
     assert refused.value.body["error"]["type"] == "invalid_request_error"
     assert refused.value.body["error"]["message"].startswith(f"{field}: ")
     assert len(fake.requests) == sent
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_tools_are_refused_natively_as_translated(gw, fake, client):
+    """A server tool (Anthropic's web search, code execution...: a tool with a type, no C{input_schema}) is
+    Anthropic's to run: translated it was the gateway's 400 naming it, while natively it went to vLLM, whose
+    Messages API reads it as a function tool (a 400 about its missing C{input_schema}, or a tool the model may call
+    and nobody runs). Either way now: the gateway's 400, before anything goes upstream, its count_tokens too; a
+    client tool with the type C{custom} is a tool as any."""
+    sent = len(fake.requests)
+    tools = [{"name": "f", "input_schema": {"type": "object"}},
+             {"type": "web_search_20250305", "name": "web_search", "max_uses": 3}]
+    for call in (partial(client.messages.create, max_tokens=16), client.messages.count_tokens):
+        with pytest.raises(anthropic.BadRequestError) as refused:
+            await in_thread(call, model=gw.model, messages=[{"role": "user", "content": "hi"}], tools=tools)
+        error = refused.value.body["error"]
+        assert error["type"] == "invalid_request_error" and error["message"].startswith("tools.1: ")
+        assert "web_search_20250305" in error["message"] and "server tools" in error["message"]
+    assert len(fake.requests) == sent
+    await in_thread(client.messages.create, model=gw.model, max_tokens=16, messages=[
+        {"role": "user", "content": "hi"}], tools=[dict(tools[0], type="custom")])
 
 
 @pytest_twisted.ensureDeferred

@@ -196,12 +196,19 @@ def check_tool_choice_and_metadata(body: dict):
 
 def refuse_server_side(body: dict):
     """Refuse what only Anthropic's servers do, which no upstream has, natively or translated (vLLM 0.32's Messages
-    API drops both unread): the MCP connector (a non-empty C{mcp_servers}: Anthropic's servers call its tools) and
-    a code execution C{container} (its skills). Fields that change no answer's content pass: C{service_tier},
-    C{context_management} (Claude Code sends it with every request), C{metadata}.
+    API drops both unread): the MCP connector (a non-empty C{mcp_servers}: Anthropic's servers call its tools), a
+    code execution C{container} (its skills), and a server tool (a tool whose C{type} is other than C{custom}: vLLM
+    reads one as a function tool, without its C{input_schema}). Fields that change no answer's content pass:
+    C{service_tier}, C{context_management} (Claude Code sends it with every request), C{metadata}.
 
-    @raise InvalidRequest: C{body} has either.
+    @raise InvalidRequest: C{body} has any.
     """
+    tools = body.get("tools")
+    if tools.__class__ is list:
+        for i, tool in enumerate(tools):
+            if tool.__class__ is dict and tool.get("type") not in _CLIENT_TOOL_TYPES:
+                raise InvalidRequest(f"tools.{i}: tool type {quoted(tool['type'])}: {_SERVER_TOOL_HINT}",
+                                     param=f"tools.{i}")
     if body.get("mcp_servers"):
         raise InvalidRequest(f"mcp_servers: the MCP connector is one of the {_SERVER_TOOL_HINT}; connect the MCP "
                              "server in the client and send its tools as tools", param="mcp_servers")
@@ -774,6 +781,10 @@ def _assistant_message(content, where) -> dict:
 _SERVER_TOOL_HINT = "server tools (web search, code execution, computer use...) are not supported by this provider"
 
 
+# The types of a tool the client runs (a server tool has another: L{refuse_server_side}).
+_CLIENT_TOOL_TYPES = (None, "custom")
+
+
 def _tools(tools) -> list:
     if tools is None:
         return []
@@ -784,7 +795,7 @@ def _tools(tools) -> list:
         where = f"tools.{i}"
         if not isinstance(tool, dict):
             raise InvalidRequest(f"{where}: Input should be an object", param=where)
-        if tool.get("type") not in (None, "custom"):
+        if tool.get("type") not in _CLIENT_TOOL_TYPES:
             raise InvalidRequest(f"{where}: tool type {quoted(tool.get('type'))}: {_SERVER_TOOL_HINT}", param=where)
         if not isinstance(tool.get("name"), str) or not tool["name"]:
             raise InvalidRequest(f"{where}.name: Field required", param=f"{where}.name")
