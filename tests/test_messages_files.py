@@ -236,5 +236,6 @@ def test_one_walk_finds_file_sources_and_the_blocks_that_go_translated():
         [], True, [])
     assert walk_blocks({"messages": [{"role": "user", "content": [change]}]}) == ([], False, [])
     failed = {"type": "tool_result", "tool_use_id": "t1", "content": [inner], "is_error": True}
-    assert walk_blocks({"messages": messages[:2] + [{"role": "user", "content": [
-        {"type": "tool_result", "tool_use_id": "t0", "is_error": False}, failed]}]}, files=False) == ([], True, [(2, 1)])
+    results = [{"type": "tool_result", "tool_use_id": "t0", "is_error": False}, failed]
+    assert walk_blocks({"messages": messages[:2] + [{"role": "user", "content": results}]}, files=False) == (
+        [], True, [(2, 1)])

@@ -1420,7 +1420,7 @@ class ChatToMessagesStream:
 
     def idle(self) -> bytes | None:
         """What to send while the upstream is silent: a C{ping}, after C{message_start} where none went yet
-        (a client's SDK takes no event before it); None once the stream is over."""
+        (Anthropic's streams begin with it; the SDKs skip a ping wherever it comes); None once the stream is over."""
         if self.done:
             return None
         if self._started:
