@@ -663,6 +663,7 @@ def render_found(request, found):
         encoder = found.getEncoder(request)
         if encoder is not None:
             request._encoder = encoder
+            request._plain_first = 0  # (its first write is Twisted's, which encodes it)
     request.render(found)
 
 

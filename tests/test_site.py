@@ -1161,3 +1161,74 @@ def test_a_chunked_answers_write_after_its_end_is_twisteds_refused_or_dropped(en
         request.write(b"three")
     assert transport.value() == sent
     channel.connectionLost(None)
+
+
+@pytest.mark.parametrize("how", ["encoder", "fake_head", "cookie", "etag", "last_modified", "finished", "lost"])
+def test_a_first_write_with_anything_to_decide_is_twisteds(how):
+    """An answer's first write goes out without Twisted's checks (L{GatewayRequest._plain_first}) only where there
+    is nothing to decide: an encoder's answer is encoded, a faked HEAD's body is dropped, a cookie, an ETag and a
+    Last-Modified go out with its head, a write after its finish raises and one after its connection is lost is
+    dropped, each as Twisted's C{write} does."""
+    from twisted.internet.testing import StringTransport
+    from twisted.python.failure import Failure
+    from twisted.internet.error import ConnectionLost
+    from twisted.web.resource import EncodingResourceWrapper, Resource
+    from twisted.web.error import UnsupportedMethod
+    from twisted.web.server import NOT_DONE_YET, GzipEncoderFactory
+
+    from gomodel.http.site import GatewaySite
+
+    raised = []
+
+    class Page(Resource):
+        isLeaf = True
+
+        def render(self, request):
+            if request.method == b"HEAD":  # (Twisted then fakes it: renders a GET, its body dropped)
+                raise UnsupportedMethod([b"GET"])
+            return super().render(request)
+
+        def render_GET(self, request):
+            if how == "cookie":
+                request.addCookie(b"a", b"b")
+            elif how == "etag":
+                request.setETag(b"tag")
+            elif how == "last_modified":
+                request.setLastModified(784111777)
+            elif how == "finished":
+                request.write(b"")
+                request.finish()
+            elif how == "lost":
+                request.connectionLost(Failure(ConnectionLost()))
+            try:
+                request.write(b"body")
+            except RuntimeError:
+                raised.append(how)
+            if how == "fake_head":
+                return b""  # (Twisted's fake HEAD needs a body returned: it writes its head then)
+            if how not in ("finished", "lost"):
+                request.finish()
+            return NOT_DONE_YET
+
+    page = EncodingResourceWrapper(Page(), [GzipEncoderFactory()]) if how == "encoder" else Page()
+    channel = GatewaySite(page, 1024).buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    method = b"HEAD" if how == "fake_head" else b"GET"
+    channel.dataReceived(method + b" / HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n")
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    expected = {"encoder": b"Content-Encoding: gzip", "cookie": b"Set-Cookie: a=b", "etag": b"ETag: tag",
+                "last_modified": b"Last-Modified: Sun, 06 Nov 1994 08:49:37 GMT"}.get(how)
+    if expected is not None:
+        assert expected in head
+    if how in ("encoder", "fake_head", "finished", "lost"):
+        assert b"body" not in body  # (encoded, dropped, or never written)
+    if how == "fake_head":
+        assert head.startswith(b"HTTP/1.1 200") and body == b""
+    if how == "finished":
+        assert raised == ["finished"] and body == b"0\r\n\r\n"
+    if how == "lost":
+        assert head == b""
+    if how in ("cookie", "etag", "last_modified"):
+        assert body == b"4\r\nbody\r\n0\r\n\r\n"
+    channel.connectionLost(None)

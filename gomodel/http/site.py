@@ -132,8 +132,7 @@ class GatewayRequest(_twistedcompat.EndingRequest):
                 return
             super().write(data)
             return
-        if (self._encoder or self._inFakeHead or self.finished or self._disconnected
-                or self.cookies or self.etag is not None or self.lastModified is not None):
+        if not self._plain_first:
             super().write(data)
             return
         self.startedWriting = 1
@@ -168,25 +167,55 @@ class GatewayRequest(_twistedcompat.EndingRequest):
 
     # Whether its site logs it when it finishes (C{log}: L{GatewaySite}'s does nothing, the request's context logs it).
     site_logs = True
+    # Whether the first write has nothing of Twisted's to decide: no encoder (L{_twistedcompat.render_found} clears it),
+    # no faked HEAD (L{_inFakeHead}), no cookie, ETag or Last-Modified to add (L{addCookie}, L{setETag},
+    # L{setLastModified}), neither finished nor lost (L{finish}, L{connectionLost}). One flag read where the first
+    # write would look at seven attributes.
+    _plain_first = 1
+    _fake_head = False
+
+    @property
+    def _inFakeHead(self):
+        """Twisted's: whether a HEAD is answered as a GET whose body is dropped (C{server.Request.render} sets it)."""
+        return self._fake_head
+
+    @_inFakeHead.setter
+    def _inFakeHead(self, value):
+        self._fake_head = value
+        if value:
+            self._plain_first = 0
+
+    def addCookie(self, *args, **kwargs):
+        self._plain_first = 0
+        return super().addCookie(*args, **kwargs)
+
+    def setETag(self, etag):
+        self._plain_first = 0
+        return super().setETag(etag)
+
+    def setLastModified(self, when):
+        self._plain_first = 0
+        return super().setLastModified(when)
+
     # Whether a write is a chunk to frame and send, nothing else to decide: the answer went out chunked, without an
     # encoder or a fake HEAD (set by the first write, but a last one), and is neither finished nor lost (cleared by
     # finish and by connectionLost).
     _framing = 0
 
     def connectionLost(self, reason):
-        self._framing = 0  # (lost: a write after it is Twisted's, which drops it)
+        self._framing = self._plain_first = 0  # (lost: a write after it is Twisted's, which drops it)
         super().connectionLost(reason)
 
     def finish(self):
         """Twisted's C{finish} (C{server.Request}'s, then C{http.Request}'s) for an answer whose head went out, not
         chunked, without an encoder, on a site that does not log it (L{site_logs}): marked finished and cleaned up,
         without their steps for the other cases. Any other is Twisted's."""
-        if (self.chunked or not self.startedWriting or self.finished or self._disconnected or self._encoder
-                or self.queued or self.site_logs):
-            self._framing = 0  # (finished: a write after it is Twisted's, which refuses it)
+        if self.chunked or not self.startedWriting or not self._plain_first or self.queued or self.site_logs:
+            self._framing = self._plain_first = 0  # (finished: a write after it is Twisted's, which refuses it)
             super().finish()
             return
         self.finished = 1
+        self._plain_first = 0
         self._cleanup()
 
     def process(self):
