@@ -59,6 +59,9 @@ class IStreamObserver(Interface):
     """Watches a relayed event stream; decides what of it the client gets."""
 
     usage = Attribute("The stream's usage object once seen, else None.")
+    done = Attribute("Whether what it returned so far holds the stream's proper end ([DONE], response.completed, "
+                     "message_stop); False for a body without one. Read after every write (an attribute, not a "
+                     "method: a stream's every upstream read reads it).")
 
     def feed(data):
         """Take upstream bytes; return the bytes to send the client now.

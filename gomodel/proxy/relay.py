@@ -57,6 +57,7 @@ class _Passthrough:
     """The observer of a body that is relayed as it comes."""
 
     usage = None
+    done = False  # (a body relayed as it comes has no proper end to see)
 
     def feed(self, data):
         return data
@@ -148,7 +149,7 @@ class StreamRelay(Protocol):
                 self._wrote_first()
             request = self._request
             request.write(out)
-            if not self.end_written and getattr(self.observer, "done", False):
+            if not self.end_written and self.observer.done:
                 self._wrote_end()
             send_now(request.transport)
 
@@ -183,7 +184,7 @@ class StreamRelay(Protocol):
                 request.write(out, True)
             else:
                 request.write(out)
-            if getattr(observer, "done", False):
+            if observer.done:
                 self._wrote_end()
         if ended is None:
             fire_unwatched(self.finished)  # (nothing has added a callback yet)
