@@ -1232,3 +1232,34 @@ def test_a_first_write_with_anything_to_decide_is_twisteds(how):
     if how in ("cookie", "etag", "last_modified"):
         assert body == b"4\r\nbody\r\n0\r\n\r\n"
     channel.connectionLost(None)
+
+
+@pytest.mark.parametrize("values", [{}, {b"X-One": [b"1"]}, {b"X-One": [b"1"], b"X-Two": [b"a", b"b"], b"X-Three": [b"c"]}])
+@pytest.mark.parametrize("lines", [b"", b"X-Ratelimit-Limit: 5\r\n"])
+def test_an_answers_head_is_written_as_twisted_writes_it(values, lines):
+    """The channel's head (status line, each value of each header on its own line, an AnswerHeaders' own lines
+    after them) is what Twisted's C{HTTPChannel.writeHeaders} writes, in one piece."""
+    from twisted.internet.testing import StringTransport
+    from twisted.web.http import HTTPChannel
+    from twisted.web.resource import Resource
+
+    from gomodel.http.headers import AnswerHeaders
+    from gomodel.http.site import GatewaySite
+
+    headers = AnswerHeaders()
+    for name, each in values.items():
+        headers.setRawHeaders(name, each)
+    headers.lines = lines
+    channel = GatewaySite(Resource(), 1024).buildProtocol(None)
+    ours = StringTransport()
+    channel.makeConnection(ours)
+    channel.writeHeaders(b"HTTP/1.1", b"200", b"OK", headers)
+    channel.write(b"")
+    theirs = StringTransport()
+    twisted = HTTPChannel()
+    twisted.makeConnection(theirs)
+    twisted.writeHeaders(b"HTTP/1.1", b"200", b"OK", [(n, v) for n, each in values.items() for v in each])
+    expected = theirs.value()
+    assert ours.value() == expected[:-2] + lines + b"\r\n"
+    channel.connectionLost(None)
+    twisted.connectionLost(None)

@@ -25,7 +25,7 @@ C{_waitingForTransport}), which C{tests/test_twistedcompat.py} checks.
 """
 
 from http import HTTPStatus
-from operator import itemgetter
+from itertools import chain
 
 import httptools
 from twisted.internet.error import ConnectionDone
@@ -49,7 +49,8 @@ PIPELINE_DEPTH = 16
 # The reason phrases Twisted has none for, which it writes "Unknown Status" (429 Too Many Requests, 422...).
 _UNKNOWN = b"Unknown Status"
 _PHRASES = {status.value: status.phrase.encode("ascii") for status in HTTPStatus if status.value not in http.RESPONSES}
-_first = itemgetter(0)
+_LINE_START = b"\r\n%b: ".__mod__  # a header's name -> the start of each of its lines (L{writeHeaders})
+_chain = chain.from_iterable
 
 
 class _BadRequest(Exception):
@@ -479,12 +480,11 @@ class GatewayChannel(http.HTTPChannel):
         if reason == _UNKNOWN:  # (Twisted's for a code it has no phrase for: a 429, a 422)
             reason = _PHRASES.get(int(code), reason)
         plain = _twistedcompat.plain_headers(headers)
-        if len(plain) == sum(map(len, plain.values())):  # one value each (else a line per value)
-            lines = b"\r\n".join(map(b": ".join, zip(plain, map(_first, plain.values()))))
-        else:
-            lines = b"\r\n".join(name + b": " + value for name, values in plain.items() for value in values)
-        self._head = b"".join((version, b" ", code, b" ", reason, b"\r\n", lines, b"\r\n" if lines else b"",
-                               getattr(headers, "lines", b""), b"\r\n"))  # and an AnswerHeaders' own lines
+        # Each header's lines, each begun with CRLF: b"\r\nName: ", then its values joined by that (a line per
+        # value), in C whatever the number of values; then an AnswerHeaders' own lines.
+        starts = list(map(_LINE_START, plain))
+        self._head = b"".join((version, b" ", code, b" ", reason, *_chain(zip(starts, map(bytes.join, starts,
+                               plain.values()))), b"\r\n", getattr(headers, "lines", b""), b"\r\n"))
 
     def write(self, data):
         head = self._head
