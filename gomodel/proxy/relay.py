@@ -109,16 +109,13 @@ class StreamRelay(Protocol):
             (the observer's C{done} turned true: C{[DONE]}, C{response.completed},
             C{message_stop}) were written to the client.
         """
-        self._request = request
-        self._first_write = first_write
-        self._end_written = end_written
-        self._clock = clock
-        self._timers = timers = timers if timers is not None else clock
+        timers = timers if timers is not None else clock
+        self.__dict__ = {  # (set as one dict: a store each is a bytecode triple apiece, every stream)
+            "_request": request, "_first_write": first_write, "_end_written": end_written, "_clock": clock,
+            "_timers": timers, "_idle_timeout": idle_timeout, "_stall_timeout": stall_timeout,
+            "finished": Deferred(self._cancelled)}
         if observer is not None:
             self.observer = observer
-        self._idle_timeout = idle_timeout
-        self._stall_timeout = stall_timeout
-        self.finished = Deferred(self._cancelled)
         if max_duration:
             self._max_call = timers.callLater(max_duration, self._fail, StreamTooLong())
 
