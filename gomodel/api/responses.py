@@ -738,7 +738,6 @@ class _ReplayCall(UpstreamCall):
     """A replay's call (L{ResponsesRoute._replay}): its breaking off before any event is no failure of its
     replica (vLLM's stream of a response it keeps no events of breaks off at once)."""
 
-    __slots__ = ()
     blames = False
 
 
