@@ -107,10 +107,11 @@ class KeysAPI:
         if body:
             raise _bad(sorted(body)[0], "is not a field of a deactivation (it takes none: the key is refused at once; "
                                         "to refuse it later, set its expires_at)")
-        record = await self._record(key_id)
-        if record["deactivated_at"] is None:
-            record = await self._store.update(key_id, {"deactivated_at": int(self._clock.seconds())})
-            self._ring.merge([record])
+        # (one conditional write: of two at once, the second answers the key as the first left it)
+        record = await self._store.deactivate(key_id, int(self._clock.seconds()))
+        if record is None:
+            raise _unknown(key_id)
+        self._ring.merge([record])
         return json_answer(request, (await self._views([record]))[0])
 
     @app.route("/<key_id>/rotate", methods=["POST"])

@@ -525,6 +525,13 @@ class IKeyStore(Interface):
         @return: a Deferred firing with the updated record, or None when there is no such key.
         """
 
+    def deactivate(key_id, at):
+        """Set C{deactivated_at} to C{at} (and C{updated_at}) in one conditional write, where the key is active:
+        of deactivations made at once the first one counts, the others leave the key as it is.
+
+        @return: a Deferred firing with the record (deactivated now or before), or None when there is no such key.
+        """
+
     def changed_since(updated_at):
         """@return: a Deferred firing with the records updated after C{updated_at} (float seconds),
         for the processes' key caches."""

@@ -89,6 +89,15 @@ class PostgreSQLKeyStore:
                 return None
             return PostgreSQLKeyStore._update(conn, key_id, dict(change(_record(row))))
 
+    def deactivate(self, key_id, at):
+        return self._db.run(self._deactivate, key_id, at)
+
+    @staticmethod
+    def _deactivate(conn, key_id, at):
+        row = conn.execute(f"UPDATE auth_keys SET deactivated_at = %s, updated_at = {_STAMP} WHERE id = %s "
+                           f"AND deactivated_at IS NULL RETURNING {', '.join(KEY_COLUMNS)}", (at, key_id)).fetchone()
+        return _record(row) if row is not None else PostgreSQLKeyStore._get(conn, key_id)
+
     def changed_since(self, updated_at):
         return self._db.run(lambda conn: [_record(r) for r in conn.execute(
             f"{_SELECT} WHERE updated_at > %s ORDER BY updated_at", (updated_at,))])

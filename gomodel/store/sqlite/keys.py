@@ -75,6 +75,15 @@ class SQLiteKeyStore:
             _write(conn, key_id, dict(change(_record(row))), now)
         return self._get(key_id)
 
+    def deactivate(self, key_id, at):
+        return self._db.run(self._deactivate, key_id, at, self._db.now())
+
+    def _deactivate(self, key_id, at, now):
+        with self._db.transaction() as conn:  # (the stamp read and the write in one: an active key's, else none)
+            conn.execute("UPDATE auth_keys SET deactivated_at = ?, updated_at = ? WHERE id = ? "
+                         "AND deactivated_at IS NULL", (at, _after_newest(conn, now), key_id))
+        return self._get(key_id)
+
     def changed_since(self, updated_at):
         return self._db.run(lambda: [_record(r) for r in self._db.conn().execute(
             f"{_SELECT} WHERE updated_at > ? ORDER BY updated_at", (updated_at,))])
