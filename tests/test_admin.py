@@ -389,6 +389,23 @@ async def test_an_empty_csv_grouping_has_the_columns_of_a_full_one(http, ledger)
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_usage_summary_splits_its_errors_by_kind_in_json_and_csv(http, ledger):
+    """C{usage/summary} (the Usage page's cards) says what its C{errors} were, as the time series does: the
+    server's, the clients', the clients that left and the broken streams (before, one count of them all)."""
+    await record(ledger, ("ok", {"outcome": "ok"}), ("bad", {"status_code": 400, "outcome": "error"}),
+                 ("down", {"status_code": 502, "outcome": "error"}),
+                 ("gone", {"status_code": 499, "client_gone": True, "outcome": "client_gone"}),
+                 ("broken", {"outcome": "stream_broken", "stream": True}))
+    split = {"errors": 4, "server_errors": 1, "client_errors": 1, "client_gone": 1, "stream_broken": 1}
+    _, body = await get(http, ledger, "/admin/api/v1/usage/summary")
+    summary = json.loads(body)
+    assert summary["requests"] == 5 and {name: summary[name] for name in split} == split
+    _, body = await get(http, ledger, "/admin/api/v1/usage/summary?format=csv")
+    (row,) = csv.DictReader(io.StringIO(body.decode(), newline=""))
+    assert {name: int(row[name]) for name in split} == split
+
+
+@pytest_twisted.ensureDeferred
 async def test_dates_before_the_year_1000_have_four_digit_years(http, ledger):
     _, body = await get(http, ledger, "/admin/api/v1/usage/summary?start_date=0999-01-01&end_date=0999-01-02")
     summary = json.loads(body)

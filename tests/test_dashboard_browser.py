@@ -2115,7 +2115,7 @@ async def _add_usage(gw, rows):
 
 @pytest_twisted.ensureDeferred
 async def test_the_overviews_errors_say_what_kind_they_were(reactor, tmp_path):
-    """The overview's Errors card counts every request that did not end well and says what they were: answers of
+    """The overview's (and the Usage page's) Errors card counts every request that did not end well and says what they were: answers of
     5xx (a 504 too), refused ones of 400 to 499 (an upstream's 429), clients that left (499) and broken streams
     (before, one red count of them all, a client's cancel read as the gateway's failure)."""
     from gomodel.store.records import USAGE_FIELDS
@@ -2139,6 +2139,9 @@ async def test_the_overviews_errors_say_what_kind_they_were(reactor, tmp_path):
             assert b.text_of("#card-errors .card-value") == "4"
             assert b.text_of("#card-errors .card-detail") == (
                 "57.1% of requests · 1 server (5xx) · 2 refused (4xx) · 1 client left (499)")
+            b.go("usage")  # (its Errors card says the same, of its window: before, one count of them all)
+            b.wait_text("#usage-totals .card-detail", lambda t: t == "1 server (5xx) · 2 refused (4xx) · "
+                        "1 client left (499)", "the usage page's errors by kind")
             b.assert_clean()
 
         await in_thread(overview)

@@ -13,6 +13,9 @@ from tests.postgres import pg_database  # noqa: F401 (a fixture)
 from tests.stores import backend, store  # noqa: F401 (fixtures)
 
 
+ERROR_SPLIT = ("errors", "client_errors", "server_errors", "client_gone", "stream_broken")
+
+
 def row(request_id, timestamp, **values):
     base = {"request_id": request_id, "timestamp": timestamp, "provider": "vllm", "provider_name": "vllm-a",
             "replica": 0, "model": "vllm-a/m", "endpoint": "/v1/chat/completions", "status_code": 200,
@@ -39,7 +42,8 @@ async def test_usage_is_totalled_grouped_logged_and_spent(store):
     totals = await usage.summary(0, 1e9)
     assert totals == {"requests": 4, "input_tokens": 30, "output_tokens": 15, "total_tokens": 45,
                       "cached_tokens": 8, "reasoning_tokens": 0, "total_cost": 0.75, "errors": 1,
-                      "input_cost": 0.375, "output_cost": 0.375, "audio_seconds": 90.5}
+                      "input_cost": 0.375, "output_cost": 0.375, "audio_seconds": 90.5, "client_errors": 0,
+                      "server_errors": 1, "client_gone": 0, "stream_broken": 0}
     assert (await usage.summary(0, 50))["requests"] == 0
     assert (await usage.summary(0, 50))["total_cost"] is None
     assert (await usage.summary(0, 50))["input_cost"] is None
@@ -47,7 +51,7 @@ async def test_usage_is_totalled_grouped_logged_and_spent(store):
     assert await usage.summary(0, 1e9, {"key": "k_1"}) == {
         "requests": 2, "input_tokens": 10, "output_tokens": 5, "total_tokens": 15, "cached_tokens": 4,
         "reasoning_tokens": 0, "total_cost": 0.75, "errors": 1, "input_cost": 0.375, "output_cost": 0.375,
-        "audio_seconds": 90.5}
+        "audio_seconds": 90.5, "client_errors": 0, "server_errors": 1, "client_gone": 0, "stream_broken": 0}
     assert (await usage.summary(0, 1e9, {"keyless": True}))["requests"] == 2
     assert (await usage.summary(0, 1e9, {"user_path": "/team/a"}))["requests"] == 2
     assert (await usage.summary(0, 1e9, {"user_path": "/team"}))["requests"] == 3
@@ -276,6 +280,11 @@ async def test_the_time_series_tells_each_kind_of_error_apart(store):
         "requests": 9, "errors": 8, "client_errors": 2, "server_errors": 3, "client_gone": 2, "stream_broken": 1}
     assert (second["errors"], second["client_errors"], second["server_errors"], second["client_gone"],
             second["stream_broken"]) == (1, 1, 0, 0, 0)
+    # the summary (usage/summary's) splits them as the series does, a window with none of them zeros
+    totals = await store.usage.summary(0, 300)
+    assert {name: totals[name] for name in ERROR_SPLIT} == {
+        "errors": 9, "client_errors": 3, "server_errors": 3, "client_gone": 2, "stream_broken": 1}
+    assert {name: (await store.usage.summary(0, 50))[name] for name in ERROR_SPLIT} == dict.fromkeys(ERROR_SPLIT, 0)
 
 
 # Records written before the outcome column, and one an older gateway writes after it (a rolling upgrade): their

@@ -535,6 +535,14 @@ async def test_the_ledgers_summary_adds_what_it_holds_still_as_the_store_sums_it
         totals = await ledger.summary(0, 1000, filters)
         assert (totals["requests"], totals["total_tokens"], totals["cached_tokens"], totals["errors"]) == expected
         assert totals["total_cost"] is None  # (no prices)
+        assert (totals["server_errors"], totals["client_errors"]) == (expected[3], 0)
+    for i, (status, outcome) in enumerate(((429, "error"), (499, "client_gone"), (200, "stream_broken"))):
+        ledger.keep(f"e{i}", 200.0 + i, "vllm", "vllm", 0, "vllm/m", "/v1/chat/completions", status, False, usage,
+                    outcome=outcome)
+    totals = await ledger.summary(0, 1000)
+    assert {name: totals[name] for name in ("errors", "server_errors", "client_errors", "client_gone",
+                                            "stream_broken")} == {
+        "errors": 4, "server_errors": 1, "client_errors": 1, "client_gone": 1, "stream_broken": 1}
     await ledger.flush()
     assert await ledger.summary(0, 1000, {"user_path": "/team"}) == await sqlite_store.usage.summary(
         0, 1000, {"user_path": "/team"})

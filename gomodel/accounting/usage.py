@@ -173,7 +173,12 @@ class UsageLedger(Service):
             if path is not None and (row[_PATH] is None or (row[_PATH] != path and not row[_PATH].startswith(below))):
                 continue
             totals["requests"] += 1
-            totals["errors"] += 1 if row[_OUTCOME] != OK else 0
+            outcome = row[_OUTCOME]
+            if outcome != OK:
+                totals["errors"] += 1
+                kind = outcome if outcome != ERROR else "client_errors" if 400 <= (row[_STATUS] or 0) < 500 \
+                    else "server_errors"
+                totals[kind] += 1
             for name, index in _SUMS:
                 totals[name] += row[index] or 0
             for name, index in _COSTS:
@@ -270,7 +275,7 @@ class UsageLedger(Service):
         return d.addBoth(over)
 
 
-_TIME, _OUTCOME = USAGE_FIELDS.index("timestamp"), USAGE_FIELDS.index("outcome")
+_TIME, _OUTCOME, _STATUS = (USAGE_FIELDS.index(field) for field in ("timestamp", "outcome", "status_code"))
 # A summary's token sums and cost sums (None until a record has a price), by their columns.
 _SUMS = tuple((name, USAGE_FIELDS.index(name))
               for name in ("input_tokens", "output_tokens", "total_tokens", "cached_tokens", "reasoning_tokens",

@@ -16,6 +16,7 @@ from gomodel.errors import InvalidRequest, NotFound, shown
 from gomodel.http.bodies import json_answer, json_body, mounted, query_arg, query_int, query_limit
 from gomodel.http.context import CLIENT_GONE, ERROR, OK, STREAM_BROKEN
 from gomodel.http.render import install as install_error_handlers
+from gomodel.store.codec import ERROR_SPLIT
 from gomodel.store.records import USAGE_FIELDS, USAGE_TOTALS
 
 # usage/timeseries windows: (bucket seconds, buckets)
@@ -28,6 +29,9 @@ OUTCOMES = (OK, ERROR, CLIENT_GONE, STREAM_BROKEN)  # a usage record's outcome (
 # The store's buckets that days of a zone other than UTC are folded from: every zone's offset is whole quarters
 # of an hour (Asia/Kathmandu's +05:45).
 QUARTER = 900
+# usage/summary's CSV columns: the totals, its errors by kind after them.
+_AT = USAGE_TOTALS.index("errors") + 1
+SUMMARY_COLUMNS = USAGE_TOTALS[:_AT] + ERROR_SPLIT + USAGE_TOTALS[_AT:]
 # What a spreadsheet reads as the start of a formula at the start of a cell (OWASP's CSV injection list).
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
@@ -120,14 +124,15 @@ class AdminAPI:
     async def usage_summary(self, request):
         """Totals for a window (C{start_date}/C{end_date}, or C{days}, default 30); every usage view takes
         the log's filters (L{_filters}), and counts the days of the zone GoModel's C{X-GoModel-Timezone}
-        names (UTC without it); C{format=csv}: one row, the window's C{start} and C{end} days and the totals."""
+        names (UTC without it); C{format=csv}: one row, the window's C{start} and C{end} days and the totals.
+        Its C{errors} are split by kind as the time series' are (L{ERROR_SPLIT}: C{server_errors}, ...)."""
         zone = time_zone(request)
         start, end = window(request, self._clock, zone=zone)
         wants_csv = _wants_csv(request)
         summary = await self._usage_store().summary(start, end, _filters(request))
         if wants_csv:
             return _csv(request, [dict(summary, start=day(start, zone), end=day(end - 1, zone))],
-                        ("start", "end") + USAGE_TOTALS)
+                        ("start", "end") + SUMMARY_COLUMNS)
         return json_answer(request, dict(summary, **usage_fields(summary), start=day(start, zone),
                                          end=day(end - 1, zone)))
 

@@ -427,7 +427,9 @@ class IUsageStore(Interface):
         @param filters: as L{log}'s (C{key}, C{keyless}, C{user_path}: that path and those under it, ...).
         @return: a Deferred firing with C{{requests, input_tokens, output_tokens, total_tokens,
             cached_tokens, reasoning_tokens, total_cost (None without prices), errors (the records whose
-            C{outcome} is not C{ok}), input_cost, output_cost (None without prices), audio_seconds}}.
+            C{outcome} is not C{ok}), input_cost, output_cost (None without prices), audio_seconds}}, and its
+            C{errors} by kind as L{timeseries} splits them (C{server_errors, client_errors, client_gone,
+            stream_broken}).
         """
 
     def grouped(start, end, by=(), bucket=None, filters=None):

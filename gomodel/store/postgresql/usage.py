@@ -6,8 +6,8 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from gomodel.errors import RowsRejected
-from gomodel.store.codec import (ERROR_KINDS, LOG_ORDER, OUTCOME, SEARCHED, log_after, series_bucket, spent_many,
-                                 usage_columns, usage_where)
+from gomodel.store.codec import (ERROR_KINDS, LOG_ORDER, OUTCOME, SEARCHED, SUMMARY_KINDS, log_after, series_bucket,
+                                 spent_many, split_errors, usage_columns, usage_where)
 from gomodel.store.interfaces import IUsageStore
 from gomodel.store.postgresql.database import in_batches
 from gomodel.store.records import USAGE_FIELDS as COLUMNS, USAGE_TOTALS
@@ -106,7 +106,9 @@ class PostgreSQLUsageStore:
     @staticmethod
     def _summary(conn, start, end, filters):
         where, args = _where(start, end, filters)
-        return _totals(conn.execute(f"SELECT {_TOTALS} FROM usage WHERE {' AND '.join(where)}", args).fetchone())
+        row = conn.execute(f"SELECT {_TOTALS}, {SUMMARY_KINDS} FROM usage WHERE {' AND '.join(where)}",
+                           args).fetchone()
+        return split_errors(_totals(row), *row[len(USAGE_TOTALS):])
 
     def grouped(self, start, end, by=(), bucket=None, filters=None):
         return self._db.run(self._grouped, start, end, tuple(by), bucket, dict(filters or {}))

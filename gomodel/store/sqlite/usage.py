@@ -3,8 +3,8 @@ store's writer process (L{gomodel.store.sqlite.writer}), read in the store's thr
 
 from zope.interface import implementer
 
-from gomodel.store.codec import (ERROR_KINDS, LOG_ORDER, OUTCOME, SEARCHED, log_after, series_bucket, spent_many,
-                                 usage_columns, usage_where)
+from gomodel.store.codec import (ERROR_KINDS, LOG_ORDER, OUTCOME, SEARCHED, SUMMARY_KINDS, log_after, series_bucket,
+                                 spent_many, split_errors, usage_columns, usage_where)
 from gomodel.store.interfaces import IUsageStore
 from gomodel.store.records import USAGE_FIELDS as COLUMNS, USAGE_TOTALS
 
@@ -38,8 +38,9 @@ class SQLiteUsageStore:
 
     def _summary(self, start, end, filters):
         where, args = _where(start, end, filters)
-        return _totals(self._db.conn().execute(f"SELECT {_TOTALS} FROM usage WHERE {' AND '.join(where)}",
-                                               args).fetchone())
+        row = self._db.conn().execute(f"SELECT {_TOTALS}, {SUMMARY_KINDS} FROM usage WHERE {' AND '.join(where)}",
+                                      args).fetchone()
+        return split_errors(_totals(row), *row[len(USAGE_TOTALS):])
 
     def grouped(self, start, end, by=(), bucket=None, filters=None):
         return self._db.run(self._grouped, start, end, tuple(by), bucket, dict(filters or {}))

@@ -2,7 +2,7 @@
 
 import {admin} from "../api.js";
 import {COLORS, chart, update} from "../charts.js";
-import {compact, counted, errorNote, h, int, msPair, note, replace, WAITING} from "../dom.js";
+import {compact, counted, errorKinds, errorNote, h, int, msPair, note, replace, WAITING} from "../dom.js";
 import {providerHint} from "./providers.js";
 
 export const title = "Overview";
@@ -149,14 +149,6 @@ export function mount(el) {
     clearInterval(timer);
     Object.values(charts).forEach((c) => c.destroy());
   };
-}
-
-// What the errors were, each kind the window had: the answers of 5xx (and errors told inside a 200 stream), of
-// 400 to 499 (a bad request, an upstream's 429), the clients that left (499) and the streams that broke.
-function errorKinds(s) {
-  return [[s.server_errors, "server (5xx)"], [s.client_errors, "refused (4xx)"], [s.client_gone, "client left (499)"],
-    [s.stream_broken, s.stream_broken === 1 ? "stream broken" : "streams broken"]]
-    .filter(([n]) => n).map(([n, what]) => `${int(n)} ${what}`);
 }
 
 function panel(titleText, box) {

@@ -3,7 +3,7 @@
 
 import {admin, download, downloadPages, query, zoneName} from "../api.js";
 import {COLORS, chart, update} from "../charts.js";
-import {badge, button, cost, errorNote, focusAgain, h, int, localWhen, ms, note, replace, table, when}
+import {badge, button, cost, errorKinds, errorNote, focusAgain, h, int, localWhen, ms, note, replace, table, when}
   from "../dom.js";
 
 export const title = "Usage";
@@ -203,7 +203,7 @@ export function mount(el) {
     if (!current()) return false;
     answered("totals");
     replace(totals,
-      card("Requests", int(s.requests)), card("Errors", int(s.errors)),
+      card("Requests", int(s.requests)), card("Errors", int(s.errors), errorKinds(s).join(" · ")),
       card("Input tokens", int(s.input_tokens)), card("Output tokens", int(s.output_tokens)),
       card("Cached tokens", int(s.cached_tokens)), card("Cost", s.total_cost === null ? "no prices" : cost(s.total_cost)));
     const zone = zoneName();
@@ -316,8 +316,8 @@ export function mount(el) {
   };
 }
 
-function card(titleText, value) {
+function card(titleText, value, detail) {
   return h("div", {class: "card"}, h("div", {class: "card-title", text: titleText}),
-    h("div", {class: "card-value", text: value}));
+    h("div", {class: "card-value", text: value}), detail ? h("div", {class: "card-detail", text: detail}) : null);
 }
 
