@@ -309,7 +309,8 @@ async def test_a_transcription_billed_in_seconds_records_and_prices_them(reactor
         await gw.service.usage.flush()
         records, _ = await gw.service.store.usage.log(0, 2e9, 10)
         assert [(r["audio_seconds"], r["input_tokens"], r["input_cost"], r["total_cost"]) for r in records] == [
-            (None, 9, pytest.approx(9e-6), pytest.approx(9e-6))] + [(90, 0, pytest.approx(0.9), pytest.approx(0.9))] * 2
+            (None, 9, pytest.approx(9e-6), pytest.approx(9e-6)), (None, 0, 0.0, 0.0)  # (the refused one)
+        ] + [(90, 0, pytest.approx(0.9), pytest.approx(0.9))] * 2
         summary = jsonutil.loads(await treq.content(await http.get(
             gw.url + "/admin/api/v1/usage/summary", headers={"authorization": f"Bearer {MASTER}"})))
         assert summary["audio_seconds"] == 180 and summary["total_cost"] == pytest.approx(1.8 + 9e-6)

@@ -2116,8 +2116,8 @@ async def _add_usage(gw, rows):
 @pytest_twisted.ensureDeferred
 async def test_the_overviews_errors_say_what_kind_they_were(reactor, tmp_path):
     """The overview's (and the Usage page's) Errors card counts every request that did not end well and says what they were: answers of
-    5xx (a 504 too), refused ones of 400 to 499 (an upstream's 429), clients that left (499) and broken streams
-    (before, one red count of them all, a client's cancel read as the gateway's failure)."""
+    5xx (a 504 too), refused ones of 400 to 499 (an upstream's 429), clients that left (499), broken streams and
+    the gateway's own limits' refusals (before, one red count of them all, a client's cancel read as the gateway's failure)."""
     from gomodel.store.records import USAGE_FIELDS
 
     master = "gm-dash-" + secrets.token_urlsafe(16)
@@ -2127,7 +2127,8 @@ async def test_the_overviews_errors_say_what_kind_they_were(reactor, tmp_path):
                     endpoint="/v1/chat/completions", status_code=200, stream=False, input_tokens=3, output_tokens=1,
                     total_tokens=4, client_gone=False, estimated=False, outcome="ok", duration_ms=40)
         kinds = [("ok-1", 200, "ok"), ("ok-2", 200, "ok"), ("ok-3", 200, "ok"), ("bad", 400, "error"),
-                 ("limited", 429, "error"), ("timeout", 504, "error"), ("gone", 499, "client_gone")]
+                 ("limited", 429, "error"), ("timeout", 504, "error"), ("gone", 499, "client_gone"),
+                 ("over", 429, "refused")]
         await gw.service.store.usage.add([tuple(dict(base, request_id=rid, status_code=status, outcome=outcome,
                                                      client_gone=outcome == "client_gone")[name]
                                                 for name in USAGE_FIELDS) for rid, status, outcome in kinds])
@@ -2135,13 +2136,14 @@ async def test_the_overviews_errors_say_what_kind_they_were(reactor, tmp_path):
         def overview():
             b.sign_in()
             b.go("overview")
-            b.wait_text("#card-requests .card-value", lambda t: t == "7", "the 7 requests")
-            assert b.text_of("#card-errors .card-value") == "4"
+            b.wait_text("#card-requests .card-value", lambda t: t == "8", "the 8 requests")
+            assert b.text_of("#card-errors .card-value") == "5"
             assert b.text_of("#card-errors .card-detail") == (
-                "57.1% of requests · 1 server (5xx) · 2 refused (4xx) · 1 client left (499)")
+                "62.5% of requests · 1 server (5xx) · 2 refused (4xx) · 1 client left (499) · "
+                "1 over the gateway's limits (429)")
             b.go("usage")  # (its Errors card says the same, of its window: before, one count of them all)
             b.wait_text("#usage-totals .card-detail", lambda t: t == "1 server (5xx) · 2 refused (4xx) · "
-                        "1 client left (499)", "the usage page's errors by kind")
+                        "1 client left (499) · 1 over the gateway's limits (429)", "the usage page's errors by kind")
             b.assert_clean()
 
         await in_thread(overview)

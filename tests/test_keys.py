@@ -1845,6 +1845,41 @@ async def test_usage_records_name_the_key_and_its_user_path(http, gw):
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_gateways_own_refusals_of_a_key_are_counted_in_its_usage(http, gw):
+    """A request the gateway refused itself with a 429 (a key's rpm, its budget) never reached an upstream, yet
+    it is the key's: it is a usage record of 0 tokens, status 429 and outcome C{refused}, under the key, the
+    provider and model it was routed to, counted in the summary's, the key's and the overview's requests and
+    errors (C{refused}, their kind) and found by C{outcome=refused} (before, no record: an operator saw a key
+    quiet in its usage while its clients were refused)."""
+    limited = await new_key(http, gw, name="limited", rpm=1, user_path="/team/a")
+    spent = await new_key(http, gw, name="spent", budgets=[{"period": "daily", "max_tokens": 1}])
+    for key, code in ((limited, "rate_limit_exceeded"), (spent, "budget_exceeded")):
+        client = openai_client(gw, key["value"])
+        try:
+            await chat(client)
+            with pytest.raises(openai.RateLimitError) as refused:
+                await chat(client)
+            assert refused.value.code == code
+        finally:
+            client.close()
+    await gw.service.usage.flush()
+    records, _ = await gw.service.store.usage.log(0, 2e9, 100, filters={"outcome": "refused"})
+    assert sorted((r["auth_key_id"], r["status_code"], r["total_tokens"], r["input_tokens"], r["provider_name"],
+                   r["model"], r["replica"]) for r in records) == sorted(
+        (key["id"], 429, 0, 0, "vllm", MODEL, None) for key in (limited, spent))
+    assert {r["auth_key_id"]: r["user_path"] for r in records}[limited["id"]] == "/team/a"
+    code, summary = await admin(http, gw, "GET", f"/admin/api/v1/usage/summary?key={limited['id']}")
+    assert (summary["requests"], summary["errors"], summary["refused"], summary["client_errors"]) == (2, 1, 1, 0)
+    code, by_key = await admin(http, gw, "GET", "/admin/api/v1/usage/keys")
+    assert {row["auth_key_id"]: (row["requests"], row["errors"]) for row in by_key["data"]} == {
+        limited["id"]: (2, 1), spent["id"]: (2, 1)}
+    code, series = await admin(http, gw, "GET", "/admin/api/v1/usage/timeseries")
+    assert (series["summary"]["requests"], series["summary"]["refused"], series["summary"]["errors"]) == (4, 2, 2)
+    code, only = await admin(http, gw, "GET", "/admin/api/v1/usage/log?outcome=refused")
+    assert code == 200 and len(only["data"]) == 2
+
+
+@pytest_twisted.ensureDeferred
 async def test_metrics_name_the_key_by_id_and_name(http, gw):
     """Issue 14: "The access log, usage records and metrics name the key by id/name, never by secret." Before,
     no series named a key: an operator could not tell from /metrics which tenant sent what, nor which key

@@ -415,7 +415,8 @@ async def test_a_stream_request_that_failed_before_its_stream_began_is_labelled_
         await gw.service.usage.flush()
         records, _ = await gw.service.store.usage.log(0, 2e9, 100)
         assert sorted((r["endpoint"], r["status_code"], r["stream"]) for r in records) == [
-            ("/v1/chat/completions", 200, True), ("/v1/chat/completions", 503, True),
+            ("/v1/chat/completions", 200, True), ("/v1/chat/completions", 429, True),  # (the gateway's refusal)
+            ("/v1/chat/completions", 503, True),
             ("/v1/chat/completions", 504, True), ("/v1/messages", 504, True), ("/v1/responses", 504, True)]
     finally:
         globalLogPublisher.removeObserver(lines.append)

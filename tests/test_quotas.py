@@ -87,7 +87,9 @@ async def test_x_gomodel_user_path_attributes_the_master_keys_requests_to_a_path
         assert refused.value.code == "invalid_user_path"
         await gateway.service.usage.flush()
         code, log = await admin(http, gateway, "GET", "/admin/api/v1/usage/log?user_path=/team/a")
-        assert [(r["user_path"], r["auth_key_id"]) for r in log["data"]] == [("/team/a", None)]
+        # (the refused one too: the gateway's own refusals are records of 0 tokens, outcome refused)
+        assert [(r["user_path"], r["auth_key_id"], r["outcome"]) for r in log["data"]] == [
+            ("/team/a", None, "refused"), ("/team/a", None, "ok")]
         code, log = await admin(http, gateway, "GET", "/admin/api/v1/usage/log?user_path=/team/b")
         assert len(log["data"]) == 3
         # Its budgets too: one request spends /team/d's 20 tokens (21), the next is refused.
@@ -493,6 +495,7 @@ async def test_a_price_keyed_by_the_provider_type_the_client_sends_prices_its_in
         code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log")
         assert [(r["model"], r["total_cost"]) for r in log["data"]] == [
             ("vllm-gpu-b/meta-llama/Llama-3.1-8B-Instruct", 18.0),  # its own price: the input tokens alone
+            ("vllm-gpu-a/meta-llama/Llama-3.1-8B-Instruct", 0.0),  # (the refused one: no tokens)
             ("vllm-gpu-a/meta-llama/Llama-3.1-8B-Instruct", 21.0),
             ("vllm-gpu-a/meta-llama/Llama-3.1-8B-Instruct", 21.0)]
     finally:
@@ -654,7 +657,7 @@ async def test_gomodels_per_model_metadata_pricing_prices_the_model_and_spends_c
             client.close()
         await gw.service.usage.flush()
         code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log")
-        assert [r["total_cost"] for r in log["data"]] == [21.0, 21.0]
+        assert [r["total_cost"] for r in log["data"]] == [0.0, 21.0, 21.0]  # (the refused one: no tokens)
     finally:
         await gw.service.stopService()
 
@@ -685,7 +688,7 @@ async def test_a_passthrough_is_priced_by_the_model_its_provider_serves(reactor,
         await gw.service.usage.flush()
         code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log")
         assert sorted((r["model"] or "", r["total_cost"] or 0) for r in log["data"]) == [
-            ("", 0), (MODEL, 21), (MODEL, 21)]
+            ("", 0), (MODEL, 0), (MODEL, 21), (MODEL, 21)]  # (the refused one: no tokens)
     finally:
         await gw.service.stopService()
 
@@ -1401,7 +1404,8 @@ async def test_x_gomodel_user_path_attributes_an_open_gateways_requests_to_a_pat
         await in_thread(raw_chat, client, extra_headers={"Authorization": ""})
         await gateway.service.usage.flush()
         response = await http.get(gateway.url + "/admin/api/v1/usage/log?user_path=/team/a")
-        assert [r["user_path"] for r in json.loads(await response.content())["data"]] == ["/team/a"]
+        assert [(r["user_path"], r["outcome"]) for r in json.loads(await response.content())["data"]] == [
+            ("/team/a", "refused"), ("/team/a", "ok")]
     finally:
         client.close()
         await gateway.service.stopService()

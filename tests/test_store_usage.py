@@ -43,7 +43,7 @@ async def test_usage_is_totalled_grouped_logged_and_spent(store):
     assert totals == {"requests": 4, "input_tokens": 30, "output_tokens": 15, "total_tokens": 45,
                       "cached_tokens": 8, "reasoning_tokens": 0, "total_cost": 0.75, "errors": 1,
                       "input_cost": 0.375, "output_cost": 0.375, "audio_seconds": 90.5, "client_errors": 0,
-                      "server_errors": 1, "client_gone": 0, "stream_broken": 0}
+                      "server_errors": 1, "client_gone": 0, "stream_broken": 0, "refused": 0}
     assert (await usage.summary(0, 50))["requests"] == 0
     assert (await usage.summary(0, 50))["total_cost"] is None
     assert (await usage.summary(0, 50))["input_cost"] is None
@@ -51,7 +51,7 @@ async def test_usage_is_totalled_grouped_logged_and_spent(store):
     assert await usage.summary(0, 1e9, {"key": "k_1"}) == {
         "requests": 2, "input_tokens": 10, "output_tokens": 5, "total_tokens": 15, "cached_tokens": 4,
         "reasoning_tokens": 0, "total_cost": 0.75, "errors": 1, "input_cost": 0.375, "output_cost": 0.375,
-        "audio_seconds": 90.5, "client_errors": 0, "server_errors": 1, "client_gone": 0, "stream_broken": 0}
+        "audio_seconds": 90.5, "client_errors": 0, "server_errors": 1, "client_gone": 0, "stream_broken": 0, "refused": 0}
     assert (await usage.summary(0, 1e9, {"keyless": True}))["requests"] == 2
     assert (await usage.summary(0, 1e9, {"user_path": "/team/a"}))["requests"] == 2
     assert (await usage.summary(0, 1e9, {"user_path": "/team"}))["requests"] == 3

@@ -18,8 +18,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from gomodel.accounting.tokens import audio_seconds, tokens_by_type, total_tokens
-from gomodel.errors import RowsRejected
-from gomodel.http.context import ERROR, OK
+from gomodel.errors import BudgetExceeded, RateLimitExceeded, RowsRejected
+from gomodel.http.context import ERROR, OK, REFUSED
 from gomodel.logs import FailureStreak, log_failure
 from gomodel.store.records import USAGE_FIELDS
 from gomodel.store.sweeps import claimed
@@ -63,14 +63,26 @@ class UsageLedger(Service):
         self._dropped = 0  # records dropped past MAX_BUFFER since the store last took some
 
     def __call__(self, ctx):
-        """A request is over: keep its record if it reached an upstream."""
+        """A request is over: keep its record if it reached an upstream, or if the gateway's own limits or
+        budgets refused it (L{refused})."""
         if ctx.replica is None:
+            if ctx.error in REFUSALS:  # (here, not on the way of a request that was served: it costs those nothing)
+                self.refused(ctx)
             return
         self.keep(ctx.request_id.decode("ascii"), ctx.started, ctx.provider_type, ctx.provider, ctx.replica,
                   f"{ctx.provider}/{ctx.upstream_model}" if ctx.upstream_model else None, ctx.endpoint, ctx.status,
                   ctx.stream or ctx.asked_stream, ctx.usage, _ms(ctx.duration),
                   None if ctx.first_byte is None or not ctx.stream else _ms(ctx.first_byte), ctx.client_gone,
                   ctx.estimated, *recorded_as(ctx.principal), tokens=ctx.token_counts, outcome=ctx.outcome)
+
+    def refused(self, ctx):
+        """Keep the record of a request the gateway's limits or budgets refused with a 429 (L{REFUSALS}) once it
+        was routed: 0 tokens, no replica, outcome L{REFUSED}, under its key and user path and the provider and
+        model it would have gone to, so that a key's usage counts what it was refused."""
+        self.keep(ctx.request_id.decode("ascii"), ctx.started, ctx.provider_type, ctx.provider, None,
+                  f"{ctx.provider}/{ctx.upstream_model}" if ctx.upstream_model else None, ctx.endpoint, ctx.status,
+                  ctx.asked_stream, NO_TOKENS, _ms(ctx.duration), None, False, False, *recorded_as(ctx.principal),
+                  outcome=REFUSED)
 
     def keep(self, request_id, timestamp, provider, provider_name, replica, model, endpoint, status_code, stream,
              usage, duration_ms=None, ttft_ms=None, client_gone=False, estimated=False, auth_key_id=None,
@@ -275,6 +287,9 @@ class UsageLedger(Service):
         return d.addBoth(over)
 
 
+# The error codes of the gateway's own refusals (a limit's, a budget's 429) a usage record is kept of (L{refused}).
+REFUSALS = frozenset((RateLimitExceeded.code, BudgetExceeded.code))
+NO_TOKENS = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}  # (a refused request's usage)
 _TIME, _OUTCOME, _STATUS = (USAGE_FIELDS.index(field) for field in ("timestamp", "outcome", "status_code"))
 # A summary's token sums and cost sums (None until a record has a price), by their columns.
 _SUMS = tuple((name, USAGE_FIELDS.index(name))

@@ -14,7 +14,7 @@ from gomodel.api.self_usage import usage_fields
 from gomodel.api.windows import DAY, day, local, seconds_of, time_zone, window
 from gomodel.errors import InvalidRequest, NotFound, shown
 from gomodel.http.bodies import json_answer, json_body, mounted, query_arg, query_int, query_limit
-from gomodel.http.context import CLIENT_GONE, ERROR, OK, STREAM_BROKEN
+from gomodel.http.context import CLIENT_GONE, ERROR, OK, REFUSED, STREAM_BROKEN
 from gomodel.http.render import install as install_error_handlers
 from gomodel.store.codec import ERROR_SPLIT
 from gomodel.store.records import USAGE_FIELDS, USAGE_TOTALS
@@ -25,7 +25,7 @@ TIMESERIES = {"hour": (60.0, 60), "day": (3600.0, 24), "month": (DAY, 30)}
 CURSOR_MAX = 2**63 - 1
 # usage/log's filters given as text (C{status}: a number).
 TEXT_FILTERS = ("model", "provider", "search", "key", "user_path")
-OUTCOMES = (OK, ERROR, CLIENT_GONE, STREAM_BROKEN)  # a usage record's outcome (the C{outcome} filter's values)
+OUTCOMES = (OK, ERROR, CLIENT_GONE, STREAM_BROKEN, REFUSED)  # a usage record's outcome (the C{outcome} filter's values)
 # The store's buckets that days of a zone other than UTC are folded from: every zone's offset is whole quarters
 # of an hour (Asia/Kathmandu's +05:45).
 QUARTER = 900
@@ -300,7 +300,7 @@ def _filters(request) -> dict:
 
 def _empty_bucket(period) -> dict:
     return {"period": period, "requests": 0, "input_tokens": 0, "output_tokens": 0, "total_tokens": 0, "errors": 0,
-            "client_errors": 0, "server_errors": 0, "client_gone": 0, "stream_broken": 0,
+            "client_errors": 0, "server_errors": 0, "client_gone": 0, "stream_broken": 0, "refused": 0,
             "duration_ms_p50": None, "duration_ms_p95": None, "ttft_ms_p50": None, "ttft_ms_p95": None}
 
 

@@ -20,6 +20,7 @@ OK = "ok"
 ERROR = "error"  # an error answer (4xx/5xx) went out whole
 CLIENT_GONE = "client_gone"  # the client left before the answer was complete
 STREAM_BROKEN = "stream_broken"  # the answer started, then the upstream failed it
+REFUSED = "refused"  # the gateway's own limits or budgets refused it, before any upstream (a usage record's only)
 CLIENT_GONE_STATUS = 499  # nginx's "client closed request"
 DASH = "-"  # the access log's unknown
 # The text observer's format of an access line (L{TextObserver.hold_line}: its time, namespace and level, then

@@ -107,33 +107,34 @@ OUTCOME = ("COALESCE(outcome, CASE WHEN client_gone THEN 'client_gone' WHEN stat
 def error_kinds(outcome) -> str:
     """The select list counting each kind of error but the server's (the rest of its errors) of rows of
     C{status_code} and the C{outcome} expression: an error answer of 400 to 499, a client that left, a broken
-    stream (L{ERROR_SPLIT}'s order, after C{server_errors}); 0 of no rows."""
+    stream, a refusal of the gateway's own limits (L{ERROR_SPLIT}'s order, after C{server_errors}); 0 of no rows."""
     return (f"COALESCE(SUM(CASE WHEN {outcome} = 'error' AND status_code >= 400 AND status_code < 500 THEN 1 ELSE 0 "
             f"END), 0), COALESCE(SUM(CASE WHEN {outcome} = 'client_gone' THEN 1 ELSE 0 END), 0), "
-            f"COALESCE(SUM(CASE WHEN {outcome} = 'stream_broken' THEN 1 ELSE 0 END), 0)")
+            f"COALESCE(SUM(CASE WHEN {outcome} = 'stream_broken' THEN 1 ELSE 0 END), 0), "
+            f"COALESCE(SUM(CASE WHEN {outcome} = 'refused' THEN 1 ELSE 0 END), 0)")
 
 
 # The time series' (of rows whose C{outcome} is L{OUTCOME}'s already) and the summary's.
 ERROR_KINDS, SUMMARY_KINDS = error_kinds("outcome"), error_kinds(OUTCOME)
 # The kinds of a summary's or a bucket's C{errors}, as they are answered.
-ERROR_SPLIT = ("server_errors", "client_errors", "client_gone", "stream_broken")
+ERROR_SPLIT = ("server_errors", "client_errors", "client_gone", "stream_broken", "refused")
 
 
-def split_errors(totals, client_errors, client_gone, stream_broken) -> dict:
+def split_errors(totals, client_errors, client_gone, stream_broken, refused) -> dict:
     """C{totals} (with their C{errors}) and the errors by kind (L{ERROR_SPLIT}): C{server_errors} are those of
     no other kind (5xx, an error told inside a 200 stream)."""
-    return dict(totals, server_errors=totals["errors"] - client_errors - client_gone - stream_broken,
-                client_errors=client_errors, client_gone=client_gone, stream_broken=stream_broken)
+    return dict(totals, server_errors=totals["errors"] - client_errors - client_gone - stream_broken - refused,
+                client_errors=client_errors, client_gone=client_gone, stream_broken=stream_broken, refused=refused)
 
 
 def series_bucket(period, requests, tokens_in, tokens_out, tokens, errors, client_errors, client_gone,
-                  stream_broken) -> dict:
+                  stream_broken, refused) -> dict:
     """A time series bucket of a row of C{_SERIES} (each store's: its totals, its errors and L{ERROR_KINDS}), its
     percentiles None until they are read: C{server_errors} are the errors of no other kind (5xx, an error told
     inside a 200 stream)."""
     return dict(split_errors({"period": period, "requests": requests, "input_tokens": tokens_in,
                               "output_tokens": tokens_out, "total_tokens": tokens, "errors": errors},
-                             client_errors, client_gone, stream_broken),
+                             client_errors, client_gone, stream_broken, refused),
                 duration_ms_p50=None, duration_ms_p95=None, ttft_ms_p50=None, ttft_ms_p95=None)
 
 

@@ -108,10 +108,12 @@ export function int(value) {
 
 // `n` `word`s, as a count reads: "1 failure", "2 failures" (the plural by an s).
 // What the errors of a summary or bucket were, each kind it had: the answers of 5xx (and errors told inside a 200
-// stream), of 400 to 499 (a bad request, an upstream's 429), the clients that left (499), the streams that broke.
+// stream), of 400 to 499 (a bad request, an upstream's 429), the clients that left (499), the streams that broke,
+// the requests the gateway's own limits and budgets refused (429).
 export function errorKinds(s) {
   return [[s.server_errors, "server (5xx)"], [s.client_errors, "refused (4xx)"], [s.client_gone, "client left (499)"],
-    [s.stream_broken, s.stream_broken === 1 ? "stream broken" : "streams broken"]]
+    [s.stream_broken, s.stream_broken === 1 ? "stream broken" : "streams broken"],
+    [s.refused, "over the gateway's limits (429)"]]
     .filter(([n]) => n).map(([n, what]) => `${int(n)} ${what}`);
 }
 

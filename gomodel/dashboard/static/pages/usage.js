@@ -268,7 +268,8 @@ export function mount(el) {
         {title: "Provider", cell: (r) => `${r.provider_name ?? "–"}${r.replica === null ? "" : ` #${r.replica}`}`},
         {title: "Endpoint", cell: (r) => r.endpoint ?? "–"},
         {title: "Status", cell: (r) => {
-          const shown = badge(r.outcome === "stream_broken" || (r.outcome === "error" && r.status_code < 400)
+          const shown = badge(r.outcome === "stream_broken" || r.outcome === "refused"
+            || (r.outcome === "error" && r.status_code < 400)
             ? `${r.status_code} ${r.outcome}` : String(r.status_code), r.outcome === "ok" ? "ok" : "failed");
           return r.client_gone ? h("span", {title: "the client left before its answer ended"}, shown) : shown;
         }},
