@@ -1871,8 +1871,8 @@ async def test_the_gateways_own_refusals_of_a_key_are_counted_in_its_usage(http,
     code, summary = await admin(http, gw, "GET", f"/admin/api/v1/usage/summary?key={limited['id']}")
     assert (summary["requests"], summary["errors"], summary["refused"], summary["client_errors"]) == (2, 1, 1, 0)
     code, by_key = await admin(http, gw, "GET", "/admin/api/v1/usage/keys")
-    assert {row["auth_key_id"]: (row["requests"], row["errors"]) for row in by_key["data"]} == {
-        limited["id"]: (2, 1), spent["id"]: (2, 1)}
+    assert {row["auth_key_id"]: (row["requests"], row["errors"], row["refused"]) for row in by_key["data"]} == {
+        limited["id"]: (2, 1, 1), spent["id"]: (2, 1, 1)}  # (each grouping's rows say their refused ones)
     code, series = await admin(http, gw, "GET", "/admin/api/v1/usage/timeseries")
     assert (series["summary"]["requests"], series["summary"]["refused"], series["summary"]["errors"]) == (4, 2, 2)
     code, only = await admin(http, gw, "GET", "/admin/api/v1/usage/log?outcome=refused")

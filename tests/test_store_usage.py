@@ -41,7 +41,7 @@ async def test_usage_is_totalled_grouped_logged_and_spent(store):
     ]) == 4
     totals = await usage.summary(0, 1e9)
     assert totals == {"requests": 4, "input_tokens": 30, "output_tokens": 15, "total_tokens": 45,
-                      "cached_tokens": 8, "reasoning_tokens": 0, "total_cost": 0.75, "errors": 1,
+                      "cached_tokens": 8, "reasoning_tokens": 0, "total_cost": 0.75, "errors": 1, "refused": 0,
                       "input_cost": 0.375, "output_cost": 0.375, "audio_seconds": 90.5, "client_errors": 0,
                       "server_errors": 1, "client_gone": 0, "stream_broken": 0, "refused": 0}
     assert (await usage.summary(0, 50))["requests"] == 0
@@ -50,7 +50,7 @@ async def test_usage_is_totalled_grouped_logged_and_spent(store):
     # The log's filters: a key's records, the master key's, a path and those under it (not /team/ab).
     assert await usage.summary(0, 1e9, {"key": "k_1"}) == {
         "requests": 2, "input_tokens": 10, "output_tokens": 5, "total_tokens": 15, "cached_tokens": 4,
-        "reasoning_tokens": 0, "total_cost": 0.75, "errors": 1, "input_cost": 0.375, "output_cost": 0.375,
+        "reasoning_tokens": 0, "total_cost": 0.75, "errors": 1, "refused": 0, "input_cost": 0.375, "output_cost": 0.375,
         "audio_seconds": 90.5, "client_errors": 0, "server_errors": 1, "client_gone": 0, "stream_broken": 0, "refused": 0}
     assert (await usage.summary(0, 1e9, {"keyless": True}))["requests"] == 2
     assert (await usage.summary(0, 1e9, {"user_path": "/team/a"}))["requests"] == 2
@@ -69,7 +69,7 @@ async def test_usage_is_totalled_grouped_logged_and_spent(store):
     assert await usage.grouped(0, 1e9, filters={"search": "other", "keyless": True, "model": "vllm-a/m",
                                                  "provider": "vllm"}) == [dict(
         requests=1, input_tokens=10, output_tokens=5, total_tokens=15, cached_tokens=2, reasoning_tokens=0,
-        total_cost=None, errors=0, input_cost=None, output_cost=None, audio_seconds=0)]
+        total_cost=None, errors=0, refused=0, input_cost=None, output_cost=None, audio_seconds=0)]
     series = await usage.timeseries(0, 172800, 86400, {"key": "k_1"})
     assert [(s["period"], s["requests"], s["errors"], s["duration_ms_p50"]) for s in series] == [(86400, 2, 1, 12.5)]
 
@@ -280,10 +280,15 @@ async def test_the_time_series_tells_each_kind_of_error_apart(store):
         "requests": 9, "errors": 8, "client_errors": 2, "server_errors": 3, "client_gone": 2, "stream_broken": 1}
     assert (second["errors"], second["client_errors"], second["server_errors"], second["client_gone"],
             second["stream_broken"]) == (1, 1, 0, 0, 0)
+    # a grouping's rows count the refusals of the gateway's own limits (of their errors)
+    await store.usage.add([row("over", 201.0, status_code=429, outcome="refused", input_tokens=0, output_tokens=0,
+                               total_tokens=0)])
+    assert [(g["requests"], g["errors"], g["refused"]) for g in await store.usage.grouped(150, 300)] == [(2, 2, 1)]
+    assert (await store.usage.timeseries(150, 300, 150))[0]["refused"] == 1
     # the summary (usage/summary's) splits them as the series does, a window with none of them zeros
     totals = await store.usage.summary(0, 300)
     assert {name: totals[name] for name in ERROR_SPLIT} == {
-        "errors": 9, "client_errors": 3, "server_errors": 3, "client_gone": 2, "stream_broken": 1}
+        "errors": 10, "client_errors": 3, "server_errors": 3, "client_gone": 2, "stream_broken": 1}
     assert {name: (await store.usage.summary(0, 50))[name] for name in ERROR_SPLIT} == dict.fromkeys(ERROR_SPLIT, 0)
 
 

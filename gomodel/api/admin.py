@@ -29,9 +29,9 @@ OUTCOMES = (OK, ERROR, CLIENT_GONE, STREAM_BROKEN, REFUSED)  # a usage record's 
 # The store's buckets that days of a zone other than UTC are folded from: every zone's offset is whole quarters
 # of an hour (Asia/Kathmandu's +05:45).
 QUARTER = 900
-# usage/summary's CSV columns: the totals, its errors by kind after them.
+# usage/summary's CSV columns: the totals, their errors by kind after them (the totals' C{refused} among them).
 _AT = USAGE_TOTALS.index("errors") + 1
-SUMMARY_COLUMNS = USAGE_TOTALS[:_AT] + ERROR_SPLIT + USAGE_TOTALS[_AT:]
+SUMMARY_COLUMNS = USAGE_TOTALS[:_AT] + ERROR_SPLIT + tuple(name for name in USAGE_TOTALS[_AT:] if name != "refused")
 # What a spreadsheet reads as the start of a formula at the start of a cell (OWASP's CSV injection list).
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 

@@ -104,25 +104,33 @@ OUTCOME = ("COALESCE(outcome, CASE WHEN client_gone THEN 'client_gone' WHEN stat
            "ELSE 'ok' END)")
 
 
+def refused_count(outcome) -> str:
+    """The select item counting the rows the gateway's own limits refused (the C{outcome} expression's
+    C{refused}); 0 of no rows."""
+    return f"COALESCE(SUM(CASE WHEN {outcome} = 'refused' THEN 1 ELSE 0 END), 0)"
+
+
 def error_kinds(outcome) -> str:
-    """The select list counting each kind of error but the server's (the rest of its errors) of rows of
-    C{status_code} and the C{outcome} expression: an error answer of 400 to 499, a client that left, a broken
-    stream, a refusal of the gateway's own limits (L{ERROR_SPLIT}'s order, after C{server_errors}); 0 of no rows."""
+    """The select list counting each kind of error but the server's and the refusals (those are the totals')
+    of rows of C{status_code} and the C{outcome} expression: an error answer of 400 to 499, a client that left,
+    a broken stream (L{ERROR_SPLIT}'s order, after C{server_errors}); 0 of no rows."""
     return (f"COALESCE(SUM(CASE WHEN {outcome} = 'error' AND status_code >= 400 AND status_code < 500 THEN 1 ELSE 0 "
             f"END), 0), COALESCE(SUM(CASE WHEN {outcome} = 'client_gone' THEN 1 ELSE 0 END), 0), "
-            f"COALESCE(SUM(CASE WHEN {outcome} = 'stream_broken' THEN 1 ELSE 0 END), 0), "
-            f"COALESCE(SUM(CASE WHEN {outcome} = 'refused' THEN 1 ELSE 0 END), 0)")
+            f"COALESCE(SUM(CASE WHEN {outcome} = 'stream_broken' THEN 1 ELSE 0 END), 0)")
 
 
-# The time series' (of rows whose C{outcome} is L{OUTCOME}'s already) and the summary's.
-ERROR_KINDS, SUMMARY_KINDS = error_kinds("outcome"), error_kinds(OUTCOME)
+# The time series' (of rows whose C{outcome} is L{OUTCOME}'s already: its refusals too) and the summary's (whose
+# totals, L{gomodel.store.records.USAGE_TOTALS}, count the refusals: L{REFUSED_TOTAL}).
+ERROR_KINDS = error_kinds("outcome") + ", " + refused_count("outcome")
+SUMMARY_KINDS, REFUSED_TOTAL = error_kinds(OUTCOME), refused_count(OUTCOME)
 # The kinds of a summary's or a bucket's C{errors}, as they are answered.
 ERROR_SPLIT = ("server_errors", "client_errors", "client_gone", "stream_broken", "refused")
 
 
-def split_errors(totals, client_errors, client_gone, stream_broken, refused) -> dict:
-    """C{totals} (with their C{errors}) and the errors by kind (L{ERROR_SPLIT}): C{server_errors} are those of
-    no other kind (5xx, an error told inside a 200 stream)."""
+def split_errors(totals, client_errors, client_gone, stream_broken, refused=None) -> dict:
+    """C{totals} (with their C{errors}, and their C{refused} unless given) and the errors by kind
+    (L{ERROR_SPLIT}): C{server_errors} are those of no other kind (5xx, an error told inside a 200 stream)."""
+    refused = totals["refused"] if refused is None else refused
     return dict(totals, server_errors=totals["errors"] - client_errors - client_gone - stream_broken - refused,
                 client_errors=client_errors, client_gone=client_gone, stream_broken=stream_broken, refused=refused)
 

@@ -168,6 +168,7 @@ USAGE_FIELDS = ("request_id", "timestamp", "provider", "provider_name", "replica
                 "status_code", "stream", "input_tokens", "output_tokens", "total_tokens", "cached_tokens",
                 "reasoning_tokens", "input_cost", "output_cost", "total_cost", "user_path", "auth_key_id",
                 "duration_ms", "ttft_ms", "client_gone", "estimated", "outcome", "audio_seconds")
-# The totals of a window or group of usage records (IUsageStore.summary's and grouped's), in their order.
+# The totals of a window or group of usage records (IUsageStore.summary's and grouped's), in their order
+# (C{refused}: those the gateway's own limits refused, of its C{errors}).
 USAGE_TOTALS = ("requests", "input_tokens", "output_tokens", "total_tokens", "cached_tokens", "reasoning_tokens",
-                "total_cost", "errors", "input_cost", "output_cost", "audio_seconds")
+                "total_cost", "errors", "refused", "input_cost", "output_cost", "audio_seconds")

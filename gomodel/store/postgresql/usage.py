@@ -6,8 +6,8 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from gomodel.errors import RowsRejected
-from gomodel.store.codec import (ERROR_KINDS, LOG_ORDER, OUTCOME, SEARCHED, SUMMARY_KINDS, log_after, series_bucket,
-                                 spent_many, split_errors, usage_columns, usage_where)
+from gomodel.store.codec import (ERROR_KINDS, LOG_ORDER, OUTCOME, REFUSED_TOTAL, SEARCHED, SUMMARY_KINDS, log_after,
+                                 series_bucket, spent_many, split_errors, usage_columns, usage_where)
 from gomodel.store.interfaces import IUsageStore
 from gomodel.store.postgresql.database import in_batches
 from gomodel.store.records import USAGE_FIELDS as COLUMNS, USAGE_TOTALS
@@ -35,8 +35,8 @@ _GROUPS = {"provider": "provider", "provider_name": "provider_name", "model": "m
 _TOTALS = ("COUNT(*), COALESCE(SUM(input_tokens), 0)::bigint, COALESCE(SUM(output_tokens), 0)::bigint, "
            "COALESCE(SUM(total_tokens), 0)::bigint, COALESCE(SUM(cached_tokens), 0)::bigint, "
            "COALESCE(SUM(reasoning_tokens), 0)::bigint, SUM(total_cost), "
-           f"COUNT(*) FILTER (WHERE {OUTCOME} <> 'ok'), SUM(input_cost), SUM(output_cost), "  # (costs: None unpriced)
-           "COALESCE(SUM(audio_seconds), 0)")
+           f"COUNT(*) FILTER (WHERE {OUTCOME} <> 'ok'), {REFUSED_TOTAL}, SUM(input_cost), SUM(output_cost), "
+           "COALESCE(SUM(audio_seconds), 0)")  # (the costs: None unpriced)
 
 
 # The time series: a record's bucket is floor((timestamp - start) / bucket); the percentiles are picked in

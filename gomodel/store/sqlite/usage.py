@@ -3,8 +3,8 @@ store's writer process (L{gomodel.store.sqlite.writer}), read in the store's thr
 
 from zope.interface import implementer
 
-from gomodel.store.codec import (ERROR_KINDS, LOG_ORDER, OUTCOME, SEARCHED, SUMMARY_KINDS, log_after, series_bucket,
-                                 spent_many, split_errors, usage_columns, usage_where)
+from gomodel.store.codec import (ERROR_KINDS, LOG_ORDER, OUTCOME, REFUSED_TOTAL, SEARCHED, SUMMARY_KINDS, log_after,
+                                 series_bucket, spent_many, split_errors, usage_columns, usage_where)
 from gomodel.store.interfaces import IUsageStore
 from gomodel.store.records import USAGE_FIELDS as COLUMNS, USAGE_TOTALS
 
@@ -134,7 +134,7 @@ _GROUPS = {"provider": "provider", "provider_name": "provider_name", "model": "m
            "user_path": "user_path"}
 _TOTALS = ("COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0), "
            "COALESCE(SUM(total_tokens), 0), COALESCE(SUM(cached_tokens), 0), COALESCE(SUM(reasoning_tokens), 0), "
-           f"SUM(total_cost), COALESCE(SUM(CASE WHEN {OUTCOME} <> 'ok' THEN 1 ELSE 0 END), 0), "
+           f"SUM(total_cost), COALESCE(SUM(CASE WHEN {OUTCOME} <> 'ok' THEN 1 ELSE 0 END), 0), {REFUSED_TOTAL}, "
            "SUM(input_cost), SUM(output_cost), COALESCE(SUM(audio_seconds), 0)")  # (the costs: None without prices)
 
 
