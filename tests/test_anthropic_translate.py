@@ -940,6 +940,29 @@ def test_a_whole_answer_as_events():
     assert [kind for kind, _ in empty][1:4] == ["content_block_start", "content_block_delta", "content_block_stop"]
 
 
+def test_a_native_whole_answers_redacted_thinking_streams_whole_in_its_block_start():
+    """A native answer that came whole to a stream becomes Anthropic's events: a C{redacted_thinking} block (or a type
+    to come) whole in its C{content_block_start} and no delta, as Anthropic streams it, a C{tool_use} without its
+    input as C{{}} (before: a KeyError, the stream a 502); a block that is no object is no answer."""
+    from gomodel.anthropic.translate import message_events_bytes
+
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": MODEL, "stop_reason": "tool_use",
+               "content": [{"type": "redacted_thinking", "data": "EmwKAhgB"},
+                           {"type": "text", "text": "On it."},
+                           {"type": "tool_use", "id": "toolu_1", "name": "f"}],
+               "usage": {"input_tokens": 3, "output_tokens": 4}}
+    events = events_of(message_events_bytes(jsonutil.dumps(message)))
+    for _, payload in events:
+        EVENT.validate_python(payload)
+    assert [kind for kind, _ in events][1:8] == ["content_block_start", "content_block_stop", "content_block_start",
+                                                 "content_block_delta", "content_block_stop", "content_block_start",
+                                                 "content_block_delta"]
+    assert events[1][1]["content_block"] == {"type": "redacted_thinking", "data": "EmwKAhgB"}
+    assert events[7][1]["delta"] == {"type": "input_json_delta", "partial_json": "{}"}
+    with pytest.raises(TypeError):
+        message_events_bytes(jsonutil.dumps(dict(message, content=["text"])))
+
+
 def test_it_is_a_stream_observer():
     assert verifyObject(IStreamObserver, ChatToMessagesStream(MODEL))
     assert verifyObject(IStreamObserver, MessagesStreamObserver())

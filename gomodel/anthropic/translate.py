@@ -1051,22 +1051,30 @@ def chat_to_message_bytes(body: bytes, model: str, omit_thinking: bool = False, 
 def message_events(message: dict) -> bytes:
     """Anthropic's event stream for a whole Messages answer (an upstream that answered a stream whole), with its
     C{ping} after C{message_start} as Anthropic's (no C{thinking_delta} for a thinking block without text, as
-    Anthropic's for C{thinking.display} C{"omitted"})."""
+    Anthropic's for C{thinking.display} C{"omitted"}); a block of another type (C{redacted_thinking}) whole in its
+    C{content_block_start}, as Anthropic streams it.
+
+    @raise TypeError: a content block is no object.
+    """
     usage = message["usage"]
     out = [_event("message_start", {"message": dict(message, content=[], stop_reason=None, stop_sequence=None,
                                                    usage=dict(usage, output_tokens=0))}), PING]
     for index, block in enumerate(message["content"]):
-        kind = block["type"]
+        if not isinstance(block, dict):
+            raise TypeError("a content block is no object")
+        kind = block.get("type")
         if kind == "text":
-            start, delta = dict(block, text=""), {"type": "text_delta", "text": block["text"]}
+            start, delta = dict(block, text=""), {"type": "text_delta", "text": _string(block.get("text"))}
         elif kind == "thinking":
             start = dict(block, thinking="", signature="")
-            delta = {"type": "thinking_delta", "thinking": block["thinking"]}
-        else:
+            delta = {"type": "thinking_delta", "thinking": block["thinking"]} if block.get("thinking") else None
+        elif kind in ("tool_use", "server_tool_use"):
             start = dict(block, input={})
-            delta = {"type": "input_json_delta", "partial_json": jsonutil.dumps(block["input"]).decode()}
+            delta = {"type": "input_json_delta", "partial_json": jsonutil.dumps(block.get("input") or {}).decode()}
+        else:  # (redacted_thinking, a type to come: nothing of it streams in deltas)
+            start, delta = block, None
         out.append(_event("content_block_start", {"index": index, "content_block": start}))
-        if kind != "thinking" or block["thinking"]:
+        if delta is not None:
             out.append(_event("content_block_delta", {"index": index, "delta": delta}))
         if kind == "thinking":
             out.append(_event("content_block_delta", {"index": index, "delta": {
