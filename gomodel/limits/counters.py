@@ -1152,8 +1152,9 @@ class RedisCounters(_Forms):
             return None
         self._generation = answer  # (counted up since: Redis went back to an earlier state)
         self._unanswered()
-        self.log.warn("Redis went back to an earlier state (restored from a snapshot, flushed): budget sums are "
-                      "seeded again from the usage ledger")
+        self.log.warn("Redis went back to an earlier state (restored from a snapshot, flushed), or this process "
+                      "settled nothing for a day (its count lapsed): budget sums are seeded again from the usage "
+                      "ledger")
         return True
 
     def _unanswered(self):
