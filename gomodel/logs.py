@@ -102,7 +102,10 @@ class TextObserver:
     L{hold} the text it is written as and L{hold_line} that text's format and values.
 
     With a C{clock}, the lines L{hold} and L{hold_line} take (the access log's) are held for up to
-    L{LINE_DELAY} seconds (or until L{HELD_LINES} are held) and written together, one C{write(2)}
+    L{LINE_DELAY} seconds (or until L{HELD_LINES} are held) and written together: a tick every L{LINE_DELAY}
+    seconds writes them (each tick arms the next), started by a line held while it is stopped and stopped
+    by a tick with none held (no timer armed from the request path while lines keep coming; none while
+    nothing is logged), one C{write(2)}
     for up to L{LINE_BYTES} bytes of whole lines: a pipe takes that much in one piece, so the
     lines of processes sharing it (C{--workers}) never mix. The held lines are cut into such
     writes when they go out, not measured one by one as they come (ASCII text, as access lines
@@ -114,7 +117,7 @@ class TextObserver:
         self._out = out
         self._clock = clock
         self._held = []  # texts of lines not yet written
-        self._timer = None
+        self._tick_call = None  # the next tick's timer, while it ticks
         self.format = ClassicText()
 
     def __call__(self, event):
@@ -144,15 +147,26 @@ class TextObserver:
         held.append((format, values))
         if len(held) >= HELD_LINES:
             self.flush()
-        elif self._timer is None:
-            self._timer = self._clock.callLater(LINE_DELAY, self.flush)
+        elif self._tick_call is None:
+            self._tick_call = self._clock.callLater(LINE_DELAY, self._tick)
+
+    def _tick(self):
+        """Write the lines held and tick again (armed first: a write that fails stops nothing); stop ticking when
+        there are none."""
+        self._tick_call = None
+        if self._held:
+            self._tick_call = self._clock.callLater(LINE_DELAY, self._tick)
+            self._write_held()
 
     def flush(self):
-        """Write the lines held (if any), in writes of up to L{LINE_BYTES} bytes of whole lines."""
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
+        """Write the lines held (if any), in writes of up to L{LINE_BYTES} bytes of whole lines, and stop ticking
+        (the next line held starts it again)."""
+        if self._tick_call is not None:
+            self._tick_call.cancel()
+            self._tick_call = None
+        self._write_held()
+
+    def _write_held(self):
         if self._held:
             held, self._held = self._held, []
             text = "".join(starmap(mod, held))

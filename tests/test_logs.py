@@ -231,6 +231,35 @@ def test_with_a_clock_lines_wait_and_go_out_together_in_order():
     assert len(out.writes) == 3 and not clock.getDelayedCalls()
 
 
+class _CountingClock(Clock):
+    """A clock that counts the timers armed on it."""
+
+    armed = 0
+
+    def callLater(self, delay, f, *args, **kwargs):
+        self.armed += 1
+        return super().callLater(delay, f, *args, **kwargs)
+
+
+def test_lines_held_while_it_ticks_arm_no_timer_and_an_idle_tick_stops_it():
+    clock, out = _CountingClock(), Out()
+    observer = TextObserver(out, clock)
+    observer.write_line(1764662925.75, "gomodel.access", "info", "first")  # starts the tick
+    assert clock.armed == 1
+    clock.advance(LINE_DELAY)
+    assert out.writes[-1].endswith("] first\n") and clock.armed == 2  # (the tick's next)
+    observer.write_line(1764662925.85, "gomodel.access", "info", "second")
+    observer.write_line(1764662925.86, "gomodel.access", "info", "third")
+    assert clock.armed == 2 and len(out.writes) == 1  # held, no timer armed for them
+    clock.advance(LINE_DELAY)
+    assert [line.split("] ", 1)[1] for line in out.writes[-1].splitlines()] == ["second", "third"]
+    clock.advance(LINE_DELAY)  # nothing held: it stops
+    assert not clock.getDelayedCalls() and len(out.writes) == 2
+    observer.write_line(1764662926.0, "gomodel.access", "info", "fourth")  # starts it again
+    clock.advance(LINE_DELAY)
+    assert out.writes[-1].endswith("] fourth\n")
+
+
 def test_held_lines_go_out_in_writes_a_pipe_keeps_whole():
     clock, out = Clock(), Out()
     observer = TextObserver(out, clock)
