@@ -56,6 +56,50 @@ def normalise_input(value) -> list:
 _PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
 
 
+# What an input items' list shows only where its C{include} names it (OpenAI's): (that value, the item's type, the
+# item's field holding it, or None: the item itself; the type of the content parts of that field holding it, or
+# None: the field's object itself; the field dropped otherwise). An image's data URL is not sent with every page.
+_INCLUDED = (
+    ("message.input_image.image_url", "message", "content", "input_image", "image_url"),
+    ("message.output_text.logprobs", "message", "content", "output_text", "logprobs"),
+    ("computer_call_output.output.image_url", "computer_call_output", "output", None, "image_url"),
+    ("web_search_call.action.sources", "web_search_call", "action", None, "sources"),
+    ("reasoning.encrypted_content", "reasoning", None, None, "encrypted_content"),
+    ("file_search_call.results", "file_search_call", None, None, "results"),
+    ("code_interpreter_call.outputs", "code_interpreter_call", None, None, "outputs"),
+)
+
+
+def as_listed(items: list, include) -> list:
+    """Stored input C{items} as an input items' list shows them: without the fields C{include} (checked values)
+    does not name (L{_INCLUDED}); the stored items are not changed."""
+    hidden = [each for each in _INCLUDED if each[0] not in include]
+    return [_without(item, hidden) for item in items] if hidden else items
+
+
+def _without(item: dict, hidden) -> dict:
+    """C{item} without the fields C{hidden} names (a copy where it has any)."""
+    for _, kind, holder, part_type, field in hidden:
+        if item.get("type") != kind:
+            continue
+        if holder is None:
+            item = _dropped(item, field)
+            continue
+        held = item.get(holder)
+        if part_type is None:
+            if held.__class__ is dict and field in held:
+                item = dict(item, **{holder: _dropped(held, field)})
+        elif held.__class__ is list:
+            item = dict(item, **{holder: [_dropped(part, field) if part.__class__ is dict
+                                          and part.get("type") == part_type else part for part in held]})
+    return item
+
+
+def _dropped(thing: dict, field) -> dict:
+    """C{thing} without C{field} (itself where it has none)."""
+    return {key: value for key, value in thing.items() if key != field} if field in thing else thing
+
+
 # A stored message's text content parts, and the field holding each one's text.
 _TEXT_PARTS = {"input_text": "text", "output_text": "text", "text": "text", "refusal": "refusal"}
 

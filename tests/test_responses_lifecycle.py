@@ -1214,3 +1214,42 @@ async def test_a_follow_up_of_a_conversation_whose_earlier_turn_was_deleted_neve
         assert said == [{"role": "user", "content": "I like tea"}, {"role": "assistant", "content": "héhéhé"},
                         {"role": "user", "content": "what do you know?"}], model
         assert fourth.previous_response_id == third.id
+
+
+@pytest_twisted.ensureDeferred
+async def test_input_items_show_what_include_names_and_refuse_what_it_cannot_name(client, http, gateway):
+    """C{include} on the input items' list, as OpenAI's: an input image's URL, a computer call output's image URL, a
+    reasoning item's encrypted content, an output text's logprobs... are listed where it names them alone (an image's
+    data URL is not sent back with every page), and an unknown value is create's 400 naming include (before: it was
+    ignored, every item listed whole either way)."""
+    image = {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0K", "detail": "auto"}
+    created = await in_thread(client.responses.create, model=MODEL, input=[
+        {"role": "user", "content": [{"type": "input_text", "text": "what is it?"}, image]},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "gAAAA"},
+        {"type": "message", "role": "assistant", "id": "msg_a", "content": [
+            {"type": "output_text", "text": "a cat", "annotations": [], "logprobs": [{"token": "a", "logprob": -1}]}]},
+        {"type": "computer_call_output", "call_id": "call_1",
+         "output": {"type": "computer_screenshot", "image_url": "data:image/png;base64,AAAA"}}])
+
+    async def listed(**query):
+        page = await in_thread(client.responses.input_items.list, created.id, order="asc", **query)
+        return [item.model_dump(exclude_none=True) for item in page.data]
+
+    plain = await listed()
+    assert "image_url" not in plain[0]["content"][1] and plain[0]["content"][1]["type"] == "input_image"
+    assert "encrypted_content" not in plain[1] and "logprobs" not in plain[2]["content"][0]
+    assert "image_url" not in plain[3]["output"] and plain[3]["output"]["type"] == "computer_screenshot"
+    assert plain[0]["content"][0]["text"] == "what is it?"
+    whole = await listed(include=["message.input_image.image_url", "reasoning.encrypted_content",
+                                  "message.output_text.logprobs", "computer_call_output.output.image_url"])
+    assert whole[0]["content"][1]["image_url"] == image["image_url"] and whole[1]["encrypted_content"] == "gAAAA"
+    assert whole[2]["content"][0]["logprobs"][0]["token"] == "a"
+    assert whole[3]["output"]["image_url"] == "data:image/png;base64,AAAA"
+    some = await listed(include=["message.input_image.image_url"])
+    assert some[0]["content"][1]["image_url"] == image["image_url"] and "encrypted_content" not in some[1]
+    stored = await gateway.service.store.responses.get(created.id)
+    assert stored["input_items"][0]["content"][1]["image_url"] == image["image_url"]  # (kept whole)
+    for query in ("include[]=message.input_image.url", "include=nope"):
+        answer = await http.get(gateway.url + f"/v1/responses/{created.id}/input_items?{query}")
+        error = jsonutil.loads(await treq.content(answer))["error"]
+        assert answer.code == 400 and (error["param"], error["code"]) == ("include", "invalid_value")

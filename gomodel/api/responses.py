@@ -29,15 +29,16 @@ from gomodel.http.render import RESPONSES
 from gomodel.ids import new_id
 from gomodel.proxy.exchange import UpstreamCall, fails_over
 from gomodel.proxy.sse import ResponsesStreamObserver, SSEFramer, event_object
-from gomodel.responses_history import (continued, cut_short, error_hidden, error_shown, no_chosen_id, normalise_input,
-                                      relink, swept_for, unknown_previous, unknown_response, with_history,
-                                      with_references)
+from gomodel.responses_history import (as_listed, continued, cut_short, error_hidden, error_shown, no_chosen_id,
+                                      normalise_input, relink, swept_for, unknown_previous, unknown_response,
+                                      with_history, with_references)
 from gomodel.responses_partial import PartialStream
 from gomodel.routing.affinity import affinity_key
 from gomodel.translate.call_ids import SHORT_ID_TYPES, fit_call_ids
 from gomodel.translate.openai_body import OPENAI_TYPES, for_openai
 from gomodel.translate.responses_chat import (ChatToResponsesStream, NativeResponses, chat_to_response,
-                                              no_native_route, request_to_chat, response_object, truncated)
+                                              checked_include, no_native_route, request_to_chat, response_object,
+                                              truncated)
 from gomodel.translate.whole_response import response_events
 from gomodel.upstream.client import discard
 from gomodel.upstream.errors import upstream_error, without_address
@@ -496,8 +497,11 @@ class ResponsesRoute:
         return json_answer(request, {"id": response_id, "object": "response", "deleted": True})
 
     async def input_items(self, request, response_id):
-        """OpenAI's paginated list of the input items of one response."""
+        """OpenAI's paginated list of the input items of one response, with the fields its C{include} names
+        (L{as_listed})."""
         record = await self._record(request, response_id)
+        include = checked_include([value.decode("utf-8", "replace") for name in (b"include[]", b"include")
+                                   for value in request.args.get(name, ())])
         items = list(record["input_items"])
         order = query_arg(request, b"order", "desc")
         if order not in ("asc", "desc"):
@@ -512,7 +516,7 @@ class ResponsesRoute:
                                             code="invalid_value")
             items = items[ids.index(after) + 1:]
         limit = query_limit(request, 20, 100)
-        return json_answer(request, page(items[:limit], len(items) > limit))
+        return json_answer(request, page(as_listed(items[:limit], include), len(items) > limit))
 
     async def cancel(self, request, response_id):
         """Forward a cancel to the instance running the (background) response; its answer is relayed (naming the

@@ -122,7 +122,7 @@ def request_to_chat(body: dict, bound: str = "max_tokens") -> dict:
     effort = (body.get("reasoning") or {}).get("effort") if isinstance(body.get("reasoning"), dict) else None
     if effort:
         chat["reasoning_effort"] = effort
-    include = _include(body.get("include"))
+    include = checked_include(body.get("include"))
     if body.get("top_logprobs") or "message.output_text.logprobs" in include:
         chat["logprobs"] = True
         if body.get("top_logprobs"):
@@ -140,8 +140,9 @@ INCLUDABLE = frozenset({"file_search_call.results", "web_search_call.results", "
                         "code_interpreter_call.outputs", "reasoning.encrypted_content", "message.output_text.logprobs"})
 
 
-def _include(include) -> list:
-    """A translated request's C{include} (None: none), checked as a native one is (never dropped unsaid).
+def checked_include(include) -> list:
+    """A translated request's C{include} (None: none), checked as a native one is (never dropped unsaid); an input
+    items' list's too.
 
     @raise InvalidRequest: it is no list of strings, or names what OpenAI's Responses API has not (a typo).
     """
