@@ -1034,23 +1034,48 @@ async def test_a_response_whose_events_cannot_be_replayed_is_a_400_saying_why(cl
     await treq.content(unknown)
 
 
+@pytest.mark.parametrize("storage", ["sqlite", "postgresql"])
 @pytest_twisted.ensureDeferred
-async def test_a_replay_of_a_response_stored_before_streamed_was_kept_never_marks_its_replica(client, gateway, fake):
-    """A response stored by a gateway that kept not whether it was streamed is asked of its instance; vLLM's stream
-    of a non-streamed one breaks off at once: a 400 saying so, the replica not counted as failing (it is well)."""
-    created = await in_thread(client.responses.create, model=MODEL, input="long job", background=True)
-    store = gateway.service.store.responses
-    await store.put({**await store.get(created.id), "streamed": None})
+async def test_a_replay_of_a_response_stored_before_streamed_was_kept_asks_its_instance_once(reactor, fake, storage):
+    """A response stored by a gateway that kept not whether it was streamed (a row from before the column's
+    migration) is asked of its instance; vLLM's stream of a non-streamed one breaks off at once: a 400 saying so, the
+    replica not counted as failing (it is well), and what its instance answered kept: a replay after it is that 400
+    at once (before, each replay asked its instance again). One streamed is replayed, as any."""
+    env = {"VLLM_BASE_URL": fake.base_url}
+    if storage == "postgresql":
+        from tests import postgres
 
-    def events():
-        return list(client.responses.retrieve(created.id, stream=True))
+        postgres.require()
+        database = postgres.create_database()
+        env.update(STORAGE_TYPE="postgresql", POSTGRES_URL=postgres.url(database))
+    gateway = await start_gateway(reactor, env)
+    client = openai_client(gateway)
+    try:
+        created = await in_thread(client.responses.create, model=MODEL, input="long job", background=True)
+        store = gateway.service.store.responses
+        await store.put({**await store.get(created.id), "streamed": None})
 
-    with pytest.raises(openai.BadRequestError) as refused:
-        await in_thread(events)
-    assert "not streamed" in refused.value.body["message"]
-    assert any(b"stream=true" in asked.uri for asked in fake.requests)  # (asked: not known)
-    [replica] = gateway.registry.provider("vllm").replicas
-    assert (replica.failures, replica.last_error) == (0, None)
+        def events():
+            return list(client.responses.retrieve(created.id, stream=True))
+
+        for _ in range(2):
+            with pytest.raises(openai.BadRequestError) as refused:
+                await in_thread(events)
+            assert "not streamed" in refused.value.body["message"]
+            assert len([asked for asked in fake.requests if b"stream=true" in asked.uri]) == 1  # (asked once)
+            assert (await store.get(created.id))["streamed"] is False
+        [replica] = gateway.registry.provider("vllm").replicas
+        assert (replica.failures, replica.last_error) == (0, None)
+        streamed = await in_thread(lambda: [e.type for e in client.responses.create(
+            model=MODEL, input="long job", background=True, stream=True)])
+        streamed_id = fake.requests[-1].body["request_id"]
+        await store.put({**await store.get(streamed_id), "streamed": None})
+        assert [e.type for e in await in_thread(
+            lambda: list(client.responses.retrieve(streamed_id, stream=True)))] == streamed
+    finally:
+        await stop_all(gateway, clients=(client,))
+        if storage == "postgresql":
+            postgres.drop_database(database)
 
 
 @pytest_twisted.ensureDeferred

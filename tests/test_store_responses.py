@@ -24,6 +24,18 @@ async def test_whether_a_response_was_streamed_is_kept_and_read_back_in_its_chai
 
 
 @pytest_twisted.ensureDeferred
+async def test_whether_a_response_was_streamed_is_noted_where_it_was_not_known_alone(store):
+    responses = store.responses
+    await responses.put(record(streamed=None))  # (a row from before the column)
+    await responses.put(record(id="resp_2", streamed=True))
+    assert await responses.note_streamed("resp_1", False) is True
+    assert await responses.note_streamed("resp_1", True) is False  # (known now: never changed)
+    assert await responses.note_streamed("resp_2", False) is False
+    assert await responses.note_streamed("resp_none", False) is False  # (not stored: nothing)
+    assert [(await responses.get(i))["streamed"] for i in ("resp_1", "resp_2")] == [False, True]
+
+
+@pytest_twisted.ensureDeferred
 async def test_responses_are_kept_replaced_and_swept(store):
     responses = store.responses
     verifyObject(IResponseStore, responses)

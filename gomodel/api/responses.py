@@ -463,6 +463,8 @@ class ResponsesRoute:
             # events of; or its instance is gone: asked for the response itself, which it answers in the first case)
             if await self.refresh(record, ctx.request_id, ctx.trace) is None:
                 raise
+            if record.get("streamed") is None:  # (stored before that was kept: the next replay is not asked)
+                await self._store.note_streamed(response_id, False).addErrback(self._not_updated, response_id)
             raise _not_streamed(response_id) from None
         finally:  # (an answer read whole is no replay either: what it says of usage is not charged)
             ctx.usage, ctx.estimated = None, False

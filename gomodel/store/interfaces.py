@@ -305,6 +305,13 @@ class IResponseStore(Interface):
         @return: a Deferred firing with True once replaced, or False when there was no such response.
         """
 
+    def note_streamed(response_id, streamed):
+        """Keep whether a stored response was created with stream (C{streamed}, a bool) where that was not known
+        (its C{streamed} None: stored before it was kept); never changed where it was known.
+
+        @return: a Deferred firing with True once kept, or False (known already, or no such response).
+        """
+
     def get(response_id):
         """@return: a Deferred firing with the stored response record, or None."""
 

@@ -159,6 +159,11 @@ class PostgreSQLResponseStore:
         text = jsonutil.dumps(response).decode("utf-8")
         return self._after_keeps(lambda conn: conn.execute(_UPDATE, (status, text, response_id, tenant)).rowcount > 0)
 
+    def note_streamed(self, response_id, streamed):
+        return self._after_keeps(lambda conn: conn.execute(
+            "UPDATE responses SET streamed = %s WHERE id = %s AND streamed IS NULL", (streamed, response_id)
+        ).rowcount > 0)
+
     def delete(self, response_id):
         return self._after_keeps(self._delete, response_id, int(self._clock.seconds()))
 

@@ -138,6 +138,14 @@ class SQLiteResponseStore:
             return conn.execute("UPDATE responses SET status = ?, response = ? WHERE id = ? AND tenant IS ?",
                                 (status, text, response_id, tenant)).rowcount > 0
 
+    def note_streamed(self, response_id, streamed):
+        return self._after_writes(self._note_streamed, response_id, streamed)
+
+    def _note_streamed(self, response_id, streamed):
+        with self._db.transaction() as conn:
+            return conn.execute("UPDATE responses SET streamed = ? WHERE id = ? AND streamed IS NULL",
+                                (streamed, response_id)).rowcount > 0
+
     def delete(self, response_id):
         return self._after_writes(self._delete, response_id, int(self._clock.seconds()))
 
