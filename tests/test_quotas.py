@@ -1982,6 +1982,41 @@ async def test_a_streamed_background_response_whose_client_leaves_before_its_fir
         await gw.service.stopService()
 
 
+@pytest.mark.utc_day
+@pytest_twisted.ensureDeferred
+async def test_a_streamed_background_response_its_instance_dropped_when_its_client_left_ends_failed(
+        reactor, http, fake, tmp_path):
+    """A vLLM that drops a background stream's creation when its client leaves before its first event never makes
+    it: its watch, finding its instance does not know it, ends it C{failed} with an error saying so (not that the
+    instance restarted), records it a 502 with nothing used and charges nothing; it is never queued for ever."""
+    gw = await start(reactor, fake, tmp_path)
+    key = await new_key(http, gw, budgets=[{"period": "daily", "max_tokens": 10**6}])
+    client = openai_client(gw, key["value"])
+    body = {"model": MODEL, "input": "long job", "background": True, "stream": True, "fake_hang_after": 0}
+    try:
+        sending = http.post(gw.url + "/v1/responses", data=json.dumps(body).encode(),
+                            headers={"authorization": f"Bearer {key['value']}", "content-type": "application/json"})
+        await until(reactor, lambda: fake.hung)
+        sending.cancel()  # the client leaves
+        with pytest.raises(ResponseNeverReceived):
+            await sending
+        await until(reactor, lambda: gw.service.drain.in_flight == 0)
+        [response_id] = list(fake.stored_responses)
+        del fake.stored_responses[response_id]  # (its instance dropped it with its stream)
+        fake.hung.clear()
+        assert await _logged(reactor, http, gw, [0, 0]) == [0, 0]  # (the create's, then its watch's)
+        got = await in_thread(client.responses.retrieve, response_id)
+        assert (got.status, got.error.code) == ("failed", "server_error")
+        assert response_id in got.error.message and "before its first event" in got.error.message
+        code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log")
+        assert sorted(r["status_code"] for r in log["data"]) == [499, 502]  # (its client left; it failed)
+        code, view = await admin(http, gw, "GET", f"{KEYS}/{key['id']}")
+        assert view["budgets"][0]["spent_tokens"] == 0
+    finally:
+        client.close()
+        await gw.service.stopService()
+
+
 @pytest.mark.parametrize("redis", [False, True])
 @pytest_twisted.ensureDeferred
 async def test_a_batchs_lines_in_flight_at_once_cannot_overshoot_its_keys_budget(reactor, http, fake, tmp_path,

@@ -789,10 +789,13 @@ def _branch(d: Deferred) -> Deferred:
 
 
 def _forgotten(record) -> dict:
-    """C{record}'s response as failed: the instance running it no longer knows it (it restarted)."""
+    """C{record}'s response as failed: the instance running it no longer knows it (it restarted; or, a background
+    stream's whose client left before its first event, it dropped it with its stream, as a vLLM that cancels a
+    creation on disconnect does: never made)."""
     return dict(record["response"], status="failed", error={
         "code": "server_error", "message": f"The instance running response '{record['id']}' no longer knows it "
-        "(it restarted): it will not finish."})
+        "(it restarted, or dropped it when the stream creating it ended before its first event): it will not "
+        "finish."})
 
 
 def _names(answer: bytes, response_id) -> bool:
