@@ -1278,3 +1278,33 @@ async def test_input_items_show_what_include_names_and_refuse_what_it_cannot_nam
         answer = await http.get(gateway.url + f"/v1/responses/{created.id}/input_items?{query}")
         error = jsonutil.loads(await treq.content(answer))["error"]
         assert answer.code == 400 and (error["param"], error["code"]) == ("include", "invalid_value")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_background_response_its_watch_gives_up_on_is_failed_not_queued_for_ever(reactor, monkeypatch):
+    """A background response whose instance never answered its watch (unreachable since, its provider gone) is no
+    longer watched after WATCH_LIMIT: it is stored C{failed} then, saying so, for a client polling for its end
+    (before: queued for ever)."""
+    from gomodel.api import background
+
+    monkeypatch.setattr(background, "WATCH_LIMIT", 0.0)  # (its first ask is past it)
+    given_up = Deferred()
+
+    def logged(event):
+        if "no longer watched" in (event.get("log_format") or "") and not given_up.called:
+            given_up.callback(None)
+
+    globalLogPublisher.addObserver(logged)
+    fake = await start_fake(reactor)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
+    client = openai_client(gw)
+    try:
+        created = await in_thread(client.responses.create, model=MODEL, input="long job", background=True)
+        await fake.stop()  # (its instance unreachable from now on)
+        await given_up  # (logged once it is stored failed)
+        got = await in_thread(client.responses.retrieve, created.id)
+        assert (got.status, got.error.code) == ("failed", "server_error") and created.id in got.error.message
+        assert "not over" in got.error.message
+    finally:
+        globalLogPublisher.removeObserver(logged)
+        await stop_all(gw, clients=(client,))

@@ -19,7 +19,7 @@ process that takes it out of the store: once, whichever process finds it over fi
 """
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -33,7 +33,7 @@ UNFINISHED = ("queued", "in_progress")
 # its instance failed it, or it was cancelled before it ended. Completed and incomplete ones are 200s.
 RECORDED_STATUS = {"failed": 502, "cancelled": 499}
 WATCH_DELAYS = (1.0, 2.0, 5.0)  # seconds before each ask: the first ones, then the last for ever
-WATCH_LIMIT = 86400.0  # a response still not over after this long is no longer watched (nor charged)
+WATCH_LIMIT = 86400.0  # a response still not over after this long is no longer watched (nor charged): stored failed
 LEASE = 60.0  # seconds a process's watches stay its own without being renewed
 RENEW = 20.0  # seconds between renewals of this process's watches (and adoptions of lapsed ones)
 
@@ -259,10 +259,25 @@ class BackgroundWatch(Service):
             self._watched.pop(response_id, None)
             if self._watches is not None:
                 self._watches.settle(response_id).addErrback(self._streak.failed)
-            self.log.warn("background response {id} is still not over after {limit:g}s: no longer watched, "
-                          "its usage not charged", id=response_id, limit=WATCH_LIMIT)
-            return None
+            return self._given_up_on(record if keep else None, response_id)
         return self._refresh(record, watched.request_id, keep=keep)
+
+    def _given_up_on(self, record, response_id) -> Deferred:
+        """No longer watch C{response_id}, not over after L{WATCH_LIMIT}: its stored C{record} (None: deleted) is
+        stored C{failed}, saying so, for a client polling for its end (its instance never answered since, its
+        provider gone, or it runs on still: the gateway no longer asks); a Deferred firing once done, never failing."""
+        if record is None:
+            stored = succeed(None)
+        else:
+            failed = dict(record["response"], status="failed", error={
+                "code": "server_error", "message": f"Response '{response_id}' was still not over after "
+                f"{WATCH_LIMIT:g}s of asking its instance (unreachable, or its provider no longer configured): the "
+                "gateway no longer asks after it."})
+            stored = self._store.update(response_id, "failed", failed, record.get("tenant"))
+            stored.addErrback(self._streak.failed)
+        return stored.addCallback(lambda _: self.log.warn(
+            "background response {id} is still not over after {limit:g}s: no longer watched, stored failed, its "
+            "usage not charged", id=response_id, limit=WATCH_LIMIT))
 
     def _failed(self, failure, response_id):
         self.log.failure("asking after background response {id} failed", failure, id=response_id)
