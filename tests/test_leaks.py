@@ -6,6 +6,7 @@ import io
 import json
 import urllib.parse
 
+import openai
 import pytest
 import pytest_twisted
 import treq
@@ -14,7 +15,7 @@ from twisted.internet.interfaces import IHostnameResolver, IHostResolution
 from twisted.logger import formatEvent, globalLogPublisher
 from zope.interface import implementer
 
-from tests.support import start_fake, start_gateway, stop_all
+from tests.support import in_thread, start_fake, start_gateway, stop_all
 
 MASTER = "master-k"
 PROVIDER_KEY = "sk-provider-0123456789"
@@ -900,3 +901,40 @@ async def test_a_passthrough_error_too_large_to_search_is_not_relayed(http, two)
     assert response.code == 502, content[:200]
     assert json.loads(content)["error"]["code"] == "response_too_large"
     assert shows_none(content, *addresses(vllm))
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_model_list_names_no_file_of_the_upstreams_host(reactor, http, tmp_path):
+    """A vLLM's model objects name where its weights and a LoRA adapter lie on its host (C{root}) and a LoRA's base
+    model by its upstream id (C{parent}): on C{/v1/models} and C{/v1/models/{id}} (any key, OpenAI's shape and
+    Anthropic's) C{root} is the model's id, C{parent} its base model's qualified id, C{max_model_len} kept; the
+    operator's C{/admin/api/v1/models} keeps the upstream's object. Before, every key was told the paths."""
+    vllm = await start_fake(reactor)
+    vllm.loras["sql-lora"] = ("/mnt/adapters/sql-lora", BARE)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": vllm.base_url, "GOMODEL_MASTER_KEY": MASTER,
+                                       "GOMODEL_DATA_DIR": str(tmp_path)})
+    try:
+        managed = await new_key(http, gw, models=[MODEL, "vllm/sql-lora"])
+        paths = ("/models/", "/mnt/adapters")
+        for key in (MASTER, managed):
+            client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=10)
+            try:
+                page = await in_thread(client.models.list)
+                lora = await in_thread(client.models.retrieve, "vllm/sql-lora")
+                base = await in_thread(client.models.retrieve, BARE)
+            finally:
+                client.close()
+            models = {m.id: m.model_extra for m in page.data}
+            assert models == {MODEL: {"root": MODEL, "parent": None, "max_model_len": 2048, "permission": []},
+                              "vllm/sql-lora": {"root": "vllm/sql-lora", "parent": MODEL, "max_model_len": None,
+                                                "permission": []}}
+            assert (lora.model_extra["root"], lora.model_extra["parent"]) == ("vllm/sql-lora", MODEL)
+            assert (base.id, base.model_extra["root"], base.model_extra["max_model_len"]) == (MODEL, MODEL, 2048)
+            response, content = await call(http, gw, "/v1/models", key=key, method="GET",
+                                           headers={"anthropic-version": "2023-06-01"})
+            assert response.code == 200 and shows_none(content, *paths), content
+        response, content = await call(http, gw, "/admin/api/v1/models", method="GET")
+        assert {m["id"]: m["model"]["root"] for m in json.loads(content)["data"]} == {
+            MODEL: "/models/" + BARE, "vllm/sql-lora": "/mnt/adapters/sql-lora"}
+    finally:
+        await stop_all(gw, vllm)

@@ -119,15 +119,18 @@ class ModelRegistry:
     # -- queries --------------------------------------------------------------
 
     def models(self) -> list:
-        """Every known model, ids qualified with their provider, upstream fields kept; then the virtual ones
-        (a virtual model named as a provider's model is what that name reaches: listed once, as virtual)."""
+        """Every known model, ids qualified with their provider, upstream fields kept but where they name the
+        upstream's files (L{_public}); then the virtual ones (a virtual model named as a provider's model is what
+        that name reaches: listed once, as virtual)."""
         out = []
         for pool in self._pools:
+            served = self.inventory(pool) or {}
             for name, model in self.provider_models(pool):
                 entry = dict(model)
                 entry["id"] = name
                 entry["object"] = "model"
                 entry["owned_by"] = pool.name
+                _public(entry, pool.name, served)
                 out.append(entry)
         out.extend(self.virtual_models())
         return out
@@ -301,6 +304,17 @@ def ready_first(routes) -> list:
 def _by_weight(targets) -> list:
     """The selectors of a virtual model's C{targets} (C{(selector, weight)} pairs), heaviest first."""
     return [selector for selector, _ in sorted(targets, key=lambda target: -target[1])]
+
+
+def _public(entry: dict, provider: str, served: dict):
+    """C{entry} (a model of C{provider}'s, its id qualified) without what names its upstream's files: vLLM's C{root},
+    the path (or hub id) its weights or a LoRA adapter were loaded from on its host, is its id; C{parent}, a LoRA's
+    base model by its upstream id, that model's qualified id (None where C{provider} does not list it)."""
+    if "root" in entry:
+        entry["root"] = entry["id"]
+    parent = entry.get("parent")
+    if parent is not None:
+        entry["parent"] = qualified(provider, parent) if parent.__class__ is str and parent in served else None
 
 
 def _live(route) -> int:

@@ -187,6 +187,7 @@ class FakeVLLM(Resource):
         self._reactor = reactor
         self.api_key = api_key
         self.models = list(models)
+        self.loras = {}  # a LoRA adapter's name -> (its path, its base model), listed as vLLM lists one
         self.max_model_len = max_model_len
         self.requests = []
         self._waiting = []
@@ -383,7 +384,9 @@ class FakeVLLM(Resource):
                 return self._json(request, self.models_status, {"detail": "unavailable"})
             return self._json(request, 200, {"object": "list", "data": [
                 {"id": m, "object": "model", "created": 1700000000, "owned_by": "vllm", "root": "/models/" + m,
-                 "parent": None, "max_model_len": self.max_model_len, "permission": []} for m in self.models]})
+                 "parent": None, "max_model_len": self.max_model_len, "permission": []} for m in self.models] + [
+                {"id": name, "object": "model", "created": 1700000000, "owned_by": "vllm", "root": path,
+                 "parent": base, "max_model_len": None, "permission": []} for name, (path, base) in self.loras.items()]})
         if path == b"/v1/chat/completions" and request.method == b"POST":
             return self._chat(request, record)
         if path in (b"/v1/messages", b"/v1/messages/count_tokens") and request.method == b"POST":
