@@ -938,3 +938,63 @@ async def test_the_model_list_names_no_file_of_the_upstreams_host(reactor, http,
             MODEL: "/models/" + BARE, "vllm/sql-lora": "/mnt/adapters/sql-lora"}
     finally:
         await stop_all(gw, vllm)
+
+
+def raw_answer(body: bytes, *head) -> bytes:
+    """A whole HTTP answer, 200 JSON, of C{body} (its length said), with the C{head} lines."""
+    lines = [b"HTTP/1.1 200 OK", b"Content-Type: application/json", b"Content-Length: %d" % len(body), *head]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_passthrough_success_names_no_upstream_but_in_the_models_words(http, two):
+    """A passthrough's 2xx JSON answer (up to 1 MiB) is searched as an error is: a string naming the upstream's
+    address outside the model's words (a prefill vLLM's C{kv_transfer_params} naming its engine's host, a
+    C{system_fingerprint}, C{kv_event_sources}' publishers) has the provider's name in its place, compressed or not;
+    the model's words are byte for byte; one naming none goes as it came. Before, every 2xx answer but a Responses
+    object went unsearched."""
+    import gzip
+    gw, vllm, other = two
+    hidden = addresses(vllm)
+    said = f"the docs at {vllm.base_url} ({hidden[2]})"
+    answer = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": BARE,
+              "system_fingerprint": vllm.root_url, "choices": [
+                  {"index": 0, "message": {"role": "assistant", "content": said}, "finish_reason": "stop"}],
+              "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+              "kv_transfer_params": {"do_remote_prefill": True, "remote_engine_id": "e0", "remote_host": "127.0.0.1",
+                                     "remote_port": 5600, "remote_block_ids": [1, 2]}}
+    plain = json.dumps(answer).encode()
+    for raw in (raw_answer(plain), raw_answer(gzip.compress(plain), b"Content-Encoding: gzip")):
+        vllm.raw[b"/v1/chat/completions"] = (raw, False)
+        response, content = await call(http, gw, "/p/vllm/v1/chat/completions", {"model": BARE, "messages": []})
+        assert response.code == 200 and response.headers.getRawHeaders("content-encoding") in (None, [""]), content
+        shown = json.loads(content)
+        assert shown["choices"] == answer["choices"] and json.dumps(said).encode() in content
+        assert (shown["system_fingerprint"], shown["kv_transfer_params"]["remote_host"]) == ("vllm", "vllm")
+        assert dict(shown, choices=None, system_fingerprint=None, kv_transfer_params=None) == dict(
+            answer, choices=None, system_fingerprint=None, kv_transfer_params=None)
+    clean = json.dumps(dict(answer, system_fingerprint=None, kv_transfer_params=None)).encode()
+    vllm.raw[b"/v1/chat/completions"] = (raw_answer(clean), False)
+    response, content = await call(http, gw, "/p/vllm/v1/chat/completions", {"model": BARE, "messages": []})
+    assert response.code == 200 and content == clean  # (the words naming it: byte for byte)
+
+    sources = json.dumps({"0": {"publisher": "zmq", "endpoint": f"tcp://{hidden[2]}",
+                                "replay_endpoint": "tcp://127.0.0.1:5558"}}).encode()
+    vllm.raw[b"/kv_event_sources"] = (raw_answer(sources), False)
+    response, content = await call(http, gw, "/p/vllm/kv_event_sources", method="GET")
+    assert response.code == 200 and json.loads(content) == {"0": {
+        "publisher": "zmq", "endpoint": "vllm", "replay_endpoint": "vllm"}}  # (a URL: the name in its place)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_passthrough_model_list_names_no_file_of_the_upstreams_host(http, two):
+    """C{/p/vllm/v1/models}, vLLM's own list, has each model's C{root} its id, as C{/v1/models} does (its
+    C{parent}, a LoRA's base by its id at that vLLM, as it came), for any key. Before, the weights' paths."""
+    gw, vllm, other = two
+    vllm.loras["sql-lora"] = ("/mnt/adapters/sql-lora", BARE)
+    managed = await new_key(http, gw, models=[MODEL])
+    for key in (MASTER, managed):
+        response, content = await call(http, gw, "/p/vllm/v1/models", key=key, method="GET")
+        assert response.code == 200, content
+        assert [(m["id"], m["root"], m["parent"], m["max_model_len"]) for m in json.loads(content)["data"]] == [
+            (BARE, BARE, None, 2048), ("sql-lora", "sql-lora", BARE, None)]

@@ -24,7 +24,7 @@ from gomodel.http import render
 from gomodel.http.bodies import not_json, whole_number
 from gomodel.http.context import PASSTHROUGH
 from gomodel.http.headers import HOP_BY_HOP, REQUEST_ID, X_REQUEST_ID, X_UPSTREAM_REQUEST_ID, connection_tokens
-from gomodel.proxy.exchange import DONE_END, MESSAGES_END, RESPONSES_END, UpstreamCall
+from gomodel.proxy.exchange import DONE_END, MESSAGES_END, RESPONSES_END, UpstreamCall, answer_shown, response_shown
 from gomodel.responses_history import continued, no_chosen_id, unknown_previous, unknown_response
 
 PASSTHROUGH_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
@@ -176,6 +176,8 @@ class Passthrough:
                             pin=_pinned_replica(request), counted=_counted(request, body, route),
                             vet=partial(_vet, request, ctx, provider, request.path.split(b"/", 3)[2], endpoint, query),
                             limited=route not in COUNTING_ROUTES)
+        call.shown = (response_shown if call.ends is RESPONSES_END else _models_shown if route == "models"
+                      else answer_shown)
         return await self._exchange.relay(request, ctx, provider, call)
 
     async def _owned(self, principal, method, endpoint, body):
@@ -436,6 +438,20 @@ def _relocated(server, here, prefix, location):
             if server.url(path, True) == place:
                 return prefix + urlunsplit(("", "", path, target.query, target.fragment)).encode("latin-1")
     return None
+
+
+def _models_shown(body: bytes, upstream) -> bytes:
+    """C{body}, a provider's model list (C{models}), with each model's C{root} (vLLM's: where its weights or a LoRA
+    adapter lie on its host) its C{id}, as on C{/v1/models}; then as L{answer_shown}."""
+    try:
+        listing = jsonutil.loads(body)
+    except jsonutil.JSONError:
+        return answer_shown(body, upstream)
+    models = listing.get("data") if listing.__class__ is dict else None
+    rooted = [m for m in models if m.__class__ is dict and "root" in m] if models.__class__ is list else ()
+    for model in rooted:
+        model["root"] = model.get("id")
+    return answer_shown(jsonutil.dumps(listing) if rooted else body, upstream)
 
 
 def _stream_end(route):

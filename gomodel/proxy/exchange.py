@@ -95,6 +95,9 @@ class UpstreamCall:
         (C{ctx.usage}); otherwise the exchange reads it from the answer's bytes (L{usage_of}).
     @ivar raw: relay any status and body as they come (passthrough).
     @ivar ends: with C{raw}, the L{StreamEnd} of an event stream answered (200) to it, or None where it has none.
+    @ivar shown: with C{raw}, C{shown(body, upstream)}: the body its client gets of a 2xx JSON answer (uncompressed)
+        that is within L{ERROR_BODY_LIMIT} (read whole for it: L{answer_shown}, L{response_shown}); or None (a class
+        attribute: set after the call is made), each answer relayed as it comes.
     @ivar vet: an async function of the upstream's L{IResponse}, run before
         anything is relayed; it may raise (and then reads or drops the body itself).
     @ivar model: the upstream model id (only replicas that list it get the
@@ -118,6 +121,7 @@ class UpstreamCall:
     """
 
     blames = True
+    shown = None
 
     def __init__(self, path, body=None, *, method=b"POST", native=False, query=b"", headers=None,
                  content_type=b"application/json", observer=None, transform=None, raw=False, ends=None, vet=None,
@@ -279,11 +283,11 @@ class Exchange:
             events = is_event_stream(response.headers)
             if events:
                 ctx.stream = True
-            elif (call.ends is RESPONSES_END and response.code == 200 and request.method != b"HEAD"
-                  and upstream.hidden_pattern is not None):
-                body = await self._small(upstream, response)  # (a Responses object: its error shown as a stream's)
+            elif (call.shown is not None and 200 <= response.code < 300 and request.method != b"HEAD"
+                  and upstream.hidden_pattern is not None and media_type(response.headers).endswith(b"json")):
+                body = await self._small(upstream, response)  # (one too large to hold goes as it comes)
                 if body is not None:
-                    return self._whole(request, ctx, upstream, response, call, _response_shown(body, upstream))
+                    return self._shown(request, ctx, upstream, response, call, body)
             ends = call.ends if events and response.code == 200 and request.method != b"HEAD" else None
             return await self._relay_raw(request, ctx, upstream, response, events, call.counted, ends)
         if response.code >= 400:
@@ -346,6 +350,21 @@ class Exchange:
         request.responseHeaders.removeHeader(b"content-encoding")
         if shown is None:
             request.responseHeaders.put(CONTENT_TYPE, b"application/json")
+        return answer
+
+    def _shown(self, request, ctx, upstream, response, call, body):
+        """A passthrough's whole 2xx JSON answer as its C{shown} gives it; one the upstream compressed (a proxy's
+        gzip) searched uncompressed, and relayed so where that changed it (else as it came, as one in a coding the
+        gateway cannot read does)."""
+        codings = response.headers.getRawHeaders(b"content-encoding")
+        if codings is None:
+            return self._whole(request, ctx, upstream, response, call, call.shown(body, upstream))
+        plain = uncoded(body, codings, ERROR_BODY_LIMIT)
+        shown = plain if plain is None else call.shown(plain, upstream)
+        if shown is plain:
+            return self._whole(request, ctx, upstream, response, call, body)
+        answer = self._whole(request, ctx, upstream, response, call, shown)
+        request.responseHeaders.removeHeader(b"content-encoding")
         return answer
 
     async def _small(self, upstream, response):
@@ -1155,15 +1174,15 @@ def _event_hidden(event: bytes, upstream) -> bytes:
     return head + b"data: " + jsonutil.dumps(shown)
 
 
-def _said_hidden(value, hide):
+def _said_hidden(value, hide, words=_WORDS):
     """C{value} (an event's JSON value) with C{hide} applied to every string in it, at any depth, but those under a
-    member of the model's words (L{_WORDS})."""
+    member of the model's words (C{words})."""
     if value.__class__ is str:
         return hide(value)
     if value.__class__ is dict:
-        return {key: item if key in _WORDS else _said_hidden(item, hide) for key, item in value.items()}
+        return {key: item if key in words else _said_hidden(item, hide, words) for key, item in value.items()}
     if value.__class__ is list:
-        return [_said_hidden(item, hide) for item in value]
+        return [_said_hidden(item, hide, words) for item in value]
     return value
 
 
@@ -1202,7 +1221,7 @@ def uncoded(body: bytes, codings, limit: int):
     return body
 
 
-def _response_shown(body: bytes, upstream) -> bytes:
+def response_shown(body: bytes, upstream) -> bytes:
     """C{body}, a Responses object a passthrough answered whole, with its C{error} written without C{upstream}'s
     addresses and key (L{error_shown}), as a stream's failed response is (L{_failure_hidden}); else as it is (its
     output, the model's words, too)."""
@@ -1214,6 +1233,27 @@ def _response_shown(body: bytes, upstream) -> bytes:
         return body
     shown = error_shown(response, upstream)
     return body if shown is response else jsonutil.dumps(shown)
+
+
+# The members of a whole JSON answer (at any depth) that hold the model's or a client's words, beyond an event's
+# (L{_WORDS}): vLLM's detokenized C{prompt}, C{tokenize}'s C{token_strs}, a rendered conversation's C{messages}, a
+# reranked C{document}, a transcript's C{words}: left as they are.
+_SAID = _WORDS | {"prompt", "token_strs", "messages", "conversation", "document", "words"}
+
+
+def answer_shown(body: bytes, upstream) -> bytes:
+    """C{body}, a passthrough's whole 2xx JSON answer (a vLLM's C{kv_event_sources} naming its publishers' host, a
+    completion's C{kv_transfer_params} its engine's), with each string of it that names C{upstream}'s addresses or
+    key written without them (L{without_address}) but for the model's and client's words (L{_SAID}); one that is no
+    JSON without them throughout (L{hidden_in}); else byte for byte (one search finds those that name none)."""
+    if upstream.hidden_pattern.search(body) is None and body.find(b"\\u") < 0:
+        return body
+    try:
+        value = jsonutil.loads(body)
+    except jsonutil.JSONError:
+        return hidden_in(body, upstream)
+    shown = _said_hidden(value, partial(without_address, upstream=upstream), _SAID)
+    return body if shown == value else jsonutil.dumps(shown)
 
 
 def metadata_usage(response):
