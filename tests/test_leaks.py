@@ -998,3 +998,21 @@ async def test_a_passthrough_model_list_names_no_file_of_the_upstreams_host(http
         assert response.code == 200, content
         assert [(m["id"], m["root"], m["parent"], m["max_model_len"]) for m in json.loads(content)["data"]] == [
             (BARE, BARE, None, 2048), ("sql-lora", "sql-lora", BARE, None)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_passthrough_tokenizer_info_names_no_file_of_the_upstreams_host(http, two):
+    """C{/p/vllm/tokenizer_info} (vLLM's tokenizer's C{init_kwargs}, which any key reaches) is without
+    C{name_or_path} (the weights' directory) and each C{..._file} on the vLLM's host, its other members as they
+    came. Before, every key was told those paths."""
+    gw, vllm, other = two
+    kept = {"add_bos_token": True, "bos_token": "<|begin_of_text|>", "model_max_length": 131072,
+            "clean_up_tokenization_spaces": True, "tokenizer_class": "PreTrainedTokenizerFast",
+            "chat_template": "{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}"}
+    info = dict(kept, name_or_path="/models/" + BARE, tokenizer_file=f"/models/{BARE}/tokenizer.json",
+                special_tokens_map_file=f"/models/{BARE}/special_tokens_map.json")
+    vllm.raw[b"/tokenizer_info"] = (raw_answer(json.dumps(info).encode()), False)
+    managed = await new_key(http, gw, models=[MODEL])
+    for key in (MASTER, managed):
+        response, content = await call(http, gw, "/p/vllm/tokenizer_info", key=key, method="GET")
+        assert response.code == 200 and json.loads(content) == kept, content

@@ -176,8 +176,7 @@ class Passthrough:
                             pin=_pinned_replica(request), counted=_counted(request, body, route),
                             vet=partial(_vet, request, ctx, provider, request.path.split(b"/", 3)[2], endpoint, query),
                             limited=route not in COUNTING_ROUTES)
-        call.shown = (response_shown if call.ends is RESPONSES_END else _models_shown if route == "models"
-                      else answer_shown)
+        call.shown = response_shown if call.ends is RESPONSES_END else _SHOWN.get(route, answer_shown)
         return await self._exchange.relay(request, ctx, provider, call)
 
     async def _owned(self, principal, method, endpoint, body):
@@ -452,6 +451,26 @@ def _models_shown(body: bytes, upstream) -> bytes:
     for model in rooted:
         model["root"] = model.get("id")
     return answer_shown(jsonutil.dumps(listing) if rooted else body, upstream)
+
+
+def _tokenizer_shown(body: bytes, upstream) -> bytes:
+    """C{body}, vLLM's C{tokenizer_info} (its tokenizer's C{init_kwargs}), without what names the tokenizer's files
+    on its host: C{name_or_path} (where it was loaded from, the weights' directory) and each C{..._file}
+    (C{tokenizer_file}, C{special_tokens_map_file}, ...); then as L{answer_shown}."""
+    try:
+        info = jsonutil.loads(body)
+    except jsonutil.JSONError:
+        return answer_shown(body, upstream)
+    if info.__class__ is not dict:
+        return answer_shown(body, upstream)
+    files = [name for name in info if name == "name_or_path" or name.endswith("_file")]
+    for name in files:
+        del info[name]
+    return answer_shown(jsonutil.dumps(info) if files else body, upstream)
+
+
+# A route's own L{UpstreamCall.shown} (what names the upstream's files), the others' L{answer_shown}.
+_SHOWN = {"models": _models_shown, "tokenizer_info": _tokenizer_shown}
 
 
 def _stream_end(route):
