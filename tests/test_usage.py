@@ -634,3 +634,33 @@ async def test_a_stream_that_failed_after_its_200_is_an_error_of_the_ledger(reac
         assert bad.code == 400 and json.loads(await bad.content())["error"]["param"] == "outcome"
     finally:
         await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_every_replica_was_too_busy_for_is_a_refused_record(reactor, http, fake, tmp_path):
+    """The gateway's own 429 C{replicas_busy} (every replica at C{REPLICA_MAX_CONCURRENCY} past
+    C{ROUTING_QUEUE_TIMEOUT}) refused a routed request as its limits do: it is a record of outcome C{refused}, status
+    429, 0 tokens and no replica, under the provider and model it waited for (before, none: the refusals of a
+    fleet too small for its load were nowhere in its usage)."""
+    env = {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1", "GOMODEL_DATA_DIR": str(tmp_path / "d"),
+           "REPLICA_MAX_CONCURRENCY": "1", "ROUTING_QUEUE_TIMEOUT": "0.1"}
+    gw = await start_gateway(reactor, env)
+    try:
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+        held = Deferred.fromCoroutine(_post(http, gw, "/v1/chat/completions", dict(chat, fake_hold=True)))
+        await until(reactor, lambda: any((r.body or {}).get("fake_hold") for r in fake.requests),
+                    what="the first request held at the replica")
+        response, body = await _post(http, gw, "/v1/chat/completions", chat)
+        assert response.code == 429 and json.loads(body)["error"]["code"] == "replicas_busy"
+        fake.release_holds()
+        assert (await held)[0].code == 200
+        busy, served = await _recorded(gw, 2)  # newest first, by their start
+        assert (busy["status_code"], busy["outcome"], busy["total_tokens"], busy["input_tokens"], busy["replica"],
+                busy["provider_name"], busy["model"], busy["endpoint"]) == (
+            429, "refused", 0, 0, None, "vllm", MODEL, "/v1/chat/completions")
+        assert (served["outcome"], served["replica"]) == ("ok", 0)
+        summary = await gw.service.usage.summary(0, 2e9)
+        assert (summary["requests"], summary["errors"], summary["refused"]) == (2, 1, 1)
+    finally:
+        fake.release_holds()
+        await gw.service.stopService()

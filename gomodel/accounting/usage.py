@@ -18,7 +18,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from gomodel.accounting.tokens import audio_seconds, tokens_by_type, total_tokens
-from gomodel.errors import BudgetExceeded, RateLimitExceeded, RowsRejected
+from gomodel.errors import BudgetExceeded, RateLimitExceeded, ReplicasBusy, RowsRejected
 from gomodel.http.context import ERROR, OK, REFUSED
 from gomodel.logs import FailureStreak, log_failure
 from gomodel.store.records import USAGE_FIELDS
@@ -63,8 +63,8 @@ class UsageLedger(Service):
         self._dropped = 0  # records dropped past MAX_BUFFER since the store last took some
 
     def __call__(self, ctx):
-        """A request is over: keep its record if it reached an upstream, or if the gateway's own limits or
-        budgets refused it (L{refused})."""
+        """A request is over: keep its record if it reached an upstream, or if the gateway's own limits,
+        budgets or busy replicas refused it (L{refused})."""
         if ctx.replica is None:
             if ctx.error in REFUSALS:  # (here, not on the way of a request that was served: it costs those nothing)
                 self.refused(ctx)
@@ -76,8 +76,8 @@ class UsageLedger(Service):
                   ctx.estimated, *recorded_as(ctx.principal), tokens=ctx.token_counts, outcome=ctx.outcome)
 
     def refused(self, ctx):
-        """Keep the record of a request the gateway's limits or budgets refused with a 429 (L{REFUSALS}) once it
-        was routed: 0 tokens, no replica, outcome L{REFUSED}, under its key and user path and the provider and
+        """Keep the record of a request the gateway's limits, budgets or busy replicas refused with a 429
+        (L{REFUSALS}) once it was routed: 0 tokens, no replica, outcome L{REFUSED}, under its key and user path and the provider and
         model it would have gone to, so that a key's usage counts what it was refused."""
         self.keep(ctx.request_id.decode("ascii"), ctx.started, ctx.provider_type, ctx.provider, None,
                   f"{ctx.provider}/{ctx.upstream_model}" if ctx.upstream_model else None, ctx.endpoint, ctx.status,
@@ -287,8 +287,9 @@ class UsageLedger(Service):
         return d.addBoth(over)
 
 
-# The error codes of the gateway's own refusals (a limit's, a budget's 429) a usage record is kept of (L{refused}).
-REFUSALS = frozenset((RateLimitExceeded.code, BudgetExceeded.code))
+# The error codes of the gateway's own refusals a usage record is kept of (L{refused}): a limit's, a budget's 429, and
+# the routing queue's (every replica of the provider at its concurrency cap past C{ROUTING_QUEUE_TIMEOUT}).
+REFUSALS = frozenset((RateLimitExceeded.code, BudgetExceeded.code, ReplicasBusy.code))
 NO_TOKENS = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}  # (a refused request's usage)
 _TIME, _OUTCOME, _STATUS = (USAGE_FIELDS.index(field) for field in ("timestamp", "outcome", "status_code"))
 # A summary's token sums and cost sums (None until a record has a price), by their columns.
