@@ -2043,9 +2043,11 @@ async def test_a_batchs_lines_in_flight_at_once_cannot_overshoot_its_keys_budget
         sdk.close()
         await gw.service.usage.flush()
         code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log")
-        used = [r["total_tokens"] for r in log["data"]]
+        used = [r["total_tokens"] for r in log["data"] if r["outcome"] == "ok"]
         assert used and set(used) == {21} and batch.request_counts.completed == len(used)  # (21 tokens a line)
         assert batch.request_counts.failed == 12 - len(used)  # (budget_exceeded)
+        # (each line refused is a record of the key's: 0 tokens, outcome refused)
+        assert len(log["data"]) == 12 and {r["total_tokens"] for r in log["data"] if r["outcome"] == "refused"} == {0}
         code, view = await admin(http, gw, "GET", f"{KEYS}/{key['id']}")
         assert 100 <= view["budgets"][0]["spent_tokens"] == sum(used) <= 100 + 21
     finally:
@@ -2095,4 +2097,41 @@ async def test_a_batch_line_waiting_for_its_batchs_lines_in_flight_leaves_its_pr
         fake.release_holds()
         sdk.close()
         master.close()
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_line_refused_by_its_keys_budget_is_a_refused_record_of_the_key(reactor, http, fake, tmp_path):
+    """A batch line its key's spent budget refused (its error line C{budget_exceeded}) is a usage record as an
+    online request the budget refused is: the line's request id, outcome C{refused}, status 429, 0 tokens, no
+    replica, under the key, its user path and the provider and model it would have gone to, so that the key's usage
+    counts what its batch was refused (before, none: only the line that was served was there)."""
+    gw = await start(reactor, fake, tmp_path)
+    key = await new_key(http, gw, user_path="/team/a", budgets=[{"period": "daily", "max_tokens": 10}])
+    sdk = openai_client(gw, key["value"])
+    try:
+        lines = b"".join(json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
+                                     "body": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                              "max_tokens": 5}}).encode() + b"\n" for i in range(2))
+        uploaded = await in_thread(sdk.files.create, file=("in.jsonl", io.BytesIO(lines)), purpose="batch")
+        batch = await in_thread(sdk.batches.create, input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                completion_window="24h")
+        await gw.service.batch_runner.settled(batch.id)
+        counts = (await in_thread(sdk.batches.retrieve, batch.id)).request_counts
+        assert (counts.completed, counts.failed) == (1, 1)  # (the first line's 21 tokens spent the budget)
+        await gw.service.usage.flush()
+        code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log")
+        by_outcome = {r["outcome"]: r for r in log["data"]}
+        assert sorted(by_outcome) == ["ok", "refused"] and len(log["data"]) == 2
+        refused, served = by_outcome["refused"], by_outcome["ok"]
+        assert {refused["request_id"], served["request_id"]} == {f"{batch.id}-1", f"{batch.id}-2"}  # (its lines, from 1)
+        assert (refused["status_code"], refused["total_tokens"], refused["input_tokens"], refused["replica"],
+                refused["auth_key_id"], refused["user_path"], refused["provider_name"], refused["model"],
+                refused["endpoint"], refused["stream"]) == (
+            429, 0, 0, None, key["id"], "/team/a", "vllm", MODEL, "/v1/chat/completions", False)
+        code, by_key = await admin(http, gw, "GET", "/admin/api/v1/usage/keys")
+        assert [(r["auth_key_id"], r["requests"], r["errors"], r["refused"], r["total_tokens"])
+                for r in by_key["data"]] == [(key["id"], 2, 1, 1, 21)]
+    finally:
+        sdk.close()
         await gw.service.stopService()

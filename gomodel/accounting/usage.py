@@ -79,10 +79,17 @@ class UsageLedger(Service):
         """Keep the record of a request the gateway's limits, budgets or busy replicas refused with a 429
         (L{REFUSALS}) once it was routed: 0 tokens, no replica, outcome L{REFUSED}, under its key and user path and the provider and
         model it would have gone to, so that a key's usage counts what it was refused."""
-        self.keep(ctx.request_id.decode("ascii"), ctx.started, ctx.provider_type, ctx.provider, None,
-                  f"{ctx.provider}/{ctx.upstream_model}" if ctx.upstream_model else None, ctx.endpoint, ctx.status,
-                  ctx.asked_stream, NO_TOKENS, _ms(ctx.duration), None, False, False, *recorded_as(ctx.principal),
-                  outcome=REFUSED)
+        self.refusal(ctx.request_id.decode("ascii"), ctx.started, ctx.provider_type, ctx.provider, ctx.upstream_model,
+                     ctx.endpoint, ctx.principal, ctx.status, ctx.asked_stream, _ms(ctx.duration))
+
+    def refusal(self, request_id, timestamp, provider, provider_name, upstream_model, endpoint, principal,
+                status_code=429, stream=False, duration_ms=None):
+        """Keep the record of a request (or a batch line) the gateway refused itself: 0 tokens, no replica,
+        outcome L{REFUSED}, under C{principal}'s key and user path (L{recorded_as}) and the provider
+        (C{provider}: its type) and model it would have gone to."""
+        self.keep(request_id, timestamp, provider, provider_name, None,
+                  f"{provider_name}/{upstream_model}" if upstream_model else None, endpoint, status_code, stream,
+                  NO_TOKENS, duration_ms, None, False, False, *recorded_as(principal), outcome=REFUSED)
 
     def keep(self, request_id, timestamp, provider, provider_name, replica, model, endpoint, status_code, stream,
              usage, duration_ms=None, ttft_ms=None, client_gone=False, estimated=False, auth_key_id=None,

@@ -640,6 +640,9 @@ class BatchRunner(Service):
             except GatewayError as e:
                 if isinstance(e, StorageUnavailable):
                     raise
+                if isinstance(e, BudgetExceeded) and self._usage is not None:  # (the key's usage, as online)
+                    self._usage.refusal(f"{job.batch_id}-{line}", self._clock.seconds(), route.provider.type,
+                                        route.provider.name, route.upstream_model, "/v1" + path, job.principal)
                 await self._unsent(job, line, custom_id, e.code or "invalid_request", e.message)
                 return
             if reserved is None:
