@@ -2132,6 +2132,8 @@ async def test_a_batch_line_refused_by_its_keys_budget_is_a_refused_record_of_th
         code, by_key = await admin(http, gw, "GET", "/admin/api/v1/usage/keys")
         assert [(r["auth_key_id"], r["requests"], r["errors"], r["refused"], r["total_tokens"])
                 for r in by_key["data"]] == [(key["id"], 2, 1, 1, 21)]
+        usage = (await in_thread(sdk.get, "/usage", cast_to=object))["usage"]  # (the key's own: /v1/usage)
+        assert (usage["total_requests"], usage["refused_requests"], usage["total_tokens"]) == (1, 1, 21)
     finally:
         sdk.close()
         await gw.service.stopService()

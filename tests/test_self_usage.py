@@ -97,8 +97,8 @@ async def _subtree_budgets_and_limits(http, gw):
     # Its subtree's requests (its own and /team/alpha/ci's), not /team/beta's.
     assert body["usage"] == {
         "start_date": (today - timedelta(days=29)).isoformat(), "end_date": today.isoformat(),
-        "total_requests": 3, "total_input_tokens": 54, "total_output_tokens": 9, "total_tokens": 63,
-        "uncached_input_tokens": 46, "cached_input_tokens": 8, "cache_write_input_tokens": 0,
+        "total_requests": 3, "refused_requests": 0, "total_input_tokens": 54, "total_output_tokens": 9,
+        "total_tokens": 63, "uncached_input_tokens": 46, "cached_input_tokens": 8, "cache_write_input_tokens": 0,
         "total_input_cost": None, "total_output_cost": None, "total_cost": None,
         "rewrite_tokens_saved": 0, "rewrite_cost_saved": None}
     own = by_scope(body["budgets"], f"key:{alpha['id']}")
@@ -183,6 +183,29 @@ async def test_a_key_without_a_user_path_sees_its_own_requests_alone(http, gw):
     assert (tpm["scope"], tpm["user_path"], tpm["max_tokens"]) == (f"key:{solo['id']}", None, 120)
     assert 36 <= tpm["tokens_used"] <= 42  # settled with what it used (reserved: its estimate), refilling
     assert tpm["tokens_remaining"] == 120 - tpm["tokens_used"] and "max_requests" not in tpm
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_requests_the_gateway_refused_are_refused_requests_not_total_requests(http, gw):
+    """A key's C{total_requests} counts the requests it was served (GoModel's: it kept no record of a refusal) and
+    C{refused_requests} those the gateway refused itself with a 429 (its C{rpm} here), written or held by the ledger
+    still (before, C{total_requests} counted both: a key refused all day looked busy)."""
+    limited = await new_key(http, gw, rpm=1)
+    assert (await chat(gw, limited["value"])).http_response.status_code == 200
+    await gw.service.usage.flush()
+    with pytest.raises(openai.RateLimitError):
+        await chat(gw, limited["value"])  # (its record held by the ledger still)
+    client = usage_client(gw, limited["value"])
+    try:
+        usage = (await read(client))["usage"]
+    finally:
+        client.close()
+    assert (usage["total_requests"], usage["refused_requests"], usage["total_tokens"]) == (1, 1, 21)
+    await gw.service.usage.flush()
+    code, summary = await admin(http, gw, "GET", f"/admin/api/v1/usage/summary?key={limited['id']}")
+    # (the admin summary's GoModel names read alike; ours count every record, the refused one too)
+    assert (summary["total_requests"], summary["refused_requests"], summary["requests"], summary["refused"]) == (
+        1, 1, 2, 1)
 
 
 @pytest_twisted.ensureDeferred

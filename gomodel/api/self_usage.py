@@ -113,9 +113,12 @@ def _usage_block(totals, start, end) -> dict:
 
 
 def usage_fields(totals) -> dict:
-    """GoModel's names of a store's summary C{totals} (its C{UsageSummary}'s: C{total_requests}, ...)."""
+    """GoModel's names of a store's summary C{totals} (its C{UsageSummary}'s: C{total_requests}, ...):
+    C{total_requests} the requests served (GoModel kept no record of a refusal), C{refused_requests} (ours) those
+    the gateway refused itself (outcome C{refused}), which C{totals}' C{requests} counts too."""
     cached = totals["cached_tokens"] or 0
-    return {"total_requests": totals["requests"],
+    refused = totals["refused"]
+    return {"total_requests": totals["requests"] - refused, "refused_requests": refused,
             "total_input_tokens": totals["input_tokens"], "total_output_tokens": totals["output_tokens"],
             "total_tokens": totals["total_tokens"],
             "uncached_input_tokens": max(0, (totals["input_tokens"] or 0) - cached),
