@@ -2144,6 +2144,14 @@ async def test_the_overviews_errors_say_what_kind_they_were(reactor, tmp_path):
             b.go("usage")  # (its Errors card says the same, of its window: before, one count of them all)
             b.wait_text("#usage-totals .card-detail", lambda t: t == "1 server (5xx) · 2 refused (4xx) · "
                         "1 client left (499) · 1 over the gateway's limits (429)", "the usage page's errors by kind")
+            # Its group table (by model) says the refused among each row's errors, as the API's rows have them
+            # (before, no column: usage/keys counted a key's refusals, its table never showed them).
+            b.wait(lambda d: b.texts("#usage-table td[data-label='Refused']") == ["1"], "the model's refused")
+            assert (b.texts("#usage-table td[data-label='Requests']"), b.texts(
+                "#usage-table td[data-label='Errors']")) == (["8"], ["5"])
+            b.click("button[data-group='key']")
+            b.wait(lambda d: "Key" in b.texts("#usage-table th"), "the keys' table")
+            assert b.texts("#usage-table td[data-label='Refused']") == ["1"]
             b.assert_clean()
 
         await in_thread(overview)

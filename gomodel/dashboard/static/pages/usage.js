@@ -235,6 +235,8 @@ export function mount(el) {
         {title: GROUPS[group].label, cell: name},
         {title: "Requests", cell: (r) => int(r.requests), class: "num"},
         {title: "Errors", cell: (r) => int(r.errors), class: "num"},
+        // (those of its errors the gateway's own limits, budgets and busy replicas refused with a 429)
+        {title: "Refused", cell: (r) => int(r.refused), class: "num"},
         {title: "Input", cell: (r) => int(r.input_tokens), class: "num"},
         {title: "Output", cell: (r) => int(r.output_tokens), class: "num"},
         {title: "Cost", cell: (r) => cost(r.total_cost), class: "num"},
