@@ -2134,6 +2134,21 @@ async def test_a_batch_line_refused_by_its_keys_budget_is_a_refused_record_of_th
                 for r in by_key["data"]] == [(key["id"], 2, 1, 1, 21)]
         usage = (await in_thread(sdk.get, "/usage", cast_to=object))["usage"]  # (the key's own: /v1/usage)
         assert (usage["total_requests"], usage["refused_requests"], usage["total_tokens"]) == (1, 1, 21)
+        # A message batch's line too, at /v1/messages.
+        other = await new_key(http, gw, budgets=[{"period": "daily", "max_tokens": 10}])
+        messages = anthropic.Anthropic(base_url=gw.url, api_key=other["value"], max_retries=0, timeout=10)
+        try:
+            made = await in_thread(messages.messages.batches.create, requests=[{"custom_id": f"m{i}", "params": {
+                "model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}} for i in range(2)])
+            await gw.service.batch_runner.settled(made.id)
+            counts = (await in_thread(messages.messages.batches.retrieve, made.id)).request_counts
+        finally:
+            messages.close()
+        assert (counts.succeeded, counts.errored) == (1, 1)
+        await gw.service.usage.flush()
+        code, log = await admin(http, gw, "GET", f"/admin/api/v1/usage/log?key={other['id']}&outcome=refused")
+        assert [(r["endpoint"], r["status_code"], r["total_tokens"], r["replica"], r["model"])
+                for r in log["data"]] == [("/v1/messages", 429, 0, None, MODEL)]
     finally:
         sdk.close()
         await gw.service.stopService()
