@@ -606,6 +606,13 @@ async def test_a_key_whose_budget_is_spent_cannot_create_a_batch(http, gw, fake)
         assert [r.path for r in fake.requests if r.path.startswith((b"/v1/chat", b"/v1/messages"))] == [
             b"/v1/chat/completions"]
         assert (await in_thread(client.files.retrieve, uploaded.id)).id == uploaded.id
+        # Each refusal is a usage record of the key's, outcome refused: a batch's under its route (it names no
+        # model yet; before, under none: the request log showed a refusal of no endpoint).
+        await gw.service.usage.flush()
+        code, log = await admin(http, gw, "GET", f"/admin/api/v1/usage/log?key={key['id']}&outcome=refused")
+        assert sorted((r["endpoint"], r["model"], r["status_code"]) for r in log["data"]) == [
+            ("/v1/batches", None, 429), ("/v1/chat/completions", MODEL, 429), ("/v1/messages", MODEL, 429),
+            ("/v1/messages/batches", None, 429)]
     finally:
         client.close()
         messages.close()
