@@ -2131,7 +2131,7 @@ async def test_a_batch_line_refused_by_its_keys_budget_is_a_refused_record_of_th
         by_outcome = {r["outcome"]: r for r in log["data"]}
         assert sorted(by_outcome) == ["ok", "refused"] and len(log["data"]) == 2
         refused, served = by_outcome["refused"], by_outcome["ok"]
-        assert {refused["request_id"], served["request_id"]} == {f"{batch.id}-1", f"{batch.id}-2"}  # (its lines, from 1)
+        assert {refused["request_id"], served["request_id"]} == {f"{batch.id}-1", f"{batch.id}-2"}  # (lines from 1)
         assert (refused["status_code"], refused["total_tokens"], refused["input_tokens"], refused["replica"],
                 refused["auth_key_id"], refused["user_path"], refused["provider_name"], refused["model"],
                 refused["endpoint"], refused["stream"]) == (

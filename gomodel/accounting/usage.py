@@ -77,9 +77,10 @@ class UsageLedger(Service):
 
     def refused(self, ctx):
         """Keep the record of a request the gateway's limits, budgets or busy replicas refused with a 429
-        (L{REFUSALS}) once it was routed: 0 tokens, no replica, outcome L{REFUSED}, under its key and user path and the provider and
-        model it would have gone to, so that a key's usage counts what it was refused (a batch its budget refused at
-        its creation, no route of the metrics' endpoints and no model yet, under its path)."""
+        (L{REFUSALS}) once it was routed: 0 tokens, no replica, outcome L{REFUSED}, under its key and user path
+        and the provider and model it would have gone to, so that a key's usage counts what it was refused (a
+        batch its budget refused at its creation, no route of the metrics' endpoints and no model yet, under its
+        path)."""
         self.refusal(ctx.request_id.decode("ascii"), ctx.started, ctx.provider_type, ctx.provider, ctx.upstream_model,
                      ctx.endpoint or ctx.path.decode("ascii", "replace"), ctx.principal, ctx.status, ctx.asked_stream,
                      _ms(ctx.duration))
