@@ -215,13 +215,13 @@ class AdminAPI:
 
     @app.route("/usage/log", methods=["GET"])
     async def usage_log(self, request):
-        """Records, newest first: C{limit}, C{after} (the previous page's C{next}) or GoModel's C{offset}
-        (its answer: GoModel's C{entries}, C{total}, C{limit} and C{offset} too), filters (L{_filters});
+        """Records, newest first: C{limit}, C{after} (the previous page's C{next}; L{_log_cursor}) or GoModel's
+        C{offset} (its answer: GoModel's C{entries}, C{total}, C{limit} and C{offset} too), filters (L{_filters});
         C{format=csv}: the same page, its C{has_more} and C{next} in the headers C{X-Has-More} and C{X-Next}."""
         start, end = window(request, self._clock, zone=time_zone(request))
         wants_csv = _wants_csv(request)
         filters = _filters(request)
-        after = query_int(request, b"after", 0, CURSOR_MAX, message="after must be the 'next' of a previous page.")
+        after = _log_cursor(request)
         offset = query_int(request, b"offset", 0, CURSOR_MAX, message="offset must be a whole number, 0 or more.")
         limit, store = query_limit(request, 100, 1000), self._usage_store()
         records, cursor = await store.log(start, end, limit, after, filters, offset or 0)
@@ -270,6 +270,22 @@ def _replica(replica, now, max_age) -> dict:
         "busy_until": replica.busy_until if replica.busy_until is not None and replica.busy_until > now else None,
         "check_failed": replica.doubted, "unanswered": replica.unanswered,
     }
+
+
+def _log_cursor(request):
+    """The usage log's C{after}, or C{cursor} by that name (the operate issue's word for it), or None.
+
+    @raise InvalidRequest: a 400 naming the one that no page's C{next} can be, or C{cursor} when both are given.
+    """
+    message = "{} must be the 'next' of a previous page."
+    after = query_int(request, b"after", 0, CURSOR_MAX, message=message.format("after"))
+    cursor = query_int(request, b"cursor", 0, CURSOR_MAX, message=message.format("cursor"))
+    if cursor is None:
+        return after
+    if after is not None:
+        raise InvalidRequest("Give the previous page's 'next' once, as after or as cursor.", param="cursor",
+                             code="invalid_value")
+    return cursor
 
 
 def _filters(request) -> dict:
