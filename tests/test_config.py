@@ -931,6 +931,25 @@ def test_gomodel_settings_it_cannot_honour_or_given_twice_are_refused(tmp_path, 
         load_config({}, yaml_path=str(path))
 
 
+def test_gomodels_sqlite_path_variable_places_the_database_as_its_yaml_key_does(tmp_path):
+    """GoModel's C{SQLITE_PATH} (its C{storage.sqlite.path}'s variable) is the database's directory here, as that
+    key is; a file name other than C{gomodel.db} is warned of; given with C{GOMODEL_DATA_DIR} (or with the key
+    under C{store.data_dir}), refused (before, passed over in silence: the database went to ./data)."""
+    place = str(tmp_path / "state")
+    config = load_config({"SQLITE_PATH": place + "/gomodel.db"})
+    assert config.store.data_dir.rstrip("/") == place and not config.warnings
+    (warning,) = load_config({"SQLITE_PATH": place + "/usage.db"}).warnings
+    assert "SQLITE_PATH" in warning and "gomodel.db" in warning
+    assert load_config({"SQLITE_PATH": "gomodel.db"}).store.data_dir.rstrip("/") in (".", "")
+    path = tmp_path / "config.yaml"
+    path.write_text("storage:\n  sqlite:\n    path: elsewhere/gomodel.db\n")
+    assert load_config({"SQLITE_PATH": place + "/gomodel.db"}, str(path)).store.data_dir.rstrip("/") == place
+    with pytest.raises(ConfigError, match="SQLITE_PATH and GOMODEL_DATA_DIR"):
+        load_config({"SQLITE_PATH": place + "/gomodel.db", "GOMODEL_DATA_DIR": place})
+    with pytest.raises(ConfigError, match="SQLITE_PATH"):
+        load_config({"SQLITE_PATH": place + "/"})
+
+
 def test_providers_whose_names_differ_only_in_case_are_refused(tmp_path):
     """Their rate limits (C{SET_PROVIDER_RATE_LIMIT_VLLM}, YAML by name in any case) were one bucket for both."""
     path = tmp_path / "config.yaml"

@@ -99,6 +99,8 @@ _ENV_IDLE = {
 def read_gomodel_env(env, warnings: list):
     """Check GoModel's environment variables in C{env} as its YAML keys are checked (L{read_gomodel_layout}).
 
+    @param env: the loader's own copy of the environment: GoModel's C{SQLITE_PATH} is moved to
+        C{GOMODEL_DATA_DIR} there (its directory).
     @param warnings: gets one line naming GoModel's variables that are not read here, if any.
     @raise ConfigError: one the gateway cannot honour says to restrict (guardrails on, models off by default).
     """
@@ -108,6 +110,10 @@ def read_gomodel_env(env, warnings: list):
     if env.get("MODELS_ENABLED_BY_DEFAULT", "").strip().lower() in _FALSE:
         raise ConfigError("MODELS_ENABLED_BY_DEFAULT: this gateway has no model overrides; every configured model "
                           "would be served, so it does not start (limit a key's models with its models field instead)")
+    if "SQLITE_PATH" in env:  # (GoModel's storage.sqlite.path: the directory is ours, as the key's is)
+        if "GOMODEL_DATA_DIR" in env:
+            raise ConfigError("SQLITE_PATH and GOMODEL_DATA_DIR name the database's place both; keep one")
+        env["GOMODEL_DATA_DIR"] = _database_directory(env["SQLITE_PATH"], "SQLITE_PATH", warnings)
     ignored = [name for name, idle in _ENV_IDLE.items()
                if name in env and idle is not _ANY and env[name].strip().lower() not in idle]
     if "FALLBACK_MANUAL_RULES_PATH" not in env and env.get("FEATURE_FALLBACK_MODE", "off").strip().lower() not in (
@@ -208,16 +214,22 @@ def _known_types(types, where, warnings) -> list:
 
 def _sqlite_path(document, value, where, warnings):
     """GoModel's database file: gomodel keeps C{gomodel.db} (and its files' contents) in that directory."""
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{where} must be a file path")
-    directory, _, name = value.rstrip("/").rpartition("/")
     block = document.setdefault("store", {})
     if block.get("data_dir") is not None:
         raise ConfigError(f"{where} and store.data_dir name the database's place both; keep one")
-    block["data_dir"] = directory or "."
+    block["data_dir"] = _database_directory(value, where, warnings)
+
+
+def _database_directory(value, where, warnings) -> str:
+    """The directory of GoModel's database file C{value} (C{storage.sqlite.path}, C{SQLITE_PATH}): gomodel's
+    C{GOMODEL_DATA_DIR}; a file named other than C{gomodel.db} is warned of."""
+    if not isinstance(value, str) or not value.strip() or value.endswith("/"):
+        raise ConfigError(f"{where} must be a file path")
+    directory, _, name = value.strip().rpartition("/")
     if name != "gomodel.db":
         warnings.append(f"{where}: the database is {directory or '.'}/gomodel.db here, beside the files' "
                         f"contents, not {name}")
+    return directory or "."
 
 
 def _manual_rules(document, value, where, warnings, env):
