@@ -1083,13 +1083,16 @@ def test_gomodels_manual_failover_rules_file_that_cannot_be_used_stops_the_start
 @pytest.mark.parametrize("env, named", [
     ({"GUARDRAILS_ENABLED": "true"}, "GUARDRAILS_ENABLED"),
     ({"MODELS_ENABLED_BY_DEFAULT": "false"}, "MODELS_ENABLED_BY_DEFAULT"),
+    ({"USERS": '[{"path": "/acme/eng", "allowed_models": ["vllm/*"]}]'}, "USERS"),
 ])
 def test_gomodel_variables_it_cannot_honour_are_refused_as_their_yaml_keys_are(env, named):
-    """GoModel's C{.env} turning guardrails on, or models off by default: clients would do more than it allows, as
-    with the same settings in its YAML (refused). Before, both were ignored without a word."""
+    """GoModel's C{.env} turning guardrails on, or models off by default, or limiting user paths' models
+    (C{USERS}: its users' allowlists): clients would do more than it allows, as with the same settings in its YAML
+    (refused). Before, all three were ignored without a word."""
     with pytest.raises(ConfigError, match=named):
         load_config(env)
     assert load_config({"GUARDRAILS_ENABLED": "false", "MODELS_ENABLED_BY_DEFAULT": "true"}).warnings == ()
+    assert load_config({"USERS": " [ ] "}).warnings == ()  # (no policy: nothing is limited)
 
 
 def test_gomodel_variables_it_has_are_read_and_those_it_has_not_are_named_in_a_warning():

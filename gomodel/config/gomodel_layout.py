@@ -102,7 +102,8 @@ def read_gomodel_env(env, warnings: list):
     @param env: the loader's own copy of the environment: GoModel's C{SQLITE_PATH} is moved to
         C{GOMODEL_DATA_DIR} there (its directory).
     @param warnings: gets one line naming GoModel's variables that are not read here, if any.
-    @raise ConfigError: one the gateway cannot honour says to restrict (guardrails on, models off by default).
+    @raise ConfigError: one the gateway cannot honour says to restrict (guardrails on, models off by default,
+        users' model allowlists), or two name one place.
     """
     if env.get("GUARDRAILS_ENABLED", "").strip().lower() in _TRUE:
         raise ConfigError("GUARDRAILS_ENABLED: guardrails are not a feature of this gateway; without them requests "
@@ -110,6 +111,10 @@ def read_gomodel_env(env, warnings: list):
     if env.get("MODELS_ENABLED_BY_DEFAULT", "").strip().lower() in _FALSE:
         raise ConfigError("MODELS_ENABLED_BY_DEFAULT: this gateway has no model overrides; every configured model "
                           "would be served, so it does not start (limit a key's models with its models field instead)")
+    if "".join(env.get("USERS", "").split()) not in ("", "[]", "null"):
+        raise ConfigError("USERS: GoModel's model allowlists by user path are not a feature of this gateway; without "
+                          "them every path could use every model, so it does not start (unset it, and limit each "
+                          "key's models with its models field instead)")
     if "SQLITE_PATH" in env:  # (GoModel's storage.sqlite.path: the directory is ours, as the key's is)
         if "GOMODEL_DATA_DIR" in env:
             raise ConfigError("SQLITE_PATH and GOMODEL_DATA_DIR name the database's place both; keep one")
