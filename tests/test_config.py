@@ -1109,6 +1109,26 @@ def test_gomodel_variables_it_has_are_read_and_those_it_has_not_are_named_in_a_w
     assert load_config({"HTTP_TIMEOUT": "600", "BASE_PATH": "/", "LOGGING_ENABLED": "false"}).warnings == ()
 
 
+def test_gomodels_session_keeping_settings_are_named_unless_they_hold_its_defaults(tmp_path):
+    """GoModel's session keeping (C{SESSION_KEEPING_ENABLED}, C{SESSION_AUTO_DETECT}, C{SESSION_BUILTIN_RULES},
+    C{SESSION_HEADER_<n>}; YAML C{session:}): here sessions are always read from the same headers and fields, so
+    turning any off, or naming more headers, is named in the start's warning; their defaults change nothing. Before,
+    the variables went unread without a word and a C{session:} section stopped the start as an unknown key."""
+    quiet = {"SESSION_KEEPING_ENABLED": "true", "SESSION_AUTO_DETECT": "1", "SESSION_BUILTIN_RULES": "true"}
+    assert load_config(quiet).warnings == ()
+    warning = "\n".join(load_config({"SESSION_KEEPING_ENABLED": "false", "SESSION_HEADER_1": "X-My-Session",
+                                     "SESSION_HEADER_1_TRANSFORM": "session-uuid"}).warnings)
+    for name in ("SESSION_KEEPING_ENABLED", "SESSION_HEADER_1", "SESSION_HEADER_1_TRANSFORM"):
+        assert name in warning
+    assert "SESSION_AUTO_DETECT" not in warning
+    path = tmp_path / "config.yaml"
+    path.write_text("session:\n  enabled: true\n  auto_detect: true\n  builtin_rules: true\n")
+    assert load_config({}, yaml_path=str(path)).warnings == ()
+    path.write_text("session:\n  auto_detect: false\n  headers:\n    - header: X-My-Session\n")
+    warning = "\n".join(load_config({}, yaml_path=str(path)).warnings)
+    assert "session.auto_detect" in warning and "session.headers" in warning
+
+
 def test_gomodels_per_model_fallback_mode_off_leaves_that_models_rule_out(tmp_path):
     """GoModel's C{fallback.overrides: {model: {mode: off}}} turns that model's failover off: its rule in the
     manual rules file is not read (before, the override was only named in a warning and the rule, once the file was

@@ -10,6 +10,8 @@ absence would let clients do more than the file allows are refused:
 guardrails turned on, and models not enabled by default.
 """
 
+import re
+
 from gomodel.config.catalog import PROVIDER_TYPES
 from gomodel.config.errors import ConfigError, listed
 
@@ -62,11 +64,15 @@ _IDLE = {
     ("cache", "response", "semantic", "enabled"): False,
     ("storage", "mongodb", "url"): _ANY,  # (read only with type mongodb, which is refused)
     ("storage", "mongodb", "database"): _ANY,
+    # (sessions are always read here, from GoModel's built-in headers and fields: gomodel.routing.affinity)
+    ("session", "enabled"): True,
+    ("session", "auto_detect"): True,
+    ("session", "builtin_rules"): True,
 }
 
 # Sections of GoModel's layout that are not ours: a file naming one is in GoModel's layout.
 _GOMODEL_SECTIONS = ("models", "cache", "storage", "logging", "http", "admin", "guardrails", "fallback",
-                     "workflows", "resilience")
+                     "workflows", "resilience", "session")
 # GoModel's keys in the sections it shares with ours (their keys are GoModel's when named so).
 _SHARED_KEYS = {"server": {"swagger_enabled", "pprof_enabled", "enable_passthrough_routes",
                            "allow_passthrough_v1_alias", "enabled_passthrough_providers", "base_path"},
@@ -87,6 +93,7 @@ _ENV_IDLE = {
     "SWAGGER_ENABLED": _FALSE, "PPROF_ENABLED": _FALSE, "ALLOW_PASSTHROUGH_V1_ALIAS": _TRUE,
     "LOGGING_ENABLED": _FALSE, "RESPONSE_CACHE_SIMPLE_ENABLED": _FALSE, "SEMANTIC_CACHE_ENABLED": _FALSE,
     "KEEP_ONLY_ALIASES_AT_MODELS_ENDPOINT": _FALSE, "ENFORCE_RETURNING_USAGE_DATA": _TRUE,
+    "SESSION_KEEPING_ENABLED": _TRUE, "SESSION_AUTO_DETECT": _TRUE, "SESSION_BUILTIN_RULES": _TRUE,
     **{name: _ANY for name in ("USAGE_BUFFER_SIZE", "LOGGING_LOG_BODIES", "LOGGING_LOG_HEADERS",
                                "LOGGING_BUFFER_SIZE", "LOGGING_FLUSH_INTERVAL", "LOGGING_RETENTION_DAYS",
                                "LOGGING_ONLY_MODEL_INTERACTIONS", "MODEL_OVERRIDES_ENABLED",
@@ -94,6 +101,8 @@ _ENV_IDLE = {
                                "GOMODEL_CACHE_DIR", "MONGODB_URL", "MONGODB_DATABASE", "REDIS_KEY_RESPONSES",
                                "REDIS_TTL_RESPONSES", "REDIS_KEY_MODELS", "REDIS_TTL_MODELS")},
 }
+
+_SESSION_HEADER = re.compile(r"SESSION_HEADER_[0-9]+(_TRANSFORM)?")
 
 
 def read_gomodel_env(env, warnings: list):
@@ -121,6 +130,7 @@ def read_gomodel_env(env, warnings: list):
         env["GOMODEL_DATA_DIR"] = _database_directory(env["SQLITE_PATH"], "SQLITE_PATH", warnings)
     ignored = [name for name, idle in _ENV_IDLE.items()
                if name in env and idle is not _ANY and env[name].strip().lower() not in idle]
+    ignored += sorted(name for name in env if _SESSION_HEADER.fullmatch(name))  # (its extra session headers)
     if "FALLBACK_MANUAL_RULES_PATH" not in env and env.get("FEATURE_FALLBACK_MODE", "off").strip().lower() not in (
             "off", "manual"):  # (with a rules file, its mode is read with it: gomodel.config.virtual)
         ignored.append("FEATURE_FALLBACK_MODE")
