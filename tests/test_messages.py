@@ -2384,3 +2384,33 @@ async def test_stop_sequences_past_openais_four_end_the_answer_where_anthropics_
         assert fake.requests[-1].body["stop"] == SIX_STOPS
     finally:
         client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_empty_text_block_beside_tool_results_is_dropped_and_one_alone_is_anthropics_400(openai_gw, fake):
+    """Claude Code at times sends an empty text block after its tool results. Translated, it is dropped, the tool
+    results kept (before: an empty user message after them, which a chat template renders as an empty turn); a
+    user message of nothing but empty text is Anthropic's own 400 ("text content blocks must be non-empty"),
+    before anything goes upstream."""
+    call = {"type": "tool_use", "id": "toolu_1", "name": "read", "input": {"path": "a.txt"}}
+    messages = [{"role": "user", "content": "Read a.txt."}, {"role": "assistant", "content": [call]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "ok"},
+                                             {"type": "text", "text": ""}]}]
+    client = sdk(openai_gw)
+    try:
+        await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, messages=messages)
+        sent = fake.requests[-1].body["messages"]
+        assert sent[-1] == {"role": "tool", "tool_call_id": "toolu_1", "content": "ok"} and len(sent) == 3
+        messages[-1]["content"].append({"type": "text", "text": "Go on."})
+        await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, messages=messages)
+        assert fake.requests[-1].body["messages"][-1] == {"role": "user", "content": "Go on."}
+        before = len(fake.requests)
+        for content in ([{"type": "text", "text": ""}], [{"type": "text", "text": ""}] * 2, ""):
+            with pytest.raises(anthropic.BadRequestError) as caught:
+                await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8,
+                                messages=[{"role": "user", "content": content}])
+            assert caught.value.body["error"] == {"type": "invalid_request_error",
+                                                  "message": "messages: text content blocks must be non-empty"}
+        assert len(fake.requests) == before
+    finally:
+        client.close()

@@ -631,13 +631,21 @@ def _parts_content(parts):
 
 def _user_messages(content, where) -> list:
     """A user turn: its tool results first (as C{tool} messages, which must follow the assistant's
-    calls), then the rest of its content, and any images the tool results held, as one user message."""
+    calls), then the rest of its content, and any images the tool results held, as one user message.
+    An empty text block is left out (Claude Code sends one after tool results at times; vLLM's Messages API
+    drops it too).
+
+    @raise InvalidRequest: the turn is nothing but empty text (Anthropic's own 400, word for word).
+    """
     tools, parts, tool_images = [], [], []
-    for i, block in enumerate(_blocks(content, where)):
+    blocks = _blocks(content, where)
+    for i, block in enumerate(blocks):
         at = f"{where}.content.{i}"
         kind = block["type"]
         if kind == "text":
-            parts.append({"type": "text", "text": _text(block, at)})
+            text = _text(block, at)
+            if text:
+                parts.append({"type": "text", "text": text})
         elif kind == "image":
             parts.append(_image_url(block, at))
         elif kind == "document":
@@ -654,6 +662,8 @@ def _user_messages(content, where) -> list:
             raise InvalidRequest(f"{at}: unknown content block type {quoted(kind)}", param=at)
     parts = tool_images + parts
     if parts or not tools:
+        if not parts and blocks and all(block["type"] == "text" for block in blocks):
+            raise InvalidRequest("messages: text content blocks must be non-empty", param=f"{where}.content")
         return tools + [{"role": "user", "content": _parts_content(parts) if parts else ""}]
     return tools
 
