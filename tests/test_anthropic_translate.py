@@ -95,10 +95,12 @@ def test_documents_of_custom_content_become_text_and_image_parts():
         {"type": "text", "text": "Page one."}, {"type": "image", "source": PNG},
         {"type": "text", "text": "Page two."}]}}
     chat = messages_to_chat(request(messages=[{"role": "user", "content": [document, {"type": "text", "text": "?"}]}]))
+    # (its title in Anthropic's prompt formatting of a document: test_messages)
+    opening, closing = "<document>\n<source>Notes</source>\n<document_content>\n", "\n</document_content>\n</document>"
     assert chat["messages"] == [{"role": "user", "content": [
-        {"type": "text", "text": "Page one."},
+        {"type": "text", "text": opening + "Page one."},
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
-        {"type": "text", "text": "Page two."}, {"type": "text", "text": "?"}]}]
+        {"type": "text", "text": "Page two." + closing}, {"type": "text", "text": "?"}]}]
     text_only = {"type": "document", "source": {"type": "content", "content": "Just text."}}
     chat = messages_to_chat(request(messages=[{"role": "user", "content": [text_only]}]))
     assert chat["messages"] == [{"role": "user", "content": "Just text."}]
@@ -108,7 +110,7 @@ def test_documents_of_custom_content_become_text_and_image_parts():
         {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "read", "input": {}}]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [document]}]}]))
     assert chat["messages"][2:] == [
-        {"role": "tool", "tool_call_id": "t1", "content": "Page one.\nPage two."},
+        {"role": "tool", "tool_call_id": "t1", "content": opening + "Page one.\nPage two." + closing},
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]
 
 

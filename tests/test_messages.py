@@ -514,8 +514,9 @@ async def test_a_custom_content_document_is_translated_and_a_pdf_refused_in_anth
             {"role": "user", "content": [document, {"type": "text", "text": "Describe it."}]}])
         assert message.content[0].text == "héhéhé"
         assert fake.requests[-1].body["messages"] == [{"role": "user", "content": [
-            {"type": "text", "text": "Figure 1:"},
+            {"type": "text", "text": "<document>\n<source>Scan</source>\n<document_content>\nFigure 1:"},
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+            {"type": "text", "text": "\n</document_content>\n</document>"},
             {"type": "text", "text": "Describe it."}]}]
         before = len(fake.requests)
         pdf = {"type": "document", "source": {"type": "content", "content": [
@@ -2411,6 +2412,48 @@ async def test_an_empty_text_block_beside_tool_results_is_dropped_and_one_alone_
                                 messages=[{"role": "user", "content": content}])
             assert caught.value.body["error"] == {"type": "invalid_request_error",
                                                   "message": "messages: text content blocks must be non-empty"}
+        assert len(fake.requests) == before
+    finally:
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_documents_title_and_context_reach_the_model_as_anthropics_prompt_has_them(openai_gw, fake):
+    """A document's C{title} and C{context} are part of what Anthropic's model reads (its prompt formatting puts
+    a document in C{<document>}, its source named, its text in C{<document_content>}): translated, a text
+    document (plain, base64 text/plain, custom content) with either is sent so, in a message or a tool result
+    (before: both dropped, the model saw the bare text). One without either is its bare text, as before."""
+    plain = {"type": "document", "title": "notes.txt", "context": "Written by Ada.",
+             "source": {"type": "text", "media_type": "text/plain", "data": "Notes: ok."}}
+    encoded = {"type": "document", "title": "a.txt",
+               "source": {"type": "base64", "media_type": "text/plain",
+                          "data": base64.b64encode("Läuft.".encode()).decode()}}
+    png = {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}
+    scan = {"type": "document", "context": "A scan.", "source": {"type": "content", "content": [
+        {"type": "text", "text": "Figure 1:"}, {"type": "image", "source": png}]}}
+    call = {"type": "tool_use", "id": "toolu_1", "name": "read", "input": {"path": "a.txt"}}
+    messages = [{"role": "user", "content": [plain, scan, {"type": "text", "text": "Read a.txt."}]},
+                {"role": "assistant", "content": [call]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [encoded]}]}]
+    client = sdk(openai_gw)
+    try:
+        await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, messages=messages)
+        sent = fake.requests[-1].body["messages"]
+        assert sent[0] == {"role": "user", "content": [
+            {"type": "text", "text": "<document>\n<source>notes.txt</source>\n<context>Written by Ada.</context>\n"
+                                     "<document_content>\nNotes: ok.\n</document_content>\n</document>"},
+            {"type": "text", "text": "<document>\n<context>A scan.</context>\n<document_content>\nFigure 1:"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+            {"type": "text", "text": "\n</document_content>\n</document>"},
+            {"type": "text", "text": "Read a.txt."}]}
+        assert sent[2] == {"role": "tool", "tool_call_id": "toolu_1", "content":
+                           "<document>\n<source>a.txt</source>\n<document_content>\nLäuft.\n</document_content>\n"
+                           "</document>"}
+        before = len(fake.requests)
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8,
+                            messages=[{"role": "user", "content": [dict(plain, title=5)]}])
+        assert caught.value.body["error"]["message"].startswith("messages.0.content.0.title: Input should be a valid")
         assert len(fake.requests) == before
     finally:
         client.close()

@@ -551,9 +551,40 @@ def _source_string(source, field, where) -> str:
 
 
 def _document_parts(block, where) -> list:
-    """The chat parts of a document: its text (a C{text} source, or a C{base64} one of a C{text/*} media type),
-    or the text and image parts of its blocks (a C{content} source, Anthropic's custom content: a string, or text
-    and image blocks).
+    """The chat parts of a document (L{_source_parts}), within Anthropic's own prompt formatting of a document
+    where it has a C{title} or C{context} (both of which Anthropic's model reads): C{<document>}, the title as
+    its C{<source>}, the C{<context>}, then its parts in C{<document_content>}.
+
+    @raise InvalidRequest: as L{_source_parts}; or its C{title} or C{context} is no string.
+    """
+    parts = _source_parts(block, where)
+    head = []
+    for field, tag in (("title", "source"), ("context", "context")):
+        value = block.get(field)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise InvalidRequest(f"{where}.{field}: Input should be a valid string", param=f"{where}.{field}")
+        head.append(f"<{tag}>{value}</{tag}>\n")
+    if not head:
+        return parts
+    opening = "<document>\n" + "".join(head) + "<document_content>\n"
+    closing = "\n</document_content>\n</document>"
+    if parts and parts[0]["type"] == "text":
+        parts[0] = {"type": "text", "text": opening + parts[0]["text"]}
+    else:
+        parts.insert(0, {"type": "text", "text": opening})
+    if parts[-1]["type"] == "text":
+        parts[-1] = {"type": "text", "text": parts[-1]["text"] + closing}
+    else:
+        parts.append({"type": "text", "text": closing})
+    return parts
+
+
+def _source_parts(block, where) -> list:
+    """The chat parts of a document's source: its text (a C{text} source, or a C{base64} one of a C{text/*} media
+    type), or the text and image parts of its blocks (a C{content} source, Anthropic's custom content: a string,
+    or text and image blocks).
 
     @raise InvalidRequest: another source (a PDF, a file), or a block of another type in its content.
     """
