@@ -1207,7 +1207,7 @@ def test_tool_names_past_64_characters_go_short_without_changing_what_other_targ
     assert long_names(messages_to_chat(request(tools=[{"name": "f", "input_schema": {}}]))) is None
 
 
-# -- stop sequences past the four OpenAI takes ------------------------------------------
+# -- stop sequences past the four that OpenAI (and others) take ------------------------------------------
 
 FIVE_STOPS = ["w", "x", "y", "z", "END"]
 

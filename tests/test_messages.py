@@ -2359,7 +2359,8 @@ async def test_stop_sequences_past_openais_four_end_the_answer_where_anthropics_
     """OpenAI refuses more than four stop sequences (a 400 the client got: Anthropic takes more). An OpenAI
     provider is sent the first four, and the answer, whole or streamed, ends at the first of the others it holds
     (split across chunks too): the text before it, C{stop_reason} C{stop_sequence} naming it. A vLLM is sent
-    them all."""
+    the first four too (vLLM 0.32's chat completions refuse more:
+    L{test_each_provider_type_is_sent_the_stop_sequences_it_takes}), and its answer cut as OpenAI's."""
     fake.steer = {"fake_text": "ab", "fake_chunks": 4}
     client = sdk(openai_gw)
     try:
@@ -2381,10 +2382,39 @@ async def test_stop_sequences_past_openais_four_end_the_answer_where_anthropics_
         client.close()
     client = sdk(gw)
     try:
-        await in_thread(client.messages.create, model=MODEL, max_tokens=16, messages=HELLO, stop_sequences=SIX_STOPS)
-        assert fake.requests[-1].body["stop"] == SIX_STOPS
+        message = await in_thread(client.messages.create, model=MODEL, max_tokens=16, messages=HELLO,
+                                  stop_sequences=SIX_STOPS)
+        assert fake.requests[-1].body["stop"] == SIX_STOPS[:4]
+        assert [block.text for block in message.content] == ["a"]
+        assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", "ba")
     finally:
         client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_provider_type_is_sent_the_stop_sequences_it_takes(reactor, fake):
+    """Each provider type is sent as many stop sequences as it takes (a 400 past them: vLLM 0.32's chat completions
+    by default, OpenAI, Groq and xAI take four, DeepSeek sixteen; Ollama and OpenRouter state no bound), the
+    answer watched for the others (before: every type but OpenAI was sent them all, a 400 from vLLM, Groq, xAI,
+    DeepSeek past their bound)."""
+    stops = [f"<{i}>" for i in range(20)]
+    env = {"VLLM_BASE_URL": fake.base_url, "OLLAMA_BASE_URL": fake.base_url}
+    for kind in ("openai", "groq", "xai", "deepseek", "openrouter"):
+        env.update({f"{kind.upper()}_BASE_URL": fake.base_url, f"{kind.upper()}_API_KEY": "sk-" + kind})
+    gw = await start(reactor, env)
+    client = sdk(gw)
+    try:
+        sent = {}
+        for kind in ("vllm", "openai", "groq", "xai", "deepseek", "ollama", "openrouter"):
+            await in_thread(client.messages.create, model=f"{kind}/{CHAT_MODEL}", max_tokens=8, messages=HELLO,
+                            stop_sequences=stops)
+            assert fake.requests[-1].path == b"/v1/chat/completions", kind
+            sent[kind] = fake.requests[-1].body["stop"]
+        assert sent == {"vllm": stops[:4], "openai": stops[:4], "groq": stops[:4], "xai": stops[:4],
+                        "deepseek": stops[:16], "ollama": stops, "openrouter": stops}
+    finally:
+        client.close()
+        await gw.service.stopService()
 
 
 @pytest_twisted.ensureDeferred

@@ -24,6 +24,7 @@ import re
 from zope.interface import implementer
 
 from gomodel import jsonutil
+from gomodel.config.catalog import FEWEST_STOPS
 from gomodel.errors import BadUpstreamResponse, InvalidRequest, quoted
 from gomodel.http.render import AnthropicDialect
 from gomodel.ids import new_id, random_hex
@@ -99,18 +100,16 @@ def messages_to_chat(body: dict) -> dict:
     return chat
 
 
-# The most stop sequences OpenAI takes (a 400 past them); Anthropic takes more.
-OPENAI_MAX_STOPS = 4
-
-
 def unsent_stops(body: dict) -> list | None:
-    """The stop sequences of the Messages request C{body} past the L{OPENAI_MAX_STOPS} an OpenAI provider is sent
-    (L{gomodel.api.messages.chat_for}), which the translated answer is watched for (L{first_stop}): None where
-    there are none (an empty one, which would end every answer at once, is none)."""
+    """The stop sequences of the Messages request C{body} past the L{FEWEST_STOPS} that every provider type takes
+    (each is sent as many as its own L{gomodel.config.catalog.ProviderType.max_stops}:
+    L{gomodel.api.messages.chat_for}; Anthropic takes more), which the translated answer is watched for
+    (L{first_stop}), whichever target gives it (one that was sent a sequence stops before it: the answer
+    does not hold it): None where there are none (an empty one, which would end every answer at once, is none)."""
     stop = body.get("stop_sequences")
-    if not isinstance(stop, list) or len(stop) <= OPENAI_MAX_STOPS:
+    if not isinstance(stop, list) or len(stop) <= FEWEST_STOPS:
         return None
-    return [s for s in stop[OPENAI_MAX_STOPS:] if isinstance(s, str) and s] or None
+    return [s for s in stop[FEWEST_STOPS:] if isinstance(s, str) and s] or None
 
 
 def first_stop(text: str, stops: list) -> tuple:
