@@ -750,3 +750,16 @@ async def test_a_translated_lines_tool_name_past_64_characters_goes_short_and_co
     got = await results(client, made.id)
     assert got["called"].type == "succeeded", got["called"]
     assert [(block.type, block.name) for block in got["called"].message.content] == [("tool_use", tool["name"])]
+
+
+async def test_a_lines_older_output_format_reaches_a_native_vllm_as_its_output_config(setup):
+    """vLLM 0.32's Messages API reads C{output_config.format} and drops the older top-level C{output_format}: a
+    native line sends it as the former, as online (L{tests.test_messages})."""
+    gw, client, vllm, _ = setup
+    wanted = {"type": "json_schema", "schema": {"type": "object", "properties": {"a": {"type": "string"}}}}
+    made = await in_thread(client.messages.batches.create, requests=[request("shaped", output_format=wanted)])
+    await ended(gw, client, made.id)
+    assert (await results(client, made.id))["shaped"].type == "succeeded"
+    [sent] = [r for r in vllm.requests if r.method == b"POST"]
+    assert sent.path == b"/v1/messages"
+    assert sent.body["output_config"] == {"format": wanted} and "output_format" not in sent.body

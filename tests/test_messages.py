@@ -2487,3 +2487,38 @@ async def test_a_documents_title_and_context_reach_the_model_as_anthropics_promp
         assert len(fake.requests) == before
     finally:
         client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_structured_outputs_reach_a_vllm_natively_as_its_messages_api_reads_them(gw, openai_gw, fake):
+    """vLLM 0.32's Messages API honours C{output_config.format} (its C{response_format} of that JSON schema) and
+    drops the older top-level C{output_format} unread (the structured outputs beta's, which clients still send): natively
+    that one goes as C{output_config.format} (C{output_config}'s own format first, its effort kept; before, the
+    answer came unstructured); translated, either is the chat C{response_format}, as before."""
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"],
+              "additionalProperties": False}
+    wanted = {"type": "json_schema", "schema": schema}
+    client = sdk(gw)
+    try:
+        await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO,
+                        output_config={"format": wanted})
+        assert fake.requests[-1].path == b"/v1/messages"
+        assert fake.requests[-1].body["output_config"] == {"format": wanted}
+        await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO,
+                        output_config={"effort": "low"}, extra_body={"output_format": wanted})
+        sent = fake.requests[-1].body
+        assert sent["output_config"] == {"effort": "low", "format": wanted} and "output_format" not in sent
+        other = {"type": "json_schema", "schema": {"type": "object"}}
+        await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO,
+                        output_config={"format": wanted}, extra_body={"output_format": other})
+        assert fake.requests[-1].body["output_config"] == {"format": wanted}
+    finally:
+        client.close()
+    client = sdk(openai_gw)
+    try:
+        await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, messages=HELLO,
+                        extra_body={"output_format": wanted})
+        assert fake.requests[-1].body["response_format"] == {"type": "json_schema",
+                                                              "json_schema": {"name": "output", "schema": schema}}
+    finally:
+        client.close()

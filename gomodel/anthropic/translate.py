@@ -765,6 +765,22 @@ def with_tool_errors(body: dict, errored: list) -> dict:
     return dict(body, messages=messages)
 
 
+def with_output_format(body: dict) -> dict:
+    """The Messages request C{body} as vLLM's Messages API reads its structured output: the older top-level
+    C{output_format} (the structured outputs beta's, which vLLM 0.32 drops unread) as C{output_config.format},
+    where C{output_config} has no format of its own (which comes first, as translated: L{_output_config}), its
+    other fields kept; vLLM makes C{output_config.format} its chat C{response_format}. C{body} itself is left as
+    it was (a fallback reached the other way translates it)."""
+    sent = dict(body)
+    fmt = sent.pop("output_format")
+    config = sent.get("output_config")
+    if not isinstance(config, dict):
+        sent["output_config"] = {"format": fmt}
+    elif config.get("format") is None:
+        sent["output_config"] = dict(config, format=fmt)
+    return sent
+
+
 def _tool_reference(block, where) -> str:
     """A C{tool_reference}'s text (what a tool search, Claude Code's, answers): the tool's name.
 
