@@ -2421,8 +2421,8 @@ async def test_each_provider_type_is_sent_the_stop_sequences_it_takes(reactor, f
 async def test_an_empty_text_block_beside_tool_results_is_dropped_and_one_alone_is_anthropics_400(openai_gw, fake):
     """Claude Code at times sends an empty text block after its tool results. Translated, it is dropped, the tool
     results kept (before: an empty user message after them, which a chat template renders as an empty turn); a
-    user message of nothing but empty text is Anthropic's own 400 ("text content blocks must be non-empty"),
-    before anything goes upstream."""
+    user message of nothing but empty text is Anthropic's own 400 ("text content blocks must be non-empty"), and
+    an empty one its other, before anything goes upstream."""
     call = {"type": "tool_use", "id": "toolu_1", "name": "read", "input": {"path": "a.txt"}}
     messages = [{"role": "user", "content": "Read a.txt."}, {"role": "assistant", "content": [call]},
                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "ok"},
@@ -2436,12 +2436,20 @@ async def test_an_empty_text_block_beside_tool_results_is_dropped_and_one_alone_
         await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, messages=messages)
         assert fake.requests[-1].body["messages"][-1] == {"role": "user", "content": "Go on."}
         before = len(fake.requests)
-        for content in ([{"type": "text", "text": ""}], [{"type": "text", "text": ""}] * 2, ""):
+        for content in ([{"type": "text", "text": ""}], [{"type": "text", "text": ""}] * 2):
             with pytest.raises(anthropic.BadRequestError) as caught:
                 await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8,
                                 messages=[{"role": "user", "content": content}])
             assert caught.value.body["error"] == {"type": "invalid_request_error",
                                                   "message": "messages: text content blocks must be non-empty"}
+        # An empty user message, "" or [], is Anthropic's other 400 (before: sent on as an empty user message).
+        for content in ("", []):
+            with pytest.raises(anthropic.BadRequestError) as caught:
+                await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8,
+                                messages=messages[:2] + [{"role": "user", "content": content}])
+            assert caught.value.body["error"] == {"type": "invalid_request_error", "message": (
+                "messages.2: all messages must have non-empty content except for the optional final assistant "
+                "message")}
         assert len(fake.requests) == before
     finally:
         client.close()

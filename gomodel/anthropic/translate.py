@@ -665,7 +665,8 @@ def _user_messages(content, where) -> list:
     An empty text block is left out (Claude Code sends one after tool results at times; vLLM's Messages API
     drops it too).
 
-    @raise InvalidRequest: the turn is nothing but empty text (Anthropic's own 400, word for word).
+    @raise InvalidRequest: the turn is nothing but empty text, or empty (C{""}, C{[]}): Anthropic's own 400s,
+        word for word.
     """
     tools, parts, tool_images = [], [], []
     blocks = _blocks(content, where)
@@ -692,8 +693,11 @@ def _user_messages(content, where) -> list:
             raise InvalidRequest(f"{at}: unknown content block type {quoted(kind)}", param=at)
     parts = tool_images + parts
     if parts or not tools:
-        if not parts and blocks and all(block["type"] == "text" for block in blocks):
-            raise InvalidRequest("messages: text content blocks must be non-empty", param=f"{where}.content")
+        if not parts and all(block["type"] == "text" for block in blocks):  # (nothing but empty text, or nothing)
+            if isinstance(content, list) and content:
+                raise InvalidRequest("messages: text content blocks must be non-empty", param=f"{where}.content")
+            raise InvalidRequest(f"{where}: all messages must have non-empty content except for the optional final "
+                                 "assistant message", param=f"{where}.content")
         return tools + [{"role": "user", "content": _parts_content(parts) if parts else ""}]
     return tools
 
