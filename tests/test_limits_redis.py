@@ -10,7 +10,7 @@ import time
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import CancelledError, DeferredList, ensureDeferred, gatherResults, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred, gatherResults, maybeDeferred
 from twisted.internet.task import Clock, deferLater
 
 from gomodel.errors import BudgetExceeded, RateLimitExceeded
@@ -1476,3 +1476,39 @@ async def test_a_redis_restored_from_an_earlier_snapshot_has_its_budget_sums_see
     assert await books[0].spent(pairs) == [(410, 0.0)]
     assert await books[1].spent(pairs) == [(410, 0.0)]
 
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_redis_restored_from_an_earlier_snapshot_is_noticed_by_every_process_without_a_settlement(
+        reactor, make, client, prefix):
+    """Only the process whose next settlement found Redis gone back seeded its sums again: another that had settled
+    after the snapshot too, then nothing since, read the restored sums (short by what it had charged) until its own
+    next settlement. Each process now also reads its count at each renewal (every C{lease_ttl/3} seconds): it notices
+    without settling, seeds its sums again at their next use, and puts back the slots it holds that the snapshot
+    lacks."""
+    ledger = {"key:k": (0, 0.0)}
+    clock = Clock()
+    clock.rightNow = reactor.seconds()
+    counters = [make(lease_ttl=0.6), make(lease_ttl=0.6)]
+    books = [BudgetBook(each, clock, seed=lambda scope, since: ledger[scope]) for each in counters]
+    scopes = [("key:k", [Budget("daily", max_tokens=1000)])]
+    pairs = [("key:k", Budget("daily", max_tokens=1000))]
+    noticed = Deferred()
+    counters[1].went_back.append(lambda: noticed.called or noticed.callback(None))
+
+    async def request(book, tokens):
+        await book.settle(await book.reserve(scopes, tokens, 0.0), tokens, 0.0)
+        await book._counters.written()
+        ledger["key:k"] = (ledger["key:k"][0] + tokens, 0.0)
+
+    await request(books[1], 100)
+    snapshot = _snapshot(client, prefix)
+    await request(books[1], 300)
+    lease = await counters[1].acquire("slot", 1)  # (held across the restore, which lacks it)
+    _restore(client, prefix, snapshot)
+    assert await books[0].spent(pairs) == [(100, 0.0)]  # (what the snapshot held)
+    await noticed.addTimeout(10, reactor)  # (its renewal, every 0.2 s, reads its count: no settlement)
+    assert await books[1].spent(pairs) == [(400, 0.0)]  # seeded again from the ledger
+    assert await books[0].spent(pairs) == [(400, 0.0)]
+    assert await counters[0].acquire("slot", 1) is None  # its slot is back
+    await counters[1].release(lease)

@@ -38,7 +38,8 @@ sums: a sum that Redis lost (a restart without persistence, a flush) is
 seeded again from the ledger, which then holds the truth but for the
 requests other hosts have not written yet (at most C{USAGE_FLUSH_INTERVAL}
 of them); nothing is counted twice. A Redis that went back to an earlier state
-(restored from a snapshot) is noticed by a settlement (L{BudgetBook.settle}):
+(restored from a snapshot) is noticed by a settlement (L{BudgetBook.settle}), or
+by the counters' renewal within C{lease_ttl/3} seconds (L{BudgetBook._went_back}):
 every sum this process seeded is seeded again at its next use, as below. A sum that missed this process's charges
 while Redis could not be reached (it kept its data: a pause, a network cut)
 is seeded again, the larger of what it holds and the ledger's figure (plus the
@@ -104,6 +105,8 @@ class BudgetBook:
         self._own = {}  # bucket -> (scope, start, expires) of each sum of local counters seeded here
         self._followed = {}  # bucket -> its (tokens, cost) when last raised to the ledger's (L{follow})
         self._own_kept = OWN_KEPT  # how many of those it holds before it drops those of ended periods
+        if counters.shared:
+            counters.went_back.append(self._went_back)
 
     def renew(self, scope):
         """The budgets of C{scope} were set, changed or removed: seed its sums again from the usage ledger at
@@ -463,16 +466,17 @@ class BudgetBook:
         items = [(bucket, used_tokens, used_cost, tokens, cost, expires) for bucket, expires in current.sums]
         return self._counters.settle_all(items, parts).addCallback(self._spent, current.sums)
 
-    def _spent(self, went_back, sums):
+    def _went_back(self):
+        """Shared counters found Redis gone back to an earlier state (restored from a snapshot:
+        L{gomodel.limits.counters.RedisCounters.went_back}): every sum this process seeded is seeded again at its
+        next use, the larger of what it holds and the ledger's figure plus the reservations in flight."""
+        self._missed.update(self._seeded)
+        self._seeded.clear()
+        self._currents.clear()
+
+    def _spent(self, _, sums):
         """After a charge of shared C{sums}: where Redis could not be reached (the charge is lost), they are
-        seeded again from the ledger once it answers; where it went back to an earlier state (C{went_back}:
-        restored from a snapshot, L{gomodel.limits.counters.RedisCounters.settle_all}), every sum this process
-        seeded is, at its next use."""
-        if went_back is True:
-            self._missed.update(self._seeded)
-            self._seeded.clear()
-            self._currents.clear()
-            return
+        seeded again from the ledger once it answers (where it went back to an earlier state, L{_went_back})."""
         if not self._counters.shared or not self._counters.unreachable:
             return
         missed = [bucket for bucket, _ in sums if bucket not in self._missed]

@@ -835,6 +835,8 @@ class RedisCounters(_Forms):
         self._parts = itertools.count(1)  # ids of this process's parts of budget sums (L{_RESERVE})
         # counted up by each settlement of this process (L{_SETTLE}): the highest Redis answered
         self._generation_key, self._generation = prefix + "generation|" + uuid.uuid4().hex, 0
+        # called (with no argument) when Redis is found gone back to an earlier state (L{_went_back})
+        self.went_back = []
         self._renewal = LoopingCall(self._renew)
         self._renewal.clock = reactor
         # key -> Deferreds of the writes of it in flight that nobody waits for (L{finish}, L{spend_all}): an
@@ -1073,6 +1075,9 @@ class RedisCounters(_Forms):
     def _renew(self):
         if self._reservations and self._threads.running:  # (the parts of its budget sums kept: L{_SUMS})
             self._run(None, self._redis.psetex, self._alive + self._owner, self._lease_ms, 1)
+        if self._generation and self._threads.running:  # (a restore noticed without a settlement: L{_went_back})
+            seen = self._generation
+            self._run(None, self._generation_sync).addCallback(self._generation_read, seen)
         if self._orphans:
             self._free_orphans()
         if not self._held or not self._threads.running:
@@ -1150,12 +1155,31 @@ class RedisCounters(_Forms):
             if answer > self._generation:
                 self._generation = answer
             return None
-        self._generation = answer  # (counted up since: Redis went back to an earlier state)
+        self._went_back(answer)  # (counted up since: Redis went back to an earlier state)
+        return True
+
+    def _generation_sync(self):
+        return int(self._redis.get(self._generation_key) or 0)
+
+    def _generation_read(self, answer, seen):
+        """C{answer}: this process's generation as Redis holds it, read (L{_renew}) when the process had seen
+        C{seen}: less, Redis went back (unless a settlement found so meanwhile: then the process saw less since)."""
+        if answer is not None and answer < seen <= self._generation:
+            self._went_back(answer)
+
+    def _went_back(self, generation):
+        """Redis went back to an earlier state (restored from a snapshot taken before this process's last
+        settlement, flushed), which holds C{generation} for this process: its parts of the budget sums start anew
+        (L{_unanswered}) and each of L{went_back} is told (L{gomodel.limits.budgets.BudgetBook} seeds its sums again).
+        Found by a settlement, or within C{lease_ttl/3} seconds by the renewal (which then puts back the leases
+        held here that the earlier state lacks)."""
+        self._generation = generation
         self._unanswered()
         self.log.warn("Redis went back to an earlier state (restored from a snapshot, flushed), or this process "
                       "settled nothing for a day (its count lapsed): budget sums are seeded again from the usage "
                       "ledger")
-        return True
+        for told in self.went_back:
+            told()
 
     def _unanswered(self):
         """A reservation or settlement that Redis did not answer (it may run it later, or have run it): this
