@@ -219,7 +219,10 @@ async def test_a_background_stream_its_client_left_is_charged_its_usage_once_not
 @pytest_twisted.ensureDeferred
 async def test_a_background_response_deleted_on_b_while_a_asks_its_instance_stays_deleted(reactor, pair, fake):
     """A asks the instance after a background response (a read); B deletes it meanwhile: A's answer is not
-    stored back (before: A stored it again, and the deleted response was back on every host)."""
+    stored back (before: A stored it again, and the deleted response was back on every host).
+
+    A's read waits for the test's steps (B's delete), so it has no client timeout: the test's release of the
+    instance's answer ends it (before, its SDK timeout of 10 s ran through B's delete too)."""
     a, b = pair
     sdk_a, sdk_b = openai_client(a, MASTER), openai_client(b, MASTER)
     held, arrived = [], Deferred()
@@ -231,24 +234,30 @@ async def test_a_background_response_deleted_on_b_while_a_asks_its_instance_stay
             arrived.callback(None)
         return NOT_DONE_YET
 
+    def answer_held():
+        while held:
+            request, rest = held.pop(0)
+            if not request.finished and not request._disconnected:
+                request.write(lifecycle(request, rest))
+                request.finish()
+
     try:
         created = await in_thread(sdk_a.responses.create, model=MODEL, input="long job", background=True)
         fake.stored_responses[created.id].update(status="completed", usage={
             "input_tokens": 19, "output_tokens": 3, "total_tokens": 22})
         fake._response_lifecycle = hold
-        read = in_thread(sdk_a.responses.retrieve, created.id)
+        read = in_thread(sdk_a.with_options(timeout=None).responses.retrieve, created.id)
         await arrived
         await in_thread(sdk_b.responses.delete, created.id)
         fake._response_lifecycle = lifecycle
-        for request, rest in held:
-            request.write(lifecycle(request, rest))
-            request.finish()
+        answer_held()
         assert (await read).status == "completed"  # (the reader has its answer)
         for sdk in (sdk_a, sdk_b):
             with pytest.raises(openai.NotFoundError):
                 await in_thread(sdk.responses.retrieve, created.id)
     finally:
         fake._response_lifecycle = lifecycle
+        answer_held()  # (after a failure: the read still waiting ends)
         sdk_a.close()
         sdk_b.close()
 
@@ -997,7 +1006,11 @@ async def test_the_budget_reservations_of_a_gateway_killed_with_requests_in_flig
     which it never settles, stayed in the key's shared sum until the period's end (for a total budget, for ever;
     16,168 tokens spent here, though the ledger had none of them). They count while A's liveness key in Redis
     lives (30 s, renewed every 10 s while it holds reservations); once it lapsed (deleted here: its 30 s ran out),
-    B's next read of the sum takes them off."""
+    B's next read of the sum takes them off.
+
+    Ordered by events, not by the clock: the four requests have no client timeout (they end as A dies, or as the
+    fake lets them go after a failure), so a loaded host cannot have one end early (before, an SDK timeout of 30 s
+    ran from their sending while the test waited for them and for B: past it, A freed them before it was killed)."""
     client = redis_client()
     env = env_for(pg_database, fake.base_url, tmp_path, **shared_redis)
     a = Process(env, tmp_path, "a")
@@ -1005,26 +1018,20 @@ async def test_the_budget_reservations_of_a_gateway_killed_with_requests_in_flig
     processes.extend([a, b])
     await a.ready(reactor, http)
     await b.ready(reactor, http)
-    sdk = openai.OpenAI(base_url=a.url + "/v1", api_key=MASTER, max_retries=0, timeout=30)
+    sdk = openai.OpenAI(base_url=a.url + "/v1", api_key=MASTER, max_retries=0, timeout=None)
     try:
         code, key = await admin(http, a.url, "POST", KEYS, {
             "name": "team", "budgets": [{"period": "daily", "max_tokens": 100000}]})
         assert code == 201
         sdk.api_key = key["value"]
 
-        def cut():  # (in flight at the fake until A dies)
-            try:
+        def cut():  # (in flight at the fake until A dies: its connection then closes)
+            with pytest.raises(openai.APIConnectionError):
                 sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                             max_tokens=4000, extra_body={"fake_hold": True})
-            except openai.APIError:
-                return
 
         flying = [in_thread(cut) for _ in range(4)]
-
-        async def held():
-            return len(fake._held) == 4
-
-        await until(reactor, held, what="four requests in flight")
+        await fake.when_held(4).addTimeout(60, reactor)  # (a guard: a failure here ends them with A, at teardown)
 
         async def spent_on_b():
             code, shown = await admin(http, b.url, "GET", f"{KEYS}/{key['id']}")

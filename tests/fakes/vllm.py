@@ -82,7 +82,7 @@ C{marker_answers}) and, on any route:
 import base64
 import time
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IPushProducer
 from twisted.web import server
@@ -195,6 +195,7 @@ class FakeVLLM(Resource):
         self.marker_answers = {}  # fake_marker -> answers finished (fully written)
         self.holding = True
         self._held = []
+        self._held_waits = []  # (count, Deferred) of each L{when_held} waiting
         self.hung = []  # (request, its events not sent) of each Responses stream fake_hang_after stopped
         self.event_store = {}  # a background stream's response id -> its events written so far (whole SSE events)
         self._streaming = {}  # a background stream's request -> its response id (its events are kept)
@@ -302,6 +303,9 @@ class FakeVLLM(Resource):
             return server.NOT_DONE_YET
         if body.get("fake_hold") and self.holding:
             self._held.append((request, record))
+            waits, self._held_waits = self._held_waits, []
+            for count, d in waits:
+                self.when_held(count).chainDeferred(d)
             return server.NOT_DONE_YET
         if body.get("fake_delay"):
             call = self._reactor.callLater(float(body["fake_delay"]), self._answer_late, request, record)
@@ -364,6 +368,14 @@ class FakeVLLM(Resource):
                 return server.NOT_DONE_YET
         self.replaying.setdefault(response_id, []).append(request)
         return server.NOT_DONE_YET
+
+    def when_held(self, count):
+        """A Deferred firing with None once C{count} C{fake_hold} requests are held (at once if they are)."""
+        if len(self._held) >= count:
+            return succeed(None)
+        d = Deferred()
+        self._held_waits.append((count, d))
+        return d
 
     def release_holds(self):
         """Stop holding C{fake_hold} requests; answer those still waiting."""
