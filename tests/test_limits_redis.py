@@ -1517,3 +1517,35 @@ async def test_a_redis_restored_from_an_earlier_snapshot_is_noticed_by_every_pro
     assert await books[0].spent(pairs) == [(400, 0.0)]
     assert await counters[0].acquire("slot", 1) is None  # its slot is back
     await counters[1].release(lease)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_process_that_only_records_charges_notices_a_redis_restored_from_an_earlier_snapshot(
+        reactor, make, client, prefix):
+    """A process whose charges are all recorded after the fact (L{BudgetBook.record}: a batch's lines, no
+    reservation) counted up no generation of its own, so it never noticed a restore, and what it charged after the
+    snapshot stayed missing from the sums it seeded. Its charges count it up as settlements do: its renewal (or
+    its next charge) notices."""
+    ledger = {"key:k": (0, 0.0)}
+    clock = Clock()
+    clock.rightNow = reactor.seconds()
+    counters = [make(lease_ttl=0.6), make(lease_ttl=0.6)]
+    books = [BudgetBook(each, clock, seed=lambda scope, since: ledger[scope]) for each in counters]
+    scopes = [("key:k", [Budget("daily", max_tokens=1000)])]
+    pairs = [("key:k", Budget("daily", max_tokens=1000))]
+    noticed = Deferred()
+    counters[1].went_back.append(lambda: noticed.called or noticed.callback(None))
+
+    async def record(tokens):
+        await books[1].record(scopes, tokens, 0.0)
+        await counters[1].written()
+        ledger["key:k"] = (ledger["key:k"][0] + tokens, 0.0)
+
+    await record(100)
+    snapshot = _snapshot(client, prefix)
+    await record(300)
+    _restore(client, prefix, snapshot)
+    assert await books[0].spent(pairs) == [(100, 0.0)]  # (what the snapshot held)
+    await noticed.addTimeout(10, reactor)
+    assert await books[1].spent(pairs) == [(400, 0.0)]
+    assert await books[0].spent(pairs) == [(400, 0.0)]

@@ -628,14 +628,18 @@ end
 return 0
 """
 
-# ARGV per key: tokens, cost, expires_at (Unix seconds) or ''.
+# KEYS: the sums, then the spending process's generation key; ARGV per key: tokens, cost, expires_at (Unix seconds)
+# or ''. Returns the generation key counted up (kept a day), as L{_SETTLE} does.
 _SPEND_ALL = """
-for i = 1, #KEYS do
+local n = #KEYS - 1
+for i = 1, n do
   redis.call('HINCRBY', KEYS[i], 't', ARGV[3 * i - 2])
   redis.call('HINCRBYFLOAT', KEYS[i], 'c', ARGV[3 * i - 1])
   if ARGV[3 * i] ~= '' then redis.call('EXPIREAT', KEYS[i], ARGV[3 * i]) end
 end
-return 0
+local generation = redis.call('INCR', KEYS[n + 1])
+redis.call('PEXPIRE', KEYS[n + 1], 86400000)
+return generation
 """
 
 # Lua shared by the scripts of budget sums. float(x): the shortest figure that reads back as x (as Python's repr).
@@ -1117,10 +1121,24 @@ class RedisCounters(_Forms):
         keys = [self._prefix + bucket for bucket, _, _, _ in items]
         args = [x for _, tokens, cost, expires in items
                 for x in (int(tokens), repr(float(cost)), "" if expires is None else int(math.ceil(expires)))]
-        return self._writing(keys, self._run(None, self._spend_sync, keys, args))
+        # (counts up this process's generation, as a settlement does: a process that only records its charges
+        # notices a Redis gone back too, L{_counted})
+        return self._writing(keys, self._run(None, self._spend_sync, keys + [self._generation_key], args)
+                             ).addCallback(self._counted, self._generation)
 
     def _spend_sync(self, keys, args):
-        self._spend(keys=keys, args=args)
+        return int(self._spend(keys=keys, args=args))
+
+    def _counted(self, answer, seen):
+        """C{answer}: the generation counted up by a charge (L{spend_all}) sent when this process had seen C{seen};
+        None (answered open). Fires None."""
+        if answer is not None:
+            if answer > seen:
+                if answer > self._generation:
+                    self._generation = answer
+            elif seen <= self._generation:  # (else found gone back already, by an operation answered meanwhile)
+                self._went_back(answer)  # (counted up since: Redis went back to an earlier state)
+        return None
 
     def settle_all(self, items, parts):
         """Settle a reservation (L{reserve_all}'s, on this process): each sum is charged what was used less what this
@@ -1155,6 +1173,8 @@ class RedisCounters(_Forms):
             if answer > self._generation:
                 self._generation = answer
             return None
+        if seen > self._generation:  # (found gone back already, by an operation answered meanwhile)
+            return None
         self._went_back(answer)  # (counted up since: Redis went back to an earlier state)
         return True
 
@@ -1169,14 +1189,14 @@ class RedisCounters(_Forms):
 
     def _went_back(self, generation):
         """Redis went back to an earlier state (restored from a snapshot taken before this process's last
-        settlement, flushed), which holds C{generation} for this process: its parts of the budget sums start anew
+        settlement or charge, flushed), which holds C{generation} for this process: its parts of the budget sums start anew
         (L{_unanswered}) and each of L{went_back} is told (L{gomodel.limits.budgets.BudgetBook} seeds its sums again).
-        Found by a settlement, or within C{lease_ttl/3} seconds by the renewal (which then puts back the leases
+        Found by a settlement or a charge (L{spend_all}), or within C{lease_ttl/3} seconds by the renewal (which then puts back the leases
         held here that the earlier state lacks)."""
         self._generation = generation
         self._unanswered()
         self.log.warn("Redis went back to an earlier state (restored from a snapshot, flushed), or this process "
-                      "settled nothing for a day (its count lapsed): budget sums are seeded again from the usage "
+                      "charged nothing for a day (its count lapsed): budget sums are seeded again from the usage "
                       "ledger")
         for told in self.went_back:
             told()
