@@ -1549,3 +1549,39 @@ async def test_a_process_that_only_records_charges_notices_a_redis_restored_from
     await noticed.addTimeout(10, reactor)
     assert await books[1].spent(pairs) == [(400, 0.0)]
     assert await books[0].spent(pairs) == [(400, 0.0)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restore_during_a_rolling_upgrade_keeps_what_older_gateways_have_in_flight(
+        reactor, make, client, prefix):
+    """A Redis restored from a snapshot while gateways older than the per-process parts still run (their requests'
+    reservations in the sum's shared 'rt'): a newer process that notices seeds the sum again with them counted, and
+    never lowers it, so an older request's settlement still finds its reservation there (the older gateways
+    themselves never seed again for a restore: README's upgrade order)."""
+    ledger = {"key:k": (0, 0.0)}
+    clock = Clock()
+    clock.rightNow = reactor.seconds()
+    counters = make(lease_ttl=0.6)
+    book = BudgetBook(counters, clock, seed=lambda scope, since: ledger[scope])
+    scopes = [("key:k", [Budget("daily", max_tokens=10000)])]
+    pairs = [("key:k", Budget("daily", max_tokens=10000))]
+    noticed = Deferred()
+    counters.went_back.append(lambda: noticed.called or noticed.callback(None))
+
+    async def request(tokens):
+        await book.settle(await book.reserve(scopes, tokens, 0.0), tokens, 0.0)
+        await counters.written()
+        ledger["key:k"] = (ledger["key:k"][0] + tokens, 0.0)
+
+    await request(100)
+    [bucket] = client.keys(prefix + "budget|*")
+    client.hincrby(bucket, "t", 300)  # an older gateway's request in flight, as its script reserved it
+    client.hincrby(bucket, "rt", 300)
+    snapshot = _snapshot(client, prefix)
+    await request(200)
+    _restore(client, prefix, snapshot)
+    await noticed.addTimeout(10, reactor)
+    assert await book.spent(pairs) == [(600, 0.0)]  # the ledger's 300 and the older request's 300 in flight
+    client.hincrby(bucket, "t", 50 - 300)  # its settlement, as the older gateway's script does it: 50 used
+    client.hincrby(bucket, "rt", -300)
+    assert await book.spent(pairs) == [(350, 0.0)]
