@@ -1189,10 +1189,10 @@ class RedisCounters(_Forms):
 
     def _went_back(self, generation):
         """Redis went back to an earlier state (restored from a snapshot taken before this process's last
-        settlement or charge, flushed), which holds C{generation} for this process: its parts of the budget sums start anew
-        (L{_unanswered}) and each of L{went_back} is told (L{gomodel.limits.budgets.BudgetBook} seeds its sums again).
-        Found by a settlement or a charge (L{spend_all}), or within C{lease_ttl/3} seconds by the renewal (which then puts back the leases
-        held here that the earlier state lacks)."""
+        settlement or charge, flushed), which holds C{generation} for this process: its parts of the budget sums
+        start anew (L{_unanswered}) and each of L{went_back} is told (L{gomodel.limits.budgets.BudgetBook} seeds its
+        sums again). Found by a settlement or a charge (L{spend_all}), or within C{lease_ttl/3} seconds by the
+        renewal (which then puts back the leases held here that the earlier state lacks)."""
         self._generation = generation
         self._unanswered()
         self.log.warn("Redis went back to an earlier state (restored from a snapshot, flushed), or this process "

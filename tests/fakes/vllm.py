@@ -398,7 +398,8 @@ class FakeVLLM(Resource):
                 {"id": m, "object": "model", "created": 1700000000, "owned_by": "vllm", "root": "/models/" + m,
                  "parent": None, "max_model_len": self.max_model_len, "permission": []} for m in self.models] + [
                 {"id": name, "object": "model", "created": 1700000000, "owned_by": "vllm", "root": path,
-                 "parent": base, "max_model_len": None, "permission": []} for name, (path, base) in self.loras.items()]})
+                 "parent": base, "max_model_len": None, "permission": []}
+                for name, (path, base) in self.loras.items()]})
         if path == b"/v1/chat/completions" and request.method == b"POST":
             return self._chat(request, record)
         if path in (b"/v1/messages", b"/v1/messages/count_tokens") and request.method == b"POST":
