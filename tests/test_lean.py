@@ -1071,3 +1071,25 @@ async def test_a_relayed_chat_and_stream_raise_no_exception_on_the_way(reactor, 
     finally:
         sys.settrace(None)
     assert raised == [], raised
+
+
+def test_a_lazy_api_whose_maker_raises_attribute_error_raises_it():
+    """An C{AttributeError} out of the maker (a module without the name it imports) is that request's error,
+    made once, not a recursion through C{__getattr__} (its name asked anew for the API it could not make)."""
+    from gomodel.api.lazy import LazyAPI
+    calls = []
+
+    def make():
+        calls.append(1)
+        raise AttributeError("module 'gomodel.api.files' has no attribute 'FilesAPI'")
+
+    api = LazyAPI(make)
+    with pytest.raises(AttributeError, match="has no attribute 'FilesAPI'"):
+        api.upload_sink
+    assert calls == [1]
+    with pytest.raises(AttributeError, match="has no attribute 'FilesAPI'"):
+        api.app
+    assert calls == [1, 1]  # (not kept: the next request makes it again)
+    with pytest.raises(AttributeError):  # (read as the property: Python's own fallback, which ends here)
+        api.api
+    assert calls == [1, 1, 1]

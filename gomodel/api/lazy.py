@@ -77,14 +77,24 @@ class LazyAPI:
     @property
     def api(self):
         """The API (made now if it was not)."""
+        return self._made()
+
+    def _made(self):
+        # (a method, not the property: an AttributeError out of the maker, raised while a property is read,
+        # would be taken for a missing attribute and asked of __getattr__ again, for ever)
         if self._api is None:
             self._api = self._make()
         return self._api
 
     def __getattr__(self, name):  # (its app, an upload's sink...: the API's own)
-        if name.startswith("__"):
+        if name.startswith("__") or name in _OWN:
             raise AttributeError(name)
-        return getattr(self.api, name)
+        return getattr(self._made(), name)
+
+
+# LazyAPI's own attributes: asked of __getattr__ only when they are missing (before __init__, or the property's
+# maker raised AttributeError), never the API's.
+_OWN = frozenset({"_make", "_api", "api"})
 
 
 def _utf8(request) -> bool:
