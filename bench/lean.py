@@ -20,6 +20,12 @@ on, SQLite store in a fresh data directory). It reports, per run:
   OpenMetrics first, unless C{--scrape-accept} says otherwise: C{--scrape-accept ''} scrapes as curl does,
   the Prometheus text format) and each C{--get} path, MiB.
 
+C{--features} starts it as bench/run.sh's C{gomodel-features} target runs (bench/harness/targets.py):
+one provider of four replicas (four mocks), rate limits and budgets on, the access log, metrics and usage
+on, and every request after the first C{/health} made with a managed key (made through the admin API with
+the master key) that has a rate limit, a concurrency limit, a model allowlist and a daily budget, all far
+above the load.
+
 C{--plugin-cache cold} removes Twisted's plugin cache (C{dropin.cache} in
 every C{twisted/plugins} directory of the gateway's interpreter, C{--python})
 before each start: a fresh C{pip install .}, or a site-packages the gateway
@@ -106,8 +112,18 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+# The key requests are made with: the master key, or (--features) the managed key made at start.
+_key = [KEY]
+# --features: the managed key's limits (bench/harness/targets.py's GoModelFeatures), far above the load.
+FEATURES_KEY = {"name": "lean-features", "user_path": "/bench/features", "models": ["vllm/"], "rpm": 1_000_000_000,
+                "tpm": 1_000_000_000_000, "max_concurrency": 100_000,
+                "budgets": [{"period": "daily", "max_tokens": 10_000_000_000_000}]}
+FEATURES_ENV = {"RATE_LIMITS_ENABLED": "true", "BUDGETS_ENABLED": "true", "GOMODEL_ACCESS_LOG": "true",
+                "METRICS_ENABLED": "true", "USAGE_ENABLED": "true"}
+
+
 def request(conn, method, path, body=None, accept=None):
-    headers = {"Authorization": "Bearer " + KEY}
+    headers = {"Authorization": "Bearer " + _key[0]}
     if accept is not None:
         headers["Accept"] = accept
     if body is not None:
@@ -146,11 +162,26 @@ def remove_plugin_caches(python):
             os.remove(path)
 
 
+def managed_key(port):
+    """Make the --features managed key (admin API, master key): its value."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("POST", "/admin/api/v1/auth-keys", body=json.dumps(FEATURES_KEY).encode(),
+                 headers={"Authorization": "Bearer " + KEY, "Content-Type": "application/json"})
+    r = conn.getresponse()
+    body = r.read()
+    conn.close()
+    if r.status not in (200, 201):
+        raise RuntimeError(f"POST /admin/api/v1/auth-keys -> {r.status} {body[:200]!r}")
+    return json.loads(body)["value"]
+
+
 def one_run(command, args, upstream):
     port = free_port()
     data = tempfile.mkdtemp(prefix="gomodel-lean-")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "GOMODEL_"))}
     env.update({"VLLM_BASE_URL": upstream, "GOMODEL_MASTER_KEY": KEY, "GOMODEL_DATA_DIR": data})
+    if args.features:
+        env.update(FEATURES_ENV)
     env.update(dict(kv.split("=", 1) for kv in args.env))
     argv = command + ["--listen", f"tcp:{port}:interface=127.0.0.1"]
     if args.workers > 1:
@@ -160,8 +191,11 @@ def one_run(command, args, upstream):
     proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=data)
     try:
         deadline = started + 30
+        _key[0] = KEY
         health, _ = wait_for(port, "GET", "/health", None, deadline, proc)
         cpu = cpu_seconds(proc.pid)
+        if args.features:
+            _key[0] = managed_key(port)
         chat, first = wait_for(port, "POST", "/v1/chat/completions", CHAT, deadline, proc)
         if args.workers > 1:  # every worker taking connections, then 10 x N chats in a row on new connections
             while serving_processes(log.name) < args.workers:
@@ -232,16 +266,22 @@ def main():
     p.add_argument("--env", action="append", default=[], help="NAME=VALUE for the gateway (repeatable)")
     p.add_argument("--get", action="append", default=[], metavar="PATH",
                    help="also GET this path after the load, before peak RSS is read (repeatable)")
+    p.add_argument("--features", action="store_true",
+                   help="everything on, as bench/run.sh's gomodel-features target: four replicas, a managed key "
+                        "with limits and a budget, rate limits, budgets, access log, metrics, usage")
     p.add_argument("--scrape-accept", default=PROMETHEUS_ACCEPT,
                    help="the Accept header of the /metrics scrape (default: Prometheus' own; '' for none)")
     p.add_argument("command", nargs="*", help="the gateway command (default: twistd -n --pidfile= gomodel)")
     args = p.parse_args()
     command = args.command or [os.path.join(os.path.dirname(args.python), "twistd"), "-n", "--pidfile=", "gomodel"]
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Mock)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    upstream = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    servers = []
+    for _ in range(4 if args.features else 1):  # (--features: the four replicas of its one provider)
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _Mock)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    upstream = ",".join(f"http://127.0.0.1:{s.server_address[1]}/v1" for s in servers)
     runs = []
     for _ in range(args.runs):
         if args.plugin_cache == "cold":
@@ -255,8 +295,10 @@ def main():
     med = {k: round(statistics.median(r[k] for r in runs), 3) for k in ("health_s", "cpu_s", "chat_s", "first_ms", "next_ms")}
     for k in ("rss_start", "rss_end", "hwm"):
         med[k + "_max"] = round(statistics.median(max(r[k]) for r in runs), 1)
-    print(json.dumps({"median": med, "runs": len(runs), "command": command, "plugin_cache": args.plugin_cache}))
-    server.shutdown()
+    print(json.dumps({"median": med, "runs": len(runs), "command": command, "plugin_cache": args.plugin_cache,
+                      "features": args.features}))
+    for server in servers:
+        server.shutdown()
 
 
 if __name__ == "__main__":
