@@ -57,8 +57,9 @@ def twistd(command=None):
     global _runner
     _runner = True
     from gomodel.lean import (import_defer_without_asyncio, import_html_without_entities, leave_cookiejar_out,
-                              leave_credentials_out, leave_http_servers_out, leave_mimetypes_out,
-                              leave_perspective_broker_out, leave_tls_out, leave_zipfile_out, load_rare_modules_on_use)
+                              leave_credentials_out, leave_email_out, leave_http_servers_out, leave_mimetypes_out,
+                              leave_perspective_broker_out, leave_tls_out, leave_unicodedata_out, leave_zipfile_out,
+                              leave_zlib_out, load_rare_modules_on_use)
 
     leave_tls_out()  # (before Twisted, which imports the standard library's TLS it does not use)
     load_rare_modules_on_use()
@@ -68,6 +69,9 @@ def twistd(command=None):
     leave_mimetypes_out()
     leave_perspective_broker_out()
     leave_credentials_out()
+    leave_zlib_out()
+    leave_unicodedata_out()
+    leave_email_out()
     import_html_without_entities()
     import_defer_without_asyncio()
     from twisted.application import app

@@ -271,6 +271,53 @@ def leave_credentials_out() -> bool:
                           IUsernameDigestHash=_class_on_use("twisted.cred.credentials", "IUsernameDigestHash"))
 
 
+def leave_zlib_out() -> bool:
+    """From now on, the modules that import C{zlib} for what the gateway never does are imported with a stand-in
+    for it, whose any name read loads the real module and answers from it: C{shutil} (which checks that it imports,
+    for its archives), Twisted's web server (its gzip encoding of an answer, never asked for here) and web client
+    (its C{ContentDecoderAgent}, not used: L{gomodel.proxy.exchange} decodes an upstream's compressed answer itself,
+    importing C{zlib} then), and werkzeug's utils (Klein's routing: C{adler32}, for C{send_file}'s ETag, loads it on
+    its first call). The real module maps libz (about 0.3 MiB). The next C{import zlib} gets the real module.
+
+    @return: whether it was done: not where C{zlib} is loaded already, nor where C{GOMODEL_EAGER_IMPORTS=1}.
+    """
+    return all([_import_beside("shutil", "zlib"), _import_beside("twisted.web.server", "zlib"),
+                _import_beside("twisted.web.client", "zlib"),
+                _import_beside("werkzeug.utils", "zlib", adler32=partial(_call_real, "zlib", "adler32"))])
+
+
+def leave_unicodedata_out() -> bool:
+    """From now on, the modules that import C{unicodedata} for a name or text the gateway never has (not ASCII)
+    are imported with a stand-in for it, whose any name read loads the real module and answers from it: attrs'
+    C{_make} (C{normalize}s a field's name given by C{make_class}), Twisted's endpoints (C{normalize}, a host name
+    that is not ASCII: its C{normalize} loads it on its first call) and werkzeug's utils (Klein's routing:
+    C{secure_filename}, C{send_file}). (The C{idna} codec, with which werkzeug's routing encodes the request's
+    host, imports it: an admin request loads it.) The real module's database is about 0.3 MiB. The next C{import unicodedata} gets the real module.
+
+    @return: whether it was done: not where C{unicodedata} is loaded already, nor where C{GOMODEL_EAGER_IMPORTS=1}.
+    """
+    return all([_import_beside("attr._make", "unicodedata"),
+                _import_beside("twisted.internet.endpoints", "unicodedata",
+                               normalize=partial(_call_real, "unicodedata", "normalize")),
+                _import_beside("werkzeug.utils", "unicodedata")])
+
+
+def leave_email_out() -> bool:
+    """From now on, Twisted's HTTP (C{twisted.web.http}: its server's requests) is imported with stand-ins for the
+    C{email} package and its C{message}, whose C{message_from_bytes}, C{EmailMessage} and C{Message} it calls to
+    decode a form's body and its Content-Type, which the gateway turns off (L{gomodel.http.site}: it reads its forms
+    with C{multipart}): they load the real ones on their first call (L{_class_on_use} for the classes). The real
+    package imports its header, charset, quoted-printable and address modules and C{calendar} (about 0.45 MiB). The
+    next C{import email} (or of its C{message}) gets the real module.
+
+    @return: whether it was done: not where both are loaded already, nor where C{GOMODEL_EAGER_IMPORTS=1}.
+    """
+    return _import_beside("twisted.web.http", {
+        "email": {"message_from_bytes": partial(_call_real, "email", "message_from_bytes")},
+        "email.message": {"EmailMessage": _class_on_use("email.message", "EmailMessage"),
+                          "Message": _class_on_use("email.message", "Message")}})
+
+
 class _NameOf:
     """A stand-in's name that is the real C{module}'s C{name}, read when the stand-in is made (while its importer
     is imported: L{_stand_in})."""
@@ -372,12 +419,12 @@ def _import_beside(importee, name, **names) -> bool:
     not loaded; return whether it was done (not where the real one is, nor where C{GOMODEL_EAGER_IMPORTS=1}).
     C{name} may be a mapping instead, of several stand-ins' module names to their names (each where its real one is
     not loaded; done unless all of them are)."""
-    if importee in _BESIDE:
-        return True
     stand_ins = name if isinstance(name, dict) else {name: names}
+    if stand_ins.keys() <= _BESIDE.get(importee, {}).keys():
+        return True
     if os.environ.get("GOMODEL_EAGER_IMPORTS") == "1" or all(map(_real, stand_ins)):
         return False
-    _BESIDE[importee] = stand_ins
+    _BESIDE.setdefault(importee, {}).update(stand_ins)  # (beside those another function gave it)
     if _Beside not in sys.meta_path:
         sys.meta_path.insert(0, _Beside)
     return True

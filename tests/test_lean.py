@@ -1093,3 +1093,88 @@ def test_a_lazy_api_whose_maker_raises_attribute_error_raises_it():
     with pytest.raises(AttributeError):  # (read as the property: Python's own fallback, which ends here)
         api.api
     assert calls == [1, 1, 1]
+
+
+_ZLIB_AFTER = """
+loaded = "zlib" in sys.modules
+import shutil
+from twisted.web import client, server
+from gomodel.proxy.exchange import uncoded
+import zlib  # (the next import: the real module)
+compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+gzipped = compressor.compress(b"hello") + compressor.flush()
+print(json.dumps({"loaded": loaded, "archives": shutil._ZLIB_SUPPORTED, "decoded": uncoded(gzipped, [b"gzip"], 100).decode(),
+                  "server": server.zlib.MAX_WBITS, "client": client.zlib.decompressobj(31).decompress(gzipped).decode(),
+                  "real": type(zlib).__name__}))
+"""
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_the_gomodel_command_leaves_zlib_out_until_it_is_used(tmp_path, eager):
+    """C{shutil} (its archives), Twisted's web server (gzip'd answers) and client (its decoding agent) import
+    C{zlib} for what the gateway never does: the C{gomodel} command gives them a stand-in whose any name read is the
+    real module's, and the gateway's own decoding of a compressed upstream answer imports it there, so a built
+    gateway has no C{zlib} (nor libz); used, it is the real one. C{GOMODEL_EAGER_IMPORTS=1}: the real one at once."""
+    before = ("from gomodel.lean import leave_tls_out, leave_zipfile_out, leave_zlib_out, load_rare_modules_on_use\n"
+              "leave_tls_out()\n"
+              "load_rare_modules_on_use()\n"
+              "leave_zipfile_out()  # (zipfile imports it: the gomodel command leaves it out too)\n"
+              "assert leave_zlib_out() is " + str(not eager) + "\n")
+    found = json.loads(_built_in_child(
+        tmp_path, dict(PLAIN_UPSTREAM, GOMODEL_EAGER_IMPORTS="1" if eager else "0"), before, _ZLIB_AFTER))
+    assert found == {"loaded": eager, "archives": True, "decoded": "hello", "server": 15, "client": "hello",
+                     "real": "module"}
+
+
+_UNICODEDATA_AFTER = """
+loaded = "unicodedata" in sys.modules
+import attr
+from twisted.internet import endpoints
+made = attr.make_class("Caf\\u0065\\u0301", ["a"]).__name__  # (attrs normalizes the name: NFKC)
+print(json.dumps({"loaded": loaded, "made": made, "host": endpoints.normalize("NFC", "e\\u0301"),
+                  "real": "unicodedata" in sys.modules}))
+"""
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_the_gomodel_command_leaves_unicodedata_out_until_it_is_used(tmp_path, eager):
+    """attrs and Twisted's endpoints import C{unicodedata} to normalize a name or host that is not ASCII: the
+    C{gomodel} command gives them a stand-in that loads the real one at its first use, so a built gateway has no
+    C{unicodedata}; used, it normalizes as before. C{GOMODEL_EAGER_IMPORTS=1}: the real one at once."""
+    before = ("from gomodel.lean import leave_tls_out, leave_unicodedata_out, load_rare_modules_on_use\n"
+              "leave_tls_out()\n"
+              "load_rare_modules_on_use()\n"
+              "assert leave_unicodedata_out() is " + str(not eager) + "\n")
+    found = json.loads(_built_in_child(
+        tmp_path, dict(PLAIN_UPSTREAM, GOMODEL_EAGER_IMPORTS="1" if eager else "0"), before, _UNICODEDATA_AFTER))
+    assert found == {"loaded": eager, "made": "Caf\u00e9", "host": "\u00e9", "real": True}
+
+
+_EMAIL_AFTER = """
+loaded = sorted(name for name in sys.modules if name == "email" or name.startswith("email."))
+from twisted.web import http
+from gomodel.routing.pool import retry_after_seconds
+form = (b"--b\\r\\nContent-Disposition: form-data; name=\\"a\\"\\r\\n\\r\\n1\\r\\n--b--\\r\\n")
+print(json.dumps({"loaded": loaded, "type": http._parseContentType(b"text/plain; charset=utf-8").decode(),
+                  "form": {k.decode(): [v.decode() for v in vs] for k, vs in http._getMultiPartArgs(
+                      form, b"multipart/form-data; boundary=b").items()},
+                  "wait": retry_after_seconds(b"Thu, 01 Jan 1970 00:01:40 GMT", 40.0),
+                  "real": type(http.EmailMessage()).__module__}))
+"""
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_the_gomodel_command_imports_twisteds_http_without_the_email_package(tmp_path, eager):
+    """Twisted's HTTP imports the C{email} package to decode a form's body, which the gateway turns off, and the
+    gateway's replica pool for a C{Retry-After} date (rare): the C{gomodel} command gives Twisted stand-ins that
+    load the real ones at their first use, and the pool imports it there, so a built gateway has no C{email}
+    package; used, it is the real one. C{GOMODEL_EAGER_IMPORTS=1}: Twisted's at once."""
+    before = ("from gomodel.lean import leave_cookiejar_out, leave_email_out, leave_tls_out, load_rare_modules_on_use\n"
+              "leave_tls_out()\n"
+              "load_rare_modules_on_use()\n"
+              "leave_cookiejar_out()  # (urllib.request imports it: the gomodel command leaves it out too)\n"
+              "assert leave_email_out() is " + str(not eager) + "\n")
+    found = json.loads(_built_in_child(
+        tmp_path, dict(PLAIN_UPSTREAM, GOMODEL_EAGER_IMPORTS="1" if eager else "0"), before, _EMAIL_AFTER))
+    assert (found.pop("loaded") != []) is eager
+    assert found == {"type": "text/plain", "form": {"a": ["1"]}, "wait": 60.0, "real": "email.message"}

@@ -29,7 +29,6 @@ off the cost is a None check at each of those points.
 """
 
 import re
-import zlib
 from functools import partial
 
 from twisted.internet.defer import CancelledError, TimeoutError as DeferredTimeout
@@ -1203,6 +1202,8 @@ def uncoded(body: bytes, codings, limit: int):
     """C{body} without its C{Content-Encoding} C{codings} (the header's values: C{gzip}, C{x-gzip}, C{deflate},
     C{identity}, each undone in turn, last first), up to C{limit} bytes; None where one is none of those, or it is
     no such body, or it is larger uncompressed."""
+    import zlib  # (here: libz is mapped only where an upstream compresses, gomodel.lean.leave_zlib_out)
+
     for coding in reversed([c.strip().lower() for value in codings for c in value.split(b",") if c.strip()]):
         if coding == b"identity":
             continue

@@ -74,7 +74,6 @@ whose candidates are still full holds back none behind it.
 
 import random
 from collections import OrderedDict, deque
-from email.utils import parsedate_to_datetime
 from itertools import compress, filterfalse, repeat
 from operator import attrgetter, eq
 from math import inf
@@ -448,6 +447,8 @@ def retry_after_seconds(value, now):
     if value.isdigit():
         seconds = int(value) if len(value) <= 9 else 10 ** 9  # (past 4,300 digits int() raises: a wait past any)
     else:
+        from email.utils import parsedate_to_datetime  # (here: the email package is loaded only for a date's wait)
+
         try:
             seconds = parsedate_to_datetime(value.decode("latin-1")).timestamp() - now
         except (TypeError, ValueError, IndexError, OverflowError):
