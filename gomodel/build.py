@@ -288,7 +288,7 @@ def _klein_app(config, reactor, gateway, store, book, plain, responses, exchange
     """Klein's routes (imported now: at the first request for one of them) and the APIs they mount, each imported and
     made at the first request for it (L{gomodel.api.lazy.LazyAPI})."""
     from gomodel.lean import (leave_hyperlink_out, leave_markupsafe_out, leave_pprint_out, leave_templates_out,
-                              package_without_init)
+                              leave_werkzeug_http_out, package_without_init)
 
     package_without_init("werkzeug")  # (its __init__ imports its development server and test client: never used here)
     # (its data structures' imports all of them: the routing takes four; HTTP headers' parsers, never run here, the rest)
@@ -299,6 +299,7 @@ def _klein_app(config, reactor, gateway, store, book, plain, responses, exchange
     leave_hyperlink_out()  # (and one of hyperlink, for a dependency they never inject here)
     leave_markupsafe_out()  # (werkzeug's HTML pages' escaping: never rendered here)
     leave_pprint_out()  # (and its routing map's repr)
+    leave_werkzeug_http_out()  # (its data structures' header quoting and parsing: never run for routing)
     from gomodel.api.app import GatewayApp
     from gomodel.api.lazy import LazyAPI
     from gomodel.api.passthrough import Passthrough

@@ -373,6 +373,24 @@ def leave_hyperlink_out() -> bool:
     return _import_beside("klein._dihttp", "hyperlink", DecodedURL=_class_on_use("hyperlink", "DecodedURL"))
 
 
+def leave_werkzeug_http_out() -> bool:
+    """From now on, werkzeug's data structures and headers and its sans-IO utils (Klein's routing imports them) are
+    imported with a stand-in for werkzeug's C{http}, whose functions they call to quote, dump and parse header values
+    only (never here: Klein's routing reads none): the stand-in's any name read (the utils' C{parse_set_header},
+    called) loads the real module and answers from it. The real module imports its sans-IO C{http}, the C{email}
+    package's C{utils} (its dates) and their own imports (about 0.35 MiB after an admin request). The next
+    C{import werkzeug.http} gets the real module.
+
+    @return: whether it was done: not where werkzeug's C{http} is loaded already, nor where
+        C{GOMODEL_EAGER_IMPORTS=1}.
+    """
+    # (one stand-in for the three: the structures import the headers while its own is there)
+    return all([_import_beside("werkzeug.datastructures.structures", "werkzeug.http"),
+                _import_beside("werkzeug.datastructures.headers", "werkzeug.http"),
+                _import_beside("werkzeug.sansio.utils", "werkzeug.http",
+                               parse_set_header=partial(_call_real, "werkzeug.http", "parse_set_header"))])
+
+
 class _OnUse(type):
     """The type of a stand-in for a class (L{_class_on_use}): a name read of it (but its own dunder names), or a
     call, is the real class's, loaded then."""
@@ -557,8 +575,9 @@ def package_without_init(name, **names):
             raise AttributeError(attribute)
         if attribute in names:
             return getattr(importlib.import_module(names[attribute]), attribute)
-        if importlib.util.find_spec(f"{name}.{attribute}") is not None:  # (C{from . import values} in a submodule)
-            return importlib.import_module(f"{name}.{attribute}")
+        submodule = f"{name}.{attribute}"  # (C{from . import values} in a submodule; a stand-in's: L{_import_beside})
+        if submodule in sys.modules or importlib.util.find_spec(submodule) is not None:
+            return importlib.import_module(submodule)
         del package.__getattr__
         spec.loader.exec_module(package)
         return getattr(package, attribute)

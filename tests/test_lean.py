@@ -1178,3 +1178,33 @@ def test_the_gomodel_command_imports_twisteds_http_without_the_email_package(tmp
         tmp_path, dict(PLAIN_UPSTREAM, GOMODEL_EAGER_IMPORTS="1" if eager else "0"), before, _EMAIL_AFTER))
     assert (found.pop("loaded") != []) is eager
     assert found == {"type": "text/plain", "form": {"a": ["1"]}, "wait": 60.0, "real": "email.message"}
+
+
+_WERKZEUG_HTTP_AFTER = """
+import gc
+from gomodel.api.lazy import LazyRoutes
+next(o for o in gc.get_objects() if type(o) is LazyRoutes).app  # (what the first admin request builds)
+loaded = sorted(name for name in ("werkzeug.http", "werkzeug.sansio.http") if name in sys.modules)
+from werkzeug.datastructures.headers import Headers
+from werkzeug.datastructures.structures import HeaderSet
+from werkzeug.sansio.utils import get_content_length
+headers = Headers()
+headers.add("Content-Disposition", "attachment", filename="a b.txt")  # (the headers' http.dump_options_header)
+import werkzeug.http
+print(json.dumps({"loaded": loaded, "header": headers["Content-Disposition"], "set": HeaderSet(["a b", "c"]).to_header(),
+                  "chunked": get_content_length("12", "gzip, chunked"), "length": get_content_length("12"),
+                  "real": type(werkzeug.http).__name__, "date": werkzeug.http.parse_date("Thu, 01 Jan 1970 00:00:00 GMT").year}))
+"""
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_the_admin_routes_import_werkzeug_without_its_http_module(tmp_path, eager):
+    """werkzeug's data structures and sans-IO utils (Klein's routing) call its C{http} module to quote, dump and parse
+    header values only, which the routing never does: Klein's routes, built at the first request for one, import them
+    with a stand-in that loads the real one at its first use, so neither it nor its sans-IO C{http} is loaded (nor
+    the C{email} package's C{utils}, where nothing else imports it); used, they answer as before. C{GOMODEL_EAGER_IMPORTS=1}: at import."""
+    found = json.loads(_built_in_child(
+        tmp_path, dict(PLAIN_UPSTREAM, GOMODEL_EAGER_IMPORTS="1" if eager else "0"), "", _WERKZEUG_HTTP_AFTER))
+    assert found == {"loaded": ["werkzeug.http", "werkzeug.sansio.http"] if eager else [],
+                     "header": 'attachment; filename="a b.txt"', "set": '"a b", c', "chunked": None, "length": 12,
+                     "real": "module", "date": 1970}
