@@ -100,7 +100,8 @@ def leave_tls_out() -> bool:
 # its FileStorage's with L{leave_mimetypes_out}), pkgutil (find_modules) and secrets (gen_salt), 0.3 MiB. (On CPython
 # 3.11 a second import statement of a module on first use loads it: it reads the module's C{__spec__}.) At start, bz2
 # and lzma (shutil checks that they import, for its archives; Twisted's web server imports it through tempfile), with
-# their C modules and libbz2 and liblzma, 0.3 MiB.
+# their C modules and libbz2 and liblzma, 0.3 MiB And stringprep (the idna codec's, for a label that is not ASCII:
+# werkzeug's routing encodes each request's host with it; L{leave_unicodedata_out}).
 _RARE = {"pdb": ("twisted.application.app",), "getpass": ("twisted.application.app",),
          "decimal": ("twisted.spread.jelly",), "pty": ("twisted.internet.process",),
          "gzip": ("prometheus_client.exposition",),
@@ -108,7 +109,8 @@ _RARE = {"pdb": ("twisted.application.app",), "getpass": ("twisted.application.a
          "twisted.web.util": ("twisted.web.server",), "multipart": ("gomodel.api.uploads",),
          "http.cookiejar": ("twisted.python.compat",), "ipaddress": ("urllib.parse",),
          "urllib.request": ("xml.sax.saxutils",), "difflib": ("werkzeug.routing.exceptions",),
-         "pkgutil": ("werkzeug.utils",), "secrets": ("werkzeug.security",), "bz2": ("shutil",), "lzma": ("shutil",)}
+         "pkgutil": ("werkzeug.utils",), "secrets": ("werkzeug.security",), "bz2": ("shutil",), "lzma": ("shutil",),
+         "stringprep": ("encodings.idna",)}
 _LAZY = importlib.util._LazyModule  # (the type of a module made by a LazyLoader, not loaded yet)
 
 
@@ -291,12 +293,16 @@ def leave_unicodedata_out() -> bool:
     are imported with a stand-in for it, whose any name read loads the real module and answers from it: attrs'
     C{_make} (C{normalize}s a field's name given by C{make_class}), Twisted's endpoints (C{normalize}, a host name
     that is not ASCII: its C{normalize} loads it on its first call) and werkzeug's utils (Klein's routing:
-    C{secure_filename}, C{send_file}). (The C{idna} codec, with which werkzeug's routing encodes the request's
-    host, imports it: an admin request loads it.) The real module's database is about 0.3 MiB. The next C{import unicodedata} gets the real module.
+    C{secure_filename}, C{send_file}), and the C{idna} codec (werkzeug's routing encodes the request's host with it,
+    at each request for Klein's routes), which reads its C{ucd_3_2_0} for a label that is not ASCII only: the
+    stand-in's is a class whose any name read is the real one's (L{_class_on_use}); with
+    L{load_rare_modules_on_use}, its C{stringprep}, which imports it, loads on first use. The real module's
+    database is about 0.3 MiB. The next C{import unicodedata} gets the real module.
 
     @return: whether it was done: not where C{unicodedata} is loaded already, nor where C{GOMODEL_EAGER_IMPORTS=1}.
     """
     return all([_import_beside("attr._make", "unicodedata"),
+                _import_beside("encodings.idna", "unicodedata", ucd_3_2_0=_class_on_use("unicodedata", "ucd_3_2_0")),
                 _import_beside("twisted.internet.endpoints", "unicodedata",
                                normalize=partial(_call_real, "unicodedata", "normalize")),
                 _import_beside("werkzeug.utils", "unicodedata")])

@@ -1130,24 +1130,29 @@ _UNICODEDATA_AFTER = """
 loaded = "unicodedata" in sys.modules
 import attr
 from twisted.internet import endpoints
+host = "gateway.example:8080".encode("idna")  # (werkzeug's routing, at each request for Klein's routes)
+loaded = [loaded, "unicodedata" in sys.modules or type(sys.modules.get("stringprep")).__name__ == "module"]
 made = attr.make_class("Caf\\u0065\\u0301", ["a"]).__name__  # (attrs normalizes the name: NFKC)
 print(json.dumps({"loaded": loaded, "made": made, "host": endpoints.normalize("NFC", "e\\u0301"),
+                  "idna": [host.decode(), "b\\u00fccher.example".encode("idna").decode()],
                   "real": "unicodedata" in sys.modules}))
 """
 
 
 @pytest.mark.parametrize("eager", [False, True])
 def test_the_gomodel_command_leaves_unicodedata_out_until_it_is_used(tmp_path, eager):
-    """attrs and Twisted's endpoints import C{unicodedata} to normalize a name or host that is not ASCII: the
-    C{gomodel} command gives them a stand-in that loads the real one at its first use, so a built gateway has no
-    C{unicodedata}; used, it normalizes as before. C{GOMODEL_EAGER_IMPORTS=1}: the real one at once."""
+    """attrs, Twisted's endpoints and the C{idna} codec (werkzeug's routing encodes each request's host with it)
+    import C{unicodedata} for a name or host that is not ASCII: the C{gomodel} command gives them a stand-in that
+    loads the real one at its first use, so a built gateway has no C{unicodedata}, nor after an ASCII host is
+    encoded; used, it normalizes and encodes as before. C{GOMODEL_EAGER_IMPORTS=1}: the real one at once."""
     before = ("from gomodel.lean import leave_tls_out, leave_unicodedata_out, load_rare_modules_on_use\n"
               "leave_tls_out()\n"
               "load_rare_modules_on_use()\n"
               "assert leave_unicodedata_out() is " + str(not eager) + "\n")
     found = json.loads(_built_in_child(
         tmp_path, dict(PLAIN_UPSTREAM, GOMODEL_EAGER_IMPORTS="1" if eager else "0"), before, _UNICODEDATA_AFTER))
-    assert found == {"loaded": eager, "made": "Caf\u00e9", "host": "\u00e9", "real": True}
+    assert found == {"loaded": [eager, eager], "made": "Caf\u00e9", "host": "\u00e9", "real": True,
+                     "idna": ["gateway.example:8080", "xn--bcher-kva.example"]}
 
 
 _EMAIL_AFTER = """
