@@ -77,6 +77,13 @@ def as_listed(items: list, include) -> list:
     return [_without(item, hidden) for item in items] if hidden else items
 
 
+def as_retrieved(response: dict, include) -> dict:
+    """A stored C{response} as a retrieve shows it: its output items L{as_listed} (C{include}, checked values, names
+    what they carry: a reasoning item's encrypted content, an output text's logprobs...); C{response} is not changed."""
+    output = response.get("output")
+    return dict(response, output=as_listed(output, include)) if output.__class__ is list else response
+
+
 def _without(item: dict, hidden) -> dict:
     """C{item} without the fields C{hidden} names (a copy where it has any)."""
     for _, kind, holder, part_type, field in hidden:

@@ -1280,6 +1280,56 @@ async def test_input_items_show_what_include_names_and_refuse_what_it_cannot_nam
         assert answer.code == 400 and (error["param"], error["code"]) == ("include", "invalid_value")
 
 
+# A response's output as a vLLM asked to include them makes it: a reasoning item's encrypted content, an output text's
+# logprobs.
+_INCLUDED_OUTPUT = [
+    {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "gAAAA"},
+    {"type": "message", "role": "assistant", "id": "msg_a", "status": "completed", "content": [
+        {"type": "output_text", "text": "a cat", "annotations": [], "logprobs": [
+            {"token": "a", "logprob": -1.0, "bytes": [97], "top_logprobs": []}]}]}]
+
+
+@pytest_twisted.ensureDeferred
+async def test_retrieve_shows_what_include_names_and_refuses_what_it_cannot_name(both, http):
+    """C{include} on a retrieve, as OpenAI's: a stored response's reasoning encrypted content and output text logprobs
+    are shown where it names them alone, for a response vLLM made (a background one read from its instance too) as
+    for one the gateway made translated, and an unknown value is create's 400 naming include (before: it was ignored,
+    the response shown whole either way)."""
+    gw, client, native, chat = both
+    include = ["reasoning.encrypted_content", "message.output_text.logprobs"]
+    made = await in_thread(client.responses.create, model=MODEL, input="what is it?", include=include,
+                           extra_body={"fake_output": _INCLUDED_OUTPUT})
+    background = await in_thread(client.responses.create, model=MODEL, input="what is it?", include=include,
+                                 background=True, extra_body={"fake_output": _INCLUDED_OUTPUT})
+    answer = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "other", "choices": [{
+        "index": 0, "message": {"role": "assistant", "content": "a cat"}, "finish_reason": "stop",
+        "logprobs": {"content": [{"token": "a", "logprob": -1.0, "bytes": [97], "top_logprobs": []}]}}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
+    await in_thread(client.responses.create, model="vllm-t/other", input="hi")  # (its chat fake has no Responses API:
+    # known from now on, the next create goes to its chat completions at once, where its fake answers as told)
+    translated = await in_thread(client.responses.create, model="vllm-t/other", input="what is it?", include=include,
+                                 extra_body={"fake_status": 200, "fake_body": json.dumps(answer)})
+    assert translated.output[0].content[0].logprobs[0].token == "a"
+    for created in (made, background, translated):
+        plain = (await in_thread(client.responses.retrieve, created.id)).model_dump(exclude_none=True)
+        text = plain["output"][-1]["content"][0]
+        assert text["text"] == "a cat" and "logprobs" not in text, created.id
+        whole = await in_thread(client.responses.retrieve, created.id, include=include)
+        assert whole.output[-1].content[0].logprobs[0].token == "a", created.id
+        some = await in_thread(client.responses.retrieve, created.id, include=["reasoning.encrypted_content"])
+        assert some.output[-1].content[0].logprobs is None
+        if created is not translated:
+            assert "encrypted_content" not in plain["output"][0] and plain["output"][0]["type"] == "reasoning"
+            assert whole.output[0].encrypted_content == "gAAAA" and some.output[0].encrypted_content == "gAAAA"
+    assert native.stored_responses[made.id]["output"] == _INCLUDED_OUTPUT  # (kept whole)
+    stored = await gw.service.store.responses.get(translated.id)
+    assert stored["response"]["output"][0]["content"][0]["logprobs"]  # (kept whole)
+    for query in ("include[]=message.input_image.url", "include=nope", "include[]=nope&stream=true"):
+        answer = await http.get(gw.url + f"/v1/responses/{made.id}?{query}")
+        error = jsonutil.loads(await treq.content(answer))["error"]
+        assert answer.code == 400 and (error["param"], error["code"]) == ("include", "invalid_value"), query
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_background_response_its_watch_gives_up_on_is_failed_not_queued_for_ever(reactor, monkeypatch):
     """A background response whose instance never answered its watch (unreachable since, its provider gone) is no

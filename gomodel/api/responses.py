@@ -29,7 +29,7 @@ from gomodel.http.render import RESPONSES
 from gomodel.ids import new_id
 from gomodel.proxy.exchange import UpstreamCall, fails_over
 from gomodel.proxy.sse import ResponsesStreamObserver, SSEFramer, event_object
-from gomodel.responses_history import (as_listed, continued, cut_short, error_hidden, error_shown, no_chosen_id,
+from gomodel.responses_history import (as_listed, as_retrieved, continued, cut_short, error_hidden, error_shown, no_chosen_id,
                                       normalise_input, relink, swept_for, unknown_previous, unknown_response,
                                       with_history, with_references)
 from gomodel.responses_partial import PartialStream
@@ -403,9 +403,11 @@ class ResponsesRoute:
     # -- lifecycle -------------------------------------------------------------
 
     async def retrieve(self, request, response_id):
-        """The stored response; a background one still running is refreshed from its instance. Asked for its
-        events (C{stream=true}, the openai SDK's C{retrieve(stream=True, starting_after=N)}): L{_replay}."""
+        """The stored response, with the fields of its output its C{include} names (L{as_retrieved}: its instance,
+        a vLLM, takes none on a retrieve); a background one still running is refreshed from its instance. Asked for
+        its events (C{stream=true}, the openai SDK's C{retrieve(stream=True, starting_after=N)}): L{_replay}."""
         record = await self._record(request, response_id)
+        include = _include(request)
         if query_arg(request, b"stream", "false") != "false":
             return await self._replay(request, record)
         response = record["response"]
@@ -413,7 +415,7 @@ class ResponsesRoute:
             fresh = await self.refresh(record, request.context.request_id, request.context.trace)
             if fresh is not None:
                 response = fresh
-        return json_answer(request, response)
+        return json_answer(request, as_retrieved(response, include))
 
     async def _replay(self, request, record):
         """The events of C{record}'s background stream after sequence number C{starting_after} (all of them where
@@ -502,8 +504,7 @@ class ResponsesRoute:
         """OpenAI's paginated list of the input items of one response, with the fields its C{include} names
         (L{as_listed})."""
         record = await self._record(request, response_id)
-        include = checked_include([value.decode("utf-8", "replace") for name in (b"include[]", b"include")
-                                   for value in request.args.get(name, ())])
+        include = _include(request)
         items = list(record["input_items"])
         order = query_arg(request, b"order", "desc")
         if order not in ("asc", "desc"):
@@ -708,6 +709,13 @@ def _named(body, provider):
         chosen = new_id("resp")
         body = dict(body, request_id=chosen)
     return body, chosen if chosen.__class__ is str and chosen else None
+
+
+def _include(request) -> list:
+    """A retrieve's or input items' list's C{include} (C{include[]} as the openai SDK sends it, or C{include}),
+    checked as create checks it (L{checked_include})."""
+    return checked_include([value.decode("utf-8", "replace") for name in (b"include[]", b"include")
+                            for value in request.args.get(name, ())])
 
 
 _SEQUENCE = re.compile("[0-9]{1,18}")  # a C{starting_after} (a stream's event number)

@@ -21,6 +21,8 @@ gateway forwards untouched:
   - C{fake_drop}: close the connection without answering (the request read: a server that crashed on it)
   - C{fake_cut}: a whole (non-streamed) chat answer's head and its first bytes, then the connection closed
   - C{fake_hang_after}: a native Responses stream sends that many events, then nothing (held open)
+  - C{fake_output}: a native response's output items, as they are (what its C{include} asks a vLLM for: a reasoning
+    item's C{encrypted_content}, an output text's C{logprobs})
 
 A background Responses stream's events are kept (vLLM 0.32's C{event_store}) and replayed by
 C{GET /v1/responses/{id}?stream=true&starting_after=N} as vLLM replays them: those after the N-th, then those
@@ -667,6 +669,8 @@ class FakeVLLM(Resource):
                     "background": bool(body.get("background")),
                     "previous_response_id": body.get("previous_response_id"),
                     "usage": None if status == "queued" else _RESPONSE_USAGE}
+        if "fake_output" in body:
+            response["output"] = body["fake_output"]
         if body.get("store") is not False:
             self.stored_responses[response_id] = response
         if not body.get("stream") and not body.get("fake_stream_anyway"):
