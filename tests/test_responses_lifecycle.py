@@ -502,6 +502,22 @@ async def test_a_translated_request_naming_a_conversation_or_a_stored_prompt_is_
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_native_vllm_request_naming_a_conversation_or_a_stored_prompt_is_a_400_not_answered_without_them(
+        client, fake):
+    """vLLM's Responses API keeps no conversations (its request has no C{conversation}: it ignores the field, with a
+    warning in its log) nor stored prompts: either is the translated request's 400, before any upstream (before:
+    a conversation went to vLLM, which answered without its items, and the client could not tell)."""
+    for extra, param in (({"conversation": "conv_1"}, "conversation"), ({"conversation": {"id": "conv_1"}},
+                                                                         "conversation"),
+                         ({"prompt": {"id": "pmpt_1"}}, "prompt")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            await in_thread(client.responses.create, model=MODEL, input="hi", **extra)
+        error = refused.value.body
+        assert (error["param"], error["code"]) == (param, "unsupported_value"), extra
+    assert not [r for r in fake.requests if r.path == b"/v1/responses"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_translated_image_without_a_url_is_a_400_naming_input_not_the_upstreams_odd_error(translated, http):
     # (before: {"image_url": {"url": null}} went to the chat upstream, whose answer named neither the item
     # nor what was missing)

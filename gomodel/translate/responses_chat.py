@@ -80,16 +80,25 @@ class NativeResponses:
 
 
 
+def kept_nowhere(body: dict, why: str):
+    """Refuse a Responses request C{body} naming what only a provider keeping it could bring in (L{_KEPT_UPSTREAM}),
+    for a provider that does not: C{why} (what it lacks, "... to hold"); never dropped unsaid.
+
+    @raise InvalidRequest: a 400 C{unsupported_value} naming the field.
+    """
+    for field, kept in _KEPT_UPSTREAM:
+        if body.get(field) is not None:
+            raise InvalidRequest(f"{field} is not supported by this provider: {why} {kept}.", param=field,
+                                 code="unsupported_value")
+
+
 def request_to_chat(body: dict, bound: str = "max_tokens") -> dict:
     """The chat-completions body for a Responses request C{body} (model already rewritten), its
     C{max_output_tokens} as C{bound} (C{max_completion_tokens} for a provider whose reasoning models refuse
     C{max_tokens}, OpenAI's)."""
     if body.get("previous_response_id"):  # (not stored by the gateway; this provider has no Responses API to know it)
         raise unknown_previous(body["previous_response_id"])
-    for field, kept in _KEPT_UPSTREAM:  # (what only the upstream keeping it could bring in: never dropped unsaid)
-        if body.get(field) is not None:
-            raise InvalidRequest(f"{field} is not supported by this provider: it has no Responses API to "
-                                 f"hold {kept}.", param=field, code="unsupported_value")
+    kept_nowhere(body, "it has no Responses API to hold")
     chat = {k: v for k, v in body.items() if k not in _RESPONSES_ONLY}
     messages = []
     instructions = body.get("instructions")
