@@ -590,6 +590,24 @@ async def test_a_line_continuing_a_response_nobody_holds_ends_in_previous_respon
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_line_naming_a_conversation_or_a_stored_prompt_at_a_native_vllm_ends_in_unsupported_value(
+        sdk, gw, fake):
+    """A C{/v1/responses} line naming a conversation (or a stored prompt) for a vLLM, whose Responses API keeps
+    neither, ends in the 400 the same request gets online, unsent (before: vLLM ignored the conversation and
+    answered without its items)."""
+    lines = [{"custom_id": custom_id, "method": "POST", "url": "/v1/responses",
+              "body": dict({"model": MODEL, "input": "more"}, **extra)}
+             for custom_id, extra in (("conversation", {"conversation": "conv_1"}), ("prompt", {"prompt": {"id": "p"}}),
+                                      ("plain", {}))]
+    batch = await finished(gw, sdk, (await start_batch(sdk, lines, endpoint="/v1/responses")).id)
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (1, 2)
+    errors = await file_lines(sdk, batch.error_file_id)
+    assert {e["custom_id"]: e["error"]["code"] for e in errors} == {"conversation": "unsupported_value",
+                                                                    "prompt": "unsupported_value"}
+    assert [r.body["input"] for r in fake.requests if r.path == b"/v1/responses"] == ["more"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_line_continuing_a_response_its_restarted_instance_forgot_sends_the_conversation(sdk, gw, fake):
     """A line continuing a stored response that vLLM no longer holds (it restarted: its 404 names it) is sent
     again with the stored conversation as explicit input, as the same request online is; its answer names the
