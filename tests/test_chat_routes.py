@@ -7,6 +7,8 @@ from email.utils import parsedate_to_datetime
 
 import pytest_twisted
 import treq
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 
 from gomodel import jsonutil
 from tests.support import dead_base_url, start_fake, start_gateway, stop_all
@@ -363,9 +365,20 @@ async def test_upstream_gone_after_start_is_502_without_its_address(reactor, htt
 
 @pytest_twisted.ensureDeferred
 async def test_upstream_timeout_is_504(reactor, http, fake):
-    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "HTTP_RESPONSE_HEADER_TIMEOUT": "0.2s"})
+    # The timeout runs on a Clock moved past it once the upstream has the request: no wall-clock race (a short
+    # real timeout also bounds the replica's model listing, which a loaded machine could take longer than).
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "HTTP_RESPONSE_HEADER_TIMEOUT": "30s",
+                                       "REPLICA_HEALTH_INTERVAL": "1h"})
     try:
-        response, content = await post(http, gw, {"model": MODEL, "messages": [], "fake_hang": True})
+        clock = Clock()
+        for pool in gw.registry.providers:
+            for replica in pool.replicas:
+                replica.server._clock = clock
+        arrived = fake.next_request()
+        answer = Deferred.fromCoroutine(post(http, gw, {"model": MODEL, "messages": [], "fake_hang": True}))
+        await arrived
+        clock.advance(30)
+        response, content = await answer
         assert response.code == 504
         assert error_of(content)["code"] == "upstream_timeout"
         how, _ = await fake.requests[-1].closed
