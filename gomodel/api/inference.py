@@ -65,11 +65,13 @@ class InferenceRoutes:
             b"/v2/embed": self.cohere_embed,
         }
 
-    async def chat_completions(self, request, ctx):
-        return await self._completions(request, ctx, "/chat/completions")
+    # (L{_completions}' coroutine itself, not one awaiting it: each time a request's await is resumed, it passes
+    # through every coroutine between it and the front)
+    def chat_completions(self, request, ctx):
+        return self._completions(request, ctx, "/chat/completions")
 
-    async def completions(self, request, ctx):
-        return await self._completions(request, ctx, "/completions")
+    def completions(self, request, ctx):
+        return self._completions(request, ctx, "/completions")
 
     async def _completions(self, request, ctx, path):
         """Chat or legacy completions: streams get usage forced on upstream, stripped if unasked."""
