@@ -110,10 +110,16 @@ class StreamRelay(Protocol):
             C{message_stop}) were written to the client.
         """
         timers = timers if timers is not None else clock
-        self.__dict__ = {  # (set as one dict: a store each is a bytecode triple apiece, every stream)
-            "_request": request, "_first_write": first_write, "_end_written": end_written, "_clock": clock,
-            "_timers": timers, "_idle_timeout": idle_timeout, "_stall_timeout": stall_timeout,
-            "finished": Deferred(self._cancelled)}
+        # (one store each, not __dict__ assigned whole: such an instance keeps a dict of its own, and each read
+        # of a class default above, several every upstream read, then takes CPython's unspecialized path)
+        self._request = request
+        self._first_write = first_write
+        self._end_written = end_written
+        self._clock = clock
+        self._timers = timers
+        self._idle_timeout = idle_timeout
+        self._stall_timeout = stall_timeout
+        self.finished = Deferred(self._cancelled)
         if observer is not None:
             self.observer = observer
         if max_duration:
