@@ -636,13 +636,21 @@ class EndingRequest(server.Request):
     def __init__(self, channel, queued=False):
         """What C{server.Request}'s and C{http.Request}'s C{__init__} set (Twisted 26: a test checks
         that the two set the same), in one frame where theirs take three, the answer's headers made
-        once by L{answer_headers}, set as one dict (a store each: a bytecode triple apiece)."""
-        self.__dict__ = {
-            "notifications": [], "channel": channel, "client": channel.getPeer(), "host": channel.getHost(),
-            "requestHeaders": Headers(), "received_cookies": {}, "responseHeaders": self.answer_headers(),
-            "cookies": [], "transport": channel.transport, "queued": queued,
-            "_parsePOSTFormSubmission": channel.site._parsePOSTFormSubmission,
-            "_adapterCache": {}}  # (components.Componentized's)
+        once by L{answer_headers}, one store each (not as one dict assigned to C{__dict__}: the request's many
+        reads of Twisted's class defaults, C{code}, C{startedWriting}, C{chunked}..., would then each take
+        CPython's unspecialized path)."""
+        self.notifications = []
+        self.channel = channel
+        self.client = channel.getPeer()
+        self.host = channel.getHost()
+        self.requestHeaders = Headers()
+        self.received_cookies = {}
+        self.responseHeaders = self.answer_headers()
+        self.cookies = []
+        self.transport = channel.transport
+        self.queued = queued
+        self._parsePOSTFormSubmission = channel.site._parsePOSTFormSubmission
+        self._adapterCache = {}  # (components.Componentized's)
 
     def _cleanup(self):
         super()._cleanup()
