@@ -100,7 +100,7 @@ def leave_tls_out() -> bool:
 # its FileStorage's with L{leave_mimetypes_out}), pkgutil (find_modules) and secrets (gen_salt), 0.3 MiB. (On CPython
 # 3.11 a second import statement of a module on first use loads it: it reads the module's C{__spec__}.) At start, bz2
 # and lzma (shutil checks that they import, for its archives; Twisted's web server imports it through tempfile), with
-# their C modules and libbz2 and liblzma, 0.3 MiB And stringprep (the idna codec's, for a label that is not ASCII:
+# their C modules and libbz2 and liblzma, 0.3 MiB. And stringprep (the idna codec's, for a label that is not ASCII:
 # werkzeug's routing encodes each request's host with it; L{leave_unicodedata_out}).
 _RARE = {"pdb": ("twisted.application.app",), "getpass": ("twisted.application.app",),
          "decimal": ("twisted.spread.jelly",), "pty": ("twisted.internet.process",),
