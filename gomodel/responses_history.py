@@ -58,7 +58,7 @@ _PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco
 
 # What an input items' list shows only where its C{include} names it (OpenAI's): (that value, the item's type, the
 # item's field holding it, or None: the item itself; the type of the content parts of that field holding it, or
-# None: the field's object itself; the field dropped otherwise). An image's data URL is not sent with every page.
+# None: the field's object itself; the field dropped otherwise, where it holds something). An image's data URL is not sent with every page.
 _INCLUDED = (
     ("message.input_image.image_url", "message", "content", "input_image", "image_url"),
     ("message.output_text.logprobs", "message", "content", "output_text", "logprobs"),
@@ -103,8 +103,9 @@ def _without(item: dict, hidden) -> dict:
 
 
 def _dropped(thing: dict, field) -> dict:
-    """C{thing} without C{field} (itself where it has none)."""
-    return {key: value for key, value in thing.items() if key != field} if field in thing else thing
+    """C{thing} without C{field} where it holds something (itself where it has none, or an empty one: an output
+    text's C{logprobs} of C{[]} or None as its create answered it, the shape kept)."""
+    return {key: value for key, value in thing.items() if key != field} if thing.get(field) else thing
 
 
 # A stored message's text content parts, and the field holding each one's text.
