@@ -272,6 +272,34 @@ async def test_round_robin_takes_turns_whatever_the_load(cluster, http):
 
 
 @pytest_twisted.ensureDeferred
+async def test_round_robin_and_random_keep_no_session(cluster, http):
+    """round_robin and random choose whatever the session: its key is not worked out and no pin is kept (nor shared
+    through Redis, nor looked up there), on chat, Responses and Messages alike; least_requests (as load) keeps one."""
+    bodies = {"/v1/chat/completions": chat(), "/v1/responses": {"model": MODEL, "input": "hi"},
+              "/v1/messages": {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}}
+    for strategy, kept in (("round_robin", False), ("random", False), ("least_requests", True)):
+        fleet, gw = await cluster(2, env={"ROUTING_STRATEGY": strategy})
+        pool = gw.registry.providers[0]
+        served = []
+        for path, body in bodies.items():
+            session = f"{strategy} {path}"
+            for _ in range(2):
+                response, answer = await post(http, gw, body, headers={"X-Session-Id": [session]}, path=path)
+                assert response.code == 200, answer
+                served.append(served_by(response))
+            assert pool.knows(affinity_key(_SessionRequest(session), {})) is kept, (strategy, path)
+        if strategy == "round_robin":
+            assert served == [0, 1] * 3  # (a session of two requests takes turns too)
+
+
+class _SessionRequest:
+    """A request's head with C{X-Session-Id: session} (what L{affinity_key} reads)."""
+
+    def __init__(self, session):
+        self.requestHeaders = Headers({"x-session-id": [session]})
+
+
+@pytest_twisted.ensureDeferred
 async def test_least_requests_counts_the_gateways_requests_in_flight_only(cluster, http, reactor):
     fleet, gw = await cluster(2, env={"ROUTING_STRATEGY": "least_requests", "REPLICA_METRICS_INTERVAL": "0"})
     fleet[0].metrics = {"waiting": 50}  # ignored by this strategy

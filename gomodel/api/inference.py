@@ -78,8 +78,8 @@ class InferenceRoutes:
         body = json_body(request)
         ctx.asked_stream = body.get("stream") is True  # (checked by streams() once routed)
         upstream, fallbacks = self.route(ctx, body, partial(affinity_key, request, body))
-        # The session or prompt prefix matters only where there is a replica to choose.
-        affinity = affinity_key(request, body) if len(upstream.replicas) > 1 else None
+        # The session or prompt prefix matters only where there is a replica to choose by load.
+        affinity = affinity_key(request, body) if upstream.keeps_sessions else None
         observer = None
         if streams(body):
             strip_usage = False

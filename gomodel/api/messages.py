@@ -214,8 +214,8 @@ class MessagesRoutes:
             first, fallbacks, native = self._targets(routes, prioritised=prioritised, translating=translating)
             upstream = first.provider
             ctx.route(upstream, model, first.upstream_model)
-            # The session or prompt prefix matters only where there is a replica to choose.
-            affinity = affinity_key(request, body) if len(upstream.replicas) > 1 else None
+            # The session or prompt prefix matters only where there is a replica to choose by load.
+            affinity = affinity_key(request, body) if upstream.keeps_sessions else None
             try:
                 if native:
                     observer = MessagesStreamObserver(lambda message: self._without_address(ctx, message),

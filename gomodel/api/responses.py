@@ -151,7 +151,7 @@ class ResponsesRoute:
         # A follow-up goes to the replica that made the previous response (vLLM keeps it in memory); a session
         # or conversation (Codex's prompt_cache_key, a long prompt's opening) to the one that has its prefix.
         prefer = previous.get("replica") if previous is not None and previous["provider"] == provider.name else None
-        affinity = affinity_key(request, body) if len(provider.replicas) > 1 else None
+        affinity = affinity_key(request, body) if provider.keeps_sessions else None
         turn = _Turn(self, ctx, body, provider, previous)
         if self._native_responses.native(provider.name):
             # (vLLM's request has no conversation, which it ignores, and it refuses a prompt)

@@ -500,6 +500,9 @@ class ReplicaPool:
         self._clock = clock
         self._strategy = strategy
         self._drawn = strategy in ("round_robin", "random")  # (not scored by load: L{_choose}'s one test for them)
+        # whether a request's session or conversation (L{gomodel.routing.affinity}) counts in the choice: where there is
+        # one to make, by load (round_robin and random choose whatever it is): its key is worked out only then
+        self.keeps_sessions = len(self.replicas) > 1 and not self._drawn
         self._queue_timeout = queue_timeout
         self._load_max_age = load_max_age
         self._affinity_ratio = affinity_max_ratio
