@@ -503,6 +503,7 @@ class ReplicaPool:
         # whether a request's session or conversation (L{gomodel.routing.affinity}) counts in the choice: where there is
         # one to make, by load (round_robin and random choose whatever it is): its key is worked out only then
         self.keeps_sessions = len(self.replicas) > 1 and not self._drawn
+        self._only = self.replicas[0] if len(self.replicas) == 1 else None  # the one replica of a pool of one (L{take})
         self._queue_timeout = queue_timeout
         self._load_max_age = load_max_age
         self._affinity_ratio = affinity_max_ratio
@@ -592,8 +593,8 @@ class ReplicaPool:
             C{max_tokens}) or None, called only when a clearly slower replica is the one that could
             start it at once; or None.
         """
-        if len(self.replicas) == 1:  # one server: nothing to choose
-            replica = self.replicas[0]
+        replica = self._only
+        if replica is not None:  # one server: nothing to choose
             if replica.state == READY and replica.serves(model) and replica.has_room() and not exclude:
                 return self._lease(replica, None)
             return None
