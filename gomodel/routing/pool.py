@@ -889,11 +889,13 @@ class ReplicaPool:
                 ties = scores.count(best)
                 if ties == 1:
                     return free[scores.index(best)]
-                if ties == len(free):  # (L{_turn} of an idle pool, all tied, inline)
-                    replica = free[self._next % ties]
-                    self._next += 1
-                    return replica
-                return self._turn(free, scores, best, ties)
+                if not self._unweighted:
+                    return self._turn(free, scores, best, ties)
+                # L{_turn} where the scores are the counts: sorted by count (stable, in C), the tied come first in
+                # their order, as L{_turn} picks them out (an idle pool's all of them)
+                replica = sorted(free, key=_in_flight)[self._next % ties]
+                self._next += 1
+                return replica
             return self._lowest(free, scores, affinity)
         now = self._clock.seconds()
         max_age = self._load_max_age
