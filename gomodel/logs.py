@@ -9,7 +9,7 @@ C{status}, C{provider}, C{request_id}), for log shippers. C{LOG_LEVEL}
 
 import sys
 import time
-from itertools import starmap
+from itertools import repeat, starmap
 from operator import mod
 
 from twisted.logger import (FilteringLogObserver, ILogObserver, LogLevel, LogLevelFilterPredicate,
@@ -22,6 +22,8 @@ from gomodel.errors import StorageUnavailable
 LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn, "warning": LogLevel.warn,
           "error": LogLevel.error, "critical": LogLevel.critical}
 _SCALARS = (str, int, float, bool, type(None))
+RECORD_KEYS = frozenset(("time", "level", "namespace", "message"))  # a JSON line's own, before an event's fields
+SHAPES_KEPT = 1000  # the sets of keys of events (one per call site, mostly) whose fields a JSON observer keeps
 # The format of an event that carries its whole text as C{log_line} (the access log's).
 LINE_FORMAT = "{log_line}"
 # How long the text observer holds the access log's lines to write them together, how many lines at
@@ -219,20 +221,39 @@ class JSONLineObserver:
     def __init__(self, out):
         self._out = out
         self._time = _per_second(lambda second: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second)))
+        self._fields = {}  # an event's keys -> those of its fields a record may take (L{_fields_of})
 
     def __call__(self, event):
         when = event.get("log_time")
         record = {"time": self._time(when if when is not None else time.time()),
                   "level": getattr(event.get("log_level"), "name", "info"),
                   "namespace": event.get("log_namespace", "-"), "message": message(event)}
-        for key, value in event.items():
-            if not key.startswith("log_") and key not in record and isinstance(value, _SCALARS):
-                record[key] = value
+        # Its fields but the log_ ones and those named as the record's own, in its order, as its keys (an event of
+        # a call site has the same every time) last gave them; those of scalar values taken, in C where all are.
+        keys = tuple(event)
+        fields = self._fields.get(keys)
+        if fields is None:
+            fields = self._fields_of(keys)
+        values = list(map(event.__getitem__, fields))
+        if all(map(isinstance, values, repeat(_SCALARS))):
+            record.update(zip(fields, values))
+        else:
+            for key, value in zip(fields, values):
+                if isinstance(value, _SCALARS):
+                    record[key] = value
         failure = event.get("log_failure")
         if failure is not None:
             record["traceback"] = failure.getTraceback()
         self._out.write(jsonutil.dumps(record).decode("utf-8") + "\n")
         self._out.flush()
+
+    def _fields_of(self, keys) -> tuple:
+        """Those of C{keys} (an event's) that are its fields in a record, kept for the next event of those keys."""
+        if len(self._fields) >= SHAPES_KEPT:
+            self._fields.clear()
+        fields = tuple(key for key in keys if not key.startswith("log_") and key not in RECORD_KEYS)
+        self._fields[keys] = fields
+        return fields
 
 
 def log_observer(log_format, level, out=None, classic=False, clock=None, twistd=None):

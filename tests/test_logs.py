@@ -413,3 +413,36 @@ def test_without_a_clock_an_access_line_is_written_at_once_as_its_events(shape):
     untimed = re.compile(r"^\S+ ", re.M)
     assert len(direct.writes) == 2 and direct.writes[1] == formatEventAsClassicLogText(collected[0])
     assert untimed.sub("", direct.writes[0]) == untimed.sub("", direct.writes[1])
+
+
+def test_json_lines_keep_each_events_scalar_fields_in_its_order_whatever_its_shape(tmp_path):
+    """Every event's scalar fields, in its order, after time, level, namespace and message (which a field of the same
+    name does not replace), its log_ fields and other values left out; events of one shape alike, whether a value of
+    theirs is a scalar or not (a list, a dict), and a failure's traceback last."""
+    from twisted.logger import LogLevel
+    from twisted.python.failure import Failure
+
+    def event(**fields):
+        return {"log_format": "{a} {b}", "log_level": LogLevel.warn, "log_namespace": "ns", "log_time": 1764662925.5,
+                **fields}
+
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failure = Failure()
+    with open(tmp_path / "out", "w") as out:
+        observer = JSONLineObserver(out)
+        for e in (event(a=1, b="x", message="mine", c=None, d=2.5, e=True), event(a=[1], b="y", message="m", c={},
+                  d=1.0, e=False), event(a=3, b="z", message="m", c=None, d=0.5, e=False),
+                  event(b="only", a=7), event(a=1, b=2, traceback="own", log_failure=failure)):
+            observer(e)
+    lines = (tmp_path / "out").read_text().splitlines()
+    head = '{"time":"2025-12-02T08:08:45Z","level":"warn","namespace":"ns",'
+    assert lines[:4] == [
+        head + '"message":"1 x","a":1,"b":"x","c":null,"d":2.5,"e":true}',
+        head + '"message":"[1] y","b":"y","d":1.0,"e":false}',
+        head + '"message":"3 z","a":3,"b":"z","c":null,"d":0.5,"e":false}',
+        head + '"message":"7 only","b":"only","a":7}']
+    last = json.loads(lines[4])
+    assert list(last) == ["time", "level", "namespace", "message", "a", "b", "traceback"]
+    assert last["message"] == "1 2" and "ValueError: boom" in last["traceback"]
