@@ -270,19 +270,24 @@ class AccessLog:
                             ctx.status, ctx.duration * 1000, ctx.request_id.decode("ascii"), ctx.provider or DASH,
                             ctx.model or DASH, replica, key, prompt_tokens, completion_tokens))
                         return
-                self._text.hold_line(LINE, (self._head, self._line(ctx)[0]))
+                self._text.hold_line(LINE, (self._head, self._line(ctx, ctx.method.decode("ascii", "replace"),
+                                                                   ctx.path.decode("ascii", "replace"),
+                                                                   ctx.request_id.decode("ascii"))[0]))
                 return
             except Exception:
                 pass  # the event says so: the publisher logs an observer that fails
-        line, prompt_tokens, completion_tokens, error = self._line(ctx)
+        # (decoded once: the line and the event's fields)
+        method, path, request_id = (ctx.method.decode("ascii", "replace"), ctx.path.decode("ascii", "replace"),
+                                    ctx.request_id.decode("ascii"))
+        line, prompt_tokens, completion_tokens, error = self._line(ctx, method, path, request_id)
         log = self._log
         log.observer({
             "log_line": line,
-            "method": ctx.method.decode("ascii", "replace"),
-            "path": ctx.path.decode("ascii", "replace"),
+            "method": method,
+            "path": path,
             "status": ctx.status,
             "duration_ms": ctx.duration * 1000,
-            "request_id": ctx.request_id.decode("ascii"),
+            "request_id": request_id,
             "provider": ctx.provider or DASH,
             "model": ctx.model or DASH,
             "replica": ctx.replica,
@@ -305,8 +310,9 @@ class AccessLog:
         })
 
     @staticmethod
-    def _line(ctx):
-        """C{ctx}'s access line (its line breaks as they are), its prompt and completion tokens and its error."""
+    def _line(ctx, method: str, path: str, request_id: str):
+        """C{ctx}'s access line (its line breaks as they are), its prompt and completion tokens and its error (its
+        C{method}, C{path} and C{request_id} decoded)."""
         usage = ctx.usage
         tokens = ""
         if usage:  # (L{RequestContext.tokens}, its common case inline)
@@ -329,8 +335,7 @@ class AccessLog:
         key = ctx.key
         retries = ctx.retries
         # one f-string: then what is known of it, its replica, key and tokens; how it ended, unless it went out whole
-        line = (f"{ctx.method.decode('ascii', 'replace')} {ctx.path.decode('ascii', 'replace')} {ctx.status} "
-                f"{ctx.duration * 1000:.1f}ms request_id={ctx.request_id.decode('ascii')} "
+        line = (f"{method} {path} {ctx.status} {ctx.duration * 1000:.1f}ms request_id={request_id} "
                 f"provider={ctx.provider or DASH} model={ctx.model or DASH}"
                 f"{'' if replica is None else f' replica={replica}'}{'' if key is None else f' key={key}'}"
                 f"{tokens}{f' retries={retries}' if retries else ''}{ended}")
