@@ -136,6 +136,22 @@ def test_a_failing_sink_is_logged_and_the_others_still_run(logged_errors):
     assert logged_errors.flush(RuntimeError) == 1
 
 
+def test_every_sink_after_a_failing_one_runs_once_in_order(logged_errors):
+    """Sinks that fail one after another, in the middle and last: each is logged, every other runs once, in order."""
+    seen = []
+
+    def broken(ctx):
+        seen.append("broken")
+        raise RuntimeError("sink")
+
+    ctx = RequestContext(b"id", b"GET", b"/v1/models", Clock(),
+                         (lambda c: seen.append(1), broken, broken, lambda c: seen.append(2), broken))
+    ctx.ended(200, client_gone=False)
+    ctx.ended(200, client_gone=False)  # (completes once)
+    assert seen == [1, "broken", "broken", 2, "broken"]
+    assert logged_errors.flush(RuntimeError) == 3
+
+
 def test_usage_is_wanted_only_when_a_sink_reads_it():
     from gomodel.lifecycle import Drain
 
