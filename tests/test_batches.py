@@ -2234,3 +2234,22 @@ async def test_a_process_holds_at_most_max_claimed_batches_and_takes_the_next_as
     for created in (first, second):
         assert (await bench.store.batches.get(created["id"]))["status"] == "completed"
     assert len(bench.provider.sent) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_settled_returns_once_the_look_its_batchs_end_started_took_the_batch_left_for_this_process(bench):
+    """A batch made while its process was busy is left free; the look the busy one's end starts takes it, and
+    L{BatchRunner.settled} of the batch that ended returns only once that look is over: settled() of each batch
+    in turn waits for every one. Before, it returned as the batch ended, before the look: settled() of the next
+    batch found it not held yet and returned at once, and a test read that batch C{validating}."""
+    a = bench.runner()
+    first = await bench.batch(a, 1)
+    line = await bench.provider.wait_sent(1)
+    second = await bench.batch(a, 1)  # A is busy: the batch is left free, for whoever holds least
+    assert a.held == {first["id"]}
+    line.answer.callback(StubResponse(200, ok_body(0)))
+    await a.settled(first["id"])
+    assert a.held == {second["id"]}
+    (await bench.provider.wait_sent(2)).answer.callback(StubResponse(200, ok_body(1)))
+    await a.settled(second["id"])
+    assert (await bench.store.batches.get(second["id"]))["status"] == "completed"

@@ -15,7 +15,7 @@ otherwise the batch waits, unclaimed, for the first process to take it. A
 process looks again as soon as one of its batches ends.
 """
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, DeferredLock
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, DeferredLock, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -51,6 +51,7 @@ class ClaimLoop:
         self._beat = None
         self._scanning = None
         self._again = False  # a look was asked for while one was under way
+        self._quiet = []  # Deferreds fired once no look is under way nor asked for (L{quiet})
         self._claiming = DeferredLock()  # one claim pass at a time: the cap holds
         # A store down fails every renewal of every batch held: one warning a streak, an info line at its end.
         self._renewals = FailureStreak(self, "renewing the batch claims failed", "the batch claims are renewed again")
@@ -123,6 +124,15 @@ class ClaimLoop:
         if self._running:
             self._scan(again=True)
 
+    def quiet(self):
+        """A Deferred firing with None once no look is under way nor asked for (at once when none is): the
+        batches a look was to take are held by then."""
+        if self._scanning is None:
+            return succeed(None)
+        d = Deferred()
+        self._quiet.append(d)
+        return d
+
     def _scan(self, again=False):
         if self._scanning is not None:
             self._again = self._again or again
@@ -138,6 +148,10 @@ class ClaimLoop:
             self._scanning = None
             if self._again and self._running:
                 self._scan()
+            if self._scanning is None:
+                waiting, self._quiet = self._quiet, []
+                for d in waiting:
+                    d.callback(None)
 
         self._scanning.addErrback(failed)
         self._scanning.addBoth(done)

@@ -492,14 +492,16 @@ class BatchRunner(Service):
             job.expiry.cancel()
         if self._jobs.get(job.batch_id) is job:
             del self._jobs[job.batch_id]
-        watchers, job.watchers = job.watchers, []
-        for d in watchers:
-            d.callback(None)
         if self.running and self._resuming is not None and self._resuming.called:
             self._claims.look()  # room for another batch (after the start's resumption: models are known)
+        watchers, job.watchers = job.watchers, []  # (after that look began: L{settled} waits for it too)
+        for d in watchers:
+            d.callback(None)
 
     async def settled(self, batch_id):
-        """Wait until nothing works on C{batch_id} here (after batches were resumed at start)."""
+        """Wait until nothing works on C{batch_id} here (after batches were resumed at start), and no look for
+        free batches is under way (the one a batch's end starts): a batch left free while this runner was busy,
+        which that look takes, is held here when this returns, and its own C{settled} waits for it."""
         if self._resuming is not None and not self._resuming.called:
             resumed = Deferred()
             self._resuming.addBoth(lambda result: (resumed.callback(None), result)[1])
@@ -509,6 +511,7 @@ class BatchRunner(Service):
             d = Deferred()
             job.watchers.append(d)
             await d
+        await self._claims.quiet()
 
     async def _run(self, job):
         batch = await self._batches.get(job.batch_id)
