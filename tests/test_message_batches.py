@@ -3,19 +3,17 @@ front of a fake vLLM (its own Messages API) and an OpenAI-compatible fake (trans
 
 import json
 import sqlite3
-import time
 
 import anthropic
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet.task import deferLater
 
 from gomodel.anthropic.batches import result_line
 from gomodel.store.records import process_owner
 from gomodel.store.sweeps import StoreSweeper
 from tests.fakes.vllm import CHAT_MODEL
-from tests.support import in_thread, start_fake, start_gateway, stop_all, until
+from tests.support import in_thread, start_fake, start_gateway, stop_all
 
 KEY = "message-batches-key"
 NATIVE = f"vllm/{CHAT_MODEL}"
@@ -317,12 +315,11 @@ async def test_a_requests_provider_hint_routes_its_bare_model_as_online(setup):
         assert raised.value.body["error"]["message"].startswith(problem)
 
 
-async def test_a_cancelled_batch_ends_with_its_requests_not_run_canceled(reactor, setup):
+async def test_a_cancelled_batch_ends_with_its_requests_not_run_canceled(setup):
     gw, client, vllm, _ = setup
     made = await in_thread(client.messages.batches.create, requests=[
         request(f"r{i}", fake_hold=True) for i in range(5)])
-    await until(reactor, lambda: sum(vllm.marker_counts.values()) == 2,
-                what="two requests held")  # (2 at a time per provider)
+    await vllm.when_held(2)  # (2 at a time per provider)
     cancelling = await in_thread(client.messages.batches.cancel, made.id)
     assert cancelling.processing_status == "canceling" and cancelling.cancel_initiated_at is not None
     batch = await ended(gw, client, made.id)
@@ -452,21 +449,10 @@ async def queued(reactor, tmp_path):
                                        "GOMODEL_DATA_DIR": str(tmp_path), "BATCH_MAX_CLAIMED": "1"})
     client = anthropic.Anthropic(base_url=gw.url, api_key=KEY, max_retries=0, timeout=10)
     await in_thread(client.messages.batches.create, requests=[request("held", fake_hold=True)])
-    await until(reactor, lambda: sum(vllm.marker_counts.values()) == 1, what="the first batch's request held")
+    await vllm.when_held(1)  # (the first batch's request)
     yield gw, client, vllm
     vllm.release_holds()
     await stop_all(gw, vllm, clients=(client,))
-
-
-async def ended_in_turn(reactor, client, batch_id, limit=10.0):
-    """A batch that waited for its turn (L{queued}) once it ended: the runner starts it when it has room."""
-    deadline = time.monotonic() + limit
-    while True:
-        batch = await in_thread(client.messages.batches.retrieve, batch_id)
-        if batch.processing_status == "ended":
-            return batch
-        assert time.monotonic() < deadline, f"{batch_id} never ended"
-        await deferLater(reactor, 0.01, lambda: None)
 
 
 async def test_a_batch_waiting_for_its_turn_counts_its_requests_processing(queued):
@@ -492,7 +478,7 @@ async def test_a_batch_cancelled_before_it_started_ends_with_each_request_cancel
     assert [r.body["fake_marker"] for r in vllm.requests if r.path == b"/v1/messages"] == ["held"]
 
 
-async def test_a_model_the_key_may_no_longer_use_when_the_batch_starts_is_an_errored_result(reactor, queued):
+async def test_a_model_the_key_may_no_longer_use_when_the_batch_starts_is_an_errored_result(queued):
     """As Anthropic's, a request that cannot run is an errored result: the batch runs the others."""
     gw, client, vllm = queued
     admin = {"authorization": f"Bearer {KEY}"}
@@ -505,8 +491,10 @@ async def test_a_model_the_key_may_no_longer_use_when_the_batch_starts_is_an_err
         changed = await treq.patch(gw.url + f"/admin/api/v1/auth-keys/{key['id']}", headers=admin,
                                    json={"models": ["vllm/another-model"]})
         assert changed.code == 200
+        [first] = gw.service.batch_runner.held  # (the batch whose request the fake holds)
         vllm.release_holds()
-        ended_batch = await ended_in_turn(reactor, team, batch.id)
+        await gw.service.batch_runner.settled(first)  # (the look its end starts takes the batch left waiting)
+        ended_batch = await ended(gw, team, batch.id)
         assert ended_batch.request_counts.model_dump() == {"processing": 0, "succeeded": 0, "errored": 3,
                                                            "canceled": 0, "expired": 0}
         got = await results(team, batch.id)
@@ -697,7 +685,7 @@ async def test_results_are_archived_and_swept_after_message_batch_results_expire
     gw, client, vllm, _ = setup
     made = await in_thread(client.messages.batches.create, requests=[
         request("ok"), request("refused", fake_status=400, fake_body="{}"), request("held", fake_hold=True)])
-    await until(reactor, lambda: "held" in vllm.marker_counts, what="the third request sent")
+    await vllm.when_held(1)  # (the third request sent)
     await in_thread(client.messages.batches.cancel, made.id)
     batch = await ended(gw, client, made.id)
     counts = {"processing": 0, "succeeded": 1, "errored": 1, "canceled": 1, "expired": 0}
