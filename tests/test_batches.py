@@ -1167,7 +1167,8 @@ async def test_a_drain_sends_no_new_line_and_records_the_lines_in_flight_before_
     try:
         created = await start_batch(client, lines)
         runner = first.service.batch_runner
-        await until(reactor, lambda: len(fake.marker_counts) == 2 and runner.semaphore("vllm").tokens == 0)
+        await fake.when_held(2)
+        assert runner.semaphore("vllm").tokens == 0
     finally:
         client.close()
     in_flight = dict(fake.marker_counts)
@@ -1316,7 +1317,7 @@ async def test_killed_gateway_resumes_without_losing_or_repeating_lines(reactor,
             created = await start_batch(client, lines)
         finally:
             client.close()
-        await until(reactor, lambda: sum(fake.marker_counts.get(f"h{i}", 0) for i in range(12, 16)) == 3)
+        await fake.when_held(3)  # (three of the held lines sent: 3 at a time)
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
@@ -2160,11 +2161,7 @@ async def test_a_success_status_whose_body_is_no_json_is_an_error_line_of_status
 
 async def looked(runner):
     """Wait until the runner's look for free batches (started by the clock) is over."""
-    for _ in range(400):
-        if runner._claims._scanning is None:
-            return
-        await deferLater(reactor_(), 0.005, lambda: None)
-    raise AssertionError("the look never ended")
+    await runner._claims.quiet()
 
 
 @pytest_twisted.ensureDeferred
