@@ -396,6 +396,9 @@ def test_token_counts_by_type_in_every_naming():
                            "input_tokens_details": {"cached_tokens": 3}, "completion_tokens_details": {},
                            "output_tokens_details": {"reasoning_tokens": 1}}) == (5, 2, 3, 1)
     assert tokens_by_type({}) == (0, 0, 0, 0)
+    # a naming's own name wins over the other's, present or not a count; the cache's names count in any naming
+    assert tokens_by_type({"prompt_tokens": 0, "input_tokens": 6, "completion_tokens": "x", "output_tokens": 2,
+                           "cache_creation_input_tokens": None, "cache_read_input_tokens": 4}) == (4, 0, 4, 0)
     assert total_tokens(chat) == 38 and total_tokens(anthropic) == 131
     # no count past MAX_COUNT (an upstream's error): such a total is worked out from the counts
     assert tokens_by_type({"prompt_tokens": 10**12, "completion_tokens": 10**12 + 1,
