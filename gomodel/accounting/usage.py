@@ -69,11 +69,14 @@ class UsageLedger(Service):
             if ctx.error in REFUSALS:  # (here, not on the way of a request that was served: it costs those nothing)
                 self.refused(ctx)
             return
+        # (every argument by position: a call with *args or keywords builds a tuple and a dict, and CPython 3.11 runs
+        # it in a new C-level frame, some 3,700 instructions more)
+        auth_key_id, user_path = recorded_as(ctx.principal)
         self.keep(ctx.request_id.decode("ascii"), ctx.started, ctx.provider_type, ctx.provider, ctx.replica,
                   f"{ctx.provider}/{ctx.upstream_model}" if ctx.upstream_model else None, ctx.endpoint, ctx.status,
                   ctx.stream or ctx.asked_stream, ctx.usage, _ms(ctx.duration),
                   None if ctx.first_byte is None or not ctx.stream else _ms(ctx.first_byte), ctx.client_gone,
-                  ctx.estimated, *recorded_as(ctx.principal), tokens=ctx.token_counts, outcome=ctx.outcome)
+                  ctx.estimated, auth_key_id, user_path, ctx.token_counts, ctx.outcome)
 
     def refused(self, ctx):
         """Keep the record of a request the gateway's limits, budgets or busy replicas refused with a 429
