@@ -124,6 +124,26 @@ def test_context_completes_only_when_ended_and_released():
     assert done == [ctx] and ctx.status == 200
 
 
+def test_the_sinks_read_the_token_counts_worked_out_once_as_it_completes():
+    """Its usage's counts by type are there for every sink (the usage ledger, the metrics) when it completes;
+    None without usage."""
+    from gomodel.accounting.tokens import tokens_by_type
+
+    seen = []
+
+    def sink(ctx):
+        seen.append(ctx.token_counts)
+
+    ctx = RequestContext(b"id", b"POST", b"/v1/chat/completions", Clock(), (sink, sink))
+    usage = ctx.usage = {"prompt_tokens": 4, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 3}}
+    assert ctx.token_counts is None  # not before it completes
+    ctx.ended(200, client_gone=False)
+    assert seen == [tokens_by_type(usage)] * 2 == [(4, 2, 3, 0)] * 2 and seen[0] is seen[1]
+    bare = RequestContext(b"id", b"GET", b"/v1/models", Clock(), (sink,))
+    bare.ended(200, client_gone=False)
+    assert seen[2:] == [None]
+
+
 def test_a_failing_sink_is_logged_and_the_others_still_run(logged_errors):
     seen = []
 
