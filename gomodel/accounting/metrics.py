@@ -164,7 +164,13 @@ class GatewayMetrics:
             pending.ttft_sum += ctx.first_byte
         usage = ctx.usage
         if usage:
-            pending.tokens = list(map(add, pending.tokens, ctx.token_counts))
+            # (added in place, one by one: list(map(add, ...)) is fewer bytecodes, some 2,000 instructions more)
+            counts = ctx.token_counts
+            tokens = pending.tokens
+            tokens[0] += counts[0]
+            tokens[1] += counts[1]
+            tokens[2] += counts[2]
+            tokens[3] += counts[3]
             if "seconds" in usage:  # (a transcription billed in seconds: no tokens)
                 pending.seconds += audio_seconds(usage) or 0.0
         error = ctx.error
