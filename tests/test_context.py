@@ -178,3 +178,20 @@ def test_usage_is_wanted_only_when_a_sink_reads_it():
     counting = Drain(Clock(), [], 1.0)
     assert RequestContext(b"id", b"GET", b"/", Clock(), (counting,)).recorded is False
     assert RequestContext(b"id", b"GET", b"/", Clock(), (counting, lambda ctx: None)).recorded is True
+
+
+def test_the_front_calls_a_sink_instance_through_its_bound_call_and_reads_its_own_attributes():
+    """A sink whose class defines C{__call__} is called through it, bound (no slower call of the instance); whether
+    usage is wanted is still read off the sinks themselves (the drain's C{reads_usage = False})."""
+    from gomodel.http.front import FrontResource, called
+    from gomodel.lifecycle import Drain
+
+    def seen(ctx):
+        pass
+
+    counting = Drain(Clock(), [], 1.0)
+    assert called(counting) == counting.__call__ and called(seen) is seen
+    front = FrontResource(None, Clock(), sinks=(counting,))
+    assert front._sinks == (counting.__call__,) and front._recorded is False
+    front = FrontResource(None, Clock(), sinks=(counting, seen), bare_sinks=(seen,))
+    assert front._recorded is True and front._bare_sinks == (seen,)

@@ -10,6 +10,7 @@ response is over.
 """
 
 from functools import partial
+from types import FunctionType
 
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -56,9 +57,10 @@ class FrontResource(Resource):
         super().__init__()
         self._routes = routes
         self._clock = clock
-        self._sinks = tuple(sinks)
-        self._bare_sinks = self._sinks if bare_sinks is None else tuple(bare_sinks)
-        self._recorded = reads_usage(self._sinks)
+        sinks = tuple(sinks)
+        self._recorded = reads_usage(sinks)  # (of the sinks themselves: a bound __call__ has not their attributes)
+        self._sinks = tuple(map(called, sinks))
+        self._bare_sinks = self._sinks if bare_sinks is None else tuple(map(called, bare_sinks))
         self._starts = tuple(starts)
         self._exact = exact or {}
         self._pages = pages or {}
@@ -199,3 +201,12 @@ def write_answer(body, request):
     request.finish()
     send_now(transport)
     return None
+
+
+def called(sink):
+    """What calls C{sink}: its class's C{__call__} bound to it where that is a Python function (the access log,
+    the metrics, the usage ledger, the drain), else C{sink} itself. A call of an instance whose class defines
+    C{__call__} is not specialised in CPython 3.11 (it goes through C, into a new frame of the interpreter): about
+    650 instructions more per sink and request than a call of its bound method."""
+    call = getattr(sink.__class__, "__call__", None)
+    return sink.__call__ if call.__class__ is FunctionType else sink
