@@ -195,3 +195,12 @@ def test_the_front_calls_a_sink_instance_through_its_bound_call_and_reads_its_ow
     assert front._sinks == (counting.__call__,) and front._recorded is False
     front = FrontResource(None, Clock(), sinks=(counting, seen), bare_sinks=(seen,))
     assert front._recorded is True and front._bare_sinks == (seen,)
+
+
+def test_the_site_calls_the_key_check_through_its_bound_call():
+    from gomodel.auth.keys import GatewayAuth
+    from gomodel.http.site import GatewaySite
+
+    auth = GatewayAuth("mk", None)
+    site = GatewaySite(None, None, authenticate=auth)
+    assert site.requestFactory.authenticate == auth.__call__

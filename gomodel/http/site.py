@@ -22,6 +22,7 @@ from gomodel import _twistedcompat
 from gomodel.errors import GatewayError, InternalError, MethodNotAllowed
 from gomodel.http import render
 from gomodel.http.channel import GatewayChannel
+from gomodel.http.context import called
 from gomodel.http.headers import (CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, DATE, SERVER, TRANSFER_ENCODING,
                                    X_REQUEST_ID, AnswerHeaders)
 from gomodel.ids import random_hex_bytes
@@ -455,7 +456,7 @@ class GatewaySite(server.Site):
         request_class = type("GatewayRequest", (GatewayRequest,), {
             "body_limit": body_limit,
             "audio_limit": None if audio_limit is None else (audio_limit, "AUDIO_BODY_SIZE_LIMIT"),
-            "authenticate": staticmethod(authenticate) if authenticate else None,
+            "authenticate": staticmethod(called(authenticate)) if authenticate else None,  # (a bound __call__)
             "upload_sink": staticmethod(upload_sink) if upload_sink else None,
             "site_logs": type(self).log is not GatewaySite.log})
         kwargs["timeout"] = None  # no timer per connection: sweep_idle
