@@ -168,6 +168,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
                                        native_responses=native)
     responses = ResponsesRoute(exchange, reactor, gateway.registry, store.responses, salts, gateway.gate,
                                gateway.usage, store.background, owner, gateway.keys, native)
+    gateway.background_watch = responses.watch
     users = [gateway.keys, gateway.gate]
     users += [gateway.usage] if gateway.usage is not None else []
     users += [StoreSweeper(store.files, store.blobs, store.claims, reactor, owner, batches=store.batches),

@@ -18,6 +18,7 @@ class GatewayService(MultiService):
     @ivar telemetry: the L{gomodel.accounting.tracing.Telemetry} when
         C{OTEL_ENABLED}, else None.
     @ivar pins: the L{gomodel.routing.pins.SharedPins} when C{REDIS_URL} is set, else None.
+    @ivar background_watch: the L{gomodel.api.background.BackgroundWatch} of this process's background responses.
     """
 
     log = Logger()
@@ -28,6 +29,7 @@ class GatewayService(MultiService):
         self.reactor = reactor
         self.registry = self.monitor = self.store = self.batch_runner = self.site = self.metrics = None
         self.drain = self.supervisor = self.usage = self.keys = self.telemetry = self.pins = None
+        self.background_watch = None
         self.listeners = []
         self.stdout_log = False  # twistd writes its log to standard output (see L{setServiceParent})
         self.twistd_log = None  # makes the observer twistd would log to, for LOG_LEVEL to filter (or None)

@@ -18,6 +18,8 @@ them as their creator did and charging whom the creator would have. A watch foun
 process that takes it out of the store: once, whichever process finds it over first.
 """
 
+from collections import deque
+
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall
@@ -36,6 +38,7 @@ WATCH_DELAYS = (1.0, 2.0, 5.0)  # seconds before each ask: the first ones, then 
 WATCH_LIMIT = 86400.0  # a response still not over after this long is no longer watched (nor charged): stored failed
 LEASE = 60.0  # seconds a process's watches stay its own without being renewed
 RENEW = 20.0  # seconds between renewals of this process's watches (and adoptions of lapsed ones)
+CHARGED_KEPT = 64  # the last responses charged here that L{BackgroundWatch.charged} still knows of
 
 
 class BackgroundWatch(Service):
@@ -68,6 +71,8 @@ class BackgroundWatch(Service):
         self._owner = owner
         self._keys = keys
         self._watched = {}  # response id -> _Watched
+        self._charged = deque(maxlen=CHARGED_KEPT)  # the ids of the last responses charged here
+        self._waiting = {}  # response id -> the Deferreds of L{charged} waiting for its charge
         self._loop = None
         self._streak = FailureStreak(self, "keeping the background responses' watches failed",
                                      "the background responses' watches are kept in the store again")
@@ -152,7 +157,24 @@ class BackgroundWatch(Service):
             self._watched[response_id] = watched
             self._again(None, response_id, watched)
 
+    def charged(self, response_id):
+        """A Deferred firing (with None) once this process charged C{response_id}'s usage and recorded it in the
+        ledger (its budgets' charge done), at once if it did lately: what a test waits for, not a clock."""
+        if response_id in self._charged:
+            return succeed(None)
+        waiting = self._waiting.setdefault(response_id, [])
+
+        def cancelled(d):
+            waiting.remove(d)
+            if not waiting and self._waiting.get(response_id) is waiting:
+                del self._waiting[response_id]
+
+        d = Deferred(cancelled)
+        waiting.append(d)
+        return d
+
     def _charge(self, watched, record, response):
+        """Record C{record}'s response, over, in the ledger and charge its key's budgets; then fire L{charged}."""
         usage = response.get("usage")
         if usage.__class__ is not dict:
             usage = None
@@ -169,8 +191,18 @@ class BackgroundWatch(Service):
         if self.tokens_counted is not None:
             self.tokens_counted(provider_type, record["provider"], qualified, usage, watched.principal,
                                 "/v1/responses")
+        charging = None
         if self._gate is not None and watched.principal is not None:
-            self._gate.charge(watched.principal, qualified, usage)
+            charging = self._gate.charge(watched.principal, qualified, usage)
+        if charging is None:
+            self._was_charged(None, record["id"])
+        else:
+            charging.addCallback(self._was_charged, record["id"])
+
+    def _was_charged(self, _, response_id):
+        self._charged.append(response_id)
+        for d in self._waiting.pop(response_id, ()):
+            d.callback(None)
 
     def startService(self):
         super().startService()

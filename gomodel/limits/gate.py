@@ -485,9 +485,11 @@ class Gate(Periodic):
 
         @param reservation: what the line reserved (L{reserve_line}), or None: settled with the usage (given
             back without any) in the periods of now, as the usage ledger dates a line (at its end).
+        @return: a Deferred firing once the budgets are charged (never failing: a failure is logged), or None
+            where it was done at once or there was nothing to charge.
         """
         if reservation is None and (self._book is None or principal is None or not principal.limited):
-            return
+            return None
         used, seconds = (total_tokens(usage), audio_seconds(usage)) if usage else (0, None)
         cost = None
         if (used or seconds) and self._pricing and model:
@@ -496,18 +498,22 @@ class Gate(Periodic):
             settling = self._book.settle(reservation, used, cost, self._limiter.clock.seconds())
             if settling is not None:
                 settling.addErrback(self._failed, "settling a batch line's budget reservation")
-        elif used or seconds:
-            self._record(principal, used, cost)
+            return settling
+        if used or seconds:
+            return self._record(principal, used, cost)
+        return None
 
     def _record(self, principal, used, cost, scopes=None, at=None):
         """Charge C{used} tokens and C{cost} to C{scopes} (None: C{principal}'s budgets as they are now), in
-        their periods at C{at} (None: now)."""
+        their periods at C{at} (None: now); a Deferred firing once done (never failing), or None."""
         if scopes is None:
             scopes = self.budget_scopes(principal)
         if scopes:
             recording = self._book.record(scopes, used, cost, at)
             if recording is not None:
                 recording.addErrback(self._failed, "charging a budget")
+            return recording
+        return None
 
     async def check_budgets(self, principal):
         """Refuse when a budget of C{principal} is spent (a batch about to be made).
