@@ -782,18 +782,13 @@ async def test_a_background_response_is_charged_when_it_is_read_finished(http, g
         client.close()
 
 
-async def _logged(reactor, http, gw, tokens, limit=10.0):
-    """The usage log's total tokens, sorted, once they are C{tokens} (or after C{limit} seconds)."""
-    from twisted.internet.task import deferLater
-
-    deadline = time.monotonic() + limit
-    while True:
-        await gw.service.usage.flush()
-        code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log")
-        found = sorted(r["total_tokens"] or 0 for r in log["data"])
-        if found == tokens or time.monotonic() > deadline:
-            return found
-        await deferLater(reactor, 0.1, lambda: None)
+async def _logged(reactor, http, gw, response_id):
+    """The usage log's total tokens, sorted, once C{gw} charged the background response C{response_id} (its
+    watch's hook, L{gomodel.api.background.BackgroundWatch.charged}: no clock; fails after a minute without)."""
+    await with_timeout(reactor, gw.service.background_watch.charged(response_id), 60)
+    await gw.service.usage.flush()
+    code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log")
+    return sorted(r["total_tokens"] or 0 for r in log["data"])
 
 
 @pytest.mark.utc_day
@@ -803,7 +798,7 @@ async def test_a_background_response_nobody_reads_is_charged_once_it_is_over(rea
     that never read its background responses spent nothing)."""
     key, client, created = await _done_in_background(http, gw, fake)
     try:
-        assert await _logged(reactor, http, gw, [0, 22]) == [0, 22]
+        assert await _logged(reactor, http, gw, created.id) == [0, 22]
         asked = [r for r in fake.requests if r.path == f"/v1/responses/{created.id}".encode()]
         await gw.service.usage.flush()
         code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log")
@@ -832,7 +827,7 @@ async def test_a_background_response_that_failed_or_was_cancelled_is_recorded_so
     key, client, created = await _done_in_background(http, gw, fake)
     fake.stored_responses[created.id].update(status=status, usage=usage)
     try:
-        assert await _logged(reactor, http, gw, [0, recorded[1]]) == [0, recorded[1]]
+        assert await _logged(reactor, http, gw, created.id) == [0, recorded[1]]
         code, log = await admin(http, gw, "GET", "/admin/api/v1/usage/log")
         assert sorted((r["status_code"], r["total_tokens"] or 0) for r in log["data"]) == [(200, 0), recorded]
     finally:
@@ -847,7 +842,7 @@ async def _charged_by_the_next_process(reactor, http, fake, tmp_path, created, k
                                                                          "total_tokens": 22})
     two = await start(reactor, fake, tmp_path)
     try:
-        assert await _logged(reactor, http, two, [0, 22]) == [0, 22]
+        assert await _logged(reactor, http, two, created.id) == [0, 22]
         code, log = await admin(http, two, "GET", "/admin/api/v1/usage/log")
         charged = [r for r in log["data"] if r["total_tokens"]]
         assert [(r["request_id"], r["auth_key_id"]) for r in charged] == [(created._request_id, key["id"])]
@@ -916,7 +911,7 @@ async def test_a_background_response_read_by_the_master_key_is_charged_to_the_ke
     master = openai_client(gw, MASTER)
     try:
         assert (await in_thread(master.responses.retrieve, created.id)).status == "completed"
-        assert await _logged(reactor, http, gw, [0, 22]) == [0, 22]
+        assert await _logged(reactor, http, gw, created.id) == [0, 22]
         with pytest.raises(openai.RateLimitError) as refused:
             await in_thread(raw_chat, client)
         assert refused.value.code == "budget_exceeded"
@@ -960,7 +955,7 @@ async def test_reads_of_a_background_response_at_once_charge_it_once(reactor, ht
             assert response.code == 200 and (await response.json())["status"] == "completed"
         assert len([r for r in fake.requests if r.path == f"/v1/responses/{created.id}".encode()]) == 1
         # (the create, the read that found it: its record comes once the charge is done, after the answers)
-        assert await _logged(reactor, http, gw, [0, 22]) == [0, 22]
+        assert await _logged(reactor, http, gw, created.id) == [0, 22]
     finally:
         client.close()
 
@@ -1192,7 +1187,7 @@ async def test_a_background_response_deleted_while_it_runs_is_charged_once_it_is
     key, client, created = await _done_in_background(http, gw, fake)
     try:
         assert (await in_thread(client.responses.delete, created.id)) is None
-        assert await _logged(reactor, http, gw, [0, 22]) == [0, 22]
+        assert await _logged(reactor, http, gw, created.id) == [0, 22]
         with pytest.raises(openai.RateLimitError) as refused:
             await in_thread(raw_chat, client)
         assert refused.value.code == "budget_exceeded"
@@ -1940,9 +1935,9 @@ async def test_a_streamed_background_response_whose_client_leaves_is_charged_onc
         assert reserved - 1500 < used <= reserved + 10
         fake.stored_responses[created].update(status="completed", usage={"input_tokens": 19, "output_tokens": 3,
                                                                          "total_tokens": 22})
-        assert await _logged(reactor, http, gw, [0, 22]) == [0, 22]
+        assert await _logged(reactor, http, gw, created) == [0, 22]
         await deferLater(reactor, 0.5, lambda: None)  # (nothing more comes)
-        assert await _logged(reactor, http, gw, [0, 22], limit=0) == [0, 22]
+        assert await _logged(reactor, http, gw, created) == [0, 22]
         code, view = await admin(http, gw, "GET", f"{KEYS}/{key['id']}")
         assert view["budgets"][0]["spent_tokens"] == 22
     finally:
@@ -1979,7 +1974,7 @@ async def test_a_streamed_background_response_whose_client_leaves_before_its_fir
         assert (await in_thread(client.responses.retrieve, response_id)).status == "queued"
         fake.stored_responses[response_id].update(status="completed", usage={"input_tokens": 19, "output_tokens": 3,
                                                                              "total_tokens": 22})
-        assert await _logged(reactor, http, gw, [0, 22]) == [0, 22]
+        assert await _logged(reactor, http, gw, response_id) == [0, 22]
         assert (await in_thread(client.responses.retrieve, response_id)).status == "completed"
         code, view = await admin(http, gw, "GET", f"{KEYS}/{key['id']}")
         assert view["budgets"][0]["spent_tokens"] == 22
@@ -2011,7 +2006,7 @@ async def test_a_streamed_background_response_its_instance_dropped_when_its_clie
         [response_id] = list(fake.stored_responses)
         del fake.stored_responses[response_id]  # (its instance dropped it with its stream)
         fake.hung.clear()
-        assert await _logged(reactor, http, gw, [0, 0]) == [0, 0]  # (the create's, then its watch's)
+        assert await _logged(reactor, http, gw, response_id) == [0, 0]  # (the create's, then its watch's)
         got = await in_thread(client.responses.retrieve, response_id)
         assert (got.status, got.error.code) == ("failed", "server_error")
         assert response_id in got.error.message and "before its first event" in got.error.message
