@@ -59,7 +59,7 @@ PROBES = (b"/health", b"/health/ready")
 
 
 def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_env=None,
-                  shared_metrics=False, worker_logs=None) -> GatewayService:
+                  shared_metrics=False, worker_logs=None, timeouts_clock=None) -> GatewayService:
     """The whole gateway for C{config}, not started.
 
     @param role: C{"single"} (one process), C{"primary"} (listens, deals its
@@ -72,6 +72,8 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     @param worker_logs: a primary's log publisher, which its workers' log events are published in
         (their C{worker_argv} has them write those for it: L{gomodel.workers.WorkerLog}); or None: the
         workers write to its standard output.
+    @param timeouts_clock: the clock the upstreams' timeouts run on (L{Timers}): the reactor (None), or a test's
+        L{twisted.internet.task.Clock}, which it advances to time one out.
     """
     gateway = GatewayService(config, reactor)
     if config.metrics.otel_enabled:  # OpenTelemetry (its SDK imported only now): started before the listeners
@@ -82,7 +84,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
 
     # Upstreams: one pool (closed last), the relay client (relayed requests and our own calls), and
     # the timer their timeouts share.
-    timers = Timers(reactor)
+    timers = Timers(reactor if timeouts_clock is None else timeouts_clock)
     timers.setServiceParent(gateway)
     pool = make_pool(reactor, config.upstreams.pool_max_per_host, config.upstreams.pool_idle_timeout)
     PoolService(pool).setServiceParent(gateway)

@@ -48,16 +48,17 @@ class Gateway:
         return self.service.registry
 
 
-async def start_gateway(reactor, env, yaml_path=None, wait_ready=True) -> Gateway:
+async def start_gateway(reactor, env, yaml_path=None, wait_ready=True, timeouts_clock=None) -> Gateway:
     """Build the gateway from C{env} exactly as twistd would, listening on a free port.
 
     Without C{GOMODEL_DATA_DIR} in C{env} its files and batches live in a new
-    temporary directory (never in ./data).
+    temporary directory (never in ./data). C{timeouts_clock}: the upstreams' timeouts' clock (a
+    L{twisted.internet.task.Clock} the test advances), or None: the reactor.
     """
     if "GOMODEL_DATA_DIR" not in env:
         env = dict(env, GOMODEL_DATA_DIR=_scratch_data_dir())
     config = load_config(env, yaml_path, [LISTEN])
-    service = build_gateway(config, reactor)
+    service = build_gateway(config, reactor, timeouts_clock=timeouts_clock)
     service.startService()
     port = await service.listeners[0].whenListening()
     gateway = Gateway(service, port.getHost().port)
