@@ -513,12 +513,11 @@ class Exchange:
                     await recalling
             while True:
                 prefer = call.prefer if number == 0 else None
-                replica = None if call.pin is not None else pool.take(model, exclude=tried, prefer=prefer,
-                                                                      affinity=call.affinity, size=size)
+                # (by position: model, exclude, [pin,] prefer, affinity, size; a keyword call is slower in CPython 3.11)
+                replica = None if call.pin is not None else pool.take(model, tried, prefer, call.affinity, size)
                 try:
                     if replica is None:  # pinned, or nothing free now: wait, or learn why not
-                        replica = await pool.acquire(model, exclude=tried, pin=call.pin, affinity=call.affinity,
-                                                     prefer=prefer, size=size)
+                        replica = await pool.acquire(model, tried, call.pin, prefer, call.affinity, size)
                 except (NoReadyReplica, ReplicasBusy, ModelNotFound) as e:  # (the last: its replicas dropped it)
                     if more:
                         self.failed_over(pool, "target", e.code, None, ctx)  # this target cannot take it now: the next
