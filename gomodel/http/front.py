@@ -80,8 +80,8 @@ class FrontResource(Resource):
         principal = request.identity
         ctx = request.context = RequestContext(
             request_id, request.method, request.path, self._clock,
-            self._sinks if principal is not None and principal.limited else self._bare_sinks, principal=principal,
-            dialect=self._dialects.get(request.path, render.OPENAI), recorded=self._recorded)
+            self._sinks if principal is not None and principal.limited else self._bare_sinks, principal,
+            self._dialects.get(request.path, render.OPENAI), self._recorded)  # (principal, dialect, recorded)
         if ctx.dialect is render.ANTHROPIC:
             request.responseHeaders.put(REQUEST_ID, request_id)
         for start in self._starts:
