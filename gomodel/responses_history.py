@@ -58,7 +58,8 @@ _PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco
 
 # What an input items' list shows only where its C{include} names it (OpenAI's): (that value, the item's type, the
 # item's field holding it, or None: the item itself; the type of the content parts of that field holding it, or
-# None: the field's object itself; the field dropped otherwise, where it holds something). An image's data URL is not sent with every page.
+# None: the field's object itself; the field dropped otherwise, where it holds something). An image's data URL is
+# not sent with every page.
 _INCLUDED = (
     ("message.input_image.image_url", "message", "content", "input_image", "image_url"),
     ("message.output_text.logprobs", "message", "content", "output_text", "logprobs"),

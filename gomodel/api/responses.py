@@ -29,9 +29,9 @@ from gomodel.http.render import RESPONSES
 from gomodel.ids import new_id
 from gomodel.proxy.exchange import UpstreamCall, fails_over
 from gomodel.proxy.sse import ResponsesStreamObserver, SSEFramer, event_object
-from gomodel.responses_history import (as_listed, as_retrieved, continued, cut_short, error_hidden, error_shown, no_chosen_id,
-                                      normalise_input, relink, swept_for, unknown_previous, unknown_response,
-                                      with_history, with_references)
+from gomodel.responses_history import (as_listed, as_retrieved, continued, cut_short, error_hidden, error_shown,
+                                      no_chosen_id, normalise_input, relink, swept_for, unknown_previous,
+                                      unknown_response, with_history, with_references)
 from gomodel.responses_partial import PartialStream
 from gomodel.routing.affinity import affinity_key
 from gomodel.translate.call_ids import SHORT_ID_TYPES, fit_call_ids

@@ -202,4 +202,3 @@ def write_answer(body, request):
     request.finish()
     send_now(transport)
     return None
-
