@@ -439,38 +439,40 @@ def _relocated(server, here, prefix, location):
     return None
 
 
-def _models_shown(body: bytes, upstream) -> bytes:
-    """C{body}, a provider's model list (C{models}), with each model's C{root} (vLLM's: where its weights or a LoRA
-    adapter lie on its host) its C{id}, as on C{/v1/models}; then as L{answer_shown}."""
+def _json_shown(body: bytes, upstream, cut) -> bytes:
+    """C{body}, a JSON answer, as C{cut} leaves its value (C{cut(value)}: whether it took something out of it, in
+    place), then as L{answer_shown}; one that is no JSON, or that C{cut} left whole, as it came."""
     try:
-        listing = jsonutil.loads(body)
+        value = jsonutil.loads(body)
     except jsonutil.JSONError:
         return answer_shown(body, upstream)
+    return answer_shown(jsonutil.dumps(value) if cut(value) else body, upstream)
+
+
+def _rooted(listing) -> bool:
+    """A provider's model list (C{models}) with each model's C{root} (vLLM's: where its weights or a LoRA adapter
+    lie on its host) its C{id}, as on C{/v1/models}; whether it had any."""
     models = listing.get("data") if listing.__class__ is dict else None
     rooted = [m for m in models if m.__class__ is dict and "root" in m] if models.__class__ is list else ()
     for model in rooted:
         model["root"] = model.get("id")
-    return answer_shown(jsonutil.dumps(listing) if rooted else body, upstream)
+    return bool(rooted)
 
 
-def _tokenizer_shown(body: bytes, upstream) -> bytes:
-    """C{body}, vLLM's C{tokenizer_info} (its tokenizer's C{init_kwargs}), without what names the tokenizer's files
-    on its host: C{name_or_path} (where it was loaded from, the weights' directory) and each C{..._file}
-    (C{tokenizer_file}, C{special_tokens_map_file}, ...); then as L{answer_shown}."""
-    try:
-        info = jsonutil.loads(body)
-    except jsonutil.JSONError:
-        return answer_shown(body, upstream)
+def _without_files(info) -> bool:
+    """vLLM's C{tokenizer_info} (its tokenizer's C{init_kwargs}) without what names the tokenizer's files on its
+    host: C{name_or_path} (where it was loaded from, the weights' directory) and each C{..._file}
+    (C{tokenizer_file}, C{special_tokens_map_file}, ...); whether it had any."""
     if info.__class__ is not dict:
-        return answer_shown(body, upstream)
+        return False
     files = [name for name in info if name == "name_or_path" or name.endswith("_file")]
     for name in files:
         del info[name]
-    return answer_shown(jsonutil.dumps(info) if files else body, upstream)
+    return bool(files)
 
 
 # A route's own L{UpstreamCall.shown} (what names the upstream's files), the others' L{answer_shown}.
-_SHOWN = {"models": _models_shown, "tokenizer_info": _tokenizer_shown}
+_SHOWN = {"models": partial(_json_shown, cut=_rooted), "tokenizer_info": partial(_json_shown, cut=_without_files)}
 
 
 def _stream_end(route):
