@@ -37,8 +37,8 @@ from gomodel.routing.affinity import affinity_key
 from gomodel.translate.call_ids import SHORT_ID_TYPES, fit_call_ids
 from gomodel.translate.openai_body import OPENAI_TYPES, for_openai
 from gomodel.translate.responses_chat import (ChatToResponsesStream, NativeResponses, chat_to_response,
-                                              checked_include, kept_nowhere, no_native_route, request_to_chat,
-                                              response_object, truncated)
+                                              checked_include, native_kept_nowhere, no_native_route,
+                                              request_to_chat, response_object, truncated)
 from gomodel.translate.whole_response import response_events
 from gomodel.upstream.client import discard
 from gomodel.upstream.errors import upstream_error, without_address
@@ -154,9 +154,7 @@ class ResponsesRoute:
         affinity = affinity_key(request, body) if provider.keeps_sessions else None
         turn = _Turn(self, ctx, body, provider, previous)
         if self._native_responses.native(provider.name):
-            # (vLLM's request has no conversation, which it ignores, and it refuses a prompt)
-            if provider.type == "vllm" and ("conversation" in body or "prompt" in body):
-                kept_nowhere(body, "vLLM's Responses API does not hold")
+            native_kept_nowhere(provider.type, body)
             try:
                 # (vLLM keeps a response in the memory of the instance that made it, with the turns before it:
                 # a conversation one of whose turns was deleted goes on from the turns after it, as translated)

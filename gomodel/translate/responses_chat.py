@@ -92,6 +92,16 @@ def kept_nowhere(body: dict, why: str):
                                  code="unsupported_value")
 
 
+def native_kept_nowhere(provider_type: str, body: dict):
+    """Refuse (L{kept_nowhere}) a Responses request C{body} for a provider of C{provider_type} whose own Responses
+    API holds none of what it names: vLLM's request has no conversation (it ignores one) and refuses a prompt.
+
+    @raise InvalidRequest: a 400 C{unsupported_value} naming the field.
+    """
+    if provider_type == "vllm" and ("conversation" in body or "prompt" in body):
+        kept_nowhere(body, "vLLM's Responses API does not hold")
+
+
 def request_to_chat(body: dict, bound: str = "max_tokens") -> dict:
     """The chat-completions body for a Responses request C{body} (model already rewritten), its
     C{max_output_tokens} as C{bound} (C{max_completion_tokens} for a provider whose reasoning models refuse
