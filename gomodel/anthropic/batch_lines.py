@@ -5,8 +5,8 @@ from functools import partial
 from gomodel.anthropic.file_sources import walk_blocks
 from gomodel.anthropic.translate import (chat_to_message_bytes, check_sampling,
                                          check_tool_choice_and_metadata, checked_messages, messages_to_chat,
-                                         native_message_bytes, omits_thinking, passed_fields, refuse_server_side,
-                                         unsent_stops, vllm_fields, with_output_format, with_tool_errors)
+                                         native_body, native_message_bytes, omits_thinking, passed_fields,
+                                         refuse_server_side, unsent_stops, vllm_fields)
 from gomodel.api.messages import chat_for, translates
 from gomodel.translate.call_ids import long_names
 
@@ -57,9 +57,7 @@ class MessagesLines:
         fallbacks = [r for r in fallbacks
                      if self._messages.native_for(r, prioritised=prioritised, translating=translating) == native]
         if native:
-            sent = with_tool_errors(payload, errored) if errored else payload  # (vLLM drops is_error, as online)
-            if "output_format" in sent:  # (vLLM reads only output_config.format, as online)
-                sent = with_output_format(sent)
+            sent = native_body(payload, errored)  # (as online)
 
             def rebody(model, provider):
                 return body_for(principal, sent, model, provider)

@@ -769,6 +769,14 @@ def with_tool_errors(body: dict, errored: list) -> dict:
     return dict(body, messages=messages)
 
 
+def native_body(body: dict, errored: list) -> dict:
+    """The Messages request C{body} as a native vLLM Messages API is sent it (a create, online or a batch line):
+    its tool results at C{errored} saying they failed (L{with_tool_errors}), its older C{output_format} as
+    C{output_config.format} (L{with_output_format}); C{body} itself is left as it was."""
+    sent = with_tool_errors(body, errored) if errored else body
+    return with_output_format(sent) if "output_format" in sent else sent
+
+
 def with_output_format(body: dict) -> dict:
     """The Messages request C{body} as vLLM's Messages API reads its structured output: the older top-level
     C{output_format} (the structured outputs beta's, which vLLM 0.32 drops unread) as C{output_config.format},

@@ -53,10 +53,9 @@ from gomodel.anthropic.translate import (ANTHROPIC_ERROR_TYPES, ChatToMessagesSt
                                          check_sampling, check_tool_choice_and_metadata,
                                          checked_max_tokens, checked_messages, count_tokens_answer,
                                          count_tokens_request, is_anthropic_error, message_events_bytes,
-                                         messages_to_chat, native_message_bytes, omits_thinking,
+                                         messages_to_chat, native_body, native_message_bytes, omits_thinking,
                                          openai_error_to_anthropic, passed_fields, refuse_server_side, unsent_stops,
-                                         vllm_fields, with_output_format, with_tool_errors,
-                                         without_vllm_fields)
+                                         vllm_fields, with_tool_errors, without_vllm_fields)
 from gomodel.api.inference import plan_model, rebody, retargeted, target, unsaturated, vet_priority
 from gomodel.config.catalog import PROVIDER_TYPES
 from gomodel.http import render
@@ -221,10 +220,9 @@ class MessagesRoutes:
                     observer = MessagesStreamObserver(lambda message: self._without_address(ctx, message),
                                                       omit_thinking=omit, keepalive=self._keepalive) if stream else None
                     whole = message_events_bytes if stream else native_message_bytes
-                    # (vLLM drops a tool_result's is_error: the failure said in its text, as translated)
-                    sent = with_tool_errors(body, errored) if errored else body
-                    if "output_format" in sent:  # (vLLM reads only output_config.format)
-                        sent = with_output_format(sent)
+                    # (vLLM drops a tool_result's is_error, said in its text as translated; reads only
+                    # output_config.format)
+                    sent = native_body(body, errored)
                     return await self._native(request, ctx, upstream, "/messages", sent, fallbacks, affinity,
                                               headers, observer, partial(whole, omit_thinking=True) if omit else whole)
                 return await self._translated(request, ctx, upstream, body, fallbacks, affinity, omit)
