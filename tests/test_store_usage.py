@@ -10,7 +10,7 @@ from gomodel.store.codec import OUTCOME
 from gomodel.store.interfaces import IUsageStore
 from gomodel.store.records import USAGE_FIELDS
 from tests.postgres import pg_database  # noqa: F401 (a fixture)
-from tests.stores import backend, store  # noqa: F401 (fixtures)
+from tests.stores import backend, sqlite_store, store  # noqa: F401 (fixtures)
 
 
 ERROR_SPLIT = ("errors", "client_errors", "server_errors", "client_gone", "stream_broken")
@@ -105,6 +105,54 @@ async def test_usage_is_totalled_grouped_logged_and_spent(store):
         tuple(await usage.spent(scope, since)) for scope, since in pairs]  # (one read: the keys by their since)
     assert await usage.delete_before(86550) == 2
     assert (await usage.summary(0, 1e9))["requests"] == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_a_scope_spent_counts_the_rows_written_after_an_earlier_read_of_it(store):
+    """A budget's sum is read again every second (BudgetBook.follow): the rows written since count, a late one
+    (a timestamp before rows read already) too, and the rows before its since or of another scope do not."""
+    usage = store.usage
+    await usage.add([row("a1", 1000.0, auth_key_id="k_1", user_path="/t", total_tokens=10, total_cost=0.5),
+                     row("a0", 10.0, auth_key_id="k_1", user_path="/t", total_tokens=100)])
+    assert await usage.spent("key:k_1", 500) == (10, 0.5)
+    assert await usage.spent("path:/t", 500) == (10, 0.5)
+    await usage.add([row("a2", 2000.0, auth_key_id="k_1", user_path="/t/x", total_tokens=20),
+                     row("late", 900.0, auth_key_id="k_1", total_tokens=5, total_cost=0.25),
+                     row("early", 400.0, auth_key_id="k_1", total_tokens=1000),
+                     row("other", 2000.0, auth_key_id="k_2", user_path="/u", total_tokens=7)])
+    assert await usage.spent("key:k_1", 500) == (35, 0.75)
+    assert await usage.spent("path:/t", 500) == (30, 0.5)
+    assert await usage.spent("key:k_1", 500) == (35, 0.75)  # (nothing new: the same)
+    assert await usage.spent("key:k_1", 950) == (30, 0.5)  # another since: its own sum
+    await usage.add([row("a3", 3000.0, auth_key_id="k_1", total_tokens=1)])
+    assert await usage.spent("key:k_1", 500) == (36, 0.75)
+
+
+@pytest_twisted.ensureDeferred
+async def test_reading_again_what_a_scope_spent_reads_only_the_rows_written_since(sqlite_store):
+    """A budget's sum read again reads the rows written since the last read, not every row of its period again:
+    with the ledger growing by thousands of rows a second, each worker's read every second would cost more and
+    more (a second's rows times the seconds since the period began)."""
+    usage, db = sqlite_store.usage, sqlite_store.usage._db
+    await usage.add([row("r%d" % i, 1000.0 + i, auth_key_id="k_1") for i in range(3000)])
+    steps = []
+
+    def counted(f, *args):
+        conn = db.conn()
+        steps.append(0)
+
+        def step():
+            steps[-1] += 1
+        conn.set_progress_handler(step, 100)
+        try:
+            return f(*args)
+        finally:
+            conn.set_progress_handler(None, 100)
+
+    assert await db.run(counted, usage._spent, "key:k_1", 0) == (45000, 0)
+    await usage.add([row("new", 9000.0, auth_key_id="k_1")])
+    assert await db.run(counted, usage._spent, "key:k_1", 0) == (45015, 0)
+    assert steps[1] * 20 < steps[0], steps
 
 
 @pytest_twisted.ensureDeferred

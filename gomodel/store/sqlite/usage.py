@@ -1,6 +1,8 @@
 """L{IUsageStore} on SQLite: one row per request that reached an upstream (and per batch line), written by the
 store's writer process (L{gomodel.store.sqlite.writer}), read in the store's thread."""
 
+from collections import OrderedDict
+
 from zope.interface import implementer
 
 from gomodel.store.codec import (ERROR_KINDS, LOG_ORDER, OUTCOME, REFUSED_TOTAL, SEARCHED, SUMMARY_KINDS, log_after,
@@ -16,6 +18,8 @@ _FILTERS = {"model": "model = ?", "provider": "(provider = ? OR provider_name = 
             "outcome": f"{OUTCOME} = ?",
             "search": _SEARCH, "key": "auth_key_id = ?", "keyless": "auth_key_id IS NULL",
             "user_path": "(user_path = ? OR substr(user_path, 1, ?) = ?)"}
+# The sums of budget scopes read last (L{SQLiteUsageStore.spent}) kept, at most, to read only the rows written since.
+SUMS_KEPT = 4096
 
 
 @implementer(IUsageStore)
@@ -28,6 +32,8 @@ class SQLiteUsageStore:
         """
         self._db = db
         self._writer = writer
+        # (scope, since) -> (the table's largest id, rows counted, tokens, cost) as last read; store thread only
+        self._sums = OrderedDict()
 
     def add(self, rows):
         # The flags as 0 and 1 (UsageLedger.keep), as sqlite stores them.
@@ -98,6 +104,10 @@ class SQLiteUsageStore:
         return self._db.run(self._spent, scope, since)
 
     def _spent(self, scope, since):
+        """A scope's sum, read again (a budget's, every second: BudgetBook.follow) from the rows written since its
+        last read. A row's id is the largest so far plus one (rows go only by their timestamp, days old), so those
+        are the ids above the largest that read saw: read through the ids where there are fewer of them than
+        rows of the scope, else by the scope's index, as a first read is."""
         kind, _, name = scope.partition(":")
         if kind == "key":
             where, args = "auth_key_id = ?", [name]
@@ -108,10 +118,19 @@ class SQLiteUsageStore:
             where, args = "(user_path = ? OR substr(user_path, 1, ?) = ?)", [name, len(below), below]
         else:
             return 0, 0.0
-        row = self._db.conn().execute(
-            f"SELECT COALESCE(SUM(total_tokens), 0), COALESCE(SUM(total_cost), 0) FROM usage "
-            f"WHERE timestamp >= ? AND {where}", (since, *args)).fetchone()
-        return row[0], row[1]
+        conn = self._db.conn()
+        last, counted, tokens, cost = self._sums.pop((scope, since), (0, 0, 0, 0))
+        table = "usage"
+        if last and (conn.execute("SELECT MAX(id) FROM usage").fetchone()[0] or 0) - last < counted:
+            table = "usage NOT INDEXED"  # (its ids still: a range of them)
+        row = conn.execute(
+            f"SELECT (SELECT MAX(id) FROM usage), COUNT(*), COALESCE(SUM(total_tokens), 0), "
+            f"COALESCE(SUM(total_cost), 0) FROM {table} WHERE id > ? AND timestamp >= ? AND {where}",
+            (last, since, *args)).fetchone()
+        sums = self._sums[scope, since] = (row[0] or 0, counted + row[1], tokens + row[2], cost + row[3])
+        if len(self._sums) > SUMS_KEPT:
+            self._sums.popitem(last=False)
+        return sums[2], sums[3]
 
     def spent_many(self, pairs):
         return self._db.run(spent_many, list(pairs), self._spent, self._keys_spent)
