@@ -129,6 +129,26 @@ async def test_what_a_scope_spent_counts_the_rows_written_after_an_earlier_read_
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_scope_read_again_after_its_rows_were_deleted_counts_the_rows_written_since(sqlite_store):
+    """SQLite gives a deleted largest id again: after retention deleted every row (in this process or another), the
+    rows written since carry ids a scope's earlier read saw already, and are counted all the same."""
+    usage, db = sqlite_store.usage, sqlite_store.usage._db
+    await usage.add([row("r%d" % i, 1000.0 + i, auth_key_id="k_1") for i in range(5)])
+    assert await usage.spent("key:k_1", 0) == (75, 0)
+
+    def deleted_elsewhere():
+        with db.transaction() as conn:
+            conn.execute("DELETE FROM usage")
+    await db.run(deleted_elsewhere)
+    await usage.add([row("n1", 2000.0, auth_key_id="k_1", total_tokens=7)])
+    assert await usage.spent("key:k_1", 0) == (7, 0)
+    await usage.add([row("n%d" % i, 2000.0 + i, auth_key_id="k_1", total_tokens=1) for i in range(2, 9)])
+    await usage.delete_before(2001.0)
+    await usage.add([row("n9", 3000.0, auth_key_id="k_1", total_tokens=2)])
+    assert await usage.spent("key:k_1", 0) == (9, 0)
+
+
+@pytest_twisted.ensureDeferred
 async def test_reading_again_what_a_scope_spent_reads_only_the_rows_written_since(sqlite_store):
     """A budget's sum read again reads the rows written since the last read, not every row of its period again:
     with the ledger growing by thousands of rows a second, each worker's read every second would cost more and

@@ -121,8 +121,12 @@ class SQLiteUsageStore:
         conn = self._db.conn()
         last, counted, tokens, cost = self._sums.pop((scope, since), (0, 0, 0, 0))
         table = "usage"
-        if last and (conn.execute("SELECT MAX(id) FROM usage").fetchone()[0] or 0) - last < counted:
-            table = "usage NOT INDEXED"  # (its ids still: a range of them)
+        if last:
+            top = conn.execute("SELECT MAX(id) FROM usage").fetchone()[0] or 0
+            if top < last:  # the rows deleted down to none, ids given again from 1: read them all
+                last, counted, tokens, cost = 0, 0, 0, 0
+            elif top - last < counted:
+                table = "usage NOT INDEXED"  # (its ids still: a range of them)
         row = conn.execute(
             f"SELECT (SELECT MAX(id) FROM usage), COUNT(*), COALESCE(SUM(total_tokens), 0), "
             f"COALESCE(SUM(total_cost), 0) FROM {table} WHERE id > ? AND timestamp >= ? AND {where}",
@@ -145,6 +149,7 @@ class SQLiteUsageStore:
         return self._db.run(self._delete_before, timestamp)
 
     def _delete_before(self, timestamp):
+        self._sums.clear()  # (an id deleted may be given again: the sums are read afresh)
         with self._db.transaction() as conn:
             return conn.execute("DELETE FROM usage WHERE timestamp < ?", (timestamp,)).rowcount
 
