@@ -57,12 +57,18 @@ async def test_created_responses_are_kept_listed_and_deleted(client, fake):
     items = await in_thread(client.responses.input_items.list, created.id)
     assert [(i.type, i.role, i.content[0].text) for i in items.data] == [("message", "user", "hello there")]
 
-    deleted = await in_thread(client.responses.delete, created.id)
-    assert deleted is None or getattr(deleted, "deleted", True)
+    deleted = await in_thread(client.responses.with_raw_response.delete, created.id)
+    # (OpenAI's answer: the openai SDK's delete() reads none, its raw response is that object)
+    assert (deleted.status_code, json.loads(deleted.text)) == (200, {"id": created.id, "object": "response.deleted",
+                                                           "deleted": True})
     with pytest.raises(openai.NotFoundError):
         await in_thread(client.responses.retrieve, created.id)
     with pytest.raises(openai.NotFoundError):
         await in_thread(client.responses.delete, created.id)
+    other = await in_thread(client.responses.create, model=MODEL, input="again")
+    assert await in_thread(client.responses.delete, other.id) is None
+    with pytest.raises(openai.NotFoundError):
+        await in_thread(client.responses.retrieve, other.id)
 
 
 @pytest_twisted.ensureDeferred

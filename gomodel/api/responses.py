@@ -494,12 +494,14 @@ class ResponsesRoute:
         raise upstream_error(404, answer, provider.name, provider.hidden)
 
     async def delete(self, request, response_id):
+        """Forget the stored response; answered as OpenAI does, C{{"id", "object": "response.deleted", "deleted":
+        true}} (what the openai SDK's C{client.responses.delete} reads)."""
         await self._record(request, response_id)
         if not await self._store.delete(response_id):
             raise unknown_response(response_id)
         if response_id in self._refreshing:
             self._deleted.add(response_id)
-        return json_answer(request, {"id": response_id, "object": "response", "deleted": True})
+        return json_answer(request, {"id": response_id, "object": "response.deleted", "deleted": True})
 
     async def input_items(self, request, response_id):
         """OpenAI's paginated list of the input items of one response, with the fields its C{include} names
