@@ -1380,3 +1380,29 @@ async def test_a_background_response_its_watch_gives_up_on_is_failed_not_queued_
     finally:
         globalLogPublisher.removeObserver(logged)
         await stop_all(gw, clients=(client,))
+
+
+# OpenAI's words for an C{include} value its Responses API cannot include (its enum's values, in its order).
+_UNKNOWN_INCLUDE = ("Invalid value: 'nope'. Supported values are: 'file_search_call.results', 'web_search_call.results', "
+                    "'web_search_call.action.sources', 'message.input_image.image_url', "
+                    "'computer_call_output.output.image_url', 'code_interpreter_call.outputs', "
+                    "'reasoning.encrypted_content', and 'message.output_text.logprobs'.")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_native_create_naming_what_include_cannot_name_is_openais_400_before_any_upstream(both, http):
+    """A create's C{include} is checked by the gateway, natively as translated, with the check a retrieve's gets
+    (before: a native create sent it to vLLM, and its client got vLLM's own 400)."""
+    gw, _, native, chat = both
+    for model in (MODEL, "vllm-t/other"):
+        sent = len(native.requests), len(chat.requests)
+        answer = await http.post(gw.url + "/v1/responses", json={"model": model, "input": "hi", "include": ["nope"]})
+        error = (await answer.json())["error"]
+        assert answer.code == 400 and error == {"message": _UNKNOWN_INCLUDE, "type": "invalid_request_error",
+                                                "param": "include", "code": "invalid_value"}, model
+        assert (len(native.requests), len(chat.requests)) == sent, model  # (nothing upstream)
+    created = await http.post(gw.url + "/v1/responses", json={"model": MODEL, "input": "hi"})
+    retrieved = await http.get(gw.url + f"/v1/responses/{(await created.json())['id']}?include[]=nope")
+    assert retrieved.code == 400 and (await retrieved.json())["error"]["message"] == _UNKNOWN_INCLUDE
+    typed = await http.post(gw.url + "/v1/responses", json={"model": MODEL, "input": "hi", "include": "nope"})
+    assert typed.code == 400 and (await typed.json())["error"]["code"] == "invalid_type"

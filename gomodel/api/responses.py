@@ -110,6 +110,7 @@ class ResponsesRoute:
                 check_metadata(body["metadata"])
             except ValueError as e:
                 raise errors.InvalidRequest(f"'metadata' {e}.", param="metadata", code="invalid_value") from None
+        checked_include(body.get("include"))  # (natively too: never sent for vLLM's own 400)
         if "request_id" in body:
             await no_chosen_id(self._store, body, ctx.principal)
         if background is True:  # (a drain out of time waits for its answer: L{gomodel.lifecycle.BACKGROUND_GRACE})

@@ -151,19 +151,23 @@ def request_to_chat(body: dict, bound: str = "max_tokens") -> dict:
     return chat
 
 
-# What a Responses request's C{include} may name (OpenAI's, the openai SDK's C{ResponseIncludable}; vLLM's too): those
-# of hosted tools and images a translated answer has none of, reasoning's encrypted content it cannot make, its
-# logprobs asked of the chat upstream.
-INCLUDABLE = frozenset({"file_search_call.results", "web_search_call.results", "web_search_call.action.sources",
-                        "message.input_image.image_url", "computer_call_output.output.image_url",
-                        "code_interpreter_call.outputs", "reasoning.encrypted_content", "message.output_text.logprobs"})
+# What a Responses request's C{include} may name (OpenAI's, the openai SDK's C{ResponseIncludable}, in their order;
+# vLLM's too): those of hosted tools and images a translated answer has none of, reasoning's encrypted content it
+# cannot make, its logprobs asked of the chat upstream.
+INCLUDABLE = ("file_search_call.results", "web_search_call.results", "web_search_call.action.sources",
+              "message.input_image.image_url", "computer_call_output.output.image_url",
+              "code_interpreter_call.outputs", "reasoning.encrypted_content", "message.output_text.logprobs")
+# OpenAI's words for a value not among them.
+_NOT_INCLUDABLE = ("Invalid value: '{}'. Supported values are: "
+                   + ", ".join(f"'{value}'" for value in INCLUDABLE[:-1]) + f", and '{INCLUDABLE[-1]}'.")
 
 
 def checked_include(include) -> list:
-    """A translated request's C{include} (None: none), checked as a native one is (never dropped unsaid); an input
-    items' list's too.
+    """A Responses request's C{include} (None: none), checked before any upstream, natively or translated (never
+    dropped unsaid, never vLLM's own 400); a retrieve's and an input items' list's too.
 
-    @raise InvalidRequest: it is no list of strings, or names what OpenAI's Responses API has not (a typo).
+    @raise InvalidRequest: it is no list of strings (C{invalid_type}), or names what OpenAI's Responses API has not
+        (a typo: OpenAI's 400 C{invalid_value}, its words).
     """
     if include is None:
         return []
@@ -171,8 +175,7 @@ def checked_include(include) -> list:
         raise InvalidRequest("include must be a list of strings.", param="include", code="invalid_type")
     for value in include:
         if value not in INCLUDABLE:
-            raise InvalidRequest(f"include cannot hold '{shown(value)}': it takes "
-                                 f"{', '.join(sorted(INCLUDABLE))}.", param="include", code="invalid_value")
+            raise InvalidRequest(_NOT_INCLUDABLE.format(shown(value)), param="include", code="invalid_value")
     return include
 
 
