@@ -172,6 +172,14 @@ def unknown_previous(previous_id) -> InvalidRequest:
                           param="previous_response_id", code="previous_response_not_found")
 
 
+def unfinished_previous(previous_id, status) -> InvalidRequest:
+    """The 400 of a C{previous_response_id} naming a background response still C{status} (queued, in progress):
+    OpenAI continues a response once it is over, never from what it made so far."""
+    return InvalidRequest(f"Previous response with id '{shown(str(previous_id))}' is still {status}: it can be "
+                          "continued once it is over (or cancelled).", param="previous_response_id",
+                          code="previous_response_not_over")
+
+
 async def swept_for(store, response_id, principal) -> bool:
     """Whether the retention swept C{response_id} (L{gomodel.store.interfaces.IResponseStore.swept}), a response
     C{principal} may see: only its tenant is told it existed."""

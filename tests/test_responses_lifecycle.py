@@ -1406,3 +1406,31 @@ async def test_a_native_create_naming_what_include_cannot_name_is_openais_400_be
     assert retrieved.code == 400 and (await retrieved.json())["error"]["message"] == _UNKNOWN_INCLUDE
     typed = await http.post(gw.url + "/v1/responses", json={"model": MODEL, "input": "hi", "include": "nope"})
     assert typed.code == 400 and (await typed.json())["error"]["code"] == "invalid_type"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_follow_up_of_a_background_response_not_over_is_openais_400_and_goes_nowhere(client, http, gateway,
+                                                                                              fake):
+    """A follow-up (C{previous_response_id}) of a background response still queued or in progress at its instance
+    is refused as OpenAI refuses it, before any create goes upstream (before: sent to vLLM, which went on from what
+    it had of it so far); the gateway's copy, which its watch refreshes only every few seconds, is asked about anew
+    (one over at its instance since is continued)."""
+    running = await in_thread(client.responses.create, model=MODEL, input="long job", background=True)
+    assert running.status == "queued"
+    for status in ("queued", "in_progress"):
+        fake.stored_responses[running.id]["status"] = status
+        creates = sum(request.method == b"POST" for request in fake.requests)
+        for stream in (False, True):
+            answer = await http.post(gateway.url + "/v1/responses", json={
+                "model": MODEL, "input": "and then?", "previous_response_id": running.id, "stream": stream})
+            error = (await answer.json())["error"]
+            assert answer.code == 400 and error == {
+                "message": f"Previous response with id '{running.id}' is still {status}: it can be continued once "
+                           "it is over (or cancelled).", "type": "invalid_request_error",
+                "param": "previous_response_id", "code": "previous_response_not_over"}, (status, stream)
+        assert sum(request.method == b"POST" for request in fake.requests) == creates  # (no create upstream)
+    fake.stored_responses[running.id]["status"] = "completed"  # (over at its instance; the gateway's copy: queued)
+    follow_up = await in_thread(client.responses.create, model=MODEL, input="and then?",
+                                previous_response_id=running.id)
+    assert follow_up.previous_response_id == running.id and follow_up.status == "completed"
+    assert fake.requests[-1].body["previous_response_id"] == running.id

@@ -30,8 +30,8 @@ from gomodel.ids import new_id
 from gomodel.proxy.exchange import UpstreamCall, fails_over
 from gomodel.proxy.sse import ResponsesStreamObserver, SSEFramer, event_object
 from gomodel.responses_history import (as_listed, as_retrieved, continued, cut_short, error_hidden, error_shown,
-                                      no_chosen_id, normalise_input, relink, swept_for, unknown_previous,
-                                      unknown_response, with_history, with_references)
+                                      no_chosen_id, normalise_input, relink, swept_for, unfinished_previous,
+                                      unknown_previous, unknown_response, with_history, with_references)
 from gomodel.responses_partial import PartialStream
 from gomodel.routing.affinity import affinity_key
 from gomodel.translate.call_ids import SHORT_ID_TYPES, fit_call_ids
@@ -116,6 +116,8 @@ class ResponsesRoute:
         if background is True:  # (a drain out of time waits for its answer: L{gomodel.lifecycle.BACKGROUND_GRACE})
             request.background = True
         previous = await self._previous(body, ctx.principal)
+        if previous is not None and previous["response"].get("status") in UNFINISHED:
+            previous = await self._over(previous, ctx)
         first, *fallbacks = plan_model(self._registry, body, partial(affinity_key, request, body), ctx.principal)
         if fallbacks:
             vet_priority(request, ctx, fallbacks, body)
@@ -373,6 +375,20 @@ class ResponsesRoute:
         if self._store is None:
             return None
         return await continued(self._store, previous_id, principal)
+
+    async def _over(self, previous, ctx):
+        """C{previous}, the stored record of a background response not over when last read, with its response as
+        its instance has it now (L{refresh}: the gateway's copy is refreshed every few seconds alone), where that
+        is over.
+
+        @raise gomodel.errors.InvalidRequest: it is still queued or in progress (or its instance cannot say):
+            L{unfinished_previous}, OpenAI's refusal, before any create goes upstream.
+        """
+        fresh = await self.refresh(previous, ctx.request_id, ctx.trace)
+        response = previous["response"] if fresh is None else fresh
+        if response.get("status") in UNFINISHED:
+            raise unfinished_previous(previous["id"], response["status"])
+        return dict(previous, response=response, status=response.get("status"))
 
     def stores(self, body) -> bool:
         """Whether a response created for C{body} is kept by the gateway."""
