@@ -18,6 +18,7 @@ from gomodel.errors import InvalidRequest, NotFound, shown
 from gomodel.ids import new_id
 from gomodel.logs import log_failure
 from gomodel.periodic import Repeating
+from gomodel.proxy.sse import SSEFramer, event_kind, event_object
 from gomodel.store.codec import MAX_CHAIN
 from gomodel.store.sweeps import claimed
 from gomodel.upstream.errors import error_shown
@@ -83,6 +84,50 @@ def as_retrieved(response: dict, include) -> dict:
     what they carry: a reasoning item's encrypted content, an output text's logprobs...); C{response} is not changed."""
     output = response.get("output")
     return dict(response, output=as_listed(output, include)) if output.__class__ is list else response
+
+
+# The events of a Responses stream whose C{logprobs} are an output text's, and the C{include} value that names them.
+_TEXT_EVENTS = ("response.output_text.delta", "response.output_text.done")
+_LOGPROBS = "message.output_text.logprobs"
+
+
+def events_as_retrieved(events: bytes, include) -> bytes:
+    """Whole SSE C{events} of a Responses stream as a retrieve shows its response (OpenAI's C{include} on a replay,
+    C{retrieve(stream=True)}): each event's response object L{as_retrieved}, its output item L{as_listed}, its
+    content part without the fields C{include} (checked values) does not name, an output text's delta or done
+    event's C{logprobs} empty where it does not name them (their shape kept). An event holding none of those fields
+    by name (most: a delta without logprobs) goes as it came, unparsed; C{events} as they are where it names all."""
+    hidden = [each for each in _INCLUDED if each[0] not in include]
+    names = [f'"{field}"'.encode() for _, _, _, _, field in hidden]
+    if not names or all(events.find(name) < 0 for name in names):
+        return events
+    out = []
+    for event in SSEFramer().feed(events):
+        payload = event_object(event) if any(event.find(name) >= 0 for name in names) else None
+        if payload is not None:
+            event = b"event: " + event_kind(event) + b"\ndata: " + jsonutil.dumps(_shown(payload, hidden, include)) \
+                + b"\n\n"
+        out.append(event)
+    return b"".join(out)
+
+
+def _shown(payload: dict, hidden, include) -> dict:
+    """A Responses stream event's C{payload} without the fields C{hidden} (of C{include}) names
+    (L{events_as_retrieved})."""
+    shown = dict(payload)
+    if payload.get("response").__class__ is dict:
+        shown["response"] = as_retrieved(payload["response"], include)
+    if payload.get("item").__class__ is dict:
+        shown["item"] = _without(payload["item"], hidden)
+    part = payload.get("part")
+    if part.__class__ is dict:
+        for _, kind, holder, part_type, field in hidden:
+            if kind == "message" and holder == "content" and part.get("type") == part_type:
+                part = _dropped(part, field)
+        shown["part"] = part
+    if payload.get("type") in _TEXT_EVENTS and payload.get("logprobs") and _LOGPROBS not in include:
+        shown["logprobs"] = []
+    return shown
 
 
 def _without(item: dict, hidden) -> dict:

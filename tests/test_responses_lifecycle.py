@@ -1383,8 +1383,8 @@ async def test_a_background_response_its_watch_gives_up_on_is_failed_not_queued_
 
 
 # OpenAI's words for an C{include} value its Responses API cannot include (its enum's values, in its order).
-_UNKNOWN_INCLUDE = ("Invalid value: 'nope'. Supported values are: 'file_search_call.results', 'web_search_call.results', "
-                    "'web_search_call.action.sources', 'message.input_image.image_url', "
+_UNKNOWN_INCLUDE = ("Invalid value: 'nope'. Supported values are: 'file_search_call.results', "
+                    "'web_search_call.results', 'web_search_call.action.sources', 'message.input_image.image_url', "
                     "'computer_call_output.output.image_url', 'code_interpreter_call.outputs', "
                     "'reasoning.encrypted_content', and 'message.output_text.logprobs'.")
 
@@ -1434,3 +1434,62 @@ async def test_a_follow_up_of_a_background_response_not_over_is_openais_400_and_
                                 previous_response_id=running.id)
     assert follow_up.previous_response_id == running.id and follow_up.status == "completed"
     assert fake.requests[-1].body["previous_response_id"] == running.id
+
+
+# A background stream's events carrying what C{include} names (a reasoning item's encrypted content, an output
+# text's logprobs: in its items, content parts, text deltas and final response), as a vLLM asked to include them
+# streams them.
+_LOGPROBS = [{"token": "a", "logprob": -1.0, "bytes": [97], "top_logprobs": []}]
+_TEXT = {"type": "output_text", "text": "a cat", "annotations": [], "logprobs": _LOGPROBS}
+_REPLAYED = "resp_replayed_include"
+_REPLAYED_EVENTS = [
+    ("response.created", {"response": {"id": _REPLAYED, "object": "response", "status": "in_progress",
+                                       "background": True, "model": UPSTREAM, "output": []}}),
+    ("response.output_item.added", {"output_index": 0, "item": _INCLUDED_OUTPUT[0]}),
+    ("response.output_item.done", {"output_index": 0, "item": _INCLUDED_OUTPUT[0]}),
+    ("response.output_item.added", {"output_index": 1, "item": dict(_INCLUDED_OUTPUT[1], content=[])}),
+    ("response.content_part.added", {"item_id": "msg_a", "output_index": 1, "content_index": 0,
+                                     "part": dict(_TEXT, text="")}),
+    ("response.output_text.delta", {"item_id": "msg_a", "output_index": 1, "content_index": 0, "delta": "a cat",
+                                    "logprobs": _LOGPROBS}),
+    ("response.output_text.done", {"item_id": "msg_a", "output_index": 1, "content_index": 0, "text": "a cat",
+                                   "logprobs": _LOGPROBS}),
+    ("response.content_part.done", {"item_id": "msg_a", "output_index": 1, "content_index": 0, "part": _TEXT}),
+    ("response.output_item.done", {"output_index": 1, "item": dict(_INCLUDED_OUTPUT[1], content=[_TEXT])}),
+    ("response.completed", {"response": {"id": _REPLAYED, "object": "response", "status": "completed",
+                                         "background": True, "model": UPSTREAM,
+                                         "output": [_INCLUDED_OUTPUT[0], dict(_INCLUDED_OUTPUT[1], content=[_TEXT])],
+                                         "usage": {"input_tokens": 3, "output_tokens": 2, "total_tokens": 5}}})]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replay_shows_what_include_names_as_a_retrieve_does(http, gateway, fake):
+    """C{retrieve(stream=True)} takes C{include} as a retrieve does (OpenAI's: the same parameter): its events'
+    response objects, items and content parts show a reasoning item's encrypted content and an output text's
+    logprobs where it names them alone, a text delta's or done event's logprobs are empty otherwise (their shape
+    kept); named, the events go as its instance sent them (before: always whole, whatever C{include} said)."""
+    events = [(kind, json.dumps(dict(fields, type=kind, sequence_number=n)))
+              for n, (kind, fields) in enumerate(_REPLAYED_EVENTS)]
+    created = await http.post(gateway.url + "/v1/responses", json={
+        "model": MODEL, "input": "what is it?", "background": True, "stream": True, "request_id": _REPLAYED,
+        "include": ["reasoning.encrypted_content", "message.output_text.logprobs"], "fake_events": events})
+    assert (await created.text()).count("event: ") == len(events)
+
+    async def replayed(query=""):
+        answer = await http.get(gateway.url + f"/v1/responses/{_REPLAYED}?stream=true{query}")
+        assert answer.code == 200
+        return [json.loads(event.split("data: ", 1)[1]) for event in (await answer.text()).split("\n\n") if event]
+
+    whole = await replayed("&include[]=reasoning.encrypted_content&include[]=message.output_text.logprobs")
+    assert whole == [json.loads(data) for _, data in events]  # (as its instance sent them)
+    plain = await replayed()
+    assert [event["type"] for event in plain] == [kind for kind, _ in events]
+    text = json.dumps(plain)
+    assert "encrypted_content" not in text and '"token"' not in text, text
+    assert plain[5]["logprobs"] == [] and plain[6]["logprobs"] == [] and plain[5]["delta"] == "a cat"
+    assert plain[-1]["response"]["output"][1]["content"][0]["text"] == "a cat"
+    assert plain[1]["item"] == {"type": "reasoning", "id": "rs_1", "summary": []}
+    some = await replayed("&include[]=reasoning.encrypted_content&starting_after=0")
+    assert [event["sequence_number"] for event in some] == list(range(1, len(events)))
+    assert some[0]["item"]["encrypted_content"] == "gAAAA" and some[-1]["response"]["output"][0] == _INCLUDED_OUTPUT[0]
+    assert '"token"' not in json.dumps(some)

@@ -30,8 +30,9 @@ from gomodel.ids import new_id
 from gomodel.proxy.exchange import UpstreamCall, fails_over
 from gomodel.proxy.sse import ResponsesStreamObserver, SSEFramer, event_object
 from gomodel.responses_history import (as_listed, as_retrieved, continued, cut_short, error_hidden, error_shown,
-                                      no_chosen_id, normalise_input, relink, swept_for, unfinished_previous,
-                                      unknown_previous, unknown_response, with_history, with_references)
+                                      events_as_retrieved, no_chosen_id, normalise_input, relink, swept_for,
+                                      unfinished_previous, unknown_previous, unknown_response, with_history,
+                                      with_references)
 from gomodel.responses_partial import PartialStream
 from gomodel.routing.affinity import affinity_key
 from gomodel.translate.call_ids import SHORT_ID_TYPES, fit_call_ids
@@ -427,7 +428,7 @@ class ResponsesRoute:
         record = await self._record(request, response_id)
         include = _include(request)
         if query_arg(request, b"stream", "false") != "false":
-            return await self._replay(request, record)
+            return await self._replay(request, record, include)
         response = record["response"]
         if response.get("status") in UNFINISHED:
             fresh = await self.refresh(record, request.context.request_id, request.context.trace)
@@ -435,11 +436,13 @@ class ResponsesRoute:
                 response = fresh
         return json_answer(request, as_retrieved(response, include))
 
-    async def _replay(self, request, record):
+    async def _replay(self, request, record, include):
         """The events of C{record}'s background stream after sequence number C{starting_after} (all of them where
         none is named), then those still to come, relayed from the instance that holds them (its replica: vLLM
         keeps a background stream's events in its memory, OpenAI too) as a stream is relayed: with its
-        backpressure, its upstream closed when its client leaves, its error events without the upstream's address.
+        backpressure, its upstream closed when its client leaves, its error events without the upstream's address,
+        the fields C{include} (checked values) does not name left out as a retrieve leaves them out
+        (L{events_as_retrieved}).
         What they say of usage is not charged again (its create's was). Never the response object where events
         were awaited; see L{Exchange.relay} for what this returns.
 
@@ -475,7 +478,7 @@ class ResponsesRoute:
 
         query = b"stream=true" if after is None else b"stream=true&starting_after=" + after.encode("ascii")
         call = _ReplayCall(f"/responses/{response_id}", method=b"GET", query=query, vet=vet, limited=False,
-                           observer=_Replayed(partial(without_address, upstream=provider)),
+                           observer=_Replayed(partial(without_address, upstream=provider), include),
                            transform=partial(_no_events, response_id), pin=record.get("replica"))
         try:
             return await self._exchange.relay(request, ctx, provider, call)
@@ -777,10 +780,22 @@ class _ReplayCall(UpstreamCall):
 
 class _Replayed(ResponsesStreamObserver):
     """A replayed background stream (L{ResponsesRoute._replay}): relayed and watched as any Responses stream, but
-    for its usage and events, which its create's stream or watch charged: none here (nor an estimate of them)."""
+    for its usage and events, which its create's stream or watch charged: none here (nor an estimate of them), and
+    for the fields of its events its C{include} does not name (L{events_as_retrieved}: as a retrieve shows them)."""
 
     usage = property(lambda self: None, lambda self, usage: None)
     events = property(lambda self: 0, lambda self, events: None)
+
+    def __init__(self, hide, include):
+        """
+        @param hide: as L{ResponsesStreamObserver}'s.
+        @param include: the replay's C{include} (checked values).
+        """
+        super().__init__(hide)
+        self._include = include
+
+    def feed(self, data: bytes) -> bytes:
+        return events_as_retrieved(super().feed(data), self._include)
 
 
 def _input_tokens(answer: bytes) -> bytes:
