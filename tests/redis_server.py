@@ -1,6 +1,7 @@
 """The real Redis the tests that need one use (C{GOMODEL_TEST_REDIS_URL}, default 127.0.0.1:6379, db 0)."""
 
 import os
+import signal
 import uuid
 from contextlib import contextmanager
 
@@ -35,28 +36,32 @@ def fresh_prefix(client):
 
 
 class RedisServer:
-    """A Redis of one test's own (C{redis-server} on a Unix socket in C{directory}, nothing saved), which the test
-    may pause (as a server that stops answering but keeps its data: a network cut) and resume; the test is skipped
-    where C{redis-server} is not installed."""
+    """A Redis of one test's own (C{redis-server} on a Unix socket in C{directory}, saved only when told: L{save}), which
+    the test may pause (as a server that stops answering but keeps its data: a network cut) and resume, or restart
+    from its snapshot (L{restart}); the test is skipped where C{redis-server} is not installed."""
 
     def __init__(self, directory):
         import shutil
-        import signal
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not installed")
+        self._binary = binary
+        self._directory = str(directory)
+        self._socket = os.path.join(self._directory, "redis.sock")
+        self.url = f"unix://{self._socket}"
+        self._start()
+
+    def _start(self):
         import subprocess
         import time
 
         import redis
 
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.skip("redis-server is not installed")
-        self._signal = signal
-        socket = os.path.join(str(directory), "redis.sock")
-        self.url = f"unix://{socket}"
-        self.process = subprocess.Popen([binary, "--port", "0", "--unixsocket", socket, "--save", "",
-                                         "--appendonly", "no", "--dir", str(directory)],
+        self.process = subprocess.Popen([self._binary, "--port", "0", "--unixsocket", self._socket, "--save", "",
+                                         "--appendonly", "no", "--dir", self._directory],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(unix_socket_path=socket, socket_timeout=1)
+        client = redis.Redis(unix_socket_path=self._socket, socket_timeout=1)
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -70,11 +75,27 @@ class RedisServer:
             finally:
                 client.close()
 
+    def save(self):
+        """Take a snapshot (C{SAVE}: an RDB file in its directory), which L{restart} loads."""
+        import redis
+
+        client = redis.Redis(unix_socket_path=self._socket, socket_timeout=5)
+        try:
+            client.save()
+        finally:
+            client.close()
+
+    def restart(self):
+        """Kill the server and start it again from its last snapshot (L{save}): what was written since is gone, as
+        after a Redis restored from an earlier backup (or a crash between two saves)."""
+        self.stop()
+        self._start()
+
     def pause(self):
-        self.process.send_signal(self._signal.SIGSTOP)
+        self.process.send_signal(signal.SIGSTOP)
 
     def resume(self):
-        self.process.send_signal(self._signal.SIGCONT)
+        self.process.send_signal(signal.SIGCONT)
 
     def stop(self):
         if self.process.poll() is None:

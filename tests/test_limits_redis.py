@@ -1590,3 +1590,55 @@ async def test_a_restore_during_a_rolling_upgrade_keeps_what_older_gateways_have
     client.hincrby(bucket, "t", 50 - 300)  # its settlement, as the older gateway's script does it: 50 used
     client.hincrby(bucket, "rt", -300)
     assert await book.spent(pairs) == [(350, 0.0)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restore_one_process_notices_has_every_sum_seeded_again_those_only_a_stopped_one_charged_too(
+        reactor, make, client, prefix):
+    """A Redis restored in place from an earlier snapshot is noticed by a process that settled since (its count gone
+    back), which seeded again only the sums it had seeded itself: a sum that only a process stopped since had
+    charged after the snapshot stayed short by those charges, the ledger's figure never read again. The process that
+    notices marks every sum anew: each is seeded again at its next use, whichever process uses it."""
+    ledger = {"key:a": (0, 0.0), "key:b": (0, 0.0)}
+    clock = Clock()
+    clock.rightNow = reactor.seconds()
+    counters = [make(), make()]
+    books = [BudgetBook(each, clock, seed=lambda scope, since: ledger[scope]) for each in counters]
+
+    async def request(book, scope, tokens):
+        scopes = [(scope, [Budget("daily", max_tokens=1000)])]
+        await book.settle(await book.reserve(scopes, tokens, 0.0), tokens, 0.0)
+        await book._counters.written()
+        ledger[scope] = (ledger[scope][0] + tokens, 0.0)
+
+    await request(books[1], "key:b", 100)
+    await request(books[0], "key:a", 100)
+    snapshot = _snapshot(client, prefix)
+    await request(books[1], "key:b", 300)
+    counters[1].stop()  # (gone: its count is never read again)
+    await request(books[0], "key:a", 10)
+    _restore(client, prefix, snapshot)
+    await request(books[0], "key:a", 10)  # its settlement notices Redis went back
+    assert await books[0].spent([("key:b", Budget("daily", max_tokens=1000))]) == [(400, 0.0)]
+    assert await books[0].spent([("key:a", Budget("daily", max_tokens=1000))]) == [(120, 0.0)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sum_marked_by_an_older_gateway_counts_as_seeded_until_redis_is_marked(reactor, make, client, prefix):
+    """Sums an older gateway seeded carry the mark '1'; they stay seeded for newer ones until the sums are first
+    marked anew (a connection to a server not yet named), and are then seeded again, never lowered."""
+    clock = Clock()
+    clock.rightNow = reactor.seconds()
+    counters = make()
+    book = BudgetBook(counters, clock, seed=lambda scope, since: (50, 0.0))
+    pairs = [("key:k", Budget("daily", max_tokens=1000))]
+    await book.spent(pairs)  # (its first connection names the server and gives the sums a mark)
+    [bucket] = client.keys(prefix + "budget|*")
+    assert client.hget(bucket, "s") == client.get(prefix + "seeded") != b"1"
+    client.hset(bucket, mapping={"s": 1, "t": 70})
+    client.delete(prefix + "seeded")  # (as before any newer gateway)
+    book._seeded.clear()
+    assert await book.spent(pairs) == [(70, 0.0)]
+    client.set(prefix + "seeded", "new")
+    assert await book.spent(pairs) == [(70, 0.0)]  # seeded again: the larger of 70 and the ledger's 50
+    assert client.hget(bucket, "s") == b"new"

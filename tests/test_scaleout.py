@@ -620,6 +620,13 @@ async def _usage_written(reactor, http, gateway, requests):
     await until(reactor, written, what="the usage written")
 
 
+async def _answering(http, gateway, key):
+    """Whether C{gateway} counts C{key}'s rate window on Redis (it answers: not failing open)."""
+    response = await http.get(gateway.url + "/v1/usage", headers={"Authorization": f"Bearer {key['value']}"})
+    [window] = json.loads(await treq.content(response))["rate_limits"]
+    return window["requests_used"] is not None  # (null while Redis counts as unreachable)
+
+
 async def _two_hosts_on_a_redis(reactor, http, fake, pg_database, tmp_path, max_tokens, spent):
     """Two gateways on one database and a Redis of their own that a test may pause: C{(server, a, b, key, sdks)},
     C{key} a managed key with a daily budget of C{max_tokens} that made C{spent} requests, on A and B in turn
@@ -659,17 +666,41 @@ async def test_a_budget_counts_what_was_spent_while_redis_could_not_be_reached(r
             await _chat(sdks[i % 2])
         await _usage_written(reactor, http, a, 5)
         server.resume()
-
-        async def answering(gateway):
-            response = await http.get(gateway.url + "/v1/usage", headers={"Authorization": f"Bearer {key['value']}"})
-            [window] = json.loads(await treq.content(response))["rate_limits"]
-            return window["requests_used"] is not None  # (null while Redis counts as unreachable)
-
         for gateway, sdk in zip((a, b), sdks):
-            await until(reactor, lambda: answering(gateway), limit=15.0, what="Redis answering again")
+            await until(reactor, lambda: _answering(http, gateway, key), limit=15.0, what="Redis answering again")
             await _refused_for_its_budget(sdk)
     finally:
         await _stop_hosts(server, a, b, sdks)
+
+
+@pytest.mark.utc_day
+@pytest_twisted.ensureDeferred
+async def test_a_budget_spent_on_a_stopped_host_after_redis_s_last_snapshot_counts_once_redis_restarts_from_it(
+        reactor, http, fake, pg_database, tmp_path):
+    """Redis restarts from a snapshot taken before host A spent part of a key's budget, and A is gone by then (its
+    spend is in the usage ledger alone): the sum came back marked seeded and short by what A charged, and only A's
+    own next settlement would have noticed (its count gone back), so B let the key spend it again until the period's
+    end. A new Redis server (restarted, failed over) is noticed as each connection to it opens, before anything is
+    read there: every sum, whichever host seeded it, is seeded again from the ledger at its next use."""
+    server, a, b, key, sdks = await _two_hosts_on_a_redis(reactor, http, fake, pg_database, tmp_path, 80, 2)
+    try:
+        server.save()  # 42 tokens spent (21 on each host)
+        await _chat(sdks[0])
+        await _chat(sdks[0])  # 84: spent, all on A since the snapshot
+        await _usage_written(reactor, http, a, 4)
+        for sdk in sdks:
+            await _refused_for_its_budget(sdk)
+        await a.service.stopService()
+        server.restart()
+        await until(reactor, lambda: _answering(http, b, key), limit=15.0, what="Redis answering again")
+        await _refused_for_its_budget(sdks[1])
+        code, shown = await admin(http, b.url, "GET", f"{KEYS}/{key['id']}")
+        assert shown["budgets"][0]["spent_tokens"] == 84
+    finally:
+        sdks[0].close()
+        await b.service.stopService()
+        sdks[1].close()
+        server.stop()
 
 
 @pytest.mark.utc_day

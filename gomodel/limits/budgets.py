@@ -39,8 +39,9 @@ seeded again from the ledger, which then holds the truth but for the
 requests other hosts have not written yet (at most C{USAGE_FLUSH_INTERVAL}
 of them); nothing is counted twice. A Redis that went back to an earlier state
 (restored from a snapshot) is noticed by a settlement (L{BudgetBook.settle}), or
-by the counters' renewal within C{lease_ttl/3} seconds (L{BudgetBook._went_back}):
-every sum this process seeded is seeded again at its next use, as below. A sum that missed this process's charges
+by the counters' renewal within C{lease_ttl/3} seconds (L{BudgetBook._went_back}), and a
+new Redis server (restarted, failed over) as each connection to it opens: every sum, whichever
+process seeded it, is marked unseeded and seeded again at its next use, as below. A sum that missed this process's charges
 while Redis could not be reached (it kept its data: a pause, a network cut)
 is seeded again, the larger of what it holds and the ledger's figure (plus the
 reservations in flight), at its
@@ -469,7 +470,8 @@ class BudgetBook:
     def _went_back(self):
         """Shared counters found Redis gone back to an earlier state (restored from a snapshot:
         L{gomodel.limits.counters.RedisCounters.went_back}): every sum this process seeded is seeded again at its
-        next use, the larger of what it holds and the ledger's figure plus the reservations in flight."""
+        next use, the larger of what it holds and the ledger's figure plus the reservations in flight (the others,
+        which Redis no longer marks seeded, are too)."""
         self._missed.update(self._seeded)
         self._seeded.clear()
         self._currents.clear()

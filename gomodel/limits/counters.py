@@ -43,13 +43,17 @@ budget sum (reserved by its requests in flight) lives as long as its liveness ke
 (set by each reservation, renewed every C{lease_ttl/3} while it holds some), and the
 next reservation, read or seed of the sum after that takes it off; a part has an
 id, new each time it starts afresh, which the settlement of a reservation names
-(a process paused past its lease settles its old requests apart from its new ones). Multi-key
+(a process paused past its lease settles its old requests apart from its new ones). A budget sum is
+seeded under one mark for every sum, given anew where a new connection finds a server other than the
+last one (restarted, failed over) or Redis is found gone back: a sum under an older mark is seeded
+again at its next use, by whichever process uses it. Multi-key
 scripts need one Redis server (or primary),
 not Redis Cluster.
 """
 
 import itertools
 import math
+import re
 import uuid
 from typing import NamedTuple
 
@@ -453,6 +457,11 @@ class LocalCounters(_Forms):
         return None if state is None else (state[0], state[1])
 
 
+def _bytes(reply) -> bytes:
+    """A Redis reply read raw off a connection (bytes, or str where the client decodes), as bytes."""
+    return reply if isinstance(reply, bytes) else str(reply).encode()
+
+
 def adjust_cell(cell, capacity, refill, delta, now) -> float:
     """Consume C{delta} more from a token bucket's live state C{cell} (L{LocalCounters.cell}) at C{now},
     below zero if need be, never above C{capacity}: its new level."""
@@ -651,6 +660,8 @@ return generation
 # afresh); the part of a process whose liveness key (C{alive} .. process) lapsed (killed, or it crashed: it never
 # settles them) is first taken off the sum, not C{owner}'s. What gateways older than the parts reserved (one shared
 # 'rt' and 'rc', settled by them: mixed with these during a rolling upgrade) counts as in flight.
+# seeded_as(key): the mark of a sum seeded now (its field 's'), kept at C{key} (the prefix's 'seeded': one for every
+# sum, given anew when Redis went back, L{_NEW_SERVER}); '1' while there is none (as older gateways mark them).
 _SUMS = """
 local function float(x)
   local short = string.format('%.15g', x)
@@ -684,20 +695,27 @@ local function lapse(key, alive, owner)
   if dc ~= 0 then h['c'] = redis.call('HINCRBYFLOAT', key, 'c', float(-dc)) end
   return h, ft, fc
 end
+local function seeded_as(key)
+  return redis.call('GET', key) or '1'
+end
 """
 
-# Budget sums read from the usage ledger, once: KEYS the sums; ARGV per key: tokens, cost, expires_at or '', and
-# '1' where it is seeded again (sums that missed charges while Redis could not be reached, or whose budgets
-# changed) else ''; then the prefix of the processes' liveness keys. A sum not marked seeded (its field 's'), or
-# seeded again, becomes the larger of what it holds and the ledger's figure plus the reservations of the live
-# processes' requests in flight (L{_SUMS}: the ledger counts them once they end; the requests recorded since a
-# Redis that lost its data came back are also in the ledger once written: never counted twice), and is marked; a
-# sum already marked is left as it is. Returns how many it seeded.
+# Budget sums read from the usage ledger, once: KEYS the sums, then the seed mark's key (L{_SUMS}); ARGV per sum:
+# tokens, cost, expires_at or '', and '1' where it is seeded again (sums that missed charges while Redis could not be
+# reached, or whose budgets changed) else ''; then the prefix of the processes' liveness keys. A sum not marked
+# seeded with the mark of now (its field 's': none, or one from before Redis went back, L{_NEW_SERVER}), or seeded
+# again, becomes the larger of what it holds and the ledger's figure plus the reservations of the live processes'
+# requests in flight (L{_SUMS}: the ledger counts them once they end; the requests recorded since a Redis that lost
+# its data came back are also in the ledger once written: never counted twice), and is marked; a sum already marked
+# is left as it is. Returns how many it seeded.
 _SEED = _SUMS + """
 local n = 0
-local alive = ARGV[4 * #KEYS + 1]
-for i = 1, #KEYS do
-  if redis.call('HSETNX', KEYS[i], 's', 1) == 1 or ARGV[4 * i] == '1' then
+local nk = #KEYS - 1
+local alive = ARGV[4 * nk + 1]
+local mark = seeded_as(KEYS[nk + 1])
+for i = 1, nk do
+  if redis.call('HGET', KEYS[i], 's') ~= mark or ARGV[4 * i] == '1' then
+    redis.call('HSET', KEYS[i], 's', mark)
     n = n + 1
     local h, ft, fc = lapse(KEYS[i], alive, '')
     local t = tonumber(ARGV[4 * i - 3]) + ft
@@ -744,30 +762,34 @@ redis.call('PEXPIRE', KEYS[n + 1], 86400000)
 return generation
 """
 
-# A read of budget sums: KEYS the sums, ARGV the prefix of the processes' liveness keys. Returns the tokens, cost
-# and seed mark ('' for none) of each, the parts of dead processes taken off first (L{_SUMS}).
+# A read of budget sums: KEYS the sums, then the seed mark's key (L{_SUMS}); ARGV the prefix of the processes'
+# liveness keys. Returns the tokens, cost and seed mark of each ('' for none, or one from before Redis went back),
+# the parts of dead processes taken off first (L{_SUMS}).
 _SPENT = _SUMS + """
 local out = {}
-for i = 1, #KEYS do
+local mark = seeded_as(KEYS[#KEYS])
+for i = 1, #KEYS - 1 do
   local h = lapse(KEYS[i], ARGV[1], '')
-  out[3 * i - 2], out[3 * i - 1], out[3 * i] = h['t'] or '0', h['c'] or '0', h['s'] or ''
+  out[3 * i - 2], out[3 * i - 1], out[3 * i] = h['t'] or '0', h['c'] or '0', h['s'] == mark and mark or ''
 end
 return out
 """
 
 
-# A reservation against budget sums, all or nothing (L{RedisCounters.reserve_all}): KEYS the sums; ARGV per key:
+# A reservation against budget sums, all or nothing (L{RedisCounters.reserve_all}): KEYS the sums, then the seed
+# mark's key (L{_SUMS}); ARGV per sum:
 # its largest tokens and cost ('' for none), the tokens and cost to add, expires_at or ''; then '1' where the sums
 # must be marked seeded, the reserving process's id, the prefix of the processes' liveness keys, their lease (ms)
 # and an id this process never gave before. The parts of dead processes are taken off each sum first (L{_SUMS}).
-# Where a sum is not marked seeded (lost by Redis, or never seeded) nothing is added: returns {-1}; where one holds
+# Where a sum is not marked seeded with the mark of now (lost by Redis, never seeded, or seeded before Redis went
+# back) nothing is added: returns {-1}; where one holds
 # its largest already (a budget spent, reservations of the requests in flight counted), nothing either: returns
 # {0, tokens, cost of each key}; else every sum is added to, and the process's part of it, and the process's
 # liveness key is set: returns {1, the id of the process's part of each sum}. A part that starts (none, or taken
 # off as a dead process's: paused past its lease) gets the new id: a settlement names the part it was reserved in.
 _RESERVE = _SUMS + """
-local n = #KEYS
-local marked = ARGV[5 * n + 1] == '1'
+local n = #KEYS - 1
+local marked = ARGV[5 * n + 1] == '1' and seeded_as(KEYS[n + 1])
 local owner, alive, new = ARGV[5 * n + 2], ARGV[5 * n + 3], ARGV[5 * n + 5]
 local ft, fc, fg = 'rt:' .. owner, 'rc:' .. owner, 'rg:' .. owner
 local sums, parts = {1}, {1}
@@ -775,7 +797,7 @@ for i = 1, n do
   local h = lapse(KEYS[i], alive, owner)
   parts[i + 1] = h[fg]
   if not (h[ft] or h[fc]) or not h[fg] then parts[i + 1] = false end
-  if marked and not h['s'] then return {-1} end
+  if marked and h['s'] ~= marked then return {-1} end
   local t, c = tonumber(h['t'] or '0'), tonumber(h['c'] or '0')
   sums[2 * i], sums[2 * i + 1] = string.format('%.0f', t), string.format('%.17g', c)
   local mt, mc = ARGV[5 * i - 4], ARGV[5 * i - 3]
@@ -796,6 +818,24 @@ end
 redis.call('SET', alive .. owner, 1, 'PX', ARGV[5 * n + 4])
 return parts
 """
+
+
+# The server a new connection reached (L{RedisCounters._connected}): KEYS the key naming the server the budget sums
+# were last marked seeded on, then the seed mark's key (L{_SUMS}); ARGV the server's run id (INFO's: new at each
+# start of a server; '' where INFO is refused) and a mark never given before. On a server other than the one named
+# (restarted, from a snapshot or empty; failed over to a replica that missed the last writes) the sums are marked
+# anew: each is seeded again from the usage ledger at its next use, whichever process uses it (L{_SEED}). Returns
+# the mark of now.
+_NEW_SERVER = """
+if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1])
+  redis.call('SET', KEYS[2], ARGV[2])
+end
+return redis.call('GET', KEYS[2]) or '1'
+"""
+
+# A server's run id in its INFO.
+_RUN_ID = re.compile(rb"^run_id:(\w+)", re.MULTILINE)
 
 
 class _Down(Exception):
@@ -839,6 +879,9 @@ class RedisCounters(_Forms):
         self._parts = itertools.count(1)  # ids of this process's parts of budget sums (L{_RESERVE})
         # counted up by each settlement of this process (L{_SETTLE}): the highest Redis answered
         self._generation_key, self._generation = prefix + "generation|" + uuid.uuid4().hex, 0
+        # the budget sums' seed mark (L{_SUMS}) and the server it was last given on (L{_NEW_SERVER}); the mark
+        # this process saw last (a new one: Redis went back)
+        self._seeded_key, self._server_key, self._mark = prefix + "seeded", prefix + "server", None
         # called (with no argument) when Redis is found gone back to an earlier state (L{_went_back})
         self.went_back = []
         self._renewal = LoopingCall(self._renew)
@@ -856,9 +899,12 @@ class RedisCounters(_Forms):
         self._settle = redis.register_script(_SETTLE)
         self._spent = redis.register_script(_SPENT)
         self._peek = redis.register_script(_PEEK)
-        from redis import RedisError
+        from redis import RedisError, ResponseError
 
         self._errors = RedisError
+        self._refused = ResponseError
+        # each new connection first tells which server it reached (L{_connected})
+        redis.connection_pool.connection_kwargs["redis_connect_func"] = self._connected
 
     @classmethod
     def from_url(cls, url, reactor, prefix="gomodel:limits:", timeout=1.0, **kwargs):
@@ -1192,14 +1238,41 @@ class RedisCounters(_Forms):
         settlement or charge, flushed), which holds C{generation} for this process: its parts of the budget sums
         start anew (L{_unanswered}) and each of L{went_back} is told (L{gomodel.limits.budgets.BudgetBook} seeds its
         sums again). Found by a settlement or a charge (L{spend_all}), or within C{lease_ttl/3} seconds by the
-        renewal (which then puts back the leases held here that the earlier state lacks)."""
-        self._generation = generation
+        renewal (which then puts back the leases held here that the earlier state lacks); or as a connection
+        reaches a new server (L{_connected}). Every sum, whichever process seeded it, is seeded again at its next
+        use: the sums are marked anew (L{_NEW_SERVER}; found here, the server is the same: the mark is given)."""
+        if generation is not None:  # (read with the sums: after this write, L{_writing})
+            self._writing([self._seeded_key], self._run(None, self._redis.set, self._seeded_key, uuid.uuid4().hex))
+        self._generation = generation or 0
         self._unanswered()
         self.log.warn("Redis went back to an earlier state (restored from a snapshot, flushed), or this process "
                       "charged nothing for a day (its count lapsed): budget sums are seeded again from the usage "
                       "ledger")
         for told in self.went_back:
             told()
+
+    def _connected(self, connection):
+        """redis-py's C{redis_connect_func}, in a Redis thread: set up a new connection as usual, then learn which
+        server it reached before anything else is sent on it (L{_NEW_SERVER}): a new one (restarted from a
+        snapshot, failed over) has the budget sums marked anew, so that none is read as seeded before it is seeded
+        again from the usage ledger, the spending of processes gone since counted too. A new mark is Redis gone
+        back for this process too (L{_went_back}). Fails as a command does (the connection is then closed)."""
+        connection.on_connect()
+        connection.send_command("INFO", "server")
+        try:
+            found = _RUN_ID.search(_bytes(connection.read_response()))
+        except self._refused:  # (INFO not allowed: a managed Redis, an ACL) not noticed so
+            found = None
+        server = found.group(1).decode() if found else ""
+        connection.send_command("EVAL", _NEW_SERVER, 2, self._server_key, self._seeded_key, server, uuid.uuid4().hex)
+        self._reactor.callFromThread(self._marked, _bytes(connection.read_response()).decode())
+
+    def _marked(self, mark):
+        """C{mark}: the sums' seed mark a new connection found (L{_connected}); other than the last, Redis went
+        back."""
+        seen, self._mark = self._mark, mark
+        if seen is not None and mark != seen:
+            self._went_back(None)
 
     def _unanswered(self):
         """A reservation or settlement that Redis did not answer (it may run it later, or have run it): this
@@ -1213,11 +1286,12 @@ class RedisCounters(_Forms):
 
     def spent_all(self, buckets):
         keys = [self._prefix + b for b in buckets]
+        keys.append(self._seeded_key)
         return self._after_writes(keys, [(0, 0.0)] * len(buckets), self._spent_sync, keys)
 
     def _spent_sync(self, keys):
         reply = self._spent(keys=keys, args=[self._alive])
-        return [(int(reply[3 * i]), float(reply[3 * i + 1])) for i in range(len(keys))]
+        return [(int(reply[3 * i]), float(reply[3 * i + 1])) for i in range(len(keys) - 1)]
 
     def peek(self, specs, slots):
         keys = [self._prefix + bucket for bucket, _, _ in specs] + [self._prefix + bucket for bucket in slots]
@@ -1244,6 +1318,7 @@ class RedisCounters(_Forms):
                 for x in (int(tokens), repr(float(cost)), "" if expires is None else int(math.ceil(expires)),
                           "1" if again else "")]
         args.append(self._alive)
+        keys.append(self._seeded_key)
         return self._after_writes(keys, 0, self._seed, keys, args)
 
     def reserve_all(self, items, seeded=True):
@@ -1264,6 +1339,7 @@ class RedisCounters(_Forms):
         args += ("1" if seeded else "", self._owner, self._alive, self._lease_ms, next(self._parts))
         # (after the writes of its sums in flight, as a read; not itself waited for by the next ones: a request's
         # reservation is in before its answer goes out, and reservations at once are each atomic)
+        keys.append(self._seeded_key)
         d = self._after_writes(keys, (None, None), self._reserve_sync, keys, args)
         if any(item[3] or item[4] for item in items):  # (one of nothing is never settled: see BudgetBook.settle)
             d.addCallback(self._reserved)
@@ -1283,7 +1359,7 @@ class RedisCounters(_Forms):
             return 1, [int(part) for part in reply[1:]]
         if state != 0:
             return state, None
-        return 0, [(int(float(reply[2 * i + 1])), float(reply[2 * i + 2])) for i in range(len(keys))]
+        return 0, [(int(float(reply[2 * i + 1])), float(reply[2 * i + 2])) for i in range(len(keys) - 1)]
 
     def spent_seeded(self, buckets):
         """L{spent_all}, and which of C{buckets} are not marked seeded (L{seed_all}): sums that Redis lost
@@ -1291,10 +1367,11 @@ class RedisCounters(_Forms):
 
         @return: a Deferred firing with C{(sums, unseeded buckets)}; while Redis is unreachable, zeros and none.
         """
-        return self._after_writes([self._prefix + b for b in buckets], ([(0, 0.0)] * len(buckets), []),
-                                  self._spent_seeded_sync, buckets)
+        keys = [self._prefix + b for b in buckets]
+        keys.append(self._seeded_key)
+        return self._after_writes(keys, ([(0, 0.0)] * len(buckets), []), self._spent_seeded_sync, keys, buckets)
 
-    def _spent_seeded_sync(self, buckets):
-        reply = self._spent(keys=[self._prefix + bucket for bucket in buckets], args=[self._alive])
+    def _spent_seeded_sync(self, keys, buckets):
+        reply = self._spent(keys=keys, args=[self._alive])
         return ([(int(reply[3 * i]), float(reply[3 * i + 1])) for i in range(len(buckets))],
                 [bucket for i, bucket in enumerate(buckets) if not reply[3 * i + 2]])
