@@ -940,6 +940,39 @@ async def test_the_model_list_names_no_file_of_the_upstreams_host(reactor, http,
         await stop_all(gw, vllm)
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_model_a_vllm_lists_by_its_path_is_known_by_the_paths_last_part(reactor, http, tmp_path):
+    """A vLLM started with C{--model /srv/models/X} and no C{--served-model-name} lists the path as the model's id
+    (and a LoRA's base): C{/v1/models} lists it by the path's last part (C{vllm/X}, its LoRA's C{parent} too),
+    for any key; a chat, a Messages and a Responses request by that name (qualified or bare) or by the path reaches
+    the vLLM with the path, for a key allowed the listed name. Before, every key was told the path, and a client
+    had to send it."""
+    path = "/srv/models/" + BARE.split("/")[1]
+    public = "vllm/" + BARE.split("/")[1]
+    vllm = await start_fake(reactor, models=[path])
+    vllm.loras["sql-lora"] = ("/mnt/adapters/sql-lora", path)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": vllm.base_url, "GOMODEL_MASTER_KEY": MASTER,
+                                       "GOMODEL_DATA_DIR": str(tmp_path)})
+    try:
+        managed = await new_key(http, gw, models=[public, "vllm/sql-lora"])
+        for key in (MASTER, managed):
+            response, content = await call(http, gw, "/v1/models", key=key, method="GET")
+            assert response.code == 200 and shows_none(content, "/srv", "/mnt"), content
+            assert [(m["id"], m["root"], m["parent"]) for m in json.loads(content)["data"]] == [
+                (public, public, None), ("vllm/sql-lora", "vllm/sql-lora", public)]
+            response, content = await call(http, gw, "/v1/models/" + public, key=key, method="GET")
+            assert response.code == 200 and json.loads(content)["id"] == public, content
+        for key, model in ((managed, public), (managed, BARE.split("/")[1]), (MASTER, path)):
+            for route, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                                ("/v1/messages", {"max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}),
+                                ("/v1/responses", {"input": "hi"})):
+                response, content = await call(http, gw, route, dict(body, model=model), key=key)
+                assert response.code == 200, (route, model, content)
+                assert inference(vllm)[-1].body["model"] == path, (route, model)
+    finally:
+        await stop_all(gw, vllm)
+
+
 def raw_answer(body: bytes, *head) -> bytes:
     """A whole HTTP answer, 200 JSON, of C{body} (its length said), with the C{head} lines."""
     lines = [b"HTTP/1.1 200 OK", b"Content-Type: application/json", b"Content-Length: %d" % len(body), *head]

@@ -8,7 +8,7 @@ from gomodel.errors import InvalidRequest, ModelNotFound, UpstreamUnreachable
 from gomodel.routing.health import ReplicaMonitor
 from gomodel.routing.pool import Replica, ReplicaPool
 from gomodel.routing.registry import ModelRegistry
-from gomodel.routing.selectors import parse_selector
+from gomodel.routing.selectors import parse_selector, public_id
 
 
 class StubProvider:
@@ -102,6 +102,25 @@ def test_one_model_by_its_listed_id_or_as_a_request_names_it():
         assert registry.model(missing) is None, missing  # (a provider whose models are not known lists none)
     with pytest.raises(InvalidRequest):
         registry.model("shared")
+    monitor.stopService()
+
+
+def test_a_model_listed_by_a_path_is_known_by_its_last_part():
+    """A vLLM started with C{--model PATH} and no C{--served-model-name} lists the path: the model is listed (and
+    reached) by the path's last part (a Hugging Face cache's by its hub id), the path sent upstream; a hub id, or a
+    name without slashes, is as it came; a path whose last part another model has is left unlisted, still reached
+    by its path."""
+    assert [public_id(i) for i in ("/srv/models/Llama-3.1-8B", "./models/q", "~/m", "a/b/c", "C:\\models\\q",
+                                   "/root/.cache/huggingface/hub/models--meta-llama--Llama-3.1-8B/snapshots/0a1b")] == [
+        "Llama-3.1-8B", "q", "m", "c", "q", "meta-llama/Llama-3.1-8B"]
+    assert [public_id(i) for i in ("meta-llama/X", "gpt-4o", "x.y/z")] == ["meta-llama/X", "gpt-4o", "x.y/z"]
+    a = StubProvider("vllm", models=["/srv/models/Llama-3.1-8B", "/srv/other/X", "X"])
+    clock, registry, monitor = started(a)
+    assert [m["id"] for m in registry.models()] == ["vllm/Llama-3.1-8B", "vllm/X"]
+    for selector in ("vllm/Llama-3.1-8B", "Llama-3.1-8B", "/srv/models/Llama-3.1-8B"):
+        assert route(registry, selector) == (a, "/srv/models/Llama-3.1-8B"), selector
+    assert route(registry, "vllm/X") == (a, "X") and route(registry, "/srv/other/X") == (a, "/srv/other/X")
+    assert registry.model("Llama-3.1-8B")["id"] == "vllm/Llama-3.1-8B"
     monitor.stopService()
 
 

@@ -19,6 +19,7 @@ from gomodel.proxy.exchange import UpstreamCall, UsageTap
 from gomodel.proxy.sse import ChatStreamObserver
 from gomodel.routing.affinity import affinity_key
 from gomodel.routing.registry import ready_first
+from gomodel.routing.selectors import public_id
 from gomodel.translate.openai_body import OPENAI_TYPES, for_openai
 from gomodel.upstream.errors import without_address
 
@@ -560,8 +561,12 @@ def held(registry, route, previous, principal):
 
 def may_route(principal, route) -> bool:
     """Whether C{principal}'s selectors admit C{route}: by its qualified id, or by its model's id at its
-    provider (as C{/v1/models} lists it)."""
-    return principal.allows(qualified(route)) or principal.names(route.upstream_model)
+    provider; a model listed by a path, by its public id (as C{/v1/models} lists it: L{public_id}) too."""
+    model = route.upstream_model
+    if principal.allows(f"{route.provider.name}/{model}") or principal.names(model):
+        return True
+    public = public_id(model)
+    return public != model and (principal.allows(f"{route.provider.name}/{public}") or principal.names(public))
 
 
 def _allowed_target(registry, name, principal):
@@ -577,8 +582,8 @@ def _allowed_target(registry, name, principal):
 
 
 def qualified(route) -> str:
-    """C{provider/upstream-model} of a route."""
-    return f"{route.provider.name}/{route.upstream_model}"
+    """C{provider/model} of a route, its model by its public id (L{public_id})."""
+    return f"{route.provider.name}/{public_id(route.upstream_model)}"
 
 
 _EXAMPLE_MODEL = "'vllm/meta-llama/Llama-3.1-8B-Instruct'"

@@ -14,7 +14,7 @@ from twisted.logger import Logger
 
 from gomodel import jsonutil
 from gomodel.errors import AmbiguousModel, InvalidRequest, ModelNotFound
-from gomodel.routing.selectors import parse_selector, qualified
+from gomodel.routing.selectors import parse_selector, public_id, qualified
 from gomodel.routing.virtual import VirtualModel
 
 
@@ -49,6 +49,7 @@ class ModelRegistry:
                                         for m in pool.configured_models} for pool in self._pools}
         self._models_body = None
         self._routes = {}  # selector -> Route, for the current inventories
+        self._renamed = {}  # provider name -> its public ids of models listed by a path (L{_names})
         self._ready_waiters = []
 
     @property
@@ -88,6 +89,7 @@ class ModelRegistry:
         """A replica's models changed: listings and resolutions are computed again."""
         self._models_body = None
         self._routes = {}
+        self._renamed = {}
         self._check_ready()
 
     def replicas_changed(self):
@@ -136,12 +138,44 @@ class ModelRegistry:
         return out
 
     def provider_models(self, pool):
-        """C{(qualified id, model object)} of each model C{pool} serves under its own name: one a virtual model
-        is named as is what that name reaches, the virtual model (listed by L{virtual_models})."""
+        """C{(qualified id, model object)} of each model C{pool} serves under its own name, its public id
+        (L{public_id}: one listed by a path, by the path's last part; one whose public id another of its models
+        has is left out, L{_names}): one a virtual model is named as is what that name reaches, the virtual model
+        (listed by L{virtual_models})."""
+        renamed = self._names(pool)
         for upstream_id, model in (self.inventory(pool) or {}).items():
-            name = qualified(pool.name, upstream_id)
+            public = public_id(upstream_id)
+            if public != upstream_id and renamed.get(public) != upstream_id:
+                continue
+            name = qualified(pool.name, public)
             if name not in self._virtual:
                 yield name, model
+
+    def _names(self, pool) -> dict:
+        """Public id -> upstream id of each model C{pool} serves that a client knows by another name (one it
+        lists by a path: L{public_id}), worked out once per inventory; one whose public id is another of its models'
+        id, or that of one before it, is not (it is left unlisted: a warning says so)."""
+        names = self._renamed.get(pool.name)
+        if names is None:
+            names = self._renamed[pool.name] = {}
+            served = self.inventory(pool) or {}
+            for upstream_id in served:
+                public = public_id(upstream_id)
+                if public == upstream_id:
+                    continue
+                if public in served or public in names:
+                    self.log.warn("Provider {provider}: a model listed by a path is not listed, its name {name!r} "
+                                  "being another model's", provider=pool.name, name=public)
+                    continue
+                names[public] = upstream_id
+        return names
+
+    def _upstream_id(self, pool, served, name):
+        """The upstream id of the model of C{pool}'s (C{served}, its inventory) that a client names C{name} (its
+        upstream id, or its public id: L{_names}), or None where it serves none so named."""
+        if name in served:
+            return name
+        return self._names(pool).get(name)
 
     def virtual_models(self) -> list:
         """The virtual models' entries of L{models}: C{owned_by} C{gomodel} (as a provider of that name's
@@ -170,7 +204,7 @@ class ModelRegistry:
             route = self._real(selector)
         except ModelNotFound:
             return None
-        wanted = qualified(route.provider.name, route.upstream_model)
+        wanted = qualified(route.provider.name, public_id(route.upstream_model))
         for entry in models:  # absent while its provider's models are not known yet
             if entry["id"] == wanted:
                 return entry
@@ -223,8 +257,9 @@ class ModelRegistry:
             parsed = parse_selector(selector)
             if parsed.prefix is None:
                 return [route]
-            return [route] + [Route(pool, parsed.rest) for pool in self._pools if pool is not route.provider
-                              and pool.type == parsed.prefix and parsed.rest in (self.inventory(pool) or ())]
+            others = [(pool, self._upstream_id(pool, self.inventory(pool) or {}, parsed.rest)) for pool in self._pools
+                      if pool is not route.provider and pool.type == parsed.prefix]
+            return [route] + [Route(pool, upstream) for pool, upstream in others if upstream is not None]
         routes = []
         for target, _ in virtual.targets:
             try:
@@ -267,8 +302,9 @@ class ModelRegistry:
                 pool for pool in self._pools if pool.type == parsed.prefix and pool is not named]
             inventories = [(pool, self.inventory(pool)) for pool in candidates]
             for pool, models in inventories:
-                if models is not None and parsed.rest in models:
-                    return Route(pool, parsed.rest)
+                upstream = None if models is None else self._upstream_id(pool, models, parsed.rest)
+                if upstream is not None:
+                    return Route(pool, upstream)
             for pool, models in inventories:
                 if models is None:  # not discovered yet: its replicas will say when they are ready
                     return Route(pool, parsed.rest)
@@ -284,7 +320,12 @@ class ModelRegistry:
     def serving(self, model_id: str) -> list:
         """A route to each provider whose models (those known) include the bare id C{model_id}, in the order
         configured."""
-        return [Route(pool, model_id) for pool in self._pools if model_id in (self.inventory(pool) or ())]
+        routes = []
+        for pool in self._pools:
+            upstream = self._upstream_id(pool, self.inventory(pool) or {}, model_id)
+            if upstream is not None:
+                routes.append(Route(pool, upstream))
+        return routes
 
 
 def ready_first(routes) -> list:
@@ -309,12 +350,13 @@ def _by_weight(targets) -> list:
 def _public(entry: dict, provider: str, served: dict):
     """C{entry} (a model of C{provider}'s, its id qualified) without what names its upstream's files: vLLM's C{root},
     the path (or hub id) its weights or a LoRA adapter were loaded from on its host, is its id; C{parent}, a LoRA's
-    base model by its upstream id, that model's qualified id (None where C{provider} does not list it)."""
+    base model by its upstream id, that model's qualified (public) id (None where C{provider} does not list it)."""
     if "root" in entry:
         entry["root"] = entry["id"]
     parent = entry.get("parent")
     if parent is not None:
-        entry["parent"] = qualified(provider, parent) if parent.__class__ is str and parent in served else None
+        entry["parent"] = qualified(provider, public_id(parent)) if parent.__class__ is str and parent in served \
+            else None
 
 
 def _live(route) -> int:

@@ -1,5 +1,6 @@
 """Model selectors: C{provider/upstream-model}, split on the first slash only."""
 
+import re
 from typing import NamedTuple, Optional
 
 
@@ -20,3 +21,21 @@ def parse_selector(raw: str) -> Selector:
 def qualified(provider_name: str, upstream_model: str) -> str:
     """The public id of C{upstream_model} served by C{provider_name}."""
     return f"{provider_name}/{upstream_model}"
+
+
+def public_id(upstream_id: str) -> str:
+    """The id a client knows C{upstream_id} by: a model a vLLM lists by the path it was loaded from (started with
+    C{--model /srv/models/Llama-3.1-8B} and no C{--served-model-name}; one that begins with C{/}, C{./}, C{../} or
+    C{~}, holds a backslash or more than one slash, as no hub id does) by the path's last component (a hub cache's
+    C{models--org--name/snapshots/<hash>} by C{org/name}); any other as it is."""
+    if _PATH_LIKE.search(upstream_id) is None:
+        return upstream_id
+    parts = [part for part in upstream_id.replace("\\", "/").split("/") if part not in ("", ".", "..", "~")]
+    for part in reversed(parts):
+        if part.startswith("models--"):  # (Hugging Face's cache: models--{org}--{name}/snapshots/{revision})
+            return part[len("models--"):].replace("--", "/", 1)
+    return parts[-1] if parts else upstream_id
+
+
+# What a path names, as a model id: where it starts, or its separators (a hub id is C{org/name}: one slash)
+_PATH_LIKE = re.compile(r"^[/~]|^\.\.?/|\\|/.*/")
