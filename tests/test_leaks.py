@@ -1020,6 +1020,43 @@ async def test_a_passthrough_success_names_no_upstream_but_in_the_models_words(h
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_translated_answer_carries_no_kv_transfer_params(reactor, http, tmp_path):
+    """A Messages answer the gateway makes of a chat completion, and a Responses object it makes of one, whole and
+    streamed, carry none of the chat answer's C{kv_transfer_params} (a prefill engine's id, host and port, naming
+    no address of the configured upstream: no search for it would find one): they are made of the answer's words
+    and usage alone."""
+    vllm = await start_fake(reactor, responses=False, messages=False)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": vllm.base_url, "GOMODEL_MASTER_KEY": MASTER,
+                                       "GOMODEL_DATA_DIR": str(tmp_path)})
+    kv = {"do_remote_decode": False, "remote_engine_id": "prefill-7", "remote_host": "10.9.8.7", "remote_port": 5600,
+          "remote_block_ids": [4, 5]}
+    said = ("remote_engine_id", "prefill-7", "10.9.8.7", "5600", "kv_transfer_params")
+    chat = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": BARE, "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}, "kv_transfer_params": kv}
+    chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": BARE}
+    sse = [json.dumps(dict(chunk, choices=[{"index": 0, "delta": {"role": "assistant", "content": "hi"},
+                                            "finish_reason": None}])),
+           json.dumps(dict(chunk, choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}], kv_transfer_params=kv)),
+           json.dumps(dict(chunk, choices=[], usage=chat["usage"], kv_transfer_params=kv)), "[DONE]"]
+    try:
+        for stream in (False, True):
+            if stream:
+                vllm.raw.clear()
+                vllm.steer = {"fake_sse": sse}
+            else:
+                vllm.raw[b"/v1/chat/completions"] = (raw_answer(json.dumps(chat).encode()), False)
+            for path, body in (("/v1/messages", {"max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}),
+                               ("/v1/responses", {"input": "hi"})):
+                response, content = await call(http, gw, path, dict(body, model=MODEL, stream=stream))
+                assert response.code == 200 and b"hi" in content, (path, stream, content)
+                assert inference(vllm)[-1].path == b"/v1/chat/completions", (path, stream)
+                assert shows_none(content, *said), (path, stream, content)
+    finally:
+        await stop_all(gw, vllm)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_passthrough_model_list_names_no_file_of_the_upstreams_host(http, two):
     """C{/p/vllm/v1/models}, vLLM's own list, has each model's C{root} its id, as C{/v1/models} does (its
     C{parent}, a LoRA's base by its id at that vLLM, as it came), for any key. Before, the weights' paths."""
