@@ -51,7 +51,7 @@ class _GoneRequest:
 class _Pool:
     """What a relay reads of the provider's pool."""
 
-    name, hidden, hidden_pattern = "u", (), None
+    name, hidden, hidden_pattern, renamed = "u", (), None, {}
 
 
 class _BrokenResponse:

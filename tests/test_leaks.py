@@ -945,8 +945,9 @@ async def test_a_model_a_vllm_lists_by_its_path_is_known_by_the_paths_last_part(
     """A vLLM started with C{--model /srv/models/X} and no C{--served-model-name} lists the path as the model's id
     (and a LoRA's base): C{/v1/models} lists it by the path's last part (C{vllm/X}, its LoRA's C{parent} too),
     for any key; a chat, a Messages and a Responses request by that name (qualified or bare) or by the path reaches
-    the vLLM with the path, for a key allowed the listed name. Before, every key was told the path, and a client
-    had to send it."""
+    the vLLM with the path, for a key allowed the listed name; its answers, whole and streamed (chat's chunks,
+    Messages' and Responses' events, native or made of a chat answer), name it by that name (vLLM echoes the path).
+    Before, every key was told the path, and a client had to send it."""
     path = "/srv/models/" + BARE.split("/")[1]
     public = "vllm/" + BARE.split("/")[1]
     vllm = await start_fake(reactor, models=[path])
@@ -967,8 +968,11 @@ async def test_a_model_a_vllm_lists_by_its_path_is_known_by_the_paths_last_part(
                                 ("/v1/messages", {"max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}),
                                 ("/v1/responses", {"input": "hi"})):
                 response, content = await call(http, gw, route, dict(body, model=model), key=key)
-                assert response.code == 200, (route, model, content)
+                assert response.code == 200 and shows_none(content, "/srv"), (route, model, content)
                 assert inference(vllm)[-1].body["model"] == path, (route, model)
+                response, content = await call(http, gw, route, dict(body, model=model, stream=True), key=key)
+                assert response.code == 200 and shows_none(content, "/srv"), (route, model, content)
+                assert f'"model":"{public[5:]}"'.encode() in content.replace(b": ", b":"), (route, model, content)
     finally:
         await stop_all(gw, vllm)
 

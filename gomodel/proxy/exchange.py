@@ -48,6 +48,7 @@ from gomodel.http.headers import (CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, E
 from gomodel.interfaces import IStreamObserver
 from gomodel.proxy import gather as gathered
 from gomodel.proxy.relay import END_LINGER, ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
+from gomodel.proxy.renamed import RenamedStream, model_named
 from gomodel.proxy.sse import (MAX_EVENT_BYTES, RESPONSE_END_TYPES, SSEFramer, StreamIncomplete, error_in,
                                event_around, event_kind, event_object, events_end, failure_in)
 from gomodel.routing.pool import HOLD_MAX
@@ -315,6 +316,10 @@ class Exchange:
                 gather = gathered.BY_PATH.get(path)
                 if gather is not None:
                     return await self._gathered(request, ctx, upstream, response, call, path, gather)
+            elif upstream.renamed:  # (a model it lists by a path: its events name it as clients know it)
+                named = model_named(upstream, ctx.upstream_model)
+                if named is not None:
+                    observer = RenamedStream(observer, named)
             ctx.stream = True
             return await self._relay_stream(request, ctx, upstream, response, observer, True, call.counted)
         # (a proxy's page, a web UI's: no API answers in text but its events and a transcription's text, srt or vtt,
@@ -725,6 +730,10 @@ class Exchange:
             ctx.usage, ctx.estimated = usage_of(body), False
             if ctx.usage is None:  # (a binary answer's is in its metadata)
                 ctx.usage, ctx.estimated = binary_usage(response, call.counted)
+        if upstream.renamed and not call.raw:  # (a model it lists by a path: named as clients know it)
+            named = model_named(upstream, ctx.upstream_model)
+            if named is not None:
+                body = named(body)
         request.responseHeaders.put(CONTENT_LENGTH, b"%d" % len(body))
         ctx.first_byte_written()
         return body

@@ -512,6 +512,9 @@ class ReplicaPool:
         # an upstream's header or error that names one of its addresses holds (L{gomodel.http.headers
         # .copy_response_headers}, L{gomodel.addresses.marks}); None: none.
         self.hidden_pattern = marks(self.hidden)
+        # upstream id -> public id of each model it lists by a path (set by the registry, L{gomodel.routing.registry
+        # .ModelRegistry._names}): its answers name it by the public id (L{gomodel.proxy.renamed})
+        self.renamed = {}
         self._clock = clock
         self._strategy = strategy
         self._drawn = strategy in ("round_robin", "random")  # (not scored by load: L{_choose}'s one test for them)

@@ -909,6 +909,9 @@ class FakeVLLM(Resource):
         if options.get("include_usage") and options.get("continuous_usage_stats"):
             for generated, event in enumerate(events):  # vLLM's: the prompt's count on every chunk, the first too
                 event["usage"] = {"prompt_tokens": 18, "total_tokens": 18 + generated, "completion_tokens": generated}
+        if body.get("model") != CHAT_MODEL and body.get("model") in self.models:  # (vLLM's: the id it was sent)
+            for event in events:
+                event["model"] = body["model"]
         payloads = [b"data: " + jsonutil.dumps(e) + b"\n\n" for e in events]
         pace = float(body.get("fake_pace", 0))
         die_after = body.get("fake_die_after")

@@ -1,0 +1,40 @@
+"""Answers of a model a provider lists by a path (L{gomodel.routing.selectors.public_id}), naming it by the id
+clients know it by: vLLM echoes the id it was sent (the path) in each answer's, chunk's and event's C{model}."""
+
+import re
+
+from gomodel import jsonutil
+
+
+class ModelNamed:
+    """C{(upstream id, public id)}'s way of writing what names the first (C{"model": "/srv/models/X"}) with the
+    second: the C{model} members of a JSON answer or of whole events (a string naming it elsewhere, the model's
+    words, is its escaped quotes' and never matches)."""
+
+    def __init__(self, upstream_id: str, public: str):
+        self._pattern = re.compile(rb'("model"\s*:\s*)' + re.escape(jsonutil.dumps(upstream_id)))
+        self._public = rb"\g<1>" + jsonutil.dumps(public).replace(b"\\", b"\\\\")
+
+    def __call__(self, data: bytes) -> bytes:
+        return self._pattern.sub(self._public, data) if data else data
+
+
+def model_named(upstream, upstream_id):
+    """The L{ModelNamed} for C{upstream_id} at C{upstream} (a pool), or None where it lists the model by its id."""
+    public = upstream.renamed.get(upstream_id)
+    return None if public is None else ModelNamed(upstream_id, public)
+
+
+class RenamedStream:
+    """A stream observer's events (whole, as it passes them) written by C{named} (a L{ModelNamed}); all else is
+    the observer's."""
+
+    def __init__(self, observer, named):
+        self._observer = observer
+        self._named = named
+
+    def feed(self, data: bytes) -> bytes:
+        return self._named(self._observer.feed(data))
+
+    def __getattr__(self, name):
+        return getattr(self._observer, name)
