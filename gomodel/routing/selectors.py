@@ -26,7 +26,8 @@ def qualified(provider_name: str, upstream_model: str) -> str:
 def public_id(upstream_id: str) -> str:
     """The id a client knows C{upstream_id} by: a model a vLLM lists by the path it was loaded from (started with
     C{--model /srv/models/Llama-3.1-8B} and no C{--served-model-name}; one that begins with C{/}, C{./}, C{../} or
-    C{~}, holds a backslash or more than one slash, as no hub id does) by the path's last component (a hub cache's
+    C{~}, or holds a backslash, as no hub id or served name does: C{a/b/c} may be either, and is left as it is) by
+    the path's last component (a hub cache's
     C{models--org--name/snapshots/<hash>} by C{org/name}); any other as it is."""
     if _PATH_LIKE.search(upstream_id) is None:
         return upstream_id
@@ -37,5 +38,5 @@ def public_id(upstream_id: str) -> str:
     return parts[-1] if parts else upstream_id
 
 
-# What a path names, as a model id: where it starts, or its separators (a hub id is C{org/name}: one slash)
-_PATH_LIKE = re.compile(r"^[/~]|^\.\.?/|\\|/.*/")
+# What a path names, as a model id: where it starts, or a Windows separator
+_PATH_LIKE = re.compile(r"^[/~]|^\.\.?/|\\")
