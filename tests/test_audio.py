@@ -56,7 +56,7 @@ async def test_the_openai_sdk_transcribes_and_translates_through_the_gateway(aud
                                  language="en", prompt="say hé", temperature=0.2,
                                  timestamp_granularities=["word", "segment"], response_format="verbose_json")
         assert answer.text == "hé there" and answer.segments[0].end == 1.0
-        seen = fake.requests[-1]
+        seen = fake.last_request()
         assert seen.path == b"/v1/audio/transcriptions"
         assert seen.form["model"] == ASR and seen.form["file"] == AUDIO  # the file byte for byte
         assert (seen.form["language"], seen.form["prompt"], seen.form["temperature"]) == ("en", "say hé", "0.2")
@@ -68,7 +68,7 @@ async def test_the_openai_sdk_transcribes_and_translates_through_the_gateway(aud
                                    response_format=kind)
             assert text == shown, kind
         translated = await in_thread(client.audio.translations.create, model=MODEL, file=("a.wav", AUDIO))
-        assert translated.text == "hé there" and fake.requests[-1].path == b"/v1/audio/translations"
+        assert translated.text == "hé there" and fake.last_request().path == b"/v1/audio/translations"
     finally:
         client.close()
     await gw.service.usage.flush()
@@ -110,7 +110,7 @@ async def test_a_stream_is_relayed_its_usage_recorded_and_kept_from_a_client_tha
     chunks = [json.loads(event) for event in events[:-1]]
     assert "".join(c["choices"][0]["delta"]["content"] for c in chunks) == "hé there"
     assert all("usage" not in c for c in chunks)  # (asked for upstream on the client's behalf, taken out)
-    assert fake.requests[-1].form["stream_include_usage"] == "true"
+    assert fake.last_request().form["stream_include_usage"] == "true"
     response, content = await post_form(http, gw, {"model": MODEL, "stream": "true", "stream_include_usage": "true"})
     assert json.loads(content.decode().split("\n\n")[-3][6:])["usage"]["completion_tokens"] == 3
     await gw.service.usage.flush()
@@ -122,7 +122,7 @@ async def test_a_stream_is_relayed_its_usage_recorded_and_kept_from_a_client_tha
 @pytest_twisted.ensureDeferred
 async def test_forms_without_a_model_or_of_another_type_or_an_unknown_model_get_openai_errors(http, audio):
     gw, fake = audio
-    sent = len(fake.requests)
+    sent = len(fake.forwarded())
     response, content = await post_form(http, gw, {"language": "en"})
     assert response.code == 400 and jsonutil.loads(content)["error"]["code"] == "missing_required_parameter"
     response, content = await post_form(http, gw, {"model": "vllm/nope"})
@@ -155,7 +155,7 @@ async def test_forms_without_a_model_or_of_another_type_or_an_unknown_model_get_
     error = jsonutil.loads(await treq.content(response))["error"]
     assert (response.code, error["param"], error["code"]) == (400, "model", "invalid_value"), error
     assert "is not valid punycode" in error["message"], error
-    assert len(fake.requests) == sent
+    assert len(fake.forwarded()) == sent
 
 
 async def _managed_key(http, gw, **fields) -> dict:
@@ -188,7 +188,7 @@ async def test_a_token_limit_is_charged_for_the_forms_text_not_for_the_audio_fil
     response, content = await post_form(http, gw, {"model": MODEL, "prompt": "names: Zoë"}, key=key,
                                         file=AUDIO * 400)  # (about 100 KB)
     assert response.code == 200, content
-    assert fake.requests[-1].form["file"] == AUDIO * 400
+    assert fake.last_request().form["file"] == AUDIO * 400
 
 
 @pytest_twisted.ensureDeferred
@@ -199,7 +199,7 @@ async def test_the_passthroughs_audio_form_is_not_charged_its_file_either(http, 
     response, content = await post_form(http, gw, {"model": ASR}, key=key, file=AUDIO * 400,
                                         path="/p/vllm/v1/audio/transcriptions")
     assert response.code == 200, content
-    assert fake.requests[-1].form["file"] == AUDIO * 400
+    assert fake.last_request().form["file"] == AUDIO * 400
 
 
 @pytest_twisted.ensureDeferred
@@ -228,7 +228,7 @@ async def test_an_openai_compatible_providers_stream_is_relayed_as_it_streams_it
         events = [json.loads(line[6:]) for line in content.decode().split("\n\n") if line]
         assert [e["type"] for e in events] == ["transcript.text.delta"] * 2 + ["transcript.text.done"]
         assert events[-1]["usage"]["input_tokens"] == 9
-        assert "stream_include_usage" not in other.requests[-1].form
+        assert "stream_include_usage" not in other.last_request().form
         await gw.service.usage.flush()
         records, _ = await gw.service.store.usage.log(0, 2e9, 10)
         assert [(r["status_code"], r["input_tokens"], r["output_tokens"]) for r in records] == [(200, 9, 3)]
@@ -335,7 +335,7 @@ async def test_the_openai_sdk_makes_speech_through_the_gateway_whole_or_streamed
     try:  # (the client closed before the gateway and the fake are stopped)
         spoken = await in_thread(client.audio.speech.create, model="openai-other/tts-1", voice="alloy", input="hé")
         assert spoken.content == SPEECH and spoken.response.headers["content-type"] == "audio/mpeg"
-        seen = other.requests[-1]
+        seen = other.last_request()
         assert seen.path == b"/v1/audio/speech" and seen.body == {"model": "tts-1", "voice": "alloy", "input": "hé"}
         assert seen.header(b"authorization") == "Bearer sk-up"
         streamed = await in_thread(client.audio.speech.create, model="openai-other/tts-1", voice="alloy",

@@ -471,7 +471,7 @@ async def test_a_responses_line_translated_at_once_falls_back_as_online(reactor,
         (out,) = await file_lines(sdk, batch.output_file_id)
         body = out["response"]["body"]
         assert body["object"] == "response" and body["output"][0]["content"][0]["text"] == "héhéhé"
-        assert [r.path for r in first.requests][-1] == b"/v1/chat/completions"  # (translated at once)
+        assert first.last_request().path == b"/v1/chat/completions"  # (translated at once)
         [native] = [r for r in second.requests if r.path in (b"/v1/chat/completions", b"/v1/responses")]
         assert native.path == b"/v1/responses" and native.body["input"] == "Say 1."  # (natively there)
         assert body["id"] in second.stored_responses  # (its own response object, as its instance keeps it)
@@ -504,7 +504,7 @@ async def test_a_native_fallbacks_stream_nobody_asked_for_is_collected_as_the_pa
         (out,) = await file_lines(sdk, batch.output_file_id)
         body = out["response"]["body"]
         assert body["object"] == "response" and body["output"][0]["content"][0]["text"] == "héhéhé"
-        assert [r.path for r in second.requests][-1] == b"/v1/responses"
+        assert second.last_request().path == b"/v1/responses"
     finally:
         sdk.close()
         await stop_all(gw, first, second)

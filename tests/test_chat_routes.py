@@ -94,11 +94,11 @@ async def test_non_streaming_answer_is_relayed_byte_for_byte(http, gateway, fake
 async def test_request_id_taken_echoed_and_sent_upstream(http, gateway, fake):
     response, _ = await post(http, gateway, {"model": MODEL, "messages": []}, {"x-request-id": "abc-123"})
     assert response.headers.getRawHeaders("x-request-id") == ["abc-123"]
-    assert fake.requests[-1].header(b"x-request-id") == "abc-123"
+    assert fake.last_request().header(b"x-request-id") == "abc-123"
     response, _ = await post(http, gateway, {"model": MODEL, "messages": []})
     [generated] = response.headers.getRawHeaders("x-request-id")
     assert len(generated) == 32
-    assert fake.requests[-1].header(b"x-request-id") == generated
+    assert fake.last_request().header(b"x-request-id") == generated
 
 
 @pytest_twisted.ensureDeferred
@@ -111,7 +111,7 @@ async def test_client_credentials_never_go_upstream(reactor, http):
             http, gw, {"model": "vllm-test/meta-llama/Llama-3.1-8B-Instruct", "messages": []},
             {"authorization": "Bearer gateway-key", "x-api-key": "client-x", "cookie": "session=1"})
         assert response.code == 200, content
-        seen = fake.requests[-1]
+        seen = fake.last_request()
         assert seen.header(b"authorization") == "Bearer upstream-secret"
         assert seen.header(b"x-api-key") is None
         assert seen.header(b"cookie") is None
@@ -167,7 +167,7 @@ async def test_bad_requests_get_openai_errors(http, gateway, fake):
         assert response.code == status, (data, content)
         assert error_of(content)["code"] == code
         assert response.headers.getRawHeaders("content-type") == ["application/json"]
-    assert not inference_requests(fake)  # none of them went upstream
+    assert not fake.forwarded()  # none of them went upstream
     response, content = await post(http, gateway, {"model": "vllm/" + "x" * 10000, "messages": []})
     message = error_of(content)["message"]
     assert response.code == 404 and "x" * 251 + "…'" in message and len(message) < 400  # quoted, not echoed whole
@@ -206,7 +206,7 @@ async def test_a_compressed_body_is_a_415_that_says_so(http, gateway, fake):
                                    path="/v1/messages")
     assert response.code == 415
     assert jsonutil.loads(content)["type"] == "error"  # in Anthropic's envelope
-    assert len(inference_requests(fake)) == 1
+    assert len(fake.forwarded()) == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -223,12 +223,7 @@ async def test_a_model_that_is_no_text_is_invalid_type_on_every_route(http, gate
             else:
                 assert error_of(content)["code"] == "invalid_type" and error["param"] == "model"
             assert error["message"].startswith(f"'model' must be a string (e.g. '{MODEL}'), not {shown}"), error
-    assert not inference_requests(fake)
-
-
-def inference_requests(fake):
-    """What reached the fake besides its model list and health probes."""
-    return [r for r in fake.requests if r.path not in (b"/v1/models", b"/health")]
+    assert not fake.forwarded()
 
 
 @pytest_twisted.ensureDeferred
@@ -239,7 +234,7 @@ async def test_body_over_the_limit_is_413(reactor, http, fake):
         response, content = await post(http, gw, big)
         assert response.code == 413
         assert error_of(content)["code"] == "request_too_large"
-        assert not inference_requests(fake)
+        assert not fake.forwarded()
         small, _ = await post(http, gw, {"model": MODEL, "messages": []})
         assert small.code == 200
     finally:
@@ -277,7 +272,7 @@ async def test_upstream_errors_keep_status_and_get_the_envelope(http, gateway, f
 
 @pytest_twisted.ensureDeferred
 async def test_a_stream_flag_that_is_no_boolean_is_refused_before_the_upstream(http, gateway, fake):
-    before = len(fake.requests)
+    before = len(fake.forwarded())
     for path, body in (("/v1/chat/completions", {"model": MODEL, "messages": []}),
                        ("/v1/completions", {"model": MODEL, "prompt": "a"}),
                        ("/v1/responses", {"model": MODEL, "input": "a"})):
@@ -289,14 +284,14 @@ async def test_a_stream_flag_that_is_no_boolean_is_refused_before_the_upstream(h
         for flag in (None, False):
             response, _ = await post(http, gateway, dict(body, stream=flag), path=path)
             assert response.code == 200, (path, flag)
-    assert len(fake.requests) == before + 6
+    assert len(fake.forwarded()) == before + 6
 
 
 @pytest_twisted.ensureDeferred
 async def test_stream_options_that_are_no_object_or_an_include_usage_no_boolean_are_refused(http, gateway, fake):
     """vLLM reads include_usage 1 or "yes" as true and sends the usage chunk, which the gateway, forcing it on,
     then dropped as unasked (before): such a value is a 400, as OpenAI answers it (and as 'stream' is)."""
-    before = len(fake.requests)
+    before = len(fake.forwarded())
     for path, body in (("/v1/chat/completions", {"model": MODEL, "messages": [], "stream": True}),
                        ("/v1/completions", {"model": MODEL, "prompt": "a", "stream": True})):
         for options, param in (("x", "stream_options"), ([], "stream_options"), (7, "stream_options"),
@@ -311,7 +306,7 @@ async def test_stream_options_that_are_no_object_or_an_include_usage_no_boolean_
             assert response.code == 200 and b'"usage"' not in content, (path, options)
         response, content = await post(http, gateway, dict(body, stream_options={"include_usage": True}), path=path)
         assert response.code == 200 and content.count(b'"usage"') == 1
-    assert len(fake.requests) == before + 10
+    assert len(fake.forwarded()) == before + 10
 
 
 @pytest_twisted.ensureDeferred
@@ -381,7 +376,7 @@ async def test_upstream_timeout_is_504(reactor, http, fake):
         response, content = await answer
         assert response.code == 504
         assert error_of(content)["code"] == "upstream_timeout"
-        how, _ = await fake.requests[-1].closed
+        how, _ = await fake.last_request().closed
         assert how == "lost"
     finally:
         await gw.service.stopService()
@@ -401,10 +396,10 @@ async def test_ambiguous_bare_model_names_the_choices(reactor, http):
         assert "vllm-b/meta-llama/Llama-3.1-8B-Instruct" in error["message"]
         response, content = await post(http, gw, {"model": "only-b", "messages": []})
         assert response.code == 200
-        assert b.requests[-1].body["model"] == "only-b"
+        assert b.last_request().body["model"] == "only-b"
         response, content = await post(http, gw, {"model": "vllm-b/meta-llama/Llama-3.1-8B-Instruct", "messages": []})
         assert response.code == 200
-        assert b.requests[-1].path == b"/v1/chat/completions"
+        assert b.last_request().path == b"/v1/chat/completions"
     finally:
         await gw.service.stopService()
         await a.stop()
@@ -470,7 +465,7 @@ async def test_a_bare_id_several_providers_serve_names_to_a_key_only_the_provide
 
         response, content = await post(http, gw, {"model": BARE, "messages": []}, keys["one"])
         chats = [r for fake in fakes for r in fake.requests if r.path == b"/v1/chat/completions"]
-        assert response.code == 200 and chats == [fakes[1].requests[-1]] and chats[0].body["model"] == BARE
+        assert response.code == 200 and chats == [fakes[1].last_request()] and chats[0].body["model"] == BARE
         response = await http.get(gw.url + "/v1/models/" + BARE, headers=keys["one"])
         assert response.code == 200 and jsonutil.loads(await treq.content(response))["id"] == "vllm-b/" + BARE
 
@@ -517,16 +512,16 @@ async def test_a_key_reaches_a_model_by_its_provider_type_at_the_instance_it_may
         for path, body in (("/v1/chat/completions", {"messages": []}), ("/v1/responses", {"input": "hi"})):
             response, content = await post(http, gw, dict(body, model="vllm/" + BARE), key, path=path)
             assert response.code == 200, content
-            assert fakes[1].requests[-1].path == path.encode() and fakes[1].requests[-1].body["model"] == BARE
+            assert fakes[1].last_request().path == path.encode() and fakes[1].last_request().body["model"] == BARE
         response = await http.get(gw.url + "/v1/models/vllm/" + BARE, headers=key)
         assert response.code == 200 and jsonutil.loads(await treq.content(response))["id"] == "vllm-b/" + BARE
         response, content = await post(http, gw, {"model": "vllm/" + BARE, "messages": []}, master)
-        assert response.code == 200 and fakes[0].requests[-1].path == b"/v1/chat/completions"  # (the first)
+        assert response.code == 200 and fakes[0].last_request().path == b"/v1/chat/completions"  # (the first)
 
         fakes[1].steer = {"fake_status": 503}
         response, content = await post(http, gw, {"model": BARE, "messages": []}, key)
         assert response.code == 200, content
-        assert fakes[2].requests[-1].body["model"] == "other-model"
+        assert fakes[2].last_request().body["model"] == "other-model"
         assert not [r for r in fakes[0].requests if r.path == b"/v1/chat/completions"][1:]
     finally:
         await stop_all(gw, *fakes)

@@ -169,7 +169,7 @@ async def test_responses_background_and_store_must_be_booleans(http, gateway, fa
     """C{background} and C{store} that are no booleans are a 400 invalid_type, as C{stream} is: vLLM reads
     C{"yes"} or C{1} as true, so a C{"background": "yes"} was queued there while the gateway, which takes only
     true, neither kept nor watched it (and a C{"store": "no"} was kept here, not there)."""
-    sent = len(fake.requests)
+    sent = len(fake.forwarded())
     for field in ("background", "store"):
         for value in ("yes", "no", 1, 0, [], {}):
             response = await http.post(gateway.url + "/v1/responses", headers={"content-type": "application/json"},
@@ -177,7 +177,7 @@ async def test_responses_background_and_store_must_be_booleans(http, gateway, fa
             error = jsonutil.loads(await treq.content(response))["error"]
             assert (response.code, error["param"], error["code"]) == (400, field, "invalid_type"), (field, value)
             assert f"'{field}' must be a boolean" in error["message"]
-    assert len(fake.requests) == sent  # none went upstream
+    assert len(fake.forwarded()) == sent  # none went upstream
     for value in (True, False, None):
         response = await http.post(gateway.url + "/v1/responses", headers={"content-type": "application/json"},
                                    data=json.dumps({"model": MODEL, "input": "hi", "store": value}).encode())

@@ -139,7 +139,7 @@ async def test_latency_grows_with_load(reactor, client, replica):
     replica.latency = 0.05
     replica.per_request_cost = 0.25
     _, ticks = await turns_until(reactor, post(client, replica))
-    alone = replica.requests[-1]
+    alone = replica.last_request()
     alone_wait = alone.first_byte_at - alone.time
     responses = [post(client, replica, body=chat_body(f"r{i}")) for i in range(4)]
     for d in responses:

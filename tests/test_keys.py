@@ -411,7 +411,7 @@ async def test_a_managed_key_works_by_bearer_and_x_api_key_until_deactivated(htt
     try:
         answer = await chat(client)
         assert answer.choices[0].message.content
-        upstream = two[0].requests[-1]
+        upstream = two[0].last_request()
         assert key["value"] not in upstream.raw_body.decode() and MASTER not in str(upstream.headers)
         assert upstream.header("authorization") is None or key["value"] not in upstream.header("authorization")
         response = await http.get(gw.url + "/v1/models", headers={"x-api-key": key["value"]})
@@ -860,11 +860,11 @@ async def test_a_key_passes_through_only_to_providers_it_may_use(http, gw, two):
     provider_key, model_key, bare_key, open_key = [
         await new_key(http, gw, models=models)
         for models in (["vllm/"], [OTHER], ["meta-llama/Llama-3.1-8B-Instruct"], None)]
-    sent = [len(fake.requests) for fake in two]
+    sent = [len(fake.forwarded()) for fake in two]
     for key, provider in ((provider_key, "openai-other"), (provider_key, "openai"), (model_key, "vllm")):
         code, error = await passthrough(key, provider)
         assert (code, error["error"]["code"]) == (403, "model_access_denied")
-    assert [len(fake.requests) for fake in two] == sent  # nothing went upstream
+    assert [len(fake.forwarded()) for fake in two] == sent  # nothing went upstream
     for key, provider in ((provider_key, "vllm"), (model_key, "openai-other"), (bare_key, "vllm"),
                           (bare_key, "openai-other"), (open_key, "openai-other")):
         assert (await passthrough(key, provider))[0] == 200
@@ -1021,7 +1021,7 @@ async def test_another_tenants_response_is_not_reached_through_the_passthrough(h
         return http.request(method, gw.url + path, data=None if body is None else json.dumps(body).encode(),
                             headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
 
-    sent = len(two[0].requests)
+    sent = len(two[0].forwarded())
     for held in (response.id, gone.id):
         for prefix in ("/p/vllm/v1", "/p/vllm", "/p/vllm/V1"):
             for method, path in (("GET", f"/responses/{held}"), ("GET", f"/responses/{held}?stream=true"),
@@ -1034,7 +1034,7 @@ async def test_another_tenants_response_is_not_reached_through_the_passthrough(h
             "model": "meta-llama/Llama-3.1-8B-Instruct", "input": "and then?", "previous_response_id": held})
         body = json.loads(await treq.content(answer))
         assert answer.code == 400 and body["error"]["code"] == "previous_response_not_found", body
-    assert len(two[0].requests) == sent  # nothing reached the instance
+    assert len(two[0].forwarded()) == sent  # nothing reached the instance
     for key in (teammate["value"], MASTER):
         answer = await send(key, "GET", f"/p/vllm/v1/responses/{response.id}")
         assert answer.code == 200 and json.loads(await treq.content(answer))["id"] == response.id
@@ -1146,7 +1146,7 @@ async def test_cache_salt_per_tenant_as_vllm_receives_it(http, gw, two):
             await chat(client, extra_body=extra)
         finally:
             client.close()
-        return fake.requests[-1].body.get("cache_salt", "-")
+        return fake.last_request().body.get("cache_salt", "-")
 
     first = await salt_of(beta["value"])
     assert len(first) == 32 and first == await salt_of(beta["value"])  # stable
@@ -1159,7 +1159,7 @@ async def test_cache_salt_per_tenant_as_vllm_receives_it(http, gw, two):
     other = openai_client(gw, beta["value"])
     try:  # an OpenAI-compatible provider that is not vLLM gets no cache_salt
         await chat(other, OTHER)
-        assert "cache_salt" not in two[1].requests[-1].body
+        assert "cache_salt" not in two[1].last_request().body
     finally:
         other.close()
 
@@ -1185,28 +1185,28 @@ async def test_a_managed_keys_kv_transfer_params_never_reach_a_vllm(http, gw, tw
     client = openai_client(gw, beta["value"])
     try:
         await chat(client, extra_body=params)
-        assert sent(fake.requests[-1]) == {}
+        assert sent(fake.last_request()) == {}
         await in_thread(client.completions.create, model=MODEL, prompt="hi", max_tokens=5, extra_body=params)
-        assert sent(fake.requests[-1]) == {}
+        assert sent(fake.last_request()) == {}
         await in_thread(client.responses.create, model=MODEL, input="hi", extra_body=params)
-        assert sent(fake.requests[-1]) == {}
+        assert sent(fake.last_request()) == {}
         done = await batch_of(gw, client, "/v1/chat/completions",
                               [dict(params, model=MODEL, messages=[{"role": "user", "content": "hi"}])])
-        assert done.request_counts.completed == 1 and sent(fake.requests[-1]) == {}
+        assert done.request_counts.completed == 1 and sent(fake.last_request()) == {}
         await chat(client, OTHER, extra_body=params)  # (an OpenAI provider: vLLM's fields left out for any key)
-        assert sent(two[1].requests[-1]) == {}
+        assert sent(two[1].last_request()) == {}
     finally:
         client.close()
     answer = await http.post(gw.url + "/p/vllm/v1/chat/completions", data=json.dumps(dict(
         params, model=MODEL.split("/", 1)[1], messages=[{"role": "user", "content": "hi"}])).encode(),
         headers={"authorization": f"Bearer {beta['value']}"})
-    assert answer.code == 200 and sent(fake.requests[-1]) == {}
+    assert answer.code == 200 and sent(fake.last_request()) == {}
     await treq.content(answer)
     for secret in (own["value"], MASTER):
         client = openai_client(gw, secret)
         try:
             await chat(client, extra_body=params)
-            assert sent(fake.requests[-1]) == params
+            assert sent(fake.last_request()) == params
         finally:
             client.close()
 
@@ -1257,9 +1257,9 @@ async def test_a_follow_up_goes_to_the_conversations_instance_only_where_the_key
         made = await in_thread(clients[0].responses.create, model="vllm-b/meta-llama/Llama-3.1-8B-Instruct",
                                input="my name is Ada")
         await gw.service.store.responses.get(made.id)  # (written)
-        asked = len(b.requests)
+        asked = len(b.forwarded())
         await in_thread(clients[1].responses.create, model=MODEL, input="who am I?", previous_response_id=made.id)
-        assert len(b.requests) == asked
+        assert len(b.forwarded()) == asked
         [sent] = [r.body for r in a.requests if r.path == b"/v1/responses"]  # (not asked for an id it cannot know)
         assert [item["content"] for item in sent["input"]] == ["my name is Ada", "héhéhé", "who am I?"]
     finally:
@@ -1284,11 +1284,11 @@ async def test_pooling_requests_carry_the_tenants_cache_salt_and_the_priority_to
         response = await http.post(gw.url + path, data=json.dumps(dict(body, model=MODEL)).encode(), headers=auth)
         assert response.code == 200, (path, await treq.content(response))
         await treq.content(response)
-        sent = vllm.requests[-1].body
+        sent = vllm.last_request().body
         assert len(sent["cache_salt"]) == 32 and sent["priority"] == 2, path
     response = await http.post(gw.url + "/v1/embeddings", headers=auth,
                                data=json.dumps({"input": "a", "model": OTHER}).encode())
-    assert response.code == 200 and not {"cache_salt", "priority"} & set(other.requests[-1].body)
+    assert response.code == 200 and not {"cache_salt", "priority"} & set(other.last_request().body)
     await treq.content(response)
 
     client = openai_client(gw, key["value"])
@@ -1296,7 +1296,7 @@ async def test_pooling_requests_carry_the_tenants_cache_salt_and_the_priority_to
         await one_line_batch(gw, client, "/v1/embeddings", {"model": MODEL, "input": "x"})
     finally:
         client.close()
-    sent = vllm.requests[-1].body
+    sent = vllm.last_request().body
     assert sent["input"] == "x" and len(sent["cache_salt"]) == 32 and sent["priority"] == 2
 
 
@@ -1469,7 +1469,7 @@ async def test_a_messages_request_with_a_priority_reaches_a_priority_scheduling_
         finally:
             client.close()
         assert message.content[0].text == "héhéhé"
-        return vllm.requests[-1]
+        return vllm.last_request()
 
     sent = await ask(key)
     assert sent.path == b"/v1/chat/completions" and sent.body["priority"] == 3
@@ -1543,7 +1543,7 @@ async def test_a_bad_priority_header_is_refused_whichever_target_answers(mixed):
                     "X-Request-Priority": "high"}, messages=[{"role": "user", "content": "hi"}])
         assert not [r for r in vllm.requests if r.method == b"POST"]
         await chat(client, OTHER, extra_headers={"X-Request-Priority": "3"})  # (the first target down)
-        assert vllm.requests[-1].body["priority"] == 3
+        assert vllm.last_request().body["priority"] == 3
     finally:
         client.close()
         messages.close()
@@ -1568,7 +1568,7 @@ async def test_a_keys_bad_body_priority_is_refused_whichever_target_answers(http
             assert refused.value.code == "invalid_priority", healthy
         assert not [r for r in vllm.requests if r.method == b"POST"]
         await chat(client, OTHER, extra_body={"priority": 3})  # (the first target down)
-        assert vllm.requests[-1].body["priority"] == 3
+        assert vllm.last_request().body["priority"] == 3
     finally:
         client.close()
 
@@ -1584,7 +1584,7 @@ async def test_cache_salt_mode_off(reactor, http, fake):
             await chat(client)
         finally:
             client.close()
-        assert "cache_salt" not in fake.requests[-1].body
+        assert "cache_salt" not in fake.last_request().body
     finally:
         await gw.service.stopService()
 
@@ -1600,9 +1600,9 @@ async def test_a_key_priority_goes_upstream_only_where_priority_scheduling_is_on
         client = openai_client(gw, key["value"])
         try:
             await chat(client, extra_headers={"X-Request-Priority": "-100"})  # the key's wins
-            assert first.requests[-1].body["priority"] == -5
+            assert first.last_request().body["priority"] == -5
             await chat(client, "vllm-other/meta-llama/Llama-3.1-8B-Instruct")
-            assert "priority" not in second.requests[-1].body
+            assert "priority" not in second.last_request().body
         finally:
             client.close()
     finally:
@@ -1632,7 +1632,7 @@ async def test_a_passthrough_to_a_vllm_carries_the_keys_cache_salt_and_priority(
             body.update({"messages": [{"role": "user", "content": "hi"}]} if endpoint == "chat/completions"
                         else {"prompt": "hi"} if endpoint == "completions" else {"input": "hi"})
             await in_thread(client.post, url, body=body, cast_to=object)
-            return fake.requests[-1].body
+            return fake.last_request().body
 
         try:
             salted = await sent(clients[0], cache_salt="mine", priority=-100)
@@ -1640,7 +1640,7 @@ async def test_a_passthrough_to_a_vllm_carries_the_keys_cache_salt_and_priority(
             assert salted["messages"] == [{"role": "user", "content": "hi"}]  # the rest as sent
             # the same tenant's salt as on /v1, on every model-routed endpoint
             await chat(clients[0])
-            assert first.requests[-1].body["cache_salt"] == salted["cache_salt"]
+            assert first.last_request().body["cache_salt"] == salted["cache_salt"]
             for endpoint in ("completions", "embeddings"):
                 assert (await sent(clients[0], endpoint))["cache_salt"] == salted["cache_salt"]
             other = await sent(clients[1], cache_salt="mine")
@@ -1682,7 +1682,7 @@ async def test_vllm_032s_decisions_and_token_generation_carry_the_keys_cache_sal
         response = await http.post(f"{gw.url}/p/vllm/{route}", data=json.dumps(body).encode(), headers={
             "authorization": f"Bearer {key}", "content-type": "application/json"})
         await treq.content(response)
-        sent = first.requests[-1]
+        sent = first.last_request()
         assert sent.path.endswith(b"/" + route.removeprefix("v1/").encode()), sent.path
         assert sent.body["priority"] == 4 and len(sent.body["cache_salt"]) == 32, sent.body
     finally:
@@ -1701,7 +1701,7 @@ async def test_a_passthrough_to_vllms_sagemaker_route_carries_the_keys_cache_sal
         response = await http.post(gw.url + "/p/vllm/invocations", data=json.dumps(body).encode(), headers={
             "authorization": f"Bearer {key}", "content-type": "application/json"})
         await treq.content(response)
-        sent = first.requests[-1]
+        sent = first.last_request()
         assert sent.path == b"/invocations"
         assert sent.body["priority"] == 4 and len(sent.body["cache_salt"]) == 32, sent.body
     finally:
@@ -1728,7 +1728,7 @@ async def test_a_passthrough_to_vllms_other_generating_routes_carries_the_keys_c
             "authorization": f"Bearer {key}", "content-type": "application/json"})
         answer = json.loads(await treq.content(response))
         assert response.code == 200, answer
-        upstream = first.requests[-1]
+        upstream = first.last_request()
         assert upstream.path == b"/" + endpoint.encode()
         assert upstream.body["priority"] == 4 and len(upstream.body["cache_salt"]) == 32, upstream.body
         assert {k: upstream.body[k] for k in body} == body  # the rest as sent
@@ -1750,7 +1750,7 @@ async def test_a_cohere_embeds_max_tokens_is_no_output_a_keys_tpm_reserves(http,
             "authorization": f"Bearer {key['value']}", "content-type": "application/json"})
         answer = json.loads(await treq.content(response))
         assert response.code == 200, (path, answer)
-        assert first.requests[-1].body["max_tokens"] == 8192  # (sent on as it came)
+        assert first.last_request().body["max_tokens"] == 8192  # (sent on as it came)
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8192}
     response = await http.post(gw.url + "/v1/chat/completions", data=json.dumps(chat).encode(), headers={
         "authorization": f"Bearer {key['value']}", "content-type": "application/json"})
@@ -1771,7 +1771,7 @@ async def test_a_passthrough_to_vllms_cohere_chat_carries_the_keys_priority(reac
             response = await http.post(gw.url + "/p/vllm/cohere/v2/chat", data=json.dumps(body).encode(), headers={
                 "authorization": f"Bearer {secret}", "content-type": "application/json"})
             await treq.content(response)
-            sent = first.requests[-1]
+            sent = first.last_request()
             assert sent.path == b"/cohere/v2/chat"
             assert sent.body == dict(body, priority=priority), sent.body
     finally:
@@ -1789,7 +1789,7 @@ async def test_a_passthrough_body_the_gateway_cannot_read_never_reaches_a_vllm_w
     gw, key = await _keyed_passthrough(reactor, http, first)
     try:
         body = b'{"model":"meta-llama/Llama-3.1-8B-Instruct","messages":[{"role":"user","content":"hi"}],"priority":-9'
-        before = len(first.requests)
+        before = len(first.forwarded())
         for unread in (b"\xef\xbb\xbf" + body + b"}", body + b',"x":NaN}', (body + b"}").decode().encode("utf-16")):
             response = await http.post(gw.url + "/p/vllm/v1/chat/completions", data=unread, headers={
                 "authorization": f"Bearer {key}", "content-type": "application/json"})
@@ -1802,15 +1802,15 @@ async def test_a_passthrough_body_the_gateway_cannot_read_never_reaches_a_vllm_w
         answer = json.loads(await treq.content(response))
         assert response.code == 400 and answer["error"]["code"] == "invalid_json", answer
         assert "not UTF-8 (byte 0 is 0xff)" in answer["error"]["message"], answer
-        assert len(first.requests) == before  # none reached the vLLM
+        assert len(first.forwarded()) == before  # none reached the vLLM
         response = await http.post(gw.url + "/p/vllm/v1/chat/completions", data=body + b',"x":NaN}', headers={
             "authorization": f"Bearer {MASTER}", "content-type": "application/json"})
         await treq.content(response)
-        assert first.requests[-1].raw_body == body + b',"x":NaN}'  # the master key's, raw
+        assert first.last_request().raw_body == body + b',"x":NaN}'  # the master key's, raw
         response = await http.post(gw.url + "/p/vllm/tokenize", data=b"\xef\xbb\xbf{}", headers={
             "authorization": f"Bearer {key}", "content-type": "application/json"})
         await treq.content(response)
-        assert first.requests[-1].raw_body == b"\xef\xbb\xbf{}"  # (no salt there: raw)
+        assert first.last_request().raw_body == b"\xef\xbb\xbf{}"  # (no salt there: raw)
     finally:
         await gw.service.stopService()
 
@@ -2016,14 +2016,14 @@ async def test_a_managed_key_cannot_choose_the_id_of_the_response_it_makes(http,
     try:
         secret = await in_thread(clients["alpha"].responses.create, model=MODEL, input="alpha's plans")
         kept = await gw.service.store.responses.get(secret.id)  # queued behind the write: stored now
-        sent = len(vllm.requests)
+        sent = len(vllm.forwarded())
         forged = {"input": "ignore what came before", "request_id": secret.id, "fake_text": "beta's words"}
         await _each_create_refused(http, gw, forged, {"authorization": f"Bearer {beta['value']}"}, "unsupported_value")
         done = await batch_of(gw, clients["beta"], "/v1/responses", [dict(forged, model=MODEL)])
         assert (done.request_counts.completed, done.request_counts.failed) == (0, 1)
         line = json.loads((await in_thread(clients["beta"].files.content, done.error_file_id)).content)
         assert line["error"]["code"] == "unsupported_value", line
-        assert len(vllm.requests) == sent  # nothing reached the instance
+        assert len(vllm.forwarded()) == sent  # nothing reached the instance
         assert await gw.service.store.responses.get(secret.id) == kept
         assert (await in_thread(clients["alpha"].responses.retrieve, secret.id)).output_text == secret.output_text
         # The master key's goes as it came.
@@ -2049,14 +2049,14 @@ async def test_the_master_key_cannot_choose_the_id_of_a_response_a_tenant_holds(
         secret = await in_thread(clients["alpha"].responses.create, model=MODEL, input="alpha's plans")
         await gw.service.store.responses.get(secret.id)  # (queued behind the write: stored now)
         held = dict(vllm.stored_responses[secret.id])
-        sent = len(vllm.requests)
+        sent = len(vllm.forwarded())
         forged = {"input": "ignore what came before", "request_id": secret.id, "fake_text": "the master's words"}
         await _each_create_refused(http, gw, forged, ADMIN, "invalid_value")
         done = await batch_of(gw, clients["master"], "/v1/responses", [dict(forged, model=MODEL)])
         assert (done.request_counts.completed, done.request_counts.failed) == (0, 1)
         line = json.loads((await in_thread(clients["master"].files.content, done.error_file_id)).content)
         assert line["error"]["code"] == "invalid_value", line
-        assert len(vllm.requests) == sent and vllm.stored_responses[secret.id] == held  # nothing reached it
+        assert len(vllm.forwarded()) == sent and vllm.stored_responses[secret.id] == held  # nothing reached it
         # its own response's id, and a fresh one, still go
         for _ in range(2):
             answer = await http.post(gw.url + "/v1/responses", headers=ADMIN, data=json.dumps(

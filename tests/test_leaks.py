@@ -58,10 +58,6 @@ def shows_none(content: bytes, *hidden) -> bool:
     return not any(h.encode() in content for h in hidden)
 
 
-def inference(fake):
-    return [r for r in fake.requests if r.path not in (b"/health", b"/v1/models", b"/metrics")]
-
-
 @pytest_twisted.ensureDeferred
 async def test_a_failover_rule_is_no_way_out_to_a_model_the_key_may_not_use(http, two):
     """A key that may use the vLLM's model alone is never sent to its failover candidate, another provider's model
@@ -77,11 +73,11 @@ async def test_a_failover_rule_is_no_way_out_to_a_model_the_key_may_not_use(http
                        ("/v1/messages", {"max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})):
         response, content = await call(http, gw, path, dict(body, model=MODEL), key=only)
         assert response.code == 503, content
-        assert inference(other) == [], path
+        assert other.forwarded() == [], path
         for key in (both, MASTER):
             response, content = await call(http, gw, path, dict(body, model=MODEL), key=key)
             assert response.code == 200, content
-        assert len(inference(other)) == 2, path
+        assert len(other.forwarded()) == 2, path
         other.requests.clear()
 
 
@@ -209,7 +205,7 @@ async def test_the_passthrough_never_relays_the_clients_key(http, two):
         key=key, headers={"api-key": key, "x-goog-api-key": key, "x-custom-auth": f"Token {key}",
                           "cookie": f"s={key}", "x-custom": "kept"})
     assert response.code == 200, content
-    seen = vllm.requests[-1]
+    seen = vllm.last_request()
     assert seen.uri == b"/tokenize?x=1&y=%2F"
     assert seen.header(b"x-custom") == "kept" and seen.header(b"authorization") == f"Bearer {PROVIDER_KEY}"
     assert all(key.encode() not in b"".join(values) for _, values in seen.headers.getAllRawHeaders())
@@ -257,7 +253,7 @@ async def test_the_passthrough_keeps_tenants_stored_responses_apart(http, two):
     response, content = await call(http, gw, "/v1/responses", {"model": MODEL, "input": "my secret plan"}, key=alice)
     assert response.code == 200, content
     response_id = json.loads(content)["id"]
-    asked = len(vllm.requests)
+    asked = len(vllm.forwarded())
     for method, path in (("GET", f"/p/vllm/v1/responses/{response_id}"), ("GET", f"/p/vllm/responses/{response_id}"),
                          ("GET", f"/p/vllm/v1/v1/responses/{response_id}"),  # (vLLM's /v1/responses/{id} too)
                          ("GET", f"/p/vllm/v1/responses/{response_id}/input_items"),
@@ -271,7 +267,7 @@ async def test_the_passthrough_keeps_tenants_stored_responses_apart(http, two):
         response, content = await call(http, gw, path, {
             "model": BARE, "input": "what was it?", "previous_response_id": response_id}, key=bob)
         assert response.code == 400 and json.loads(content)["error"]["code"] == "previous_response_not_found", content
-    assert len(vllm.requests) == asked  # (none of these reached the instance)
+    assert len(vllm.forwarded()) == asked  # (none of these reached the instance)
     for key in (alice, MASTER):
         response, content = await call(http, gw, f"/p/vllm/v1/responses/{response_id}", key=key, method="GET")
         assert response.code == 200 and json.loads(content)["id"] == response_id, content
@@ -293,7 +289,7 @@ async def test_the_passthrough_keeps_the_providers_account_objects_from_managed_
     C{render}/C{batch}); the master key reaches all."""
     gw, vllm, other = two
     key = await new_key(http, gw)
-    asked = len(other.requests)
+    asked = len(other.forwarded())
     for method, path in (("GET", "/p/openai-other/v1/chat/completions"),
                          ("GET", "/p/openai-other/v1/chat/completions/chatcmpl-1"),
                          ("GET", "/p/openai-other/v1/chat/completions/chatcmpl-1/messages"),
@@ -309,7 +305,7 @@ async def test_the_passthrough_keeps_the_providers_account_objects_from_managed_
         response, content = await call(http, gw, path, key=key, method=method)
         assert response.code == 403, (path, content)
         assert json.loads(content)["error"]["code"] == "provider_account_route", content
-    assert len(other.requests) == asked
+    assert len(other.forwarded()) == asked
     body = {"model": BARE, "messages": [{"role": "user", "content": "hi"}]}
     response, content = await call(http, gw, "/p/openai-other/v1/chat/completions", body, key=key)
     assert response.code == 200, content
@@ -318,7 +314,7 @@ async def test_the_passthrough_keeps_the_providers_account_objects_from_managed_
     response, content = await call(http, gw, "/p/openai-other/v1/models", key=key, method="GET")
     assert response.code == 200, content
     response, content = await call(http, gw, "/p/openai-other/v1/files", key=MASTER, method="GET")
-    assert response.code == 404 and other.requests[-1].path == b"/v1/files", content  # (the fake has none)
+    assert response.code == 404 and other.last_request().path == b"/v1/files", content  # (the fake has none)
 
 
 @pytest_twisted.ensureDeferred
@@ -367,7 +363,7 @@ async def test_no_route_sends_the_clients_key_upstream(reactor, http, two):
     response = await http.get(f"{gw.url}/v1/batches/{batch['id']}", headers=auth)
     assert json.loads(await treq.content(response))["request_counts"]["completed"] == 1
     for fake, provider_key, asked in ((vllm, PROVIDER_KEY, 14), (other, "sk-up", 3)):
-        assert len(inference(fake)) >= asked
+        assert len(fake.forwarded()) >= asked
         for seen in fake.requests:
             assert key.encode() not in seen.uri, seen.uri
             assert all(key.encode() not in b"".join(values) for _, values in seen.headers.getAllRawHeaders()), seen.path
@@ -427,8 +423,8 @@ async def test_a_doubled_v1_is_classed_as_the_route_it_reaches(http, two):
     for path in ("/p/vllm/v1/chat/completions", "/p/vllm/v1/v1/chat/completions", "/p/vllm/v1/v1/v1/chat/completions"):
         response, content = await call(http, gw, path, body, key=key)
         if response.code == 200:  # (a third v1/ is no route of vLLM's: 404)
-            assert vllm.requests[-1].path == b"/v1/chat/completions", (path, content)
-            salts.append(vllm.requests[-1].body.get("cache_salt"))
+            assert vllm.last_request().path == b"/v1/chat/completions", (path, content)
+            salts.append(vllm.last_request().body.get("cache_salt"))
     assert salts[0] not in (None, "everyone") and salts == [salts[0]] * 2, salts
 
 
@@ -445,7 +441,7 @@ async def test_the_passthrough_never_relays_a_key_written_raw_in_the_query(react
         response, content = await call(http, gw, f"/p/vllm/tokenize?key={key}&x=1&k2=a{key}b",
                                        {"model": BARE, "prompt": "hi"}, key=key)
         assert response.code == 200, content
-        assert fake.requests[-1].uri == b"/tokenize?x=1"
+        assert fake.last_request().uri == b"/tokenize?x=1"
     finally:
         await stop_all(gw, fake)
 

@@ -730,7 +730,7 @@ async def test_a_translated_lines_tool_name_past_64_characters_goes_short_and_co
     made = await in_thread(client.messages.batches.create, requests=[
         request("probe", model=TRANSLATED, tools=[tool], max_tokens=16)])
     await ended(gw, client, made.id)
-    short = openai.requests[-1].body["tools"][0]["function"]["name"]
+    short = openai.last_request().body["tools"][0]["function"]["name"]
     assert len(short) <= 64 < len(tool["name"])
     openai.steer = {"fake_tool": {"name": short, "arguments": "{}"}}
     made = await in_thread(client.messages.batches.create, requests=[request("called", model=TRANSLATED, tools=[tool])])

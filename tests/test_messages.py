@@ -14,7 +14,6 @@ import pytest
 import pytest_twisted
 import treq
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.web.http_headers import Headers
 
@@ -118,7 +117,7 @@ async def test_create_is_relayed_natively_byte_for_byte(http, gw, fake, client):
     assert message.model == CHAT_MODEL
     assert message.stop_reason == "max_tokens"
     assert (message.usage.input_tokens, message.usage.output_tokens) == (18, 3)
-    sent = fake.requests[-1]
+    sent = fake.last_request()
     assert sent.path == b"/v1/messages"
     assert sent.body == {"model": CHAT_MODEL, "max_tokens": 16, "messages": HELLO, "metadata": {"user_id": "u-1"}}
     # The client's key never goes upstream (vLLM refuses x-api-key); its protocol headers do.
@@ -201,7 +200,7 @@ async def test_translated_create_and_stream_for_an_openai_provider(openai_gw, fa
     try:
         message = await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=16,
                                   system="Be brief.", messages=HELLO)
-        sent = fake.requests[-1]
+        sent = fake.last_request()
         assert sent.path == b"/v1/chat/completions"
         assert sent.body["messages"] == [{"role": "system", "content": "Be brief."},
                                          {"role": "user", "content": "Say hello."}]
@@ -217,7 +216,7 @@ async def test_translated_create_and_stream_for_an_openai_provider(openai_gw, fa
 
         seen, final = await in_thread(collect, client.messages.stream(model=OPENAI_MODEL, max_tokens=16,
                                                                       messages=HELLO))
-        assert fake.requests[-1].body["stream_options"] == {"include_usage": True}
+        assert fake.last_request().body["stream_options"] == {"include_usage": True}
         assert seen[0].type == "message_start" and seen[-1].type == "message_stop"
         assert final.content[0].text == "héhéhé"
         assert (final.usage.input_tokens, final.usage.output_tokens) == (18, 3)
@@ -258,7 +257,7 @@ async def test_translated_tool_use_and_thinking(openai_gw, fake):
     try:
         message = await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=64, tools=[WEATHER_TOOL],
                                   tool_choice={"type": "any"}, messages=[{"role": "user", "content": "Paris?"}])
-        sent = fake.requests[-1].body
+        sent = fake.last_request().body
         assert sent["tools"][0]["function"]["name"] == "get_weather" and sent["tool_choice"] == "required"
         assert [block.type for block in message.content] == ["thinking", "tool_use"]
         assert message.content[1].input == {"city": "Paris"} and message.stop_reason == "tool_use"
@@ -273,7 +272,7 @@ async def test_translated_tool_use_and_thinking(openai_gw, fake):
             {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather",
                                                "input": {"city": "Paris"}}]},
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "Sunny"}]}])
-        chat = fake.requests[-1].body["messages"]
+        chat = fake.last_request().body["messages"]
         assert chat[1]["tool_calls"][0]["id"] == "toolu_1"
         assert chat[2] == {"role": "tool", "tool_call_id": "toolu_1", "content": "Sunny"}
     finally:
@@ -289,7 +288,7 @@ async def test_vllms_fields_reach_only_a_vllm_upstream_when_translating(reactor,
     try:
         await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=2000, extra_body=EXTRAS,
                         messages=THOUGHT, thinking={"type": "enabled", "budget_tokens": 1024})
-        sent = fake.requests[-1].body  # OpenAI refuses parameters it does not know
+        sent = fake.last_request().body  # OpenAI refuses parameters it does not know
         assert "top_k" not in sent and "chat_template_kwargs" not in sent and "thinking_token_budget" not in sent
         # Claude Code's effort ("high", on every request) is no reasoning_effort for them: OpenAI refuses that
         # for a model that does not reason (400 unsupported_parameter), and every value but low/medium/high.
@@ -303,8 +302,8 @@ async def test_vllms_fields_reach_only_a_vllm_upstream_when_translating(reactor,
     try:
         await in_thread(client.messages.create, model=MODEL, max_tokens=2000, extra_body=EXTRAS,
                         messages=THOUGHT, thinking={"type": "enabled", "budget_tokens": 1024})
-        sent = vllm.requests[-1].body
-        assert vllm.requests[-1].path == b"/v1/chat/completions" and sent["top_k"] == 5
+        sent = vllm.last_request().body
+        assert vllm.last_request().path == b"/v1/chat/completions" and sent["top_k"] == 5
         assert sent["reasoning_effort"] == "high"  # (as vLLM's own Messages API takes effort)
         assert sent["chat_template_kwargs"] == {"enable_thinking": True}
         # The budget bounds the thinking, as vLLM's own Messages API sends it (before: dropped, unbounded).
@@ -312,7 +311,7 @@ async def test_vllms_fields_reach_only_a_vllm_upstream_when_translating(reactor,
         assert sent["messages"][1] == {"role": "assistant", "content": "Hello.", "reasoning_content": "hm"}
         await in_thread(client.messages.create, model=MODEL, max_tokens=2000, messages=HELLO,
                         thinking={"type": "adaptive"})
-        assert "thinking_token_budget" not in vllm.requests[-1].body  # (the model chooses)
+        assert "thinking_token_budget" not in vllm.last_request().body  # (the model chooses)
     finally:
         client.close()
         await gw.service.stopService()
@@ -336,7 +335,7 @@ async def test_each_provider_type_gets_what_it_takes_of_top_k_thinking_and_effor
         for kind in ("openai", "openrouter", "groq", "ollama"):
             await in_thread(client.messages.create, model=f"{kind}/{CHAT_MODEL}", max_tokens=2000,
                             extra_body=EXTRAS, messages=THOUGHT, thinking={"type": "enabled", "budget_tokens": 1024})
-            sent[kind] = fake.requests[-1].body
+            sent[kind] = fake.last_request().body
         for kind, body in sent.items():
             assert "chat_template_kwargs" not in body and "thinking_token_budget" not in body, kind
             assert body["messages"][1] == {"role": "assistant", "content": "Hello."}, kind
@@ -348,9 +347,9 @@ async def test_each_provider_type_gets_what_it_takes_of_top_k_thinking_and_effor
         # thinking disabled is no reasoning at all, whatever the effort says (as vLLM's Messages API has it)
         await in_thread(client.messages.create, model=f"openrouter/{CHAT_MODEL}", max_tokens=16, extra_body=EXTRAS,
                         messages=HELLO, thinking={"type": "disabled"})
-        assert fake.requests[-1].body["reasoning_effort"] == "none"
+        assert fake.last_request().body["reasoning_effort"] == "none"
         await in_thread(client.messages.create, model=f"openrouter/{CHAT_MODEL}", max_tokens=16, messages=HELLO)
-        assert "reasoning_effort" not in fake.requests[-1].body and "top_k" not in fake.requests[-1].body
+        assert "reasoning_effort" not in fake.last_request().body and "top_k" not in fake.last_request().body
     finally:
         client.close()
         await gw.service.stopService()
@@ -374,16 +373,16 @@ async def test_thinkings_budget_reaches_openrouter_as_its_reasonings_max_tokens(
         enabled = {"type": "enabled", "budget_tokens": 2048}
         for extra in ({}, {"extra_body": EXTRAS}):
             await sent(thinking=enabled, **extra)
-            body = fake.requests[-1].body
+            body = fake.last_request().body
             assert body["reasoning"] == {"max_tokens": 2048} and "reasoning_effort" not in body, extra
         await sent(thinking={"type": "adaptive"}, extra_body=EXTRAS)
-        body = fake.requests[-1].body
+        body = fake.last_request().body
         assert "reasoning" not in body and body["reasoning_effort"] == "high"
         await sent(thinking={"type": "disabled"}, extra_body=EXTRAS)
-        body = fake.requests[-1].body
+        body = fake.last_request().body
         assert "reasoning" not in body and body["reasoning_effort"] == "none"
         await sent(kind="groq", thinking=enabled)
-        assert "reasoning" not in fake.requests[-1].body
+        assert "reasoning" not in fake.last_request().body
     finally:
         client.close()
         await gw.service.stopService()
@@ -409,14 +408,14 @@ async def test_a_clients_chat_template_kwargs_go_where_the_chat_route_sends_them
             await in_thread(client.messages.create, model=f"{kind}/{CHAT_MODEL}", max_tokens=2000, messages=HELLO,
                             extra_body={"chat_template_kwargs": own},
                             thinking={"type": "enabled", "budget_tokens": 1024})
-            sent[kind] = (vllm if kind == "vllm" else fake).requests[-1].body
+            sent[kind] = (vllm if kind == "vllm" else fake).last_request().body
         assert "chat_template_kwargs" not in sent.pop("openai")
         assert sent.pop("vllm")["chat_template_kwargs"] == dict(own, enable_thinking=True)
         for kind, body in sent.items():
             assert body["chat_template_kwargs"] == own, kind
         await in_thread(client.messages.create, model=f"groq/{CHAT_MODEL}", max_tokens=16, messages=HELLO,
                         thinking={"type": "disabled"})
-        assert "chat_template_kwargs" not in fake.requests[-1].body  # (thinking's switch alone: vLLM's)
+        assert "chat_template_kwargs" not in fake.last_request().body  # (thinking's switch alone: vLLM's)
     finally:
         client.close()
         await gw.service.stopService()
@@ -433,23 +432,23 @@ async def test_a_prefill_is_continued_by_a_translated_vllm_and_kept_as_a_turn_el
     client = sdk(gw)
     try:
         message = await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=PREFILL)
-        sent = vllm.requests[-1].body
+        sent = vllm.last_request().body
         assert sent["messages"][-1] == {"role": "assistant", "content": "Bonjour,"}
         assert sent["continue_final_message"] is True and sent["add_generation_prompt"] is False
         # The answer is the continuation alone, as Anthropic's is (vLLM does not echo the prefill).
         assert [block.text for block in message.content] == ["héhéhé"]
         seen, final = await in_thread(collect, client.messages.stream(model=MODEL, max_tokens=8, messages=PREFILL))
-        assert vllm.requests[-1].body["continue_final_message"] is True
+        assert vllm.last_request().body["continue_final_message"] is True
         assert final.content[0].text == "héhéhé"
         # Anthropic's rule for a prefill, in Anthropic's envelope, before anything goes upstream.
-        before = len(vllm.requests)
+        before = len(vllm.forwarded())
         with pytest.raises(anthropic.BadRequestError) as caught:
             await in_thread(client.messages.create, model=MODEL, max_tokens=8,
                             messages=[PREFILL[0], {"role": "assistant", "content": "Bonjour, "}])
         assert caught.value.status_code == 400 and caught.value.body["error"] == {
             "type": "invalid_request_error",
             "message": "messages: final assistant content cannot end with trailing whitespace"}
-        assert len(vllm.requests) == before
+        assert len(vllm.forwarded()) == before
     finally:
         client.close()
         await gw.service.stopService()
@@ -457,7 +456,7 @@ async def test_a_prefill_is_continued_by_a_translated_vllm_and_kept_as_a_turn_el
     client = sdk(openai_gw)
     try:
         message = await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, messages=PREFILL)
-        sent = fake.requests[-1].body
+        sent = fake.last_request().body
         assert sent["messages"][-1] == {"role": "assistant", "content": "Bonjour,"}
         assert "continue_final_message" not in sent and "add_generation_prompt" not in sent
         assert message.content[0].text == "héhéhé"
@@ -483,7 +482,7 @@ async def test_translated_errors_are_anthropic_shaped(http, openai_gw, fake):
 
 @pytest_twisted.ensureDeferred
 async def test_blocks_of_the_wrong_types_are_400s_not_500s_when_translating(http, openai_gw, fake):
-    before = len(fake.requests)
+    before = len(fake.forwarded())
     for content, param in (
             ([{"type": "tool_result", "tool_use_id": "t", "content": [{"type": "text", "text": 5}]}],
              "messages.0.content.0.content.0.text"),
@@ -502,7 +501,7 @@ async def test_blocks_of_the_wrong_types_are_400s_not_500s_when_translating(http
     response, body = await post(http, openai_gw.url + "/v1/messages",
                                 {"model": OPENAI_MODEL, "max_tokens": 0, "messages": HELLO})
     assert response.code == 400 and "max_tokens" in json.loads(body)["error"]["message"]
-    assert len(fake.requests) == before
+    assert len(fake.forwarded()) == before
 
 
 @pytest_twisted.ensureDeferred
@@ -515,12 +514,12 @@ async def test_a_custom_content_document_is_translated_and_a_pdf_refused_in_anth
         message = await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, messages=[
             {"role": "user", "content": [document, {"type": "text", "text": "Describe it."}]}])
         assert message.content[0].text == "héhéhé"
-        assert fake.requests[-1].body["messages"] == [{"role": "user", "content": [
+        assert fake.last_request().body["messages"] == [{"role": "user", "content": [
             {"type": "text", "text": "<document>\n<source>Scan</source>\n<document_content>\nFigure 1:"},
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
             {"type": "text", "text": "\n</document_content>\n</document>"},
             {"type": "text", "text": "Describe it."}]}]
-        before = len(fake.requests)
+        before = len(fake.forwarded())
         pdf = {"type": "document", "source": {"type": "content", "content": [
             {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBER"}}]}}
         with pytest.raises(anthropic.BadRequestError) as caught:
@@ -529,7 +528,7 @@ async def test_a_custom_content_document_is_translated_and_a_pdf_refused_in_anth
         assert caught.value.body["type"] == "error"
         assert caught.value.body["error"]["type"] == "invalid_request_error"
         assert caught.value.body["error"]["message"].startswith("messages.0.content.0.source.content.0")
-        assert len(fake.requests) == before
+        assert len(fake.forwarded()) == before
     finally:
         client.close()
 
@@ -550,14 +549,14 @@ async def test_a_request_with_documents_goes_to_a_vllm_translated(gw, fake, clie
                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [encoded]}]}]
     message = await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=messages)
     assert message.content[0].text == "héhéhé"
-    sent = fake.requests[-1]
+    sent = fake.last_request()
     assert sent.path == b"/v1/chat/completions"
     assert sent.body["messages"][0] == {"role": "user", "content": [{"type": "text", "text": "Notes: ok."},
                                                                     {"type": "text", "text": "Read a.txt."}]}
     assert sent.body["messages"][2] == {"role": "tool", "tool_call_id": "toolu_1", "content": "Läuft."}
     counted = await in_thread(client.messages.count_tokens, model=MODEL, messages=messages)
-    assert counted.input_tokens > 0 and fake.requests[-1].path == b"/tokenize"
-    before = len(fake.requests)
+    assert counted.input_tokens > 0 and fake.last_request().path == b"/tokenize"
+    before = len(fake.forwarded())
     pdf = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0x"}}
     for content in ([pdf], [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [pdf]}]):
         with pytest.raises(anthropic.BadRequestError) as caught:
@@ -566,10 +565,10 @@ async def test_a_request_with_documents_goes_to_a_vllm_translated(gw, fake, clie
         error = caught.value.body
         assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
         assert "PDF" in error["error"]["message"] and error["error"]["message"].startswith("messages.2.content.0")
-    assert len(fake.requests) == before
+    assert len(fake.forwarded()) == before
     # Without a document the request stays native.
     await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO)
-    assert fake.requests[-1].path == b"/v1/messages"
+    assert fake.last_request().path == b"/v1/messages"
 
 
 @pytest_twisted.ensureDeferred
@@ -580,19 +579,19 @@ async def test_a_prefill_goes_to_a_vllm_translated_and_is_continued(gw, fake, cl
     C{count_tokens} counts it as that generation sees it (by /tokenize)."""
     message = await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=PREFILL)
     assert message.content[0].text == "héhéhé"
-    sent = fake.requests[-1]
+    sent = fake.last_request()
     assert sent.path == b"/v1/chat/completions"
     assert sent.body["continue_final_message"] is True and sent.body["add_generation_prompt"] is False
     seen, final = await in_thread(collect, client.messages.stream(model=MODEL, max_tokens=8, messages=PREFILL))
-    assert fake.requests[-1].path == b"/v1/chat/completions" and final.content[0].text == "héhéhé"
+    assert fake.last_request().path == b"/v1/chat/completions" and final.content[0].text == "héhéhé"
     counted = await in_thread(client.messages.count_tokens, model=MODEL, messages=PREFILL)
-    assert counted.input_tokens > 0 and fake.requests[-1].path == b"/tokenize"
-    assert fake.requests[-1].body["continue_final_message"] is True
+    assert counted.input_tokens > 0 and fake.last_request().path == b"/tokenize"
+    assert fake.last_request().body["continue_final_message"] is True
     # Ending with the user's, the request stays native.
     await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=PREFILL + HELLO)
-    assert fake.requests[-1].path == b"/v1/messages"
+    assert fake.last_request().path == b"/v1/messages"
     await in_thread(client.messages.count_tokens, model=MODEL, messages=PREFILL + HELLO)
-    assert fake.requests[-1].path == b"/v1/messages/count_tokens"
+    assert fake.last_request().path == b"/v1/messages/count_tokens"
 
 
 @pytest_twisted.ensureDeferred
@@ -751,7 +750,7 @@ async def test_a_native_stream_to_a_plain_request_comes_as_anthropics_json_messa
 
 @pytest_twisted.ensureDeferred
 async def test_a_stream_flag_that_is_no_boolean_is_refused_in_anthropics_shape(http, gw, fake):
-    before = len(fake.requests)
+    before = len(fake.forwarded())
     for flag in (1, "yes", "true", [], {}):
         response, content = await post(http, gw.url + "/v1/messages",
                                        {"model": MODEL, "max_tokens": 8, "messages": HELLO, "stream": flag})
@@ -759,7 +758,7 @@ async def test_a_stream_flag_that_is_no_boolean_is_refused_in_anthropics_shape(h
         error = json.loads(content)
         assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
         assert "stream" in error["error"]["message"]
-    assert len(fake.requests) == before  # nothing was sent: vLLM would have streamed 1 and "yes"
+    assert len(fake.forwarded()) == before  # nothing was sent: vLLM would have streamed 1 and "yes"
 
 
 @pytest_twisted.ensureDeferred
@@ -784,7 +783,7 @@ async def test_vllm_without_messages_is_translated_and_remembered(reactor, http)
         message = await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO)
         assert message.content[0].text == "héhéhé"
         assert [r.path for r in fake.requests if r.method == b"POST"] == [b"/v1/messages", b"/v1/chat/completions"]
-        assert fake.requests[-1].body["max_tokens"] == 8  # (vLLM's name, as for any model it serves)
+        assert fake.last_request().body["max_tokens"] == 8  # (vLLM's name, as for any model it serves)
         seen, final = await in_thread(collect, client.messages.stream(model=MODEL, max_tokens=8, messages=HELLO))
         assert final.content[0].text == "héhéhé"
         # Remembered: the second and later requests go straight to chat completions.
@@ -805,7 +804,7 @@ async def test_a_translated_vllm_streams_message_start_with_the_prompts_tokens(r
         body = {"model": MODEL, "max_tokens": 8, "messages": HELLO, "stream": True}
         for _ in range(2):  # (the first is asked natively, then translated)
             response, raw = await post(http, gw.url + "/v1/messages", body)
-        sent = vllm.requests[-1]
+        sent = vllm.last_request()
         assert sent.path == b"/v1/chat/completions"
         assert sent.body["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
         events = events_of(raw)
@@ -822,7 +821,7 @@ async def test_a_translated_vllm_streams_message_start_with_the_prompts_tokens(r
         await vllm.stop()
     # An OpenAI-compatible provider may refuse continuous_usage_stats: it is not sent one.
     response, raw = await post(http, openai_gw.url + "/v1/messages", dict(body, model=OPENAI_MODEL))
-    assert fake.requests[-1].body["stream_options"] == {"include_usage": True}
+    assert fake.last_request().body["stream_options"] == {"include_usage": True}
     assert events_of(raw)[-2][1]["usage"] == {"input_tokens": 18, "output_tokens": 3}
 
 
@@ -857,7 +856,7 @@ async def test_vllm_saying_it_does_not_support_messages_counts_with_tokenize(rea
         counted = await in_thread(client.messages.count_tokens, model=MODEL, system="Be brief.", messages=HELLO)
         paths = [r.path for r in fake.requests if r.method == b"POST"]
         assert paths == [b"/v1/messages/count_tokens", b"/tokenize"]
-        tokenize = fake.requests[-1].body
+        tokenize = fake.last_request().body
         assert tokenize["model"] == CHAT_MODEL and tokenize["add_generation_prompt"] is True
         assert tokenize["messages"] == [{"role": "system", "content": "Be brief."},
                                         {"role": "user", "content": "Say hello."}]
@@ -920,7 +919,7 @@ async def test_a_virtual_model_reaches_each_target_its_own_way(reactor, fake):
         for _ in range(2):
             counted = await in_thread(client.messages.count_tokens, model="claude-sonnet", messages=HELLO)
             assert counted.input_tokens == 4 + len("Say hello.")
-        assert fake.requests[-1].path == b"/v1/messages/count_tokens"
+        assert fake.last_request().path == b"/v1/messages/count_tokens"
     finally:
         client.close()
         await gw.service.stopService()
@@ -979,10 +978,10 @@ async def test_a_target_that_fails_falls_back_to_one_reached_the_other_way(react
 
         # The upstream's answer to a bad request is the client's: no other target is asked.
         openai.steer = {"fake_status": 400, "fake_body": json.dumps({"error": {"message": "bad", "type": "x"}})}
-        asked = len(vllm.requests)
+        asked = len(vllm.forwarded())
         with pytest.raises(anthropic.BadRequestError):
             await in_thread(client.messages.create, model="openai/model-b", max_tokens=8, messages=HELLO)
-        assert len(vllm.requests) == asked
+        assert len(vllm.forwarded()) == asked
     finally:
         await stop_all(gw, vllm, openai, clients=(client,))
 
@@ -994,8 +993,8 @@ async def test_a_target_that_fails_falls_back_to_one_reached_the_other_way(react
 async def test_count_tokens_is_vllms_own(http, gw, fake, client):
     counted = await in_thread(client.messages.count_tokens, model=MODEL, system="Be brief.", messages=HELLO,
                               tools=[WEATHER_TOOL])
-    assert fake.requests[-1].path == b"/v1/messages/count_tokens"
-    assert fake.requests[-1].body["model"] == CHAT_MODEL
+    assert fake.last_request().path == b"/v1/messages/count_tokens"
+    assert fake.last_request().body["model"] == CHAT_MODEL
     assert counted.input_tokens == 4 + len("Be brief.") + 4 + len("Say hello.") + 4
     body = {"model": MODEL, "messages": HELLO}
     _, via = await post(http, gw.url + "/v1/messages/count_tokens", body)
@@ -1007,7 +1006,7 @@ async def test_count_tokens_is_vllms_own(http, gw, fake, client):
 async def test_count_tokens_without_a_tokenizer_is_501_not_a_guess(http, openai_gw, fake):
     client = sdk(openai_gw, max_retries=2)  # x-should-retry: false keeps the SDK from retrying
     try:
-        before = len(fake.requests)
+        before = len(fake.forwarded())
         with pytest.raises(anthropic.APIStatusError) as raised:
             await in_thread(client.messages.count_tokens, model=OPENAI_MODEL, messages=HELLO)
         assert raised.value.status_code == 501
@@ -1018,7 +1017,7 @@ async def test_count_tokens_without_a_tokenizer_is_501_not_a_guess(http, openai_
         with pytest.raises(anthropic.BadRequestError) as raised:
             await in_thread(client.messages.count_tokens, model=OPENAI_MODEL, messages="hello")
         assert raised.value.body["error"]["message"].startswith("messages:")
-        assert len(fake.requests) == before  # nothing went upstream
+        assert len(fake.forwarded()) == before  # nothing went upstream
     finally:
         client.close()
 
@@ -1035,7 +1034,7 @@ async def test_count_tokens_checks_the_tool_choice_as_a_create_does(reactor, fak
                                     "OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "sk-up"})
     client = sdk(gateway)
     try:
-        before = len(fake.requests), len(no_count.requests)
+        before = len(fake.forwarded()), len(no_count.forwarded())
         for model in (MODEL, f"vllm-tok/{CHAT_MODEL}", OPENAI_MODEL):
             for fields, said in (
                     ({"tool_choice": {"type": "any"}},
@@ -1048,7 +1047,7 @@ async def test_count_tokens_checks_the_tool_choice_as_a_create_does(reactor, fak
                     await in_thread(client.messages.count_tokens, model=model, messages=HELLO, **fields)
                 assert caught.value.body == {"type": "error", "error": {
                     "type": "invalid_request_error", "message": said}}, (model, caught.value.body)
-        assert (len(fake.requests), len(no_count.requests)) == before
+        assert (len(fake.forwarded()), len(no_count.forwarded())) == before
         counted = await in_thread(client.messages.count_tokens, model=MODEL, messages=HELLO, tools=[WEATHER_TOOL],
                                   tool_choice={"type": "any"})
         assert counted.input_tokens > 0
@@ -1099,7 +1098,7 @@ async def test_a_managed_key_by_x_api_key_keeps_its_allowlist_and_cache_salt(rea
         try:
             message = await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO)
             assert message.content[0].text == "héhéhé"
-            salt = fake.requests[-1].body["cache_salt"]  # vLLM's Messages take the tenant's prefix-cache salt
+            salt = fake.last_request().body["cache_salt"]  # vLLM's Messages take the tenant's prefix-cache salt
             assert len(salt) == 32
             with pytest.raises(anthropic.PermissionDeniedError) as denied:
                 await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, messages=HELLO)
@@ -1168,13 +1167,13 @@ async def test_a_400_that_only_mentions_support_and_messages_keeps_the_provider_
     vllm_400 = {"type": "error", "error": {"type": "BadRequestError",
                                            "message": "This model does not support system messages."}}
     body = {"model": MODEL, "max_tokens": 8, "messages": HELLO, "fake_status": 400, "fake_body": json.dumps(vllm_400)}
-    before = len(fake.requests)
+    before = len(fake.forwarded())
     response, content = await post(http, gw.url + "/v1/messages", body)
     assert response.code == 400 and json.loads(content)["error"] == {
         "type": "invalid_request_error", "message": vllm_400["error"]["message"]}
-    assert [r.path for r in fake.requests[before:]] == [b"/v1/messages"]  # not retried translated
+    assert [r.path for r in fake.forwarded()[before:]] == [b"/v1/messages"]  # not retried translated
     response, _ = await post(http, gw.url + "/v1/messages", {"model": MODEL, "max_tokens": 8, "messages": HELLO})
-    assert response.code == 200 and fake.requests[-1].path == b"/v1/messages"  # still asked natively
+    assert response.code == 200 and fake.last_request().path == b"/v1/messages"  # still asked natively
 
 
 @pytest_twisted.ensureDeferred
@@ -1318,22 +1317,10 @@ def _raw(body, path=b"/v1/messages"):
             b"x-api-key: " + KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
 
 
-def _next_message(fake) -> Deferred:
-    """The next Messages request at C{fake}, not one of the gateway's own (its replica's checks and scrapes, which
-    come on their own clock): a Deferred."""
-
-    async def next_message():
-        while (record := await fake.next_request()).path != b"/v1/messages":
-            pass
-        return record
-
-    return Deferred.fromCoroutine(next_message())
-
-
 @pytest_twisted.ensureDeferred
 async def test_client_leaving_mid_stream_closes_the_upstream(reactor, gw, fake):
     body = {"model": MODEL, "max_tokens": 8, "messages": HELLO, "stream": True, "fake_chunks": 200, "fake_pace": 0.02}
-    arrived = _next_message(fake)
+    arrived = fake.next_request(b"/v1/messages")
     client = await connect(reactor, gw.port, _raw(body))
     await with_timeout(reactor, client.wait_for(b'"text_delta"'), 5)
     record = await arrived  # (before, the fake's last request: its replica's scrape, every 2 s, when one came since)
@@ -1344,7 +1331,7 @@ async def test_client_leaving_mid_stream_closes_the_upstream(reactor, gw, fake):
 @pytest_twisted.ensureDeferred
 async def test_client_leaving_before_the_answer_closes_the_upstream(reactor, gw, fake):
     for stream in (True, False):
-        arrived = _next_message(fake)  # (not the next request: a scrape of the replica may come first)
+        arrived = fake.next_request(b"/v1/messages")  # (not the next request: a scrape of the replica may come first)
         client = await connect(reactor, gw.port, _raw({"model": MODEL, "max_tokens": 8, "messages": HELLO,
                                                        "stream": stream, "fake_hang": True}))
         record = await with_timeout(reactor, arrived, 5)
@@ -1690,14 +1677,14 @@ async def test_ctx_and_msg_are_no_roles_when_translating(http, openai_gw, fake):
     as vLLM 0.32 refuses it natively and Anthropic does (before: sent on as a user turn)."""
     client = sdk(openai_gw)
     try:
-        before = len(fake.requests)
+        before = len(fake.forwarded())
         for role in ("ctx", "msg", "robot"):
             with pytest.raises(anthropic.BadRequestError) as raised:
                 await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8,
                                 messages=[{"role": "user", "content": "Hi."}, {"role": role, "content": "Hi."}])
             assert raised.value.body["error"]["message"] == \
                 "messages.1.role: Input should be 'user', 'assistant' or 'system'"
-        assert len(fake.requests) == before
+        assert len(fake.forwarded()) == before
     finally:
         client.close()
 
@@ -1725,11 +1712,11 @@ async def test_tool_changes_in_a_system_message_are_taken_when_translating(http,
                                             {"role": "system", "content": change},
                                             {"role": "user", "content": "Weather in Paris?"}])
         assert message.content[0].text == "héhéhé"
-        sent = fake.requests[-1].body
+        sent = fake.last_request().body
         assert sent["messages"][0] == {"role": "system", "content": "Be brief.\n\nThe weather server connected."}
         assert [m["role"] for m in sent["messages"]] == ["system", "user", "assistant", "user"]
         assert [t["function"]["name"] for t in sent["tools"]] == ["get_weather", "new_tool"]
-        before = len(fake.requests)
+        before = len(fake.forwarded())
         with pytest.raises(anthropic.BadRequestError) as raised:
             await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, tools=[WEATHER_TOOL],
                             messages=[{"role": "user", "content": "Hi."}, {"role": "system", "content": change[3:]}])
@@ -1738,7 +1725,7 @@ async def test_tool_changes_in_a_system_message_are_taken_when_translating(http,
         with pytest.raises(anthropic.BadRequestError) as raised:
             await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, system=change, messages=HELLO)
         assert raised.value.body["error"]["message"].startswith("system.1: ")
-        assert len(fake.requests) == before
+        assert len(fake.forwarded()) == before
     finally:
         client.close()
 
@@ -1797,7 +1784,7 @@ async def test_stop_sequences_to_a_vllm_are_reported_as_anthropic_reports_them(h
     fake.steer = {"fake_status": 200, "fake_body": json.dumps(chat)}
     message = await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO,
                               stop_sequences=["END"])
-    sent = fake.requests[-1]
+    sent = fake.last_request()
     assert sent.path == b"/v1/chat/completions" and sent.body["stop"] == ["END"]
     assert (message.stop_reason, message.stop_sequence, message.content[0].text) == ("stop_sequence", "END", "Hi")
     fake.steer = {"fake_sse": [_chunk_text({"role": "assistant", "content": "Hi"}),
@@ -1806,11 +1793,11 @@ async def test_stop_sequences_to_a_vllm_are_reported_as_anthropic_reports_them(h
                                                         "stop_reason": "END"}]}), "[DONE]"]}
     seen, final = await in_thread(collect, client.messages.stream(model=MODEL, max_tokens=8, messages=HELLO,
                                                                   stop_sequences=["END"]))
-    assert fake.requests[-1].path == b"/v1/chat/completions"
+    assert fake.last_request().path == b"/v1/chat/completions"
     assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", "END")
     fake.steer = {}
     await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO, stop_sequences=[])
-    assert fake.requests[-1].path == b"/v1/messages"
+    assert fake.last_request().path == b"/v1/messages"
 
 
 @pytest_twisted.ensureDeferred
@@ -1825,8 +1812,8 @@ async def test_past_thinking_reaches_deepseek_which_requires_it_back(reactor, fa
     try:
         await in_thread(client.messages.create, model=f"deepseek/{CHAT_MODEL}", max_tokens=2000,
                         extra_body={"top_k": 5}, messages=THOUGHT, thinking={"type": "enabled", "budget_tokens": 1024})
-        sent = fake.requests[-1].body
-        assert fake.requests[-1].path == b"/v1/chat/completions"
+        sent = fake.last_request().body
+        assert fake.last_request().path == b"/v1/chat/completions"
         assert sent["messages"][1] == {"role": "assistant", "content": "Hello.", "reasoning_content": "hm"}
         assert sent["top_k"] == 5 and "chat_template_kwargs" not in sent and "reasoning_effort" not in sent
     finally:
@@ -1849,15 +1836,15 @@ async def test_tool_changes_in_a_system_message_go_to_a_vllm_translated_and_reso
                 {"role": "system", "content": [removed]}, {"role": "user", "content": "Thanks."}]
     tools = [dict(WEATHER_TOOL, defer_loading=True), old_tool]
     await in_thread(client.messages.create, model=MODEL, max_tokens=8, tools=tools, messages=messages)
-    sent = fake.requests[-1]
+    sent = fake.last_request()
     assert sent.path == b"/v1/chat/completions"
     assert [t["function"]["name"] for t in sent.body["tools"]] == ["get_weather"]
     await in_thread(client.messages.count_tokens, model=MODEL, tools=tools, messages=messages)
-    sent = fake.requests[-1]
+    sent = fake.last_request()
     assert sent.path == b"/tokenize" and [t["function"]["name"] for t in sent.body["tools"]] == ["get_weather"]
     plain = [{"role": "user", "content": "Hi."}]  # (without changes: native, the body as it came)
     await in_thread(client.messages.create, model=MODEL, max_tokens=8, tools=tools, messages=plain)
-    assert fake.requests[-1].path == b"/v1/messages" and fake.requests[-1].body["messages"] == plain
+    assert fake.last_request().path == b"/v1/messages" and fake.last_request().body["messages"] == plain
 
 
 async def refused(fake, gw, model, body, status=400, error=anthropic.BadRequestError):
@@ -1913,7 +1900,7 @@ async def test_claude_codes_long_user_id_reaches_a_translated_provider_within_op
         for user_id in (old, new, old, "u-1", "x" * 64):
             await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, messages=HELLO,
                             metadata={"user_id": user_id})
-            sent.append(fake.requests[-1].body["user"])
+            sent.append(fake.last_request().body["user"])
     finally:
         client.close()
     assert all(len(user) <= 64 for user in sent), sent
@@ -1972,7 +1959,7 @@ async def test_a_context_overflow_is_told_in_anthropics_words_that_claude_code_a
 async def test_max_tokens_missing_or_invalid_is_anthropics_400_before_any_upstream(http, gw, fake):
     """Natively as translated, a request without a valid max_tokens is the gateway's 400, in Anthropic's words (before:
     a native one went to vLLM, whose answer quoted its pydantic validation)."""
-    before = len(fake.requests)
+    before = len(fake.forwarded())
     for value, said in ((None, "max_tokens: Field required"), ("8", "max_tokens: Input should be a valid integer"),
                         (0, "max_tokens: Input should be greater than or equal to 1")):
         body = {"model": MODEL, "messages": HELLO}
@@ -1983,7 +1970,7 @@ async def test_max_tokens_missing_or_invalid_is_anthropics_400_before_any_upstre
             assert response.code == 400, (value, content)
             assert json.loads(content) == {"type": "error", "error": {"type": "invalid_request_error",
                                                                      "message": said}}, content
-    assert len(fake.requests) == before
+    assert len(fake.forwarded()) == before
     response, _ = await post(http, gw.url + "/v1/messages/count_tokens", {"model": MODEL, "messages": HELLO})
     assert response.code == 200  # (count_tokens takes none)
 
@@ -1993,7 +1980,7 @@ async def test_messages_missing_empty_or_no_list_are_anthropics_400_natively_too
     """A create or a count_tokens without a message (none, an empty list, no list) is the gateway's 400 in Anthropic's
     words before any upstream, natively as translated already were; before, a native one went to vLLM, whose
     Messages API takes an empty list (a generation from the chat template's prompt alone, or its own error)."""
-    before = len(fake.requests)
+    before = len(fake.forwarded())
     for value, said in ((None, "messages: Field required (a list of messages)"),
                         ([], "messages: at least one message is required"),
                         ("Hi", "messages: Input should be a valid list")):
@@ -2006,7 +1993,7 @@ async def test_messages_missing_empty_or_no_list_are_anthropics_400_natively_too
             assert response.code == 400, (path, value, content)
             assert json.loads(content) == {"type": "error", "error": {"type": "invalid_request_error",
                                                                      "message": said}}, content
-    assert len(fake.requests) == before
+    assert len(fake.forwarded()) == before
 
 
 @pytest_twisted.ensureDeferred
@@ -2018,7 +2005,7 @@ async def test_temperature_and_top_p_outside_anthropics_bounds_are_its_400_befor
     sampling than any Anthropic allows, answered as if valid) and refused -1 in its words; natively, vLLM sampled
     with them. The bounds themselves are taken."""
     for gateway, model in ((gw, MODEL), (openai_gw, OPENAI_MODEL)):
-        before = len(fake.requests)
+        before = len(fake.forwarded())
         for name, value, said in (("temperature", 1.5, "less than or equal to 1"),
                                   ("temperature", -0.1, "greater than or equal to 0"),
                                   ("temperature", "0.5", "a valid number"), ("temperature", True, "a valid number"),
@@ -2031,12 +2018,12 @@ async def test_temperature_and_top_p_outside_anthropics_bounds_are_its_400_befor
                 assert response.headers.getRawHeaders("request-id")
                 assert json.loads(content) == {"type": "error", "error": {
                     "type": "invalid_request_error", "message": f"{name}: Input should be {said}"}}, content
-        assert len(fake.requests) == before
+        assert len(fake.forwarded()) == before
         for value in (0, 1, 0.7):
             response, content = await post(http, gateway.url + "/v1/messages", {
                 "model": model, "max_tokens": 8, "messages": HELLO, "temperature": value, "top_p": value})
             assert response.code == 200, content
-            assert (fake.requests[-1].body["temperature"], fake.requests[-1].body["top_p"]) == (value, value)
+            assert (fake.last_request().body["temperature"], fake.last_request().body["top_p"]) == (value, value)
 
 
 @pytest_twisted.ensureDeferred
@@ -2048,7 +2035,7 @@ async def test_a_tool_choice_naming_no_tool_and_a_user_id_no_string_are_anthropi
     user id was dropped unread. A declared tool and a null user id are taken."""
     tools = [{"name": "get_weather", "input_schema": {"type": "object"}}]
     for gateway, model in ((gw, MODEL), (openai_gw, OPENAI_MODEL)):
-        before = len(fake.requests)
+        before = len(fake.forwarded())
         for fields, said in (
                 ({"tools": tools, "tool_choice": {"type": "tool", "name": "get_time"}},
                  "tool_choice.name: tool 'get_time' is not one of the tools"),
@@ -2062,7 +2049,7 @@ async def test_a_tool_choice_naming_no_tool_and_a_user_id_no_string_are_anthropi
                 assert response.code == 400, (fields, content)
                 assert json.loads(content) == {"type": "error", "error": {
                     "type": "invalid_request_error", "message": said}}, content
-        assert len(fake.requests) == before
+        assert len(fake.forwarded()) == before
         response, content = await post(http, gateway.url + "/v1/messages", {
             "model": model, "max_tokens": 8, "messages": HELLO, "tools": tools, "metadata": {"user_id": None},
             "tool_choice": {"type": "tool", "name": "get_weather"}})
@@ -2082,7 +2069,7 @@ async def test_a_tool_choice_that_needs_a_tool_without_tools_is_anthropics_400_b
     for gateway, model in ((gw, MODEL), (openai_gw, OPENAI_MODEL)):
         client = sdk(gateway)
         try:
-            before = len(fake.requests)
+            before = len(fake.forwarded())
             for fields, said in (
                     ({"tool_choice": {"type": "any"}},
                      "tool_choice: tool_choice of type 'any' may only be specified while providing tools"),
@@ -2106,12 +2093,12 @@ async def test_a_tool_choice_that_needs_a_tool_without_tools_is_anthropics_400_b
                     assert caught.value.status_code == 400
                     assert caught.value.body == {"type": "error", "error": {
                         "type": "invalid_request_error", "message": said}}, (fields, caught.value.body)
-            assert len(fake.requests) == before
+            assert len(fake.forwarded()) == before
             for kind in ("auto", "none"):
                 message = await in_thread(client.messages.create, model=model, max_tokens=8, messages=HELLO,
                                           tool_choice={"type": kind})
                 assert message.content[0].type == "text"
-                assert "tool_choice" not in fake.requests[-1].body or gateway is gw
+                assert "tool_choice" not in fake.last_request().body or gateway is gw
         finally:
             client.close()
 
@@ -2205,7 +2192,7 @@ async def test_a_tool_name_past_openais_64_characters_goes_short_and_comes_back_
     try:
         await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=64, tools=[LONG_TOOL, WEATHER_TOOL],
                         tool_choice={"type": "tool", "name": LONG_TOOL["name"]}, messages=history)
-        sent = fake.requests[-1].body
+        sent = fake.last_request().body
         short = sent["tools"][0]["function"]["name"]
         assert len(short) <= 64 and short != LONG_TOOL["name"]
         assert sent["tools"][1]["function"]["name"] == "get_weather"
@@ -2214,7 +2201,7 @@ async def test_a_tool_name_past_openais_64_characters_goes_short_and_comes_back_
         fake.steer = {"fake_tool": {"name": short, "arguments": '{"city": "Rome"}'}}
         message = await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=64, tools=[LONG_TOOL],
                                   messages=history)
-        assert fake.requests[-1].body["tools"][0]["function"]["name"] == short  # (the same short name)
+        assert fake.last_request().body["tools"][0]["function"]["name"] == short  # (the same short name)
         assert [(block.type, block.name, block.input) for block in message.content] == [
             ("tool_use", LONG_TOOL["name"], {"city": "Rome"})]
         _, final = await in_thread(collect, client.messages.stream(model=OPENAI_MODEL, max_tokens=64,
@@ -2227,7 +2214,7 @@ async def test_a_tool_name_past_openais_64_characters_goes_short_and_comes_back_
     client = sdk(gw)
     try:
         await in_thread(client.messages.create, model=MODEL, max_tokens=64, tools=[LONG_TOOL], messages=history)
-        assert fake.requests[-1].body["tools"][0]["name"] == LONG_TOOL["name"]
+        assert fake.last_request().body["tools"][0]["name"] == LONG_TOOL["name"]
     finally:
         client.close()
 
@@ -2291,7 +2278,7 @@ async def test_thinking_display_omitted_is_honoured_natively_too(http, gw, fake,
     assert [(block.type, getattr(block, "thinking", None)) for block in message.content] == [
         ("thinking", ""), ("text", None)]
     assert message.content[0].signature == signature and message.content[1].text == "héhéhé"
-    assert fake.requests[-1].path == b"/v1/messages" and fake.requests[-1].body["thinking"] == OMITTED
+    assert fake.last_request().path == b"/v1/messages" and fake.last_request().body["thinking"] == OMITTED
     seen, final = await in_thread(collect, client.messages.stream(model=MODEL, max_tokens=2000, messages=HELLO,
                                                                   thinking=OMITTED))
     assert [(block.type, getattr(block, "thinking", None)) for block in final.content] == [
@@ -2320,7 +2307,7 @@ async def test_a_thinking_display_other_than_summarized_or_omitted_is_anthropics
     """A C{thinking.display} that is neither C{"summarized"} nor C{"omitted"} (Anthropic's two) is the gateway's 400
     C{invalid_request_error} naming the field, natively and translated, streamed or not, before any upstream is
     asked; before, it passed (natively, vLLM ignored it; translated, the thinking text came). A null one is none."""
-    before = len(fake.requests)
+    before = len(fake.forwarded())
     for gateway, model in ((gw, MODEL), (openai_gw, OPENAI_MODEL)):
         for display in ("hidden", "", 1, ["omitted"]):
             for stream in (False, True):
@@ -2331,7 +2318,7 @@ async def test_a_thinking_display_other_than_summarized_or_omitted_is_anthropics
                 assert json.loads(content) == {"type": "error", "error": {
                     "type": "invalid_request_error",
                     "message": f"thinking.display: {display!r} is not one of 'summarized', 'omitted'"}}, content
-    assert len(fake.requests) == before
+    assert len(fake.forwarded()) == before
     for gateway, model in ((gw, MODEL), (openai_gw, OPENAI_MODEL)):
         body = {"model": model, "max_tokens": 2000, "messages": HELLO, "thinking": dict(OMITTED, display=None)}
         response, content = await post(http, gateway.url + "/v1/messages", body)
@@ -2354,7 +2341,7 @@ async def test_a_failed_tool_result_tells_a_native_vllm_it_failed(gw, fake, clie
     messages = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": [call]},
                 {"role": "user", "content": results}]
     await in_thread(client.messages.create, model=MODEL, max_tokens=8, tools=[WEATHER_TOOL], messages=messages)
-    sent = fake.requests[-1]
+    sent = fake.last_request()
     assert sent.path == b"/v1/messages"
     contents = [block.get("content") for block in sent.body["messages"][2]["content"]]
     assert contents == ["Error: timed out", "Error",
@@ -2364,13 +2351,13 @@ async def test_a_failed_tool_result_tells_a_native_vllm_it_failed(gw, fake, clie
     assert messages[2]["content"] == results and results[0]["content"] == "timed out"
     # Counted as it is sent.
     await in_thread(client.messages.count_tokens, model=MODEL, tools=[WEATHER_TOOL], messages=messages)
-    sent = fake.requests[-1]
+    sent = fake.last_request()
     assert sent.path == b"/v1/messages/count_tokens"
     assert sent.body["messages"][2]["content"][0]["content"] == "Error: timed out"
     # Without a failed result, the body goes as the client sent it.
     ok = messages[:2] + [{"role": "user", "content": results[4:]}]
     await in_thread(client.messages.create, model=MODEL, max_tokens=8, tools=[WEATHER_TOOL], messages=ok)
-    assert fake.requests[-1].body["messages"] == ok
+    assert fake.last_request().body["messages"] == ok
 
 
 SIX_STOPS = ["<1>", "<2>", "<3>", "<4>", "ba", "<6>"]
@@ -2388,12 +2375,12 @@ async def test_stop_sequences_past_openais_four_end_the_answer_where_anthropics_
     try:
         message = await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=16, messages=HELLO,
                                   stop_sequences=SIX_STOPS)
-        assert fake.requests[-1].body["stop"] == SIX_STOPS[:4]
+        assert fake.last_request().body["stop"] == SIX_STOPS[:4]
         assert [block.text for block in message.content] == ["a"]
         assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", "ba")
         seen, final = await in_thread(collect, client.messages.stream(model=OPENAI_MODEL, max_tokens=16,
                                                                       messages=HELLO, stop_sequences=SIX_STOPS))
-        assert fake.requests[-1].body["stop"] == SIX_STOPS[:4]
+        assert fake.last_request().body["stop"] == SIX_STOPS[:4]
         assert [block.text for block in final.content] == ["a"] and seen[-1].type == "message_stop"
         assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", "ba")
         # None of the others in it: the answer as it came.
@@ -2406,7 +2393,7 @@ async def test_stop_sequences_past_openais_four_end_the_answer_where_anthropics_
     try:
         message = await in_thread(client.messages.create, model=MODEL, max_tokens=16, messages=HELLO,
                                   stop_sequences=SIX_STOPS)
-        assert fake.requests[-1].body["stop"] == SIX_STOPS[:4]
+        assert fake.last_request().body["stop"] == SIX_STOPS[:4]
         assert [block.text for block in message.content] == ["a"]
         assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", "ba")
     finally:
@@ -2430,8 +2417,8 @@ async def test_each_provider_type_is_sent_the_stop_sequences_it_takes(reactor, f
         for kind in ("vllm", "openai", "groq", "xai", "deepseek", "ollama", "openrouter"):
             await in_thread(client.messages.create, model=f"{kind}/{CHAT_MODEL}", max_tokens=8, messages=HELLO,
                             stop_sequences=stops)
-            assert fake.requests[-1].path == b"/v1/chat/completions", kind
-            sent[kind] = fake.requests[-1].body["stop"]
+            assert fake.last_request().path == b"/v1/chat/completions", kind
+            sent[kind] = fake.last_request().body["stop"]
         assert sent == {"vllm": stops[:4], "openai": stops[:4], "groq": stops[:4], "xai": stops[:4],
                         "deepseek": stops[:16], "ollama": stops, "openrouter": stops}
     finally:
@@ -2452,12 +2439,12 @@ async def test_an_empty_text_block_beside_tool_results_is_dropped_and_one_alone_
     client = sdk(openai_gw)
     try:
         await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, messages=messages)
-        sent = fake.requests[-1].body["messages"]
+        sent = fake.last_request().body["messages"]
         assert sent[-1] == {"role": "tool", "tool_call_id": "toolu_1", "content": "ok"} and len(sent) == 3
         messages[-1]["content"].append({"type": "text", "text": "Go on."})
         await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, messages=messages)
-        assert fake.requests[-1].body["messages"][-1] == {"role": "user", "content": "Go on."}
-        before = len(fake.requests)
+        assert fake.last_request().body["messages"][-1] == {"role": "user", "content": "Go on."}
+        before = len(fake.forwarded())
         for content in ([{"type": "text", "text": ""}], [{"type": "text", "text": ""}] * 2):
             with pytest.raises(anthropic.BadRequestError) as caught:
                 await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8,
@@ -2472,7 +2459,7 @@ async def test_an_empty_text_block_beside_tool_results_is_dropped_and_one_alone_
             assert caught.value.body["error"] == {"type": "invalid_request_error", "message": (
                 "messages.2: all messages must have non-empty content except for the optional final assistant "
                 "message")}
-        assert len(fake.requests) == before
+        assert len(fake.forwarded()) == before
     finally:
         client.close()
 
@@ -2498,7 +2485,7 @@ async def test_a_documents_title_and_context_reach_the_model_as_anthropics_promp
     client = sdk(openai_gw)
     try:
         await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, messages=messages)
-        sent = fake.requests[-1].body["messages"]
+        sent = fake.last_request().body["messages"]
         assert sent[0] == {"role": "user", "content": [
             {"type": "text", "text": "<document>\n<source>notes.txt</source>\n<context>Written by Ada.</context>\n"
                                      "<document_content>\nNotes: ok.\n</document_content>\n</document>"},
@@ -2509,12 +2496,12 @@ async def test_a_documents_title_and_context_reach_the_model_as_anthropics_promp
         assert sent[2] == {"role": "tool", "tool_call_id": "toolu_1", "content":
                            "<document>\n<source>a.txt</source>\n<document_content>\nLäuft.\n</document_content>\n"
                            "</document>"}
-        before = len(fake.requests)
+        before = len(fake.forwarded())
         with pytest.raises(anthropic.BadRequestError) as caught:
             await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8,
                             messages=[{"role": "user", "content": [dict(plain, title=5)]}])
         assert caught.value.body["error"]["message"].startswith("messages.0.content.0.title: Input should be a valid")
-        assert len(fake.requests) == before
+        assert len(fake.forwarded()) == before
     finally:
         client.close()
 
@@ -2532,23 +2519,23 @@ async def test_structured_outputs_reach_a_vllm_natively_as_its_messages_api_read
     try:
         await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO,
                         output_config={"format": wanted})
-        assert fake.requests[-1].path == b"/v1/messages"
-        assert fake.requests[-1].body["output_config"] == {"format": wanted}
+        assert fake.last_request().path == b"/v1/messages"
+        assert fake.last_request().body["output_config"] == {"format": wanted}
         await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO,
                         output_config={"effort": "low"}, extra_body={"output_format": wanted})
-        sent = fake.requests[-1].body
+        sent = fake.last_request().body
         assert sent["output_config"] == {"effort": "low", "format": wanted} and "output_format" not in sent
         other = {"type": "json_schema", "schema": {"type": "object"}}
         await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=HELLO,
                         output_config={"format": wanted}, extra_body={"output_format": other})
-        assert fake.requests[-1].body["output_config"] == {"format": wanted}
+        assert fake.last_request().body["output_config"] == {"format": wanted}
     finally:
         client.close()
     client = sdk(openai_gw)
     try:
         await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, messages=HELLO,
                         extra_body={"output_format": wanted})
-        assert fake.requests[-1].body["response_format"] == {"type": "json_schema",
+        assert fake.last_request().body["response_format"] == {"type": "json_schema",
                                                               "json_schema": {"name": "output", "schema": schema}}
     finally:
         client.close()

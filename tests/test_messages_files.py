@@ -118,7 +118,7 @@ async def test_a_message_naming_uploaded_files_reaches_the_model_with_their_cont
     message = await in_thread(client.messages.create, model=f"vllm/{CHAT_MODEL}", max_tokens=16,
                               messages=[{"role": "user", "content": content}])
     assert message.stop_reason
-    sent = fake.requests[-1]
+    sent = fake.last_request()
     assert sent.path == b"/v1/messages"
     assert sent.body["messages"][0]["content"][0]["source"] == {
         "type": "base64", "media_type": "image/png", "data": base64.b64encode(PNG).decode()}
@@ -126,7 +126,7 @@ async def test_a_message_naming_uploaded_files_reaches_the_model_with_their_cont
     counted = await in_thread(client.messages.count_tokens, model=f"vllm/{CHAT_MODEL}",
                               messages=[{"role": "user", "content": content}])
     assert counted.input_tokens > 0
-    sent = fake.requests[-1]
+    sent = fake.last_request()
     assert sent.path == b"/v1/messages/count_tokens"
     assert sent.body["messages"][0]["content"][0]["source"]["type"] == "base64"
 
@@ -134,7 +134,7 @@ async def test_a_message_naming_uploaded_files_reaches_the_model_with_their_cont
                {"type": "text", "text": "What is the code word?"}]
     await in_thread(client.messages.create, model=f"vllm/{CHAT_MODEL}", max_tokens=16,
                     messages=[{"role": "user", "content": content}])
-    sent = fake.requests[-1]
+    sent = fake.last_request()
     assert sent.path == b"/v1/chat/completions"  # (a document goes translated)
     assert sent.body["messages"][0]["content"][0] == {"type": "text", "text": "The code word is heron."}
 
@@ -146,7 +146,7 @@ async def test_a_message_naming_a_file_it_cannot_use_is_a_400_naming_the_block(g
     server's own error), is Anthropic's 400 C{invalid_request_error} naming the block; nothing goes upstream."""
     notes = await in_thread(client.beta.files.upload, file=("notes.txt", b"just text", "text/plain"))
     fake_pdf = await in_thread(client.beta.files.upload, file=("report.pdf", b"just text", "application/pdf"))
-    sent = len(fake.requests)
+    sent = len(fake.forwarded())
     cases = [({"type": "image", "source": {"type": "file", "file_id": "file-nope"}}, "messages.0.content.0"),
              ({"type": "document", "source": {"type": "file", "file_id": fake_pdf.id}}, "messages.0.content.0"),
              ({"type": "image", "source": {"type": "file", "file_id": notes.id}}, "messages.0.content.0"),
@@ -166,7 +166,7 @@ async def test_a_message_naming_a_file_it_cannot_use_is_a_400_naming_the_block(g
         assert where in refused.value.body["error"]["message"], (block, refused.value.body)
         if block.get("source", {}).get("file_id") == fake_pdf.id:
             assert "%PDF-" in refused.value.body["error"]["message"], refused.value.body
-    assert len(fake.requests) == sent
+    assert len(fake.forwarded()) == sent
 
 
 @pytest_twisted.ensureDeferred

@@ -43,7 +43,7 @@ async def test_search_result_blocks_reach_the_model_as_their_text(gw, fake, clie
     message = await in_thread(client.messages.create, model=gw.model, max_tokens=16, messages=[
         {"role": "user", "content": [RESULT, {"type": "text", "text": "What do herons eat?"}]}])
     assert message.stop_reason
-    sent = fake.requests[-1]
+    sent = fake.last_request()
     assert sent.path == b"/v1/chat/completions"
     assert sent.body["messages"][-1]["content"] == [{"type": "text", "text": RESULT_TEXT},
                                                     {"type": "text", "text": "What do herons eat?"}]
@@ -52,14 +52,14 @@ async def test_search_result_blocks_reach_the_model_as_their_text(gw, fake, clie
         {"role": "user", "content": "Search herons."},
         {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "search", "input": {}}]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [RESULT]}]}])
-    sent = fake.requests[-1]
+    sent = fake.last_request()
     assert sent.path == b"/v1/chat/completions"
     assert sent.body["messages"][-1] == {"role": "tool", "tool_call_id": "toolu_1", "content": RESULT_TEXT}
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_search_result_without_its_fields_is_a_400_naming_them(gw, fake, client):
-    sent = len(fake.requests)
+    sent = len(fake.forwarded())
     for broken, where in (({**RESULT, "content": "text"}, "messages.0.content.0.content"),
                           ({k: v for k, v in RESULT.items() if k != "source"}, "messages.0.content.0.source")):
         with pytest.raises(anthropic.BadRequestError) as refused:
@@ -67,7 +67,7 @@ async def test_a_search_result_without_its_fields_is_a_400_naming_them(gw, fake,
                             messages=[{"role": "user", "content": [broken]}])
         assert refused.value.body["error"]["type"] == "invalid_request_error"
         assert where in refused.value.body["error"]["message"]
-    assert len(fake.requests) == sent
+    assert len(fake.forwarded()) == sent
 
 
 @pytest.mark.parametrize("status, kind", [(402, "billing_error"), (409, "conflict_error")])
@@ -98,13 +98,13 @@ async def test_server_side_features_are_refused_natively_and_translated(gw, fake
     is a 400 naming it, as a server tool's is, before anything goes upstream. Before, translated, a container was
     dropped; natively, vLLM 0.32's Messages API drops both unread (its request model ignores fields it does not
     know): the model answered without the tools or skills asked for. An empty C{mcp_servers} list is none."""
-    sent = len(fake.requests)
+    sent = len(fake.forwarded())
     with pytest.raises(anthropic.BadRequestError) as refused:
         await in_thread(client.messages.create, model=gw.model, max_tokens=16, messages=[
             {"role": "user", "content": "hi"}], extra_body={field: value})
     assert refused.value.body["error"]["type"] == "invalid_request_error"
     assert refused.value.body["error"]["message"].startswith(f"{field}: ")
-    assert len(fake.requests) == sent
+    assert len(fake.forwarded()) == sent
 
     def streamed():
         with client.messages.stream(model=gw.model, max_tokens=16, messages=[{"role": "user", "content": "hi"}],
@@ -112,17 +112,17 @@ async def test_server_side_features_are_refused_natively_and_translated(gw, fake
             return stream.get_final_message()
     with pytest.raises(anthropic.BadRequestError):
         await in_thread(streamed)
-    assert len(fake.requests) == sent
+    assert len(fake.forwarded()) == sent
     await in_thread(client.messages.create, model=gw.model, max_tokens=16, messages=[
         {"role": "user", "content": "hi"}], extra_body={"mcp_servers": [], "container": None})
     # count_tokens the same (before: counted natively, vLLM dropping it unread; translated, the 501)
-    sent = len(fake.requests)
+    sent = len(fake.forwarded())
     with pytest.raises(anthropic.BadRequestError) as refused:
         await in_thread(client.messages.count_tokens, model=gw.model, messages=[{"role": "user", "content": "hi"}],
                         extra_body={field: value})
     assert refused.value.body["error"]["type"] == "invalid_request_error"
     assert refused.value.body["error"]["message"].startswith(f"{field}: ")
-    assert len(fake.requests) == sent
+    assert len(fake.forwarded()) == sent
 
 
 @pytest_twisted.ensureDeferred
@@ -132,7 +132,7 @@ async def test_server_tools_are_refused_natively_as_translated(gw, fake, client)
     Messages API reads it as a function tool (a 400 about its missing C{input_schema}, or a tool the model may call
     and nobody runs). Either way now: the gateway's 400, before anything goes upstream, its count_tokens too; a
     client tool with the type C{custom} is a tool as any."""
-    sent = len(fake.requests)
+    sent = len(fake.forwarded())
     tools = [{"name": "f", "input_schema": {"type": "object"}},
              {"type": "web_search_20250305", "name": "web_search", "max_uses": 3}]
     for call in (partial(client.messages.create, max_tokens=16), client.messages.count_tokens):
@@ -141,7 +141,7 @@ async def test_server_tools_are_refused_natively_as_translated(gw, fake, client)
         error = refused.value.body["error"]
         assert error["type"] == "invalid_request_error" and error["message"].startswith("tools.1: ")
         assert "web_search_20250305" in error["message"] and "server tools" in error["message"]
-    assert len(fake.requests) == sent
+    assert len(fake.forwarded()) == sent
     await in_thread(client.messages.create, model=gw.model, max_tokens=16, messages=[
         {"role": "user", "content": "hi"}], tools=[dict(tools[0], type="custom")])
 
@@ -156,6 +156,6 @@ async def test_fields_that_change_no_answer_are_accepted(gw, fake, client):
         "service_tier": "standard_only",
         "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]}})
     assert message.content[0].text == "héhéhé"
-    sent = fake.requests[-1].body
+    sent = fake.last_request().body
     if gw.model.startswith("openai/"):
         assert "service_tier" not in sent and "context_management" not in sent

@@ -36,8 +36,8 @@ async def test_sdk_completes_a_chat_with_vllm_extras(sdk, fake):
     assert completion.choices[0].message.content == "héhéhé"
     assert completion.usage.completion_tokens == 3
     assert completion.model_extra["kv_transfer_params"] == {"fake": True}
-    assert fake.requests[-1].body["top_k"] == 5
-    assert fake.requests[-1].header(b"authorization") is None
+    assert fake.last_request().body["top_k"] == 5
+    assert fake.last_request().header(b"authorization") is None
 
 
 def _collect(stream):
@@ -143,9 +143,9 @@ async def test_sdk_provider_field_chooses_the_provider_and_never_goes_upstream(r
             assert raised.value.code == "ambiguous_model"
             for fake, model, hint in ((b, BARE, "vllm-b"), (a, BARE, "vllm"), (b, "vllm-b/" + BARE, "vllm-b"),
                                       (a, BARE, " vllm ")):
-                before = len(fake.requests)
+                before = len(fake.forwarded())
                 await in_thread(call, model, {"provider": hint})
-                [seen] = [r for r in fake.requests[before:] if r.path == path.encode()]
+                [seen] = [r for r in fake.forwarded()[before:] if r.path == path.encode()]
                 assert seen.body["model"] == BARE and "provider" not in seen.body, (path, hint)
             with pytest.raises(openai.NotFoundError) as raised:  # (the hint wins: "vllm/..." is an id at vllm-b)
                 await in_thread(call, "vllm/" + BARE, {"provider": "vllm-b"})

@@ -339,7 +339,7 @@ async def test_a_client_leaving_mid_stream_is_an_error_on_both_spans(otel, react
         chat(stream=True, fake_chunks=200, fake_pace=0.02),
         {"Authorization": f"Bearer {MASTER_KEY}", "X-Request-Id": "req-gone"}))
     await with_timeout(reactor, client.wait_for(b'"content":"'), 5)
-    upstream = otel.fleet[0].requests[-1]
+    upstream = otel.fleet[0].last_request()
     client.transport.abortConnection()
     await with_timeout(reactor, upstream.closed, 5)  # the gateway closed the upstream's connection
     await otel.stop_gateway()

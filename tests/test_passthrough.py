@@ -43,18 +43,18 @@ async def test_root_routes_reach_the_named_instance(http, two):
     response, content = await call(http, gw, "POST", "/p/vllm/tokenize",
                                    {"model": "meta-llama/Llama-3.1-8B-Instruct", "prompt": "Hello"})
     assert response.code == 200 and jsonutil.loads(content)["count"] == 3
-    assert plain.requests[-1].path == b"/tokenize"  # the server root, though the base URL ends in /v1
+    assert plain.last_request().path == b"/tokenize"  # the server root, though the base URL ends in /v1
 
     response, content = await call(http, gw, "POST", "/p/vllm-test/detokenize?x=1&y=%2F", {"tokens": [1, 2]},
                                    {"x-api-key": "client-key", "cookie": "c=1", "x-custom": "kept"})
     assert response.code == 200
-    seen = guarded.requests[-1]
+    seen = guarded.last_request()
     assert seen.uri == b"/detokenize?x=1&y=%2F"
     assert seen.header(b"authorization") == "Bearer vllm-secret"
     assert seen.header(b"x-api-key") is None and seen.header(b"cookie") is None
     assert seen.header(b"x-custom") == "kept"
     assert seen.header(b"x-request-id") == response.headers.getRawHeaders("x-request-id")[0]
-    assert plain.requests[-1].path == b"/tokenize"  # vllm-test's call did not go to vllm
+    assert plain.last_request().path == b"/tokenize"  # vllm-test's call did not go to vllm
 
 
 @pytest_twisted.ensureDeferred
@@ -64,9 +64,9 @@ async def test_v1_routes_and_the_v1_alias(http, two):
     for path in ("/p/vllm-test/completions", "/p/vllm-test/v1/completions"):
         response, content = await call(http, gw, "POST", path, body)
         assert response.code == 200
-        assert guarded.requests[-1].path == b"/v1/completions"
+        assert guarded.last_request().path == b"/v1/completions"
         assert content.endswith(b"data: [DONE]\n\n")
-        assert "stream_options" not in guarded.requests[-1].body  # passthrough is raw: nothing forced
+        assert "stream_options" not in guarded.last_request().body  # passthrough is raw: nothing forced
     response, content = await call(http, gw, "GET", "/p/vllm/version")
     assert jsonutil.loads(content) == {"version": "0.32.0"}
     response, content = await call(http, gw, "GET", "/p/vllm/metrics")
@@ -87,7 +87,7 @@ async def test_upstream_errors_are_relayed_as_the_provider_sent_them(http, two):
 @pytest_twisted.ensureDeferred
 async def test_admin_routes_are_refused_unless_allowed(http, two):
     gw, plain, guarded = two
-    before = len(plain.requests)
+    before = len(plain.forwarded())
     for path in ("/p/vllm/sleep", "/p/vllm/%73leep", "/p/vllm/v1/load_lora_adapter", "/p/vllm/collective_rpc/",
                  "/p/vllm/SLEEP", "/p/vllm/scale_elastic_ep", "/p/vllm/inference/v1/abort_requests"):
         response, content = await call(http, gw, "POST", path, {})
@@ -98,9 +98,9 @@ async def test_admin_routes_are_refused_unless_allowed(http, two):
         assert response.code == 400 and jsonutil.loads(content)["error"]["code"] == "invalid_endpoint", path
     response, content = await call(http, gw, "POST", "/p/vllm//collective_rpc", {})
     assert response.code == 404  # an empty first segment matches no route
-    assert len(plain.requests) == before
+    assert len(plain.forwarded()) == before
     response, content = await call(http, gw, "POST", "/p/vllm/reset_prefix_cache", {})
-    assert response.code == 200 and plain.requests[-1].path == b"/reset_prefix_cache"
+    assert response.code == 200 and plain.last_request().path == b"/reset_prefix_cache"
 
 
 @pytest_twisted.ensureDeferred
@@ -113,7 +113,7 @@ async def test_vllms_structured_decisions_are_reached_under_v1(http, two):
     for path in ("/p/vllm/v1/systemone", "/p/vllm/systemone"):
         response, content = await call(http, gw, "POST", path, body)
         assert response.code == 200 and jsonutil.loads(content)["object"] == "structured_decision", content
-        assert plain.requests[-1].path == b"/v1/systemone"
+        assert plain.last_request().path == b"/v1/systemone"
 
 
 @pytest_twisted.ensureDeferred
@@ -122,7 +122,7 @@ async def test_vllm_032s_operational_routes_are_refused_unless_allowed(http, two
     --enable-fault-tolerance or VLLM_SERVER_DEV_MODE) are refused as its older ones are: before, any key reached
     them, so a tenant could abort others' requests by id, free the KV cache under them, or start a weight update."""
     gw, plain, guarded = two
-    before = len(plain.requests)
+    before = len(plain.forwarded())
     for path in ("/p/vllm/abort_requests", "/p/vllm/release_kv_cache_memory", "/p/vllm/fault_tolerance/apply",
                  "/p/vllm/init_weight_transfer_engine",
                  "/p/vllm/shutdown_weight_transfer_engine", "/p/vllm/start_weight_update",
@@ -131,7 +131,7 @@ async def test_vllm_032s_operational_routes_are_refused_unless_allowed(http, two
         response, content = await call(http, gw, "POST", path, {})
         assert response.code == 403, path
         assert jsonutil.loads(content)["error"]["type"] == "permission_error"
-    assert len(plain.requests) == before
+    assert len(plain.forwarded()) == before
 
 
 @pytest_twisted.ensureDeferred
@@ -141,11 +141,11 @@ async def test_vllms_kv_event_sources_are_the_master_keys_alone(http, two):
     gw, plain, _ = two
     response, content = await call(http, gw, "POST", "/admin/api/v1/auth-keys", {"name": "tenant"})
     key = {"authorization": "Bearer " + jsonutil.loads(content)["value"]}
-    before = len(plain.requests)
+    before = len(plain.forwarded())
     for path in ("/p/vllm/kv_event_sources", "/p/vllm/v1/kv_event_sources", "/p/vllm/weight_info"):
         response, content = await call(http, gw, "GET", path, headers=key)
         assert response.code == 403 and jsonutil.loads(content)["error"]["type"] == "permission_error", content
-    assert len(plain.requests) == before
+    assert len(plain.forwarded()) == before
     response, content = await call(http, gw, "GET", "/p/vllm/kv_event_sources")
     assert response.code == 200 and jsonutil.loads(content)["0"]["publisher"] == "zmq"
 
@@ -187,7 +187,7 @@ async def test_a_path_or_host_that_is_no_utf8_is_a_400_envelope_on_every_klein_r
         head, _, body = bytes(client.received).partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 400 ") and b"Content-Type: application/json" in head
         assert jsonutil.loads(body)["error"]["code"] == "invalid_url"
-    assert [r.path for r in plain.requests if r.path not in (b"/health", b"/v1/models", b"/version", b"/metrics")] == []
+    assert plain.forwarded() == []
 
 
 @pytest_twisted.ensureDeferred
@@ -213,7 +213,7 @@ async def test_slow_client_on_a_passthrough_stream(reactor, gateway, fake):
     client = await connect(reactor, gateway.port, request)
     await client.wait_for(b"data: ")
     client.transport.pauseProducing()
-    record = fake.requests[-1]
+    record = fake.last_request()
     written = await settled(reactor, lambda: record.bytes_written)
     assert record.pauses > 0 and written < 32 * 1024 * 1024
     assert write_buffer(connections[0].transport) < 1024 * 1024
@@ -311,7 +311,7 @@ async def test_a_clients_openai_organization_and_project_never_reach_the_provide
         "OpenAI-Organization": "org-other", "OpenAI-Project": "proj_other", "X-Kept": "yes",
         "Origin": "https://elsewhere.example"})
     assert response.code == 200, content
-    sent = plain.requests[-1]
+    sent = plain.last_request()
     assert sent.header(b"x-kept") == "yes"
     assert sent.header(b"openai-organization") is None and sent.header(b"openai-project") is None
     # nor a browser's Origin: vLLM would answer it with its own CORS policy (allow-origin * by default)
@@ -327,7 +327,7 @@ async def test_x_gomodel_user_path_is_the_gateways_and_never_reaches_the_provide
     response, content = await call(http, gw, "POST", "/p/vllm/v1/chat/completions", body,
                                    headers={"X-GoModel-User-Path": "/team/other"})
     assert response.code == 200, content
-    assert plain.requests[-1].header(b"x-gomodel-user-path") is None
+    assert plain.last_request().header(b"x-gomodel-user-path") is None
 
 
 @pytest_twisted.ensureDeferred
@@ -348,7 +348,7 @@ async def test_the_clients_hop_by_hop_headers_and_its_expectation_never_reach_th
         b"Content-Length: %d\r\n\r\n%s" % (len(data), data)))
     await with_timeout(reactor, client.wait_for(b'"tokens"'), 5)
     client.transport.loseConnection()
-    sent = plain.requests[-1]
+    sent = plain.last_request()
     assert sent.path == b"/tokenize" and sent.header(b"x-kept") == "yes"
     for name in (b"connection", b"x-hop", b"keep-alive", b"te", b"proxy-authorization", b"proxy-connection",
                  b"upgrade", b"x-api-key", b"expect", b"x-forwarded-for", b"forwarded", b"x-real-ip", b"true-client-ip"):
@@ -446,7 +446,7 @@ async def test_passthrough_messages_refusals_are_in_anthropics_envelope(reactor,
     response, content = await call(http, gw, "POST", "/admin/api/v1/auth-keys", {"name": "other",
                                                                                  "models": ["vllm-test/meta-llama/Llama-3.1-8B-Instruct"]})
     other = {"authorization": "Bearer " + jsonutil.loads(content)["value"]}
-    before = len(plain.requests)
+    before = len(plain.forwarded())
     for path in ("/p/vllm/v1/messages", "/p/vllm/messages", "/p/vllm/v1/messages/count_tokens",
                  "/p/vllm/V1/Messages"):
         for headers, status, kind in (({"authorization": ""}, 401, "authentication_error"),
@@ -460,7 +460,7 @@ async def test_passthrough_messages_refusals_are_in_anthropics_envelope(reactor,
         response, content = await call(http, gw, "POST", path.replace("/vllm/", "/nobody/"), body)
         assert response.code == 404
         assert jsonutil.loads(content)["error"]["type"] == "not_found_error", content
-    assert len(plain.requests) == before
+    assert len(plain.forwarded()) == before
     for path in ("/p/vllm/v1/responses", "/p/vllm/chat/completions"):
         for headers, status, kind in (({"authorization": ""}, 401, "authentication_error"),
                                       (other, 403, "permission_error")):
@@ -989,11 +989,11 @@ async def test_a_passthrough_path_is_relayed_as_sent_and_its_fragment_never(reac
     does, nor decides the route, as the provider's own server would read it (before: C{?x=1#frag} went upstream as it
     came, and C{tokenize#frag} as C{/tokenize%23frag}, a route the client never named, an admin route's too)."""
     async def relayed(path):
-        before = len(fake.requests)
+        before = len(fake.forwarded())
         client = await connect(reactor, gateway.port, _passed(path, {"prompt": "hi"}, CLOSE))
         await with_timeout(reactor, client.lost, 5)
         status = bytes(client.received).split(b" ", 2)[1]
-        return status, fake.requests[-1].uri if len(fake.requests) > before else None
+        return status, fake.last_request().uri if len(fake.forwarded()) > before else None
 
     for path, upstream in ((b"/p/vllm/tokenize%23x", b"/tokenize%23x"), (b"/p/vllm/tok%2523x", b"/tok%2523x"),
                            (b"/p/vllm/tokenize?x=%23y&z=%2523", b"/tokenize?x=%23y&z=%2523"),
@@ -1024,6 +1024,6 @@ async def test_a_replica_that_broke_off_leaves_its_request_ids_to_none_that_answ
             assert response.code == 200 and response.headers.getRawHeaders("x-gomodel-replica") == ["1"], path
             assert response.headers.getRawHeaders("x-upstream-request-id") is None, path
             assert response.headers.getRawHeaders("request-id") == (["mine"] if ours else None), path
-        assert len(broken.requests) >= 2  # (each route was asked of it first once)
+        assert len(broken.forwarded()) >= 2  # (each route was asked of it first once)
     finally:
         await stop_all(gw, broken, whole)

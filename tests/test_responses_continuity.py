@@ -13,11 +13,6 @@ from tests.test_keys import MASTER, MODEL, new_key
 UPSTREAM = MODEL.split("/", 1)[1]
 
 
-def asked(fake):
-    """The requests C{fake} got but for the gateway's health and model list probes."""
-    return [r for r in fake.requests if r.path not in (b"/health", b"/v1/models", b"/metrics", b"/load")]
-
-
 @pytest_twisted.async_yield_fixture()
 async def keyed(reactor, tmp_path):
     """A gateway (master key L{MASTER}) in front of one fake vLLM: C{(gateway, vllm)}."""
@@ -79,7 +74,7 @@ async def test_a_follow_up_of_a_conversation_whose_first_turn_was_swept_is_previ
             third = await in_thread(client.responses.create, model=MODEL, input="ok", previous_response_id=second.id)
             await sweep(gw, first.id)
             fake.stored_responses.clear()  # (natively: vLLM restarted, the conversation goes explicitly)
-            sent = len(asked(fake))
+            sent = len(fake.forwarded())
             for previous in (third.id, first.id):
                 with pytest.raises(openai.BadRequestError) as refused:
                     await in_thread(client.responses.create, model=MODEL, input="who am I?",
@@ -87,7 +82,7 @@ async def test_a_follow_up_of_a_conversation_whose_first_turn_was_swept_is_previ
                 error = refused.value.body
                 assert (error["param"], error["code"]) == ("previous_response_id", "previous_response_not_found")
                 assert first.id in error["message"], error
-            assert [r.path for r in asked(fake)[sent:]] == ([b"/v1/responses"] * 2 if native else [])
+            assert [r.path for r in fake.forwarded()[sent:]] == ([b"/v1/responses"] * 2 if native else [])
         finally:
             client.close()
             await gw.service.stopService()
@@ -148,20 +143,20 @@ async def test_the_passthrough_never_continues_a_turn_deleted_through_the_gatewa
                                                          "previous_response_id": previous}).encode(),
                          headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
 
-    sent = len(asked(vllm))
+    sent = len(vllm.forwarded())
     for key in (MASTER, alpha["value"]):
         for previous in (first.id, second.id):
             answer = await send(key, previous)
             error = json.loads(await treq.content(answer))["error"]
             assert (answer.code, error["param"], error["code"]) == (400, "previous_response_id",
                                                                    "previous_response_not_found"), error
-    assert len(asked(vllm)) == sent  # nothing reached the instance
+    assert len(vllm.forwarded()) == sent  # nothing reached the instance
     answer = await send(MASTER, other.id)  # a conversation with no turn deleted goes raw, as it came
     assert answer.code == 200 and json.loads(await treq.content(answer))["previous_response_id"] == other.id
     answer = await send(MASTER, second.id, "/v1/responses", MODEL)  # sent explicitly, without the deleted turn
     assert answer.code == 200, await treq.content(answer)
     await treq.content(answer)
-    assert "forget me" not in json.dumps(asked(vllm)[-1].body["input"])
+    assert "forget me" not in json.dumps(vllm.forwarded()[-1].body["input"])
 
 
 @pytest_twisted.ensureDeferred
@@ -184,7 +179,7 @@ async def test_an_item_reference_is_the_item_of_the_conversation_it_names_and_an
                 await in_thread(client.responses.create, model=MODEL, previous_response_id=first.id, input=[
                     {"type": "item_reference", "id": "msg_ada"}, {"type": "item_reference", "id": said},
                     {"role": "user", "content": "who am I?"}])
-                sent = asked(fake)[-1].body
+                sent = fake.forwarded()[-1].body
                 if native and not restarted:  # (its instance holds the conversation: the items alone are resolved)
                     assert sent["previous_response_id"] == first.id
                     assert sent["input"][:2] == [{"role": "user", "content": "my name is Ada"},
@@ -195,7 +190,7 @@ async def test_an_item_reference_is_the_item_of_the_conversation_it_names_and_an
                 else:
                     assert [m["content"] for m in sent["messages"]] == ["my name is Ada", "héhéhé", "my name is Ada",
                                                                         "héhéhé", "who am I?"]
-            before = len(asked(fake))
+            before = len(fake.forwarded())
             asks = [{"previous_response_id": first.id}] + ([] if native else [{}])
             for extra in asks:
                 with pytest.raises(openai.BadRequestError) as refused:
@@ -205,9 +200,9 @@ async def test_an_item_reference_is_the_item_of_the_conversation_it_names_and_an
                 assert error["param"] == "input" and "msg_nope" in error["message"], error
                 assert refused.value.status_code == 400 and refused.value.body["type"] == "invalid_request_error"
             if native:
-                assert len(asked(fake)) == before + 1  # (its instance still holds it: no explicit send)
+                assert len(fake.forwarded()) == before + 1  # (its instance still holds it: no explicit send)
             else:
-                assert len(asked(fake)) == before
+                assert len(fake.forwarded()) == before
         finally:
             client.close()
             await gw.service.stopService()
@@ -252,7 +247,7 @@ async def test_a_native_stream_the_client_leaves_or_that_breaks_is_kept_with_wha
             assert kept.output[0].type == "message" and kept.output[0].role == "assistant"
             fake.stored_responses.clear()  # (its follow-up replays it: what the client read is part of it)
             await in_thread(client.responses.create, model=MODEL, input="go on", previous_response_id=response_id)
-            assert asked(fake)[-1].body["input"][1] == {"role": "assistant", "content": "héhéhé"}
+            assert fake.forwarded()[-1].body["input"][1] == {"role": "assistant", "content": "héhéhé"}
         fake.finish_hung()
     finally:
         client.close()
@@ -309,7 +304,7 @@ async def test_truncation_auto_drops_the_oldest_turns_that_do_not_fit_when_trans
             await in_thread(client.responses.create, model=MODEL, input="who am I?", instructions="be brief",
                             previous_response_id=second.id, extra_body=fits)
         for stream in (False, True):
-            sent = len(asked(fake))
+            sent = len(fake.forwarded())
             ask = dict(model=MODEL, input="who am I?", instructions="be brief", previous_response_id=second.id,
                          truncation="auto", extra_body=fits)
             if stream:
@@ -320,7 +315,7 @@ async def test_truncation_auto_drops_the_oldest_turns_that_do_not_fit_when_trans
             else:
                 answer = await in_thread(client.responses.create, **ask)
             assert answer.truncation == "auto" and answer.output_text == "héhéhé"
-            tried = [r for r in asked(fake)[sent:] if r.path == b"/v1/chat/completions"]
+            tried = [r for r in fake.forwarded()[sent:] if r.path == b"/v1/chat/completions"]
             assert len(tried) == 2
             said = [m["content"].split(" ")[0] for m in tried[-1].body["messages"]]
             assert said == ["be", "I", "héhéhé", "who"], said
@@ -336,7 +331,7 @@ async def test_truncation_auto_drops_the_oldest_turns_that_do_not_fit_when_trans
         fake.stored_responses.clear()  # (replayed explicitly)
         await in_thread(client.responses.create, model=MODEL, input="x", truncation="auto",
                         previous_response_id=first.id)
-        assert asked(fake)[-1].body["truncation"] == "auto" and len(asked(fake)[-1].body["input"]) == 3
+        assert fake.forwarded()[-1].body["truncation"] == "auto" and len(fake.forwarded()[-1].body["input"]) == 3
     finally:
         client.close()
         await gw.service.stopService()
@@ -434,7 +429,7 @@ async def test_a_batch_lines_item_reference_goes_to_the_instance_holding_the_con
             {"model": MODEL, "previous_response_id": first.id,
              "input": [{"type": "item_reference", "id": "msg_ada"}, {"role": "user", "content": "who am I?"}]}])
         assert (done.status, done.request_counts.completed) == ("completed", 1)
-        sent = asked(vllm)[-1].body
+        sent = vllm.forwarded()[-1].body
         assert sent["previous_response_id"] == first.id  # (its instance holds the conversation)
         assert sent["input"] == [{"role": "user", "content": "my name is Ada"},
                                  {"role": "user", "content": "who am I?"}], sent["input"]

@@ -195,14 +195,14 @@ async def test_input_items_with_client_ids_that_repeat_or_are_no_text_each_get_a
 
 @pytest_twisted.ensureDeferred
 async def test_a_previous_response_id_that_is_no_id_is_refused_before_the_upstream(http, gateway, fake):
-    before = len(fake.requests)
+    before = len(fake.forwarded())
     for given, code in (("", "invalid_value"), (0, "invalid_type"), (False, "invalid_type"), ([], "invalid_type"),
                         ({"id": "resp_1"}, "invalid_type")):
         response = await http.post(gateway.url + "/v1/responses", data=json.dumps(
             {"model": MODEL, "input": "hi", "previous_response_id": given}).encode())
         error = jsonutil.loads(await treq.content(response))["error"]
         assert response.code == 400 and (error["param"], error["code"]) == ("previous_response_id", code), given
-    assert len(fake.requests) == before
+    assert len(fake.forwarded()) == before
 
 
 @pytest_twisted.ensureDeferred
@@ -215,7 +215,7 @@ async def test_follow_up_goes_to_the_instance_that_made_the_previous_response(re
     try:
         first = await in_thread(client.responses.create, model="vllm-b/" + UPSTREAM, input="one")
         follow = await in_thread(client.responses.create, model=MODEL, input="two", previous_response_id=first.id)
-        assert b.requests[-1].body["previous_response_id"] == first.id
+        assert b.last_request().body["previous_response_id"] == first.id
         assert not [r for r in a.requests if r.path == b"/v1/responses"]
         assert follow.previous_response_id == first.id
         # A batch line that continues it goes there too (before: to the route's first instance, which
@@ -227,7 +227,7 @@ async def test_follow_up_goes_to_the_instance_that_made_the_previous_response(re
                                 completion_window="24h")
         await gw.service.batch_runner.settled(batch.id)
         assert (await in_thread(client.batches.retrieve, batch.id)).request_counts.completed == 1
-        assert b.requests[-1].body["previous_response_id"] == follow.id
+        assert b.last_request().body["previous_response_id"] == follow.id
         assert not [r for r in a.requests if r.path == b"/v1/responses"]
         # That instance down: the route's own provider answers, given the stored conversation.
         b.steer = {"fake_status": 503}
@@ -262,7 +262,7 @@ async def test_a_target_that_fails_falls_back_with_the_stored_conversation(react
         a.steer = {"fake_status": 503}
         second = await in_thread(client.responses.create, model="vllm/model-a", input="who am I?",
                                  previous_response_id=first.id)
-        chat = b.requests[-1]
+        chat = b.last_request()
         assert chat.path == b"/v1/chat/completions" and chat.body["model"] == "model-b"
         assert chat.body["messages"] == [{"role": "user", "content": "my name is Ada"},
                                          {"role": "assistant", "content": "héhéhé"},
@@ -270,15 +270,15 @@ async def test_a_target_that_fails_falls_back_with_the_stored_conversation(react
         assert second.model == "model-b" and second.previous_response_id == first.id
         assert (await in_thread(client.responses.retrieve, second.id)).output_text == second.output_text
         streamed = await in_thread(stream, model="vllm/model-a", input="again", previous_response_id=second.id)
-        assert streamed.output_text == "héhéhé" and b.requests[-1].body["stream"] is True
-        assert b.requests[-1].body["messages"][-1] == {"role": "user", "content": "again"}
-        assert len(b.requests[-1].body["messages"]) == 5
+        assert streamed.output_text == "héhéhé" and b.last_request().body["stream"] is True
+        assert b.last_request().body["messages"][-1] == {"role": "user", "content": "again"}
+        assert len(b.last_request().body["messages"]) == 5
 
         a.steer = {"fake_status": 400, "fake_body": json.dumps({"error": {"message": "no", "type": "x"}})}
-        asked = len(b.requests)
+        asked = len(b.forwarded())
         with pytest.raises(openai.BadRequestError):
             await in_thread(client.responses.create, model="vllm/model-a", input="x")
-        assert len(b.requests) == asked
+        assert len(b.forwarded()) == asked
     finally:
         await stop_all(gw, a, b, clients=(client,))
 
@@ -371,7 +371,7 @@ async def test_a_streamed_follow_up_sent_explicitly_names_the_response_it_follow
             return links, events.get_final_response()
 
     links, final = await in_thread(stream)
-    assert "previous_response_id" not in fake.requests[-1].body
+    assert "previous_response_id" not in fake.last_request().body
     assert links == [first.id, first.id] and final.previous_response_id == first.id
     assert (await in_thread(client.responses.retrieve, final.id)).previous_response_id == first.id
 
@@ -432,13 +432,13 @@ async def test_a_response_deleted_through_the_gateway_is_not_continued_by_the_ma
     created = await in_thread(client.responses.create, model=MODEL, input="my name is Ada")
     await in_thread(client.responses.delete, created.id)
     assert created.id in fake.stored_responses
-    asked = len(fake.requests)
+    asked = len(fake.forwarded())
     for stream in (False, True):
         with pytest.raises(openai.BadRequestError) as refused:
             await in_thread(client.responses.create, model=MODEL, input="who am I?", previous_response_id=created.id,
                             stream=stream)
         assert refused.value.body == previous_not_found(created.id)
-    assert len(fake.requests) == asked  # nothing went upstream
+    assert len(fake.forwarded()) == asked  # nothing went upstream
     assert await gateway.service.store.responses.deleted(created.id) is True
     fake.stored_responses["resp_made_there"] = {"id": "resp_made_there"}
     again = await in_thread(client.responses.create, model=MODEL, input="x", previous_response_id="resp_made_there")
@@ -450,7 +450,7 @@ async def test_translated_provider_gets_the_stored_conversation(translated):
     _, client, fake = translated
     first = await in_thread(client.responses.create, model=MODEL, input="my name is Ada")
     await in_thread(client.responses.create, model=MODEL, input="who am I?", previous_response_id=first.id)
-    chat = fake.requests[-1]
+    chat = fake.last_request()
     assert chat.path == b"/v1/chat/completions"
     assert chat.body["messages"] == [{"role": "user", "content": "my name is Ada"},
                                      {"role": "assistant", "content": "héhéhé"},
@@ -571,25 +571,25 @@ async def test_background_responses_are_refreshed_and_cancelled_at_their_instanc
     assert (await in_thread(client.responses.retrieve, created.id)).status == "in_progress"
     cancelled = await in_thread(client.responses.cancel, created.id)
     assert cancelled.status == "cancelled"
-    assert fake.requests[-1].path == f"/v1/responses/{created.id}/cancel".encode()
+    assert fake.last_request().path == f"/v1/responses/{created.id}/cancel".encode()
     assert (await in_thread(client.responses.retrieve, created.id)).status == "cancelled"
-    sent = len(fake.requests)
+    sent = len(fake.forwarded())
     # cancelled again: OpenAI's "cancelling twice is idempotent", the response as it is, without asking its
     # instance (before: vLLM's 400 "Cannot cancel a synchronous response.")
     again = await in_thread(client.responses.cancel, created.id)
-    assert (again.id, again.status) == (created.id, "cancelled") and len(fake.requests) == sent
+    assert (again.id, again.status) == (created.id, "cancelled") and len(fake.forwarded()) == sent
     done = await in_thread(client.responses.create, model=MODEL, input="short job", background=True)
     fake.stored_responses[done.id]["status"] = "completed"
     assert (await in_thread(client.responses.retrieve, done.id)).status == "completed"
-    sent = len(fake.requests)
+    sent = len(fake.forwarded())
     # over otherwise: OpenAI's final response object as it is, not asking its instance (before: vLLM's 400
     # "Cannot cancel a synchronous response.", which vLLM's own issue 57999 calls a bug)
     again = await in_thread(client.responses.cancel, done.id)
-    assert (again.id, again.status) == (done.id, "completed") and len(fake.requests) == sent
+    assert (again.id, again.status) == (done.id, "completed") and len(fake.forwarded()) == sent
     plain = await in_thread(client.responses.create, model=MODEL, input="short job")
     with pytest.raises(openai.BadRequestError) as refused:  # not made in the background: OpenAI's 400
         await in_thread(client.responses.cancel, plain.id)
-    assert refused.value.body["code"] == "response_not_cancellable" and len(fake.requests) == sent + 1
+    assert refused.value.body["code"] == "response_not_cancellable" and len(fake.forwarded()) == sent + 1
     assert "background" in refused.value.body["message"]
 
 
@@ -602,10 +602,10 @@ async def test_a_background_response_its_instance_finished_since_last_read_is_an
     fake.stored_responses[created.id]["status"] = "completed"  # (the gateway's record still says queued)
     over = await in_thread(client.responses.cancel, created.id)
     assert (over.id, over.status) == (created.id, "completed")
-    assert fake.requests[-1].path == f"/v1/responses/{created.id}".encode()  # (asked after the cancel's 400)
-    sent = len(fake.requests)
+    assert fake.last_request().path == f"/v1/responses/{created.id}".encode()  # (asked after the cancel's 400)
+    sent = len(fake.forwarded())
     again = await in_thread(client.responses.cancel, created.id)  # (stored over now: its instance not asked)
-    assert (again.id, again.status) == (created.id, "completed") and len(fake.requests) == sent
+    assert (again.id, again.status) == (created.id, "completed") and len(fake.forwarded()) == sent
 
 
 @pytest_twisted.ensureDeferred
@@ -617,7 +617,7 @@ async def test_a_background_follow_up_sent_explicitly_names_the_response_it_foll
     fake.stored_responses.clear()  # vLLM restarted: the conversation goes explicitly
     created = await in_thread(client.responses.create, model=MODEL, input="who am I?", background=True,
                               previous_response_id=first.id)
-    assert "previous_response_id" not in fake.requests[-1].body
+    assert "previous_response_id" not in fake.last_request().body
     assert created.status == "queued" and created.previous_response_id == first.id
     fake.stored_responses[created.id]["status"] = "in_progress"
     got = await in_thread(client.responses.retrieve, created.id)
@@ -820,11 +820,11 @@ async def test_a_translated_background_response_is_answered_done_and_says_it_is_
 async def test_a_background_response_that_is_not_to_be_stored_is_a_400(client, fake):
     """It could never be read back (before: a translating provider answered it 200, done, and a vLLM its own
     400)."""
-    sent = len(fake.requests)
+    sent = len(fake.forwarded())
     with pytest.raises(openai.BadRequestError) as refused:
         await in_thread(client.responses.create, model=MODEL, input="long job", background=True, store=False)
     assert refused.value.body["param"] == "background" and refused.value.body["code"] == "invalid_value"
-    assert len(fake.requests) == sent
+    assert len(fake.forwarded()) == sent
 
 
 @pytest_twisted.ensureDeferred
@@ -924,11 +924,11 @@ async def test_a_background_response_its_instance_forgot_is_failed_not_queued_fo
     fake.stored_responses.clear()
     got = await in_thread(client.responses.retrieve, created.id)
     assert got.status == "failed" and got.error.code == "server_error" and created.id in got.error.message
-    asked = len(fake.requests)
+    asked = len(fake.forwarded())
     assert (await in_thread(client.responses.retrieve, created.id)).status == "failed"
     # (a background response over: its final object, as OpenAI answers a cancel then)
     assert (await in_thread(client.responses.cancel, created.id)).status == "failed"
-    assert len(fake.requests) == asked  # (over: never asked again)
+    assert len(fake.forwarded()) == asked  # (over: never asked again)
 
 
 @pytest_twisted.ensureDeferred
@@ -966,7 +966,7 @@ async def test_a_background_streams_events_are_replayed_from_its_instance_after_
 
     replaying = in_thread(replay, 0)
     await until(reactor, lambda: fake.replaying.get(response_id), what="the replay waiting for its events")
-    asked = fake.requests[-1]
+    asked = fake.last_request()
     assert (asked.method, asked.path) == (b"GET", f"/v1/responses/{response_id}".encode())
     assert b"stream=true" in asked.uri and b"starting_after=0" in asked.uri
     fake.finish_hung()  # (its instance makes the rest)
@@ -1032,12 +1032,12 @@ async def test_a_response_whose_events_cannot_be_replayed_is_a_400_saying_why(cl
     assert (not_background.value.body["param"], not_background.value.body["code"]) == ("stream", "unsupported_value")
     assert "not created in the background" in not_background.value.body["message"]
     created = await in_thread(client.responses.create, model=MODEL, input="long job", background=True)
-    asked = len(fake.requests)
+    asked = len(fake.forwarded())
     with pytest.raises(openai.BadRequestError) as not_streamed:
         await refused(created.id)
     assert (not_streamed.value.body["param"], not_streamed.value.body["code"]) == ("stream", "unsupported_value")
     assert "not streamed" in not_streamed.value.body["message"]
-    assert len(fake.requests) == asked  # (known not streamed: its instance is not asked)
+    assert len(fake.forwarded()) == asked  # (known not streamed: its instance is not asked)
     [replica] = gateway.registry.provider("vllm").replicas
     assert replica.failures == 0
 
@@ -1090,7 +1090,7 @@ async def test_a_replay_of_a_response_stored_before_streamed_was_kept_asks_its_i
         assert (replica.failures, replica.last_error) == (0, None)
         streamed = await in_thread(lambda: [e.type for e in client.responses.create(
             model=MODEL, input="long job", background=True, stream=True)])
-        streamed_id = fake.requests[-1].body["request_id"]
+        streamed_id = fake.last_request().body["request_id"]
         await store.put({**await store.get(streamed_id), "streamed": None})
         assert [e.type for e in await in_thread(
             lambda: list(client.responses.retrieve(streamed_id, stream=True)))] == streamed
@@ -1142,7 +1142,7 @@ async def test_input_tokens_are_counted_by_vllms_tokenizer_with_a_follow_ups_sto
         first = await in_thread(client.responses.create, model=MODEL, input="one")
         counted = await in_thread(client.responses.input_tokens.count, model=MODEL, input="two",
                                   instructions="be brief", tools=tools, previous_response_id=first.id)
-        asked = fake.requests[-1]
+        asked = fake.last_request()
         assert asked.path == b"/tokenize" and asked.body["model"] == UPSTREAM
         assert [m["content"] for m in asked.body["messages"]] == ["be brief", "one", first.output_text, "two"]
         assert asked.body["tools"][0]["function"]["name"] == "f" and asked.body["add_generation_prompt"] is True
@@ -1255,7 +1255,7 @@ async def test_a_follow_up_of_a_conversation_whose_earlier_turn_was_deleted_neve
         await in_thread(client.responses.delete, second.id)
         fourth = await in_thread(client.responses.create, model=model, input="what do you know?",
                                  previous_response_id=third.id)
-        sent = fake.requests[-1].body
+        sent = fake.last_request().body
         said = sent["input"] if model == MODEL else sent["messages"]
         assert "previous_response_id" not in sent
         assert said == [{"role": "user", "content": "I like tea"}, {"role": "assistant", "content": "héhéhé"},

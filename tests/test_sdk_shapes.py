@@ -33,12 +33,12 @@ async def test_a_translated_response_without_tools_sends_no_tool_choice(translat
             answer = await in_thread(sdk.responses.create, model="vllm/" + CHAT_MODEL, input="hi", tools=tools,
                                      tool_choice=choice, parallel_tool_calls=False)
             assert answer.output_text == "héhéhé" and answer.tool_choice == choice
-            sent = fake.requests[-1]
+            sent = fake.last_request()
             assert sent.path == b"/v1/chat/completions"
             assert not {"tool_choice", "tools", "parallel_tool_calls"} & set(sent.body)
     await in_thread(sdk.responses.create, model="vllm/" + CHAT_MODEL, input="hi", parallel_tool_calls=True,
                     tools=[{"type": "function", "name": "f", "parameters": {"type": "object"}}], tool_choice="auto")
-    assert fake.requests[-1].body["tool_choice"] == "auto" and fake.requests[-1].body["parallel_tool_calls"] is True
+    assert fake.last_request().body["tool_choice"] == "auto" and fake.last_request().body["parallel_tool_calls"] is True
 
 
 def _function(name):
@@ -58,13 +58,13 @@ async def test_a_translated_allowed_tools_choice_offers_those_tools_alone(transl
                              tools=[_function("f"), _function("g")],
                              extra_body={"fake_tool": {"name": "g", "arguments": "{}"}})
     assert [item.name for item in answer.output] == ["g"] and answer.tool_choice.type == "allowed_tools"
-    sent = fake.requests[-1].body
+    sent = fake.last_request().body
     assert [tool["function"]["name"] for tool in sent["tools"]] == ["g"] and sent["tool_choice"] == "required"
     chat_shaped = {"type": "function", "function": {"name": "f"}}  # (taken as it was)
     await in_thread(sdk.responses.create, model="vllm/" + CHAT_MODEL, input="hi", tool_choice=chat_shaped,
                     tools=[_function("f")])
-    assert fake.requests[-1].body["tool_choice"] == chat_shaped
-    sent_before = len(fake.requests)
+    assert fake.last_request().body["tool_choice"] == chat_shaped
+    sent_before = len(fake.forwarded())
     for choice, code in (({"type": "web_search_preview"}, "unsupported_value"),
                          ({"type": "mcp", "server_label": "s"}, "unsupported_value"),
                          (dict(allowed, tools=[{"type": "function", "name": "nope"}]), "invalid_value")):
@@ -72,7 +72,7 @@ async def test_a_translated_allowed_tools_choice_offers_those_tools_alone(transl
             await in_thread(sdk.responses.create, model="vllm/" + CHAT_MODEL, input="hi", tool_choice=choice,
                             tools=[_function("f")])
         assert refused.value.param == "tool_choice" and refused.value.code == code
-    assert len(fake.requests) == sent_before
+    assert len(fake.forwarded()) == sent_before
 
 
 @pytest_twisted.ensureDeferred
@@ -90,7 +90,7 @@ async def test_a_response_translated_for_an_openai_provider_bounds_it_by_max_com
             answer = await in_thread(sdk.responses.create, model=f"{provider}/{CHAT_MODEL}", input="hi",
                                      max_output_tokens=7)
             assert answer.max_output_tokens == 7 and answer.output_text == "héhéhé"
-            sent = fake.requests[-1].body
+            sent = fake.last_request().body
             assert sent[field] == 7 and not {"max_tokens", "max_completion_tokens"} - {field} & set(sent)
     finally:
         await stop_all(gw, fake, clients=[sdk])
@@ -115,12 +115,12 @@ async def test_a_conversation_translated_for_an_openai_provider_sends_call_ids_i
             {"role": "assistant", "content": [{"type": "tool_use", "id": long_id, "name": "f", "input": {}}]},
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": long_id, "content": "sunny"}]}],
             tools=[{"name": "f", "input_schema": {"type": "object"}}])
-        messages = [fake.requests[-1].body["messages"]]
+        messages = [fake.last_request().body["messages"]]
         await in_thread(sdk.responses.create, model="openai/" + CHAT_MODEL, tools=[_function("f")], input=[
             {"type": "message", "role": "user", "content": "weather?"},
             {"type": "function_call", "call_id": long_id, "name": "f", "arguments": "{}"},
             {"type": "function_call_output", "call_id": long_id, "output": "sunny"}])
-        messages.append(fake.requests[-1].body["messages"])
+        messages.append(fake.last_request().body["messages"])
         for sent in messages:
             [call_id] = [call["id"] for call in sent[1]["tool_calls"]]
             assert len(call_id) <= 40 and sent[2]["tool_call_id"] == call_id
@@ -137,7 +137,7 @@ async def test_a_chat_asking_for_several_choices_reserves_each_ones_output(react
     sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0, timeout=10)
     hi = [{"role": "user", "content": "hi"}]
     try:
-        sent = len(fake.requests)
+        sent = len(fake.forwarded())
         with pytest.raises(openai.RateLimitError) as refused:
             await in_thread(sdk.chat.completions.create, model="vllm/" + CHAT_MODEL, messages=hi, n=4,
                             max_completion_tokens=100)
@@ -145,10 +145,10 @@ async def test_a_chat_asking_for_several_choices_reserves_each_ones_output(react
         with pytest.raises(openai.RateLimitError):
             await in_thread(sdk.completions.create, model="vllm/" + CHAT_MODEL, prompt="hi", max_tokens=100,
                             best_of=4)
-        assert len(fake.requests) == sent
+        assert len(fake.forwarded()) == sent
         answer = await in_thread(sdk.chat.completions.create, model="vllm/" + CHAT_MODEL, messages=hi, n=2,
                                  max_completion_tokens=100)
-        assert answer.choices and fake.requests[-1].body["n"] == 2
+        assert answer.choices and fake.last_request().body["n"] == 2
     finally:
         await stop_all(gw, clients=[sdk])
 
@@ -174,7 +174,7 @@ async def test_a_translated_response_echoes_the_settings_a_native_one_does(trans
                 "top_logprobs": 2}
     answer = await in_thread(sdk.responses.create, model="vllm/" + CHAT_MODEL, input="hi", **settings)
     assert {name: getattr(answer, name) for name in settings} == settings
-    assert fake.requests[-1].body["user"] == "u-1" and "prompt_cache_key" not in fake.requests[-1].body
+    assert fake.last_request().body["user"] == "u-1" and "prompt_cache_key" not in fake.last_request().body
     kept = await in_thread(sdk.responses.retrieve, answer.id)
     assert {name: getattr(kept, name) for name in settings} == settings
 
@@ -195,12 +195,12 @@ async def test_a_translated_responses_include_is_checked_as_openai_and_vllm_chec
     sdk, fake = translated
     answer = await in_thread(sdk.responses.create, model="vllm/" + CHAT_MODEL, input="hi",
                              include=["message.output_text.logprobs", "reasoning.encrypted_content"])
-    assert answer.output_text == "héhéhé" and fake.requests[-1].body["logprobs"] is True
-    sent_before = len(fake.requests)
+    assert answer.output_text == "héhéhé" and fake.last_request().body["logprobs"] is True
+    sent_before = len(fake.forwarded())
     for include, code in ((["message.output_text.logprob"], "invalid_value"), ([1], "invalid_type"),
                           ("message.output_text.logprobs", "invalid_type")):
         with pytest.raises(openai.BadRequestError) as refused:
             await in_thread(sdk.responses.create, model="vllm/" + CHAT_MODEL, input="hi",
                             extra_body={"include": include})
         assert (refused.value.param, refused.value.code) == ("include", code), include
-    assert len(fake.requests) == sent_before
+    assert len(fake.forwarded()) == sent_before

@@ -162,7 +162,7 @@ async def test_a_chunked_body_past_the_limit_is_answered_413_at_once_and_the_con
     head = (b"POST %s HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer k1\r\nContent-Type: application/json\r\n"
             b"anthropic-version: 2023-06-01\r\nTransfer-Encoding: chunked\r\n\r\n" % path)
     chunk = b"%x\r\n%s\r\n" % (1 << 20, b" " * (1 << 20))
-    sent = len(fake.requests)
+    sent = len(fake.forwarded())
     client = HalfOpenClient(head + chunk * 11)  # past the default 10 MiB, and the body does not end
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", keyed.port), client)
     await with_timeout(reactor, client.shut, 10)
@@ -171,7 +171,7 @@ async def test_a_chunked_body_past_the_limit_is_answered_413_at_once_and_the_con
     assert b"connection: close" in answer.lower()
     client.transport.write(chunk)  # still read (and dropped) while its client sends
     client.transport.loseConnection()
-    assert len(fake.requests) == sent
+    assert len(fake.forwarded()) == sent
     answer = await _answer(reactor, keyed.port, b"GET /health HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200 ")
 

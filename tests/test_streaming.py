@@ -29,7 +29,7 @@ async def test_slow_client_keeps_gateway_memory_bounded_and_pauses_upstream(reac
     client = await connect(reactor, gateway.port, chat_request(stream_body(fake_flood=flood)))
     await client.wait_for(b"data: ")
     client.transport.pauseProducing()  # the client stops reading
-    record = fake.requests[-1]
+    record = fake.last_request()
     written = await settled(reactor, lambda: record.bytes_written)
     assert record.pauses > 0
     assert written < flood, "the upstream was never held back"
@@ -52,7 +52,7 @@ async def test_paused_client_is_not_upstream_silence(reactor, fake):
         client = await connect(reactor, gw.port, chat_request(stream_body(fake_flood=flood)))
         await client.wait_for(b"data: ")
         client.transport.pauseProducing()
-        record = fake.requests[-1]
+        record = fake.last_request()
         await settled(reactor, lambda: record.bytes_written, quiet=6)  # paused well past the idle timeout
         client.transport.resumeProducing()
         await with_timeout(reactor, client.wait_for(b"data: [DONE]\n\n"), 20)
@@ -68,7 +68,7 @@ async def test_paused_client_is_not_upstream_silence(reactor, fake):
 async def test_client_leaving_mid_stream_closes_upstream(reactor, gateway, fake):
     client = await connect(reactor, gateway.port, chat_request(stream_body(fake_chunks=200, fake_pace=0.02)))
     await client.wait_for(b'"content":"h')
-    record = fake.requests[-1]
+    record = fake.last_request()
     client.transport.abortConnection()
     await assert_upstream_closed_promptly(reactor, record)
 
@@ -112,7 +112,7 @@ async def test_silent_upstream_is_cut_by_the_idle_timeout(reactor, fake):
     try:
         received = await broken_stream(reactor, gw, fake_chunks=3, fake_pace=2)
         assert b"sent nothing for too long" in received
-        how, _ = await with_timeout(reactor, fake.requests[-1].closed, 2)
+        how, _ = await with_timeout(reactor, fake.last_request().closed, 2)
         assert how == "lost"
     finally:
         await gw.service.stopService()
@@ -136,14 +136,14 @@ async def test_utf8_split_across_tcp_reads_arrives_intact(http, gateway, fake):
 async def test_forced_usage_chunk_reaches_only_clients_that_asked(http, gateway, fake):
     response = await http.post(gateway.url + "/v1/chat/completions", data=json.dumps(stream_body()).encode())
     plain = events_of(await treq.content(response))
-    assert fake.requests[-1].body["stream_options"] == {"include_usage": True}
+    assert fake.last_request().body["stream_options"] == {"include_usage": True}
     assert not any(b'"usage"' in e for e in plain)
     assert plain[-1] == b"data: [DONE]"
 
     asked = stream_body(stream_options={"include_usage": True, "continuous_usage_stats": False})
     response = await http.post(gateway.url + "/v1/chat/completions", data=json.dumps(asked).encode())
     events = events_of(await treq.content(response))
-    assert fake.requests[-1].body["stream_options"] == asked["stream_options"]
+    assert fake.last_request().body["stream_options"] == asked["stream_options"]
     usage = [jsonutil.loads(e[6:]) for e in events if b'"usage"' in e]
     assert len(usage) == 1 and usage[0]["choices"] == [] and usage[0]["usage"]["completion_tokens"] == 3
     assert events[-1] == b"data: [DONE]"
@@ -151,14 +151,14 @@ async def test_forced_usage_chunk_reaches_only_clients_that_asked(http, gateway,
     refused = stream_body(stream_options={"include_usage": False})
     response = await http.post(gateway.url + "/v1/chat/completions", data=json.dumps(refused).encode())
     assert not any(b'"usage"' in e for e in events_of(await treq.content(response)))
-    assert fake.requests[-1].body["stream_options"] == {"include_usage": True}
+    assert fake.last_request().body["stream_options"] == {"include_usage": True}
 
     # vLLM's per-chunk usage holds only with include_usage: asked without it, the client asked for none (before:
     # the forced include_usage turned it on, usage on every chunk)
     continuous = stream_body(stream_options={"continuous_usage_stats": True})
     response = await http.post(gateway.url + "/v1/chat/completions", data=json.dumps(continuous).encode())
     assert not any(b'"usage"' in e for e in events_of(await treq.content(response)))
-    assert fake.requests[-1].body["stream_options"] == {"include_usage": True}
+    assert fake.last_request().body["stream_options"] == {"include_usage": True}
 
 
 @pytest_twisted.ensureDeferred
@@ -346,12 +346,12 @@ async def test_a_stream_past_its_maximum_duration_is_a_504_before_its_first_even
         body = json.loads(await treq.content(response))
         assert response.code == 504 and body["error"]["code"] == "upstream_timeout", body
         assert "HTTP_STREAM_MAX_DURATION" in body["error"]["message"]
-        how, _ = await with_timeout(reactor, fake.requests[-1].closed, 2)
+        how, _ = await with_timeout(reactor, fake.last_request().closed, 2)
         assert how == "lost"
         received = await broken_stream(reactor, gw, fake_chunks=100, fake_pace=0.05)
         assert b'"content":"h' in received and b"ran past its maximum duration" in received
         assert not received.endswith(b"0\r\n\r\n") and b"[DONE]" not in received
-        how, _ = await with_timeout(reactor, fake.requests[-1].closed, 2)
+        how, _ = await with_timeout(reactor, fake.last_request().closed, 2)
         assert how == "lost"
     finally:
         await gw.service.stopService()
@@ -547,7 +547,7 @@ async def test_an_upstream_that_gzips_what_it_may_answers_streams_and_usage_the_
         assert b'"content":"h\xc3\xa9"' in body and b"data: [DONE]\n\n" in body
         record = await logged
         assert (record["prompt_tokens"], record["completion_tokens"]) == (18, 3)
-        assert fake.requests[-1].header(b"accept-encoding") == "identity"
+        assert fake.last_request().header(b"accept-encoding") == "identity"
     finally:
         await stop_all(gw, fake)
 

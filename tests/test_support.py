@@ -1,9 +1,14 @@
 """The tests' own helpers (tests/support.py), where a wrong helper would let a failing test pass."""
 
+import json
+
 import pytest
+import pytest_twisted
+import treq
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.task import Clock
 
+from tests.fakes.vllm import CHAT_MODEL
 from tests.support import with_timeout
 
 
@@ -36,3 +41,26 @@ def test_with_timeout_passes_on_what_fires_in_time_and_what_fails_on_cancel(fire
     for result in outcome + broken:
         if not isinstance(result, str):
             result.trap(Exception)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_fakes_last_and_next_request_are_the_tests_not_the_gateways_own_checks(reactor, gateway, fake):
+    """A replica's checks (its model list, C{/health}, C{/metrics}) come on the gateway's clock, between a test's
+    requests: the request a test reads back is its own (before, C{fake.requests[-1]} or C{fake.next_request()}
+    could be a scrape)."""
+    [pool] = gateway.registry.providers
+    server = pool.replicas[0].server
+    arrived = fake.next_request()
+    checked = server.scrape()  # (as the monitor's next tick would, between the chat and the test's look)
+    response = await treq.post(gateway.url + "/v1/chat/completions", json.dumps(
+        {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode(),
+        headers={"Content-Type": "application/json"})
+    await treq.content(response)
+    await with_timeout(reactor, checked, 5)
+    await server.health()
+    assert response.code == 200 and fake.requests[-1].is_check
+    sent = fake.last_request()
+    assert (sent.method, sent.path) == (b"POST", b"/v1/chat/completions") and (await arrived) is sent
+    assert fake.forwarded() == [sent] and fake.last_request(b"/v1/chat/completions") is sent
+    with pytest.raises(IndexError):
+        fake.last_request(b"/v1/completions")

@@ -28,7 +28,7 @@ async def test_embeddings_float_and_base64_kept_as_sent(http, gateway, fake):
     try:
         floats = await in_thread(client.embeddings.create, model=MODEL, input=["a", "b"], encoding_format="float")
         assert [d.embedding for d in floats.data] == [[0.1, -0.25, 0.5]] * 2
-        assert fake.requests[-1].body == {"model": UPSTREAM, "input": ["a", "b"], "encoding_format": "float"}
+        assert fake.last_request().body == {"model": UPSTREAM, "input": ["a", "b"], "encoding_format": "float"}
         decoded = await in_thread(client.embeddings.create, model=MODEL, input="a")  # the SDK asks for base64
         assert decoded.data[0].embedding == [1.0, 2.0, 3.0]
     finally:
@@ -124,8 +124,8 @@ async def test_legacy_completions_plain_and_streamed(gateway, fake):
         plain = await in_thread(client.completions.create, model=MODEL, prompt="Hello", max_tokens=3,
                                 extra_body={"top_k": 3})
         assert plain.choices[0].text == "héhéhé"
-        assert fake.requests[-1].path == b"/v1/completions"
-        assert fake.requests[-1].body["top_k"] == 3
+        assert fake.last_request().path == b"/v1/completions"
+        assert fake.last_request().body["top_k"] == 3
 
         def collect():
             return list(client.completions.create(model=MODEL, prompt="Hello", stream=True))
@@ -133,7 +133,7 @@ async def test_legacy_completions_plain_and_streamed(gateway, fake):
         chunks = await in_thread(collect)
         assert "".join(c.choices[0].text for c in chunks) == "héhéhé"
         assert all(c.usage is None for c in chunks)
-        assert fake.requests[-1].body["stream_options"] == {"include_usage": True}
+        assert fake.last_request().body["stream_options"] == {"include_usage": True}
     finally:
         client.close()
 
@@ -199,18 +199,18 @@ async def test_rerank_score_and_classify_by_qualified_model(reactor, http):
         response, content = await post_json(http, gw.url + "/v1/rerank", body)
         assert response.code == 200
         assert [r["index"] for r in jsonutil.loads(content)["results"]] == [0, 1]
-        assert rerank.requests[-1].path == b"/v1/rerank"
-        assert rerank.requests[-1].body == dict(body, model="BAAI/bge-reranker-base")
+        assert rerank.last_request().path == b"/v1/rerank"
+        assert rerank.last_request().body == dict(body, model="BAAI/bge-reranker-base")
 
         response, content = await post_json(http, gw.url + "/v1/score", {
             "model": "vllm-rerank/BAAI/bge-reranker-base", "text_1": "a", "text_2": "b"})
         assert jsonutil.loads(content)["data"][0]["score"] == 0.75
-        assert rerank.requests[-1].path == b"/v1/score"
+        assert rerank.last_request().path == b"/v1/score"
 
         response, content = await post_json(http, gw.url + "/v1/classify", {
             "model": "vllm-rerank/BAAI/bge-reranker-base", "input": ["x"]})
         assert jsonutil.loads(content)["data"][0]["label"] == "LABEL_0"
-        assert rerank.requests[-1].path == b"/classify"  # vLLM serves it at the root
+        assert rerank.last_request().path == b"/classify"  # vLLM serves it at the root
 
         response, content = await post_json(http, gw.url + "/v1/rerank", {"model": "vllm-rerank/nope", "query": "q"})
         assert response.code == 404
@@ -220,8 +220,8 @@ async def test_rerank_score_and_classify_by_qualified_model(reactor, http):
         for path in ("/rerank", "/v2/rerank", "/score", "/classify", "/pooling", "/v2/embed"):
             response, content = await post_json(http, gw.url + path, dict(body, input="x"))
             assert response.code == 200, (path, content)
-            assert rerank.requests[-1].path == path.encode()
-            assert rerank.requests[-1].body["model"] == "BAAI/bge-reranker-base"
+            assert rerank.last_request().path == path.encode()
+            assert rerank.last_request().body["model"] == "BAAI/bge-reranker-base"
         response, content = await post_json(http, gw.url + "/v2/rerank", dict(body, model="vllm-rerank/nope"))
         assert response.code == 404 and jsonutil.loads(content)["error"]["code"] == "model_not_found"
     finally:
@@ -294,7 +294,7 @@ async def test_native_responses_plain_and_streamed(gateway, fake):
                                    previous_response_id="resp_prev", store=True, background=False,
                                    reasoning={"effort": "low"}, extra_body={"top_k": 2})
         assert response.output_text == "héhéhé"
-        seen = fake.requests[-1]
+        seen = fake.last_request()
         assert seen.path == b"/v1/responses"
         assert seen.body == {"model": UPSTREAM, "input": "hi", "max_output_tokens": 3,
                              "previous_response_id": "resp_prev", "store": True, "background": False,
@@ -408,7 +408,7 @@ async def test_responses_translated_to_chat_when_the_provider_has_none(translati
         assert response.output_text == "héhéhé"
         assert response.status == "incomplete"  # the chat answer stopped at max tokens
         assert response.usage.input_tokens == 18 and response.usage.output_tokens == 3
-        chat = fake.requests[-1]
+        chat = fake.last_request()
         assert chat.path == b"/v1/chat/completions"
         assert chat.body["messages"] == [
             {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
@@ -448,8 +448,8 @@ async def test_translated_instructions_given_as_input_items_and_a_chat_refusal(t
         await in_thread(client.responses.create, model=MODEL, input="hi", instructions=[
             {"role": "developer", "content": "Be brief."},
             {"type": "message", "role": "system", "content": [{"type": "input_text", "text": "Speak French."}]}])
-        assert fake.requests[-1].path == b"/v1/chat/completions"
-        assert fake.requests[-1].body["messages"] == [{"role": "system", "content": "Be brief."},
+        assert fake.last_request().path == b"/v1/chat/completions"
+        assert fake.last_request().body["messages"] == [{"role": "system", "content": "Be brief."},
                                                       {"role": "system", "content": "Speak French."},
                                                       {"role": "user", "content": "hi"}]
         refused = {"fake_status": 200, "fake_body": json.dumps({
@@ -509,7 +509,7 @@ async def test_translated_stream_completes_with_usage(translating, http):
     assert last["type"] == "response.completed" and last["response"]["status"] == "incomplete"
     assert last["response"]["usage"]["output_tokens"] == 3
     assert last["response"]["output"][0]["content"][0]["text"] == "héhé"
-    assert fake.requests[-1].body["stream_options"] == {"include_usage": True}
+    assert fake.last_request().body["stream_options"] == {"include_usage": True}
 
 
 @pytest_twisted.ensureDeferred
@@ -718,7 +718,7 @@ async def test_a_translated_tool_output_given_as_content_parts_reaches_the_model
         body = {"model": MODEL, "input": [call, {"type": "function_call_output", "call_id": "c1", "output": output}]}
         response, _ = await post_json(http, gw.url + "/v1/responses", body)
         assert response.code == 200
-        assert fake.requests[-1].body["messages"][-1] == {"role": "tool", "tool_call_id": "c1", "content": content}
+        assert fake.last_request().body["messages"][-1] == {"role": "tool", "tool_call_id": "c1", "content": content}
 
 
 @pytest_twisted.ensureDeferred
@@ -735,7 +735,7 @@ async def test_a_translated_turn_that_said_something_and_called_a_tool_is_one_as
         {"type": "function_call_output", "call_id": "c2", "output": "warm"}]}
     response, _ = await post_json(http, gw.url + "/v1/responses", body)
     assert response.code == 200
-    assert fake.requests[-1].body["messages"] == [
+    assert fake.last_request().body["messages"] == [
         {"role": "user", "content": "weather?"},
         {"role": "assistant", "content": "Let me look.", "tool_calls": [
             {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
@@ -762,7 +762,7 @@ async def test_a_translated_answer_keeps_the_logprobs_it_asked_the_upstream_for(
             "logprobs": {"content": [logprob("Hi")]}}]}
         plain = await in_thread(client.responses.create, model=MODEL, input="hi", top_logprobs=1,
                                 extra_body={"fake_status": 200, "fake_body": json.dumps(answer)})
-        assert fake.requests[-1].body["logprobs"] is True and fake.requests[-1].body["top_logprobs"] == 1
+        assert fake.last_request().body["logprobs"] is True and fake.last_request().body["top_logprobs"] == 1
         assert [p.token for p in plain.output[0].content[0].logprobs] == ["Hi"]
 
         def stream():
@@ -776,7 +776,7 @@ async def test_a_translated_answer_keeps_the_logprobs_it_asked_the_upstream_for(
                 return deltas, events.get_final_response()
 
         deltas, final = await in_thread(stream)
-        assert fake.requests[-1].body["logprobs"] is True and "top_logprobs" not in fake.requests[-1].body
+        assert fake.last_request().body["logprobs"] is True and "top_logprobs" not in fake.last_request().body
         assert deltas == [["H"], ["i"]] and [p.token for p in final.output[0].content[0].logprobs] == ["H", "i"]
     finally:
         client.close()
@@ -792,5 +792,5 @@ async def test_a_translated_response_names_the_reasoning_effort_it_was_made_with
         response, content = await post_json(http, gw.url + "/v1/responses", {
             "model": MODEL, "input": "hi", "stream": stream, "reasoning": {"effort": "high", "summary": "auto"}})
         final = json.loads(content) if not stream else json.loads(content.rsplit(b"data: ", 1)[1])["response"]
-        assert fake.requests[-1].body["reasoning_effort"] == "high"
+        assert fake.last_request().body["reasoning_effort"] == "high"
         assert final["reasoning"] == {"effort": "high", "summary": "auto"}

@@ -136,7 +136,7 @@ async def test_a_stream_whose_done_was_written_is_complete_however_its_body_ends
                 "stream_options": {"include_usage": True}}
         left = await connect(reactor, gw.port, chat_request(dict(chat, fake_after_done="hold"), headers=KEY))
         await with_timeout(reactor, left.wait_for(b"data: [DONE]"), 10)
-        upstream = fake.requests[-1]
+        upstream = fake.last_request()
         left.transport.loseConnection()
         await with_timeout(reactor, upstream.closed, 5)  # the held upstream is closed, not left open
         cut = await connect(reactor, gw.port, chat_request(dict(chat, fake_after_done="abort"), headers=KEY))

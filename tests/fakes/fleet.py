@@ -559,12 +559,9 @@ class FakeReplica(FakeVLLM):
         """Record the request, then answer C{/health}, C{/metrics}, GETs at once and POSTs through the engine."""
         request.content.seek(0)
         record = FleetRequest(request, request.content.read(), self.name)
-        self.requests.append(record)
         request.notifyFinish().addCallbacks(lambda _: self._closed(record, "finished"),
                                             lambda _: self._closed(record, "lost"))
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(record)
+        self._arrived(record)
         if self.frozen:
             return server.NOT_DONE_YET
         path, method = request.path, request.method

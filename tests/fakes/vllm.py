@@ -94,6 +94,9 @@ from zope.interface import implementer
 from gomodel import jsonutil
 
 CHAT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+# What the gateway asks each replica on its own clock (its model list, vLLM's health and Prometheus page): a test's
+# request is never one of these GETs
+CHECKS = (b"/v1/models", b"/health", b"/metrics")
 SPEECH = b"ID3\x04\x00\xff\xfb\x90\x00\r\n\x00\x80"  # what its /v1/audio/speech says (binary: an MP3's head)
 
 
@@ -119,6 +122,16 @@ class Recorded:
     def header(self, name):
         values = self.headers.getRawHeaders(name)
         return values[0].decode("latin-1") if values else None
+
+    @property
+    def is_check(self):
+        """Whether this is one of the gateway's own checks of the replica (a GET of one of L{CHECKS}), which come
+        on the gateway's clock, between a test's requests, not one a client sent through it."""
+        return self.method == b"GET" and self.path in CHECKS
+
+    def sent(self, path):
+        """Whether a test meant this request: no check, and on C{path} (bytes; None: any)."""
+        return not self.is_check and (path is None or self.path == path)
 
 
 @implementer(IPushProducer)
@@ -247,11 +260,36 @@ class FakeVLLM(Resource):
     def base_url(self):
         return self.root_url + "/v1"
 
-    def next_request(self) -> Deferred:
-        """Fires with the next L{Recorded} request."""
+    def forwarded(self, path=None) -> list:
+        """The requests received but for the gateway's own checks (L{Recorded.is_check}), oldest first; with
+        C{path} (bytes), those on that path alone."""
+        return [r for r in self.requests if r.sent(path)]
+
+    def last_request(self, path=None) -> Recorded:
+        """The last of L{forwarded}: the request a test sent last (on C{path}), though a check came since.
+
+        @raise IndexError: none came.
+        """
+        for record in reversed(self.requests):
+            if record.sent(path):
+                return record
+        raise IndexError(f"no request on {path or 'any path'} reached the fake")
+
+    def next_request(self, path=None) -> Deferred:
+        """Fires with the next request to come but for the gateway's own checks (on C{path}, bytes, where given)."""
         d = Deferred()
-        self._waiting.append(d)
+        self._waiting.append((path, d))
         return d
+
+    def _arrived(self, record):
+        """Keep C{record} and fire the L{next_request} Deferreds waiting for it."""
+        self.requests.append(record)
+        waiting, self._waiting = self._waiting, []
+        for path, d in waiting:
+            if record.sent(path):
+                d.callback(record)
+            else:
+                self._waiting.append((path, d))
 
     # -- serving ----------------------------------------------------------------
 
@@ -263,13 +301,10 @@ class FakeVLLM(Resource):
         record = Recorded(request, request.content.read())
         if self.steer and isinstance(record.body, dict):
             record.body = dict(self.steer, **record.body)
-        self.requests.append(record)
         request.notifyFinish().addCallbacks(
             lambda _: record.closed.callback(("finished", time.monotonic())),
             lambda _: record.closed.callback(("lost", time.monotonic())))
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(record)
+        self._arrived(record)
         if request.path in self.raw:
             data, hold = self.raw[request.path]
             self.raw_transports.append(request.transport)
