@@ -458,7 +458,8 @@ async def test_sigterm_waits_for_an_answer_still_in_the_gateways_buffer_to_reach
         slow.transport.pauseProducing()  # it reads nothing for now
         record = await with_timeout(reactor, recorded, 10)
         assert (await with_timeout(reactor, record.closed, 20))[0] == "finished"
-        await deferLater(reactor, 0.5, lambda: None)  # the gateway has the answer and writes it
+        # the gateway read the answer whole and its request is over (its access line), the answer still buffered
+        await wait_for(reactor, lambda: "POST /v1/chat/completions 200" in log_path.read_text(), "the request over")
         proc.send_signal(signal.SIGTERM)
         await wait_for(reactor, lambda: "draining" in log_path.read_text(), "the drain to start")
         await deferLater(reactor, 0.5, lambda: None)
