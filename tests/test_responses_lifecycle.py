@@ -1395,12 +1395,12 @@ async def test_a_native_create_naming_what_include_cannot_name_is_openais_400_be
     (before: a native create sent it to vLLM, and its client got vLLM's own 400)."""
     gw, _, native, chat = both
     for model in (MODEL, "vllm-t/other"):
-        sent = len(native.requests), len(chat.requests)
+        sent = len(native.forwarded()), len(chat.forwarded())
         answer = await http.post(gw.url + "/v1/responses", json={"model": model, "input": "hi", "include": ["nope"]})
         error = (await answer.json())["error"]
         assert answer.code == 400 and error == {"message": _UNKNOWN_INCLUDE, "type": "invalid_request_error",
                                                 "param": "include", "code": "invalid_value"}, model
-        assert (len(native.requests), len(chat.requests)) == sent, model  # (nothing upstream)
+        assert (len(native.forwarded()), len(chat.forwarded())) == sent, model  # (nothing upstream)
     created = await http.post(gw.url + "/v1/responses", json={"model": MODEL, "input": "hi"})
     retrieved = await http.get(gw.url + f"/v1/responses/{(await created.json())['id']}?include[]=nope")
     assert retrieved.code == 400 and (await retrieved.json())["error"]["message"] == _UNKNOWN_INCLUDE
@@ -1433,7 +1433,7 @@ async def test_a_follow_up_of_a_background_response_not_over_is_openais_400_and_
     follow_up = await in_thread(client.responses.create, model=MODEL, input="and then?",
                                 previous_response_id=running.id)
     assert follow_up.previous_response_id == running.id and follow_up.status == "completed"
-    assert fake.requests[-1].body["previous_response_id"] == running.id
+    assert fake.last_request().body["previous_response_id"] == running.id
 
 
 # A background stream's events carrying what C{include} names (a reasoning item's encrypted content, an output
