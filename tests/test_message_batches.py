@@ -144,6 +144,23 @@ async def test_a_lines_empty_messages_or_sampling_out_of_bounds_are_its_error_na
     assert not openai.requests or all(r.path != b"/v1/chat/completions" for r in openai.requests)
 
 
+async def test_a_lines_user_message_of_nothing_but_empty_text_is_its_error_natively_too(setup):
+    """A line whose user message is nothing but empty text blocks is errored with Anthropic's words ("text content
+    blocks must be non-empty") natively as translated, as online; before, a native one went to vLLM, which drops
+    the empty block. The others run."""
+    gw, client, vllm, openai = setup
+    empty = [{"role": "user", "content": [{"type": "text", "text": ""}]}]
+    made = await in_thread(client.messages.batches.create, requests=[
+        request("native", messages=empty), request("translated", model=TRANSLATED, messages=empty), request("fine")])
+    await ended(gw, client, made.id)
+    got = await results(client, made.id)
+    assert got["fine"].type == "succeeded"
+    for custom_id in ("native", "translated"):
+        assert got[custom_id].type == "errored" and got[custom_id].error.error.type == "invalid_request_error"
+        assert got[custom_id].error.error.message == "messages: text content blocks must be non-empty"
+    assert {r.body["fake_marker"] for r in vllm.requests if r.path == b"/v1/messages"} == {"fine"}
+
+
 TOOLS = [{"name": "get_weather", "input_schema": {"type": "object"}}]
 
 

@@ -2465,6 +2465,34 @@ async def test_an_empty_text_block_beside_tool_results_is_dropped_and_one_alone_
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_user_message_of_nothing_but_empty_text_is_anthropics_400_natively_too(http, gw, fake, client):
+    """A create (plain or streamed) or a count_tokens for a vLLM whose user message is nothing but empty text
+    blocks is Anthropic's 400 ("text content blocks must be non-empty") before any upstream, as translated
+    already was; before, it went to vLLM natively, whose Messages API drops an empty text block and generated
+    from what was left. An empty text block beside others, or in the assistant's message, still goes natively."""
+    before = len(fake.requests)
+    said = {"type": "error", "error": {"type": "invalid_request_error",
+                                       "message": "messages: text content blocks must be non-empty"}}
+    for content in ([{"type": "text", "text": ""}], [{"type": "text", "text": ""}] * 2):
+        messages = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+                    {"role": "user", "content": content}]
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=messages)
+        assert caught.value.body == said
+        for path, sent in (("/v1/messages", {"model": MODEL, "max_tokens": 8, "messages": messages, "stream": True}),
+                           ("/v1/messages/count_tokens", {"model": MODEL, "messages": messages})):
+            response, answer = await post(http, gw.url + path, sent)
+            assert response.code == 400 and json.loads(answer) == said, (path, answer)
+    assert len(fake.requests) == before
+    empty = {"type": "text", "text": ""}
+    for messages in ([{"role": "user", "content": [empty, {"type": "text", "text": "Hi."}]}],
+                     [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": [empty]},
+                      {"role": "user", "content": "Again."}]):
+        await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=messages)
+        assert fake.requests[-1].path == b"/v1/messages" and fake.requests[-1].body["messages"] == messages
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_documents_title_and_context_reach_the_model_as_anthropics_prompt_has_them(openai_gw, fake):
     """A document's C{title} and C{context} are part of what Anthropic's model reads (its prompt formatting puts
     a document in C{<document>}, its source named, its text in C{<document_content>}): translated, a text

@@ -235,6 +235,14 @@ def test_one_walk_finds_file_sources_and_the_blocks_that_go_translated():
     assert walk_blocks({"messages": [{"role": "system", "content": [change]}, *messages[:2]]}, files=False) == (
         [], True, [])
     assert walk_blocks({"messages": [{"role": "user", "content": [change]}]}) == ([], False, [])
+    # a user message of nothing but empty text sends it translated (where it is Anthropic's 400); an empty text
+    # block beside others, or the assistant's, does not
+    empty = {"type": "text", "text": ""}
+    assert walk_blocks({"messages": [{"role": "user", "content": [empty, empty]}]}) == ([], True, [])
+    for message in ({"role": "user", "content": [empty, {"type": "text", "text": "Hi."}]},
+                    {"role": "user", "content": [{"type": "text", "text": "Hi."}, empty]},
+                    {"role": "assistant", "content": [empty]}):
+        assert walk_blocks({"messages": [message]}) == ([], False, []), message
     failed = {"type": "tool_result", "tool_use_id": "t1", "content": [inner], "is_error": True}
     results = [{"type": "tool_result", "tool_use_id": "t0", "is_error": False}, failed]
     assert walk_blocks({"messages": messages[:2] + [{"role": "user", "content": results}]}, files=False) == (

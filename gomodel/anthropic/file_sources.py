@@ -14,7 +14,7 @@ naming the block.
 import base64
 
 from gomodel.anthropic.files import mime_type
-from gomodel.anthropic.translate import TOOL_CHANGES
+from gomodel.anthropic.translate import TOOL_CHANGES, nothing_but_empty_text
 from gomodel.auth.tenancy import visible
 from gomodel.errors import InvalidRequest, shown
 from gomodel.store.records import MESSAGE_BATCH_PURPOSE
@@ -43,9 +43,12 @@ _LOOKED_AT = ("document", "search_result", "image")  # (a tuple: a type may be u
 def walk_blocks(body, files=True) -> tuple:
     """C{(found, translated, errored)} of the Messages request C{body}, in one walk of its blocks: L{file_blocks}'
     list (with C{files}; else C{[]}), whether a message or a tool result in one holds a block of
-    L{TRANSLATED_BLOCKS}, or a system message a tool change (L{gomodel.anthropic.translate.TOOL_CHANGES}; what a
-    vLLM gets translated, L{gomodel.api.messages.translates}), and the C{(message, block)} indexes of the
-    C{tool_result} blocks whose C{is_error} is true (L{gomodel.anthropic.translate.with_tool_errors}).
+    L{TRANSLATED_BLOCKS}, a system message a tool change (L{gomodel.anthropic.translate.TOOL_CHANGES}), or a
+    user message is nothing but empty text blocks (L{gomodel.anthropic.translate.nothing_but_empty_text}, looked
+    for only where its first block is empty text: the translation refuses it as Anthropic does, vLLM's Messages
+    API would drop them) (what a vLLM gets translated, L{gomodel.api.messages.translates}), and the
+    C{(message, block)} indexes of the C{tool_result} blocks whose C{is_error} is true
+    (L{gomodel.anthropic.translate.with_tool_errors}).
 
     (No scan of the body's bytes for those words first: on a long Claude Code conversation, 200 messages in
     82 kB, scanning for them took longer than this walk: bench/messages_blocks.py.)
@@ -75,6 +78,8 @@ def walk_blocks(body, files=True) -> tuple:
                             found.append((f"messages.{i}.content.{j}.content.{k}", item))
             elif kind in TOOL_CHANGES:
                 translated = translated or message.get("role") == "system"
+            elif not j and block.get("text") == "" and message.get("role") == "user":  # (its type checked there)
+                translated = translated or nothing_but_empty_text(content)
     return found, translated, errored
 
 

@@ -668,6 +668,11 @@ def _user_messages(content, where) -> list:
     @raise InvalidRequest: the turn is nothing but empty text, or empty (C{""}, C{[]}): Anthropic's own 400s,
         word for word.
     """
+    if isinstance(content, (str, list)) and not content:
+        raise InvalidRequest(f"{where}: all messages must have non-empty content except for the optional final "
+                             "assistant message", param=f"{where}.content")
+    if isinstance(content, list) and nothing_but_empty_text(content):
+        raise InvalidRequest("messages: text content blocks must be non-empty", param=f"{where}.content")
     tools, parts, tool_images = [], [], []
     blocks = _blocks(content, where)
     for i, block in enumerate(blocks):
@@ -692,14 +697,16 @@ def _user_messages(content, where) -> list:
         else:
             raise InvalidRequest(f"{at}: unknown content block type {quoted(kind)}", param=at)
     parts = tool_images + parts
-    if parts or not tools:
-        if not parts and all(block["type"] == "text" for block in blocks):  # (nothing but empty text, or nothing)
-            if isinstance(content, list) and content:
-                raise InvalidRequest("messages: text content blocks must be non-empty", param=f"{where}.content")
-            raise InvalidRequest(f"{where}: all messages must have non-empty content except for the optional final "
-                                 "assistant message", param=f"{where}.content")
-        return tools + [{"role": "user", "content": _parts_content(parts) if parts else ""}]
-    return tools
+    return tools + [{"role": "user", "content": _parts_content(parts)}] if parts else tools
+
+
+def nothing_but_empty_text(content: list) -> bool:
+    """Whether C{content}, a user message's blocks, is nothing but empty text blocks: Anthropic's 400 ("text
+    content blocks must be non-empty"), which the translation answers (L{_user_messages}); vLLM's Messages API
+    drops each such block and generates from what is left (such a request goes to it translated:
+    L{gomodel.anthropic.file_sources.walk_blocks})."""
+    return all(isinstance(block, dict) and block.get("type") == "text" and block.get("text") == ""
+               for block in content)
 
 
 def _tool_result(block, where):
