@@ -397,4 +397,5 @@ def _pool(provider, routing, relay_client, clock, timers, timeouts, pins) -> Rep
     return ReplicaPool(provider.name, provider.type, replicas, clock, configured_models=provider.models,
                        strategy=routing.strategy, queue_timeout=routing.queue_timeout, load_max_age=load_max_age,
                        affinity_max_ratio=routing.affinity_max_ratio, affinity_slack=routing.affinity_slack,
-                       priority_scheduling=provider.priority_scheduling, pins=pins if len(replicas) > 1 else None)
+                       priority_scheduling=provider.priority_scheduling, max_stops=provider.max_stop_sequences,
+                       pins=pins if len(replicas) > 1 else None)

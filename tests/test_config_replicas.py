@@ -210,6 +210,27 @@ def test_priority_scheduling_on_a_provider_that_is_no_vllm_is_warned_of(tmp_path
     assert not load_config({"OPENAI_API_KEY": "k", "OPENAI_PRIORITY_SCHEDULING": "false"}).warnings
     assert not load_config({"VLLM_BASE_URL": "http://a:1", "VLLM_PRIORITY_SCHEDULING": "true"}).warnings
 
+# -- stop sequences ----------------------------------------------------------------------------
+
+def test_a_providers_most_stop_sequences_default_to_its_types_and_may_be_raised(tmp_path):
+    """C{<TYPE>[_<SUFFIX>]_MAX_STOP_SEQUENCES} (YAML C{max_stop_sequences}): the most chat stop sequences the provider
+    is sent (a vLLM started with a raised VLLM_MAX_STOP_STRINGS takes more than 4); its type's bound by default (none
+    for a type without one); a value that is no whole number, or under 4 (the fewest any type takes: a translated
+    answer is watched for those past them), stops the start naming it."""
+    assert provider(load_config({"VLLM_BASE_URL": "http://a:1"})).max_stop_sequences == 4
+    assert provider(load_config({"DEEPSEEK_API_KEY": "k"}), "deepseek").max_stop_sequences == 16
+    assert provider(load_config({"OLLAMA_BASE_URL": "http://o:1"}), "ollama").max_stop_sequences is None
+    config = load_config({"VLLM_BASE_URL": "http://a:1", "VLLM_MAX_STOP_SEQUENCES": "32",
+                          "VLLM_GPU_BASE_URL": "http://b:1", "VLLM_GPU_MAX_STOP_SEQUENCES": "8"})
+    assert provider(config).max_stop_sequences == 32 and provider(config, "vllm-gpu").max_stop_sequences == 8
+    path = write(tmp_path, "providers:\n  gpu: {type: vllm, base_url: 'http://g:8000/v1', max_stop_sequences: 64}\n")
+    assert provider(load_config({}, path), "gpu").max_stop_sequences == 64
+    for bad in ("3", "many", "0"):
+        assert "VLLM_MAX_STOP_SEQUENCES" in fails({"VLLM_BASE_URL": "http://a:1", "VLLM_MAX_STOP_SEQUENCES": bad})
+    path = write(tmp_path, "providers:\n  gpu: {type: vllm, base_url: 'http://g:8000/v1', max_stop_sequences: 2}\n")
+    assert "providers.gpu.max_stop_sequences" in fails({}, path)
+
+
 # -- the routing section -----------------------------------------------------------------------
 
 def test_routing_defaults():

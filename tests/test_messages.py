@@ -2427,6 +2427,24 @@ async def test_each_provider_type_is_sent_the_stop_sequences_it_takes(reactor, f
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_providers_configured_most_stop_sequences_are_what_it_is_sent(reactor, fake):
+    """A vLLM started with a raised VLLM_MAX_STOP_STRINGS, configured so (C{VLLM_MAX_STOP_SEQUENCES}), is sent as
+    many stop sequences as it takes (before: never more than its type's four); the answer is watched for the rest."""
+    stops = [f"<{i}>" for i in range(20)]
+    gw = await start(reactor, {"VLLM_BASE_URL": fake.base_url, "VLLM_MAX_STOP_SEQUENCES": "12",
+                               "VLLM_OTHER_BASE_URL": fake.base_url})
+    client = sdk(gw)
+    try:
+        for model, most in ((MODEL, 12), (f"vllm-other/{CHAT_MODEL}", 4)):
+            await in_thread(client.messages.create, model=model, max_tokens=8, messages=HELLO, stop_sequences=stops)
+            assert fake.requests[-1].path == b"/v1/chat/completions"
+            assert fake.requests[-1].body["stop"] == stops[:most], model
+    finally:
+        client.close()
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_an_empty_text_block_beside_tool_results_is_dropped_and_one_alone_is_anthropics_400(openai_gw, fake):
     """Claude Code at times sends an empty text block after its tool results. Translated, it is dropped, the tool
     results kept (before: an empty user message after them, which a chat template renders as an empty turn); a

@@ -102,8 +102,8 @@ def messages_to_chat(body: dict) -> dict:
 
 def unsent_stops(body: dict) -> list | None:
     """The stop sequences of the Messages request C{body} past the L{FEWEST_STOPS} that every provider type takes
-    (each is sent as many as its own L{gomodel.config.catalog.ProviderType.max_stops}:
-    L{gomodel.api.messages.chat_for}; Anthropic takes more), which the translated answer is watched for
+    (each is sent as many as it takes, its configured C{max_stop_sequences} or its type's
+    L{gomodel.config.catalog.ProviderType.max_stops}: L{gomodel.api.messages.chat_for}; Anthropic takes more), which the translated answer is watched for
     (L{first_stop}), whichever target gives it (one that was sent a sequence stops before it: the answer
     does not hold it): None where there are none (an empty one, which would end every answer at once, is none)."""
     stop = body.get("stop_sequences")

@@ -57,7 +57,6 @@ from gomodel.anthropic.translate import (ANTHROPIC_ERROR_TYPES, ChatToMessagesSt
                                          openai_error_to_anthropic, passed_fields, refuse_server_side, unsent_stops,
                                          vllm_fields, with_tool_errors, without_vllm_fields)
 from gomodel.api.inference import plan_model, rebody, retargeted, target, unsaturated, vet_priority
-from gomodel.config.catalog import PROVIDER_TYPES
 from gomodel.http import render
 from gomodel.http.bodies import json_body, query_arg, query_limit, streams
 from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM
@@ -91,8 +90,6 @@ REASONING_BACK_TYPES = frozenset(("deepseek",))
 # Provider types whose chat completions bound the answer by max_completion_tokens: OpenAI's reasoning models
 # (o-series, GPT-5) refuse max_tokens, and every OpenAI chat model takes max_completion_tokens.
 MAX_COMPLETION_TYPES = frozenset(("openai",))
-# The most chat stop sequences each provider type takes, where it has a bound (its source: the catalog).
-MAX_STOPS = {t.name: t.max_stops for t in PROVIDER_TYPES.values() if t.max_stops is not None}
 # How long a provider's model that answered "no Messages API here" is translated without asking again.
 NO_NATIVE_TTL = 600.0
 # Client headers passed on to a native Messages upstream (never a credential).
@@ -483,9 +480,9 @@ def chat_for(provider, chat: dict, extras: dict, passed: dict) -> dict:
     (L{OPENAI_TYPES}, which refuses them), as on the chat route; its C{max_tokens} as C{max_completion_tokens} for
     the types of L{MAX_COMPLETION_TYPES}; its tool call ids and tool names short for the types of
     L{SHORT_ID_TYPES} (L{fit_call_ids}, L{fit_tool_names}: the answer's calls are named back, L{long_names}), and
-    its first L{MAX_STOPS} stop sequences for a type that refuses more (the answer is watched for the others:
-    L{unsent_stops})."""
-    most = MAX_STOPS.get(provider.type)
+    its first C{provider.max_stops} stop sequences where it refuses more (its configured C{max_stop_sequences},
+    else its type's: L{gomodel.routing.pool.ReplicaPool}; the answer is watched for the others: L{unsent_stops})."""
+    most = provider.max_stops
     if most is not None and len(chat.get("stop") or ()) > most:
         chat = dict(chat, stop=chat["stop"][:most])
     if provider.type in VLLM_CHAT_TYPES:

@@ -11,6 +11,7 @@ class ProviderType:
     default_base_url: str
     keyless: bool  # may be registered without an API key
     max_stops: int | None = None  # the most chat stop sequences it takes (a 400 past them); None: no known bound
+    # (a provider's default: its max_stop_sequences may say more, gomodel.config.providers)
 
 
 PROVIDER_TYPES = {

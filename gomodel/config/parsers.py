@@ -8,7 +8,7 @@ reason; the loader adds the name of the variable or YAML key at fault.
 import math
 import re
 
-from gomodel.config.catalog import MODELS_MODES, PROVIDER_TYPES
+from gomodel.config.catalog import FEWEST_STOPS, MODELS_MODES, PROVIDER_TYPES
 from gomodel.config.errors import ConfigError
 
 __all__ = ["checked", "has_control", "duration", "positive_duration", "size", "file_size", "directory", "port",
@@ -167,6 +167,15 @@ def count(value, maximum=MAX_COUNT) -> int:
     number = whole(value)
     if not 1 <= number <= maximum:
         raise ValueError(f"must be at least 1 and at most {maximum}")
+    return number
+
+
+def stop_sequences(value) -> int:
+    """A provider's most stop sequences: a whole number from L{FEWEST_STOPS} (the fewest any type takes: a
+    translated answer is watched for those past them) to L{MAX_COUNT}."""
+    number = whole(value)
+    if not FEWEST_STOPS <= number <= MAX_COUNT:
+        raise ValueError(f"must be at least {FEWEST_STOPS} and at most {MAX_COUNT}")
     return number
 
 

@@ -15,11 +15,12 @@ from gomodel.config.errors import ConfigError, listed
 from gomodel.config import parsers
 from gomodel.config.sections import ProviderConfig, ReplicaConfig
 
-_PROVIDER_FIELDS = ("BASE_URL", "API_KEY", "MODELS", "PRIORITY_SCHEDULING")
+_PROVIDER_FIELDS = ("BASE_URL", "API_KEY", "MODELS", "PRIORITY_SCHEDULING", "MAX_STOP_SEQUENCES")
 _SUFFIX = re.compile(r"[A-Za-z0-9]+(_[A-Za-z0-9]+)*")
 _NAME = re.compile(r"[A-Za-z0-9]+([-_][A-Za-z0-9]+)*")  # a YAML provider's: the suffixes' rule, hyphens too
 _HOST = re.compile(r"[A-Za-z0-9_.-]+")  # a DNS name (ASCII: punycode) or an IPv4 address
-_YAML_PROVIDER_KEYS = {"type", "base_url", "api_key", "models", "replicas", "priority_scheduling"}
+_YAML_PROVIDER_KEYS = {"type", "base_url", "api_key", "models", "replicas", "priority_scheduling",
+                       "max_stop_sequences"}
 _GOMODEL_PROVIDER_KEYS = {"api_version", "resilience"}  # GoModel's (Azure's API version, retries per provider)
 _YAML_REPLICA_KEYS = {"base_url", "api_key", "weight", "max_concurrency"}
 
@@ -57,6 +58,10 @@ def load_providers(yaml_providers, yaml_path, env, warnings) -> tuple:
                 "priority_scheduling": (parsers.checked(parsers.boolean, block.get("priority_scheduling", False),
                                                 f"{where}.priority_scheduling"), f"{where}.priority_scheduling"),
             }
+            if block.get("max_stop_sequences") is not None:
+                entries[name]["max_stop_sequences"] = (parsers.checked(
+                    parsers.stop_sequences, block["max_stop_sequences"], f"{where}.max_stop_sequences"),
+                    f"{where}.max_stop_sequences")
 
     suffixes = {}  # provider name -> the suffix of the variables that named it
     for (type_, suffix), fields in sorted(_env_providers(env).items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
@@ -88,6 +93,8 @@ def load_providers(yaml_providers, yaml_path, env, warnings) -> tuple:
                 entry.pop("replicas", None)  # the variable's URLs replace the YAML's replicas
             if field_name == "priority_scheduling":
                 value = parsers.checked(parsers.boolean, value, var)
+            if field_name == "max_stop_sequences":
+                value = parsers.checked(parsers.stop_sequences, value, var)
             entry[field_name] = (value, var)
 
     folded = {}
@@ -150,6 +157,7 @@ def _build_provider(name, entry, warnings) -> Optional[ProviderConfig]:
     models, _ = entry.get("models", ((), None))
     replicas, replicas_where = entry.get("replicas", (None, None))
     priority_scheduling, priority_where = entry.get("priority_scheduling", (False, None))
+    max_stops, _ = entry.get("max_stop_sequences", (type_.max_stops, None))
     if replicas is not None:
         replicas = _yaml_replicas(replicas, replicas_where, type_.name)
     else:
@@ -173,7 +181,7 @@ def _build_provider(name, entry, warnings) -> Optional[ProviderConfig]:
     return ProviderConfig(name=name, type=type_.name, base_url=first.base_url, root_url=first.root_url,
                           api_key=api_key, models=tuple(models), replicas=replicas if len(replicas) > 1 or
                           replicas[0] != ReplicaConfig(first.base_url, first.root_url) else (),
-                          priority_scheduling=priority_scheduling)
+                          priority_scheduling=priority_scheduling, max_stop_sequences=max_stops)
 
 
 def _api_key(api_key, where):

@@ -108,6 +108,7 @@ class ProviderConfig:
     models: tuple = ()
     replicas: tuple = ()  # ReplicaConfigs; empty: the one server at base_url
     priority_scheduling: bool = False  # the servers run --scheduling-policy priority
+    max_stop_sequences: Optional[int] = None  # the most chat stop sequences it is sent (its type's); None: all
 
     @property
     def host(self) -> str:

@@ -494,8 +494,10 @@ class ReplicaPool:
 
     def __init__(self, name, type_, replicas, clock, *, configured_models=(), strategy="load", queue_timeout=5.0,
                  load_max_age=6.0, affinity_max_ratio=1.5, affinity_slack=2, priority_scheduling=False,
-                 rng=None, pins=None):
+                 max_stops=None, rng=None, pins=None):
         """
+        @param max_stops: the most chat stop sequences it is sent (a translated Messages request's: the
+            configured C{max_stop_sequences}, else its type's), or None: all.
         @param pins: the L{gomodel.routing.pins.SharedPins} this pool's pins are shared through, or None.
         """
         self.name = name
@@ -505,6 +507,7 @@ class ReplicaPool:
         self.replicas = list(replicas)
         self.configured_models = tuple(configured_models)
         self.priority_scheduling = priority_scheduling
+        self.max_stops = max_stops
         # Longest first: one replica's host must not be replaced inside another's host and port.
         self.hidden = tuple(sorted(dict.fromkeys(h for r in self.replicas for h in r.server.hidden), key=len,
                                    reverse=True))
