@@ -2437,8 +2437,8 @@ async def test_a_providers_configured_most_stop_sequences_are_what_it_is_sent(re
     try:
         for model, most in ((MODEL, 12), (f"vllm-other/{CHAT_MODEL}", 4)):
             await in_thread(client.messages.create, model=model, max_tokens=8, messages=HELLO, stop_sequences=stops)
-            assert fake.requests[-1].path == b"/v1/chat/completions"
-            assert fake.requests[-1].body["stop"] == stops[:most], model
+            assert fake.last_request().path == b"/v1/chat/completions"
+            assert fake.last_request().body["stop"] == stops[:most], model
     finally:
         client.close()
         await gw.service.stopService()
@@ -2488,7 +2488,7 @@ async def test_a_user_message_of_nothing_but_empty_text_is_anthropics_400_native
     blocks is Anthropic's 400 ("text content blocks must be non-empty") before any upstream, as translated
     already was; before, it went to vLLM natively, whose Messages API drops an empty text block and generated
     from what was left. An empty text block beside others, or in the assistant's message, still goes natively."""
-    before = len(fake.requests)
+    before = len(fake.forwarded())
     said = {"type": "error", "error": {"type": "invalid_request_error",
                                        "message": "messages: text content blocks must be non-empty"}}
     for content in ([{"type": "text", "text": ""}], [{"type": "text", "text": ""}] * 2):
@@ -2501,13 +2501,13 @@ async def test_a_user_message_of_nothing_but_empty_text_is_anthropics_400_native
                            ("/v1/messages/count_tokens", {"model": MODEL, "messages": messages})):
             response, answer = await post(http, gw.url + path, sent)
             assert response.code == 400 and json.loads(answer) == said, (path, answer)
-    assert len(fake.requests) == before
+    assert len(fake.forwarded()) == before
     empty = {"type": "text", "text": ""}
     for messages in ([{"role": "user", "content": [empty, {"type": "text", "text": "Hi."}]}],
                      [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": [empty]},
                       {"role": "user", "content": "Again."}]):
         await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=messages)
-        assert fake.requests[-1].path == b"/v1/messages" and fake.requests[-1].body["messages"] == messages
+        assert fake.last_request().path == b"/v1/messages" and fake.last_request().body["messages"] == messages
 
 
 @pytest_twisted.ensureDeferred
