@@ -110,9 +110,11 @@ def test_observer_looks_into_a_read_of_many_events_only_where_a_watched_word_is(
 
 
 def test_a_chat_read_of_whole_plain_events_goes_as_it_came_without_the_framer():
-    """A read of whole LF events after whole events, none holding a watched word (a model's read of a token), is
-    passed on as it came and counted as the framer counts events, without the framer; any other read (half an
-    event, after half an event, CR line breaks, a watched word) goes through it, and what each gives is the same."""
+    """A read of whole LF events after whole events, none holding a watched word (a model's read of a token), and no
+    longer than LONG_READ, is passed on as it came and counted as the framer counts events, without the framer; any
+    other read (half an event, after half an event, CR line breaks, a watched word, a long read) goes through it,
+    and what each gives is the same."""
+    from gomodel.proxy.sse import LONG_READ
 
     class Unused(SSEFramer):
         def feed(self, data):
@@ -122,9 +124,13 @@ def test_a_chat_read_of_whole_plain_events_goes_as_it_came_without_the_framer():
 
     observer = ChatStreamObserver(strip_usage=True)
     observer._framer = Unused()
-    for read in (CHUNK, CHUNK * 3, b"data: 1\n\n\n\n", CHUNK * 40):
+    most = LONG_READ // len(CHUNK)
+    for read in (CHUNK, CHUNK * 3, b"data: 1\n\n\n\n", CHUNK * most):
         assert observer.feed(read) is read
-    assert observer.events == 1 + 3 + 2 + 40
+    assert observer.events == 1 + 3 + 2 + most
+    observer = ChatStreamObserver(strip_usage=True)
+    read = CHUNK * (most + 1)
+    assert observer.feed(read) == read and observer.events == most + 1
 
     stream = (CHUNK + b"data: 1\n\n\n\n" + b"data: x\r\n\r\n" + CHUNK * 3 + b": comment\n\n" + USAGE + CHUNK
               + b"data: [DONE]\n\n")
@@ -190,6 +196,47 @@ def test_chat_observer_reads_a_long_read_as_event_by_event():
                         expected["usage"], expected["error"], expected["done"])
                     if observer.usage is None:  # the events stand in for a usage: every one counted
                         assert observer.events == expected["events"]
+
+
+def _scan_counting_bytes():
+    """C{(Read, scanned)}: a C{bytes} subclass whose C{find} adds the bytes each search looked through, per word, to
+    C{scanned} (a dict), to feed an observer reads whose searching a test counts."""
+    scanned = {}
+
+    class Read(bytes):
+        def find(self, word, start=0, stop=None):
+            stop = len(self) if stop is None else stop
+            at = bytes.find(self, word, start, stop)
+            scanned[word] = scanned.get(word, 0) + max(0, (stop if at < 0 else at + len(word)) - start)
+            return at
+
+    return Read, scanned
+
+
+def test_a_long_read_is_searched_for_each_watched_word_once():
+    """A read of many events (an unpaced stream come whole: its first token goes with its end) is looked through
+    once for each watched word: before, the check for a read holding none searched it for a stream's end, then the
+    long read's own path searched it again (a chat stream's C{"usage"} twice, a Responses stream's
+    C{response.completed} over the whole read where its last event is all it looks at), about a sixth of the
+    gateway's work on such a stream."""
+    from gomodel import jsonutil
+    from gomodel.proxy.sse import LONG_READ
+
+    Read, scanned = _scan_counting_bytes()
+    padding = CHUNK * (LONG_READ // len(CHUNK) + 1)
+    stream = Read(padding + USAGE + b"data: [DONE]\n\n")
+    observer = ChatStreamObserver(strip_usage=False)
+    assert observer.feed(stream) == stream and observer.done and observer.usage["prompt_tokens"] == 1
+    assert max(scanned.values()) <= len(stream), scanned
+
+    delta = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"hi"}\n\n'
+    end = b"event: response.completed\ndata: %s\n\n" % jsonutil.dumps(
+        {"type": "response.completed", "response": {"id": "r", "usage": {"input_tokens": 1, "output_tokens": 2}}})
+    stream = Read(delta * (LONG_READ // len(delta) + 1) + end)
+    scanned.clear()
+    observer = ResponsesStreamObserver()
+    assert observer.feed(stream) == stream and observer.done and observer.usage["output_tokens"] == 2
+    assert max(scanned.values()) <= len(stream) and scanned[b"response.completed"] <= len(end), scanned
 
 
 def test_event_at_the_earliest_word_is_the_first_event_that_holds_one():

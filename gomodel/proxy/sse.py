@@ -350,14 +350,16 @@ class ChatStreamObserver:
 
     def feed(self, data: bytes) -> bytes:
         """Take upstream bytes; return the bytes to send the client now (whole events)."""
-        # A read of whole events (LF line breaks) after whole events, holding none of the watched words: a model's
-        # read of one token, most reads. It goes as it came, its events counted, without the framer (as its
-        # split would count them: a blank line ends each).
-        if (not self._framer._buffer and data.endswith(b"\n\n") and data.find(b"\r") < 0
+        # A short read of whole events (LF line breaks) after whole events, holding none of the watched words: a
+        # model's read of one token, most reads. It goes as it came, its events counted, without the framer (as its
+        # split would count them: a blank line ends each). A long read goes by L{_feed_joined} alone, which looks
+        # for each word once: looked for here first, a stream come whole was searched twice for its usage.
+        long = len(data) > LONG_READ
+        if (not long and not self._framer._buffer and data.endswith(b"\n\n") and data.find(b"\r") < 0
                 and data.find(b'"usage"') < 0 and data.find(b'"error"') < 0 and data.find(b"[DONE]") < 0):
             self.events += data.count(b"\n\n")
             return data
-        if len(data) > LONG_READ:
+        if long:
             joined, events = self._framer.feed_joined(data)
             if events is None:
                 return self._feed_joined(joined)
@@ -551,10 +553,11 @@ class ResponsesStreamObserver:
         return int(digits.group(1)) + 1 if digits is not None else None
 
     def feed(self, data: bytes) -> bytes:
-        # A read of whole events (LF line breaks) after whole events, holding none of the watched words: a model's
-        # read of one delta, most reads. It goes as it came, without the framer (L{ChatStreamObserver.feed}'s; the
-        # words, L{_RESPONSES_WATCHED}, looked for inline).
-        if (not self._framer._buffer and data.endswith(b"\n\n") and data.find(b"\r") < 0
+        # A short read of whole events (LF line breaks) after whole events, holding none of the watched words: a
+        # model's read of one delta, most reads. It goes as it came, without the framer (L{ChatStreamObserver.feed}'s;
+        # the words, L{_RESPONSES_WATCHED}, looked for inline). A long read goes on below, where the end's words
+        # are looked for in its last event alone.
+        if (len(data) <= LONG_READ and not self._framer._buffer and data.endswith(b"\n\n") and data.find(b"\r") < 0
                 and data.find(b"response.completed") < 0 and data.find(b"response.incomplete") < 0
                 and data.find(b"response.failed") < 0 and data.find(b'"error"') < 0):
             self._last = data
