@@ -210,6 +210,11 @@ def _scan_counting_bytes():
             scanned[word] = scanned.get(word, 0) + max(0, (stop if at < 0 else at + len(word)) - start)
             return at
 
+        def count(self, word, start=0, stop=None):
+            stop = len(self) if stop is None else stop
+            scanned[word] = scanned.get(word, 0) + max(0, stop - start)
+            return bytes.count(self, word, start, stop)
+
     return Read, scanned
 
 
@@ -218,7 +223,7 @@ def test_a_long_read_is_searched_for_each_watched_word_once():
     once for each watched word: before, the check for a read holding none searched it for a stream's end, then the
     long read's own path searched it again (a chat stream's C{"usage"} twice, a Responses stream's
     C{response.completed} over the whole read where its last event is all it looks at), about a sixth of the
-    gateway's work on such a stream."""
+    gateway's work on such a stream. Nor is a Responses read that brought its usage counted for its deltas."""
     from gomodel import jsonutil
     from gomodel.proxy.sse import LONG_READ
 
@@ -237,6 +242,10 @@ def test_a_long_read_is_searched_for_each_watched_word_once():
     observer = ResponsesStreamObserver()
     assert observer.feed(stream) == stream and observer.done and observer.usage["output_tokens"] == 2
     assert max(scanned.values()) <= len(stream) and scanned[b"response.completed"] <= len(end), scanned
+    # Its deltas, the estimate of a stream cut before its usage, are not counted once the read brought the usage.
+    assert b'.delta"' not in scanned and observer.events == 0, scanned
+    observer = ResponsesStreamObserver()
+    assert observer.feed(stream[:-len(end)]) == stream[:-len(end)] and observer.events == LONG_READ // len(delta) + 1
 
 
 def test_event_at_the_earliest_word_is_the_first_event_that_holds_one():
@@ -336,9 +345,12 @@ def test_a_responses_read_of_whole_plain_events_goes_as_it_came_without_the_fram
     for size in (1, 7, len(delta), len(delta) + 3, len(stream)):
         observer = ResponsesStreamObserver()
         out = b"".join(observer.feed(stream[i:i + size]) for i in range(0, len(stream), size))
-        assert out == stream and observer.events == 3 and observer.done and observer.next_sequence() == 10, size
+        assert out == stream and observer.done and observer.next_sequence() == 10, size
         assert observer.usage == {"input_tokens": 1, "output_tokens": 2}
         observer.finish()
+        observer, before = ResponsesStreamObserver(), stream[:-len(end)]  # (deltas are counted while no usage is known)
+        assert b"".join(observer.feed(before[i:i + size]) for i in range(0, len(before), size)) == before
+        assert observer.events == 3, size
 
 
 def test_responses_observer_reads_a_long_read_from_its_last_event_as_event_by_event():

@@ -527,7 +527,7 @@ class ResponsesStreamObserver:
 
     @ivar events: the delta events relayed (C{response.output_text.delta}, C{.reasoning_text.delta},
         C{.function_call_arguments.delta}...: about one generated token each), the estimate of what a
-        stream cut before its final response made.
+        stream cut before its final response made (counted while no usage is known).
     """
 
     def __init__(self, hide=None):
@@ -564,10 +564,18 @@ class ResponsesStreamObserver:
             self.events += data.count(_DELTA_TYPE)
             return data
         joined, events = self._framer.feed_joined(data)
-        if joined:
-            self._last = joined
+        if not joined:
+            return joined
+        self._last = joined
+        out = self._observed(joined, events)
+        if self.usage is None:  # (once it is known, the count is not needed: a stream come whole is not counted)
             # Each delta event's type ends its name's quoted string (a quote inside a text is escaped).
             self.events += joined.count(_DELTA_TYPE)
+        return out
+
+    def _observed(self, joined: bytes, events) -> bytes:
+        """What the client gets of C{joined}, whole events (C{events}, the same cut apart where they have CR line
+        breaks, else None: L{SSEFramer.feed_joined}), each one holding a watched word observed."""
         if events is not None:  # CR line breaks: event by event
             rewritten = False
             for i, event in enumerate(events):
