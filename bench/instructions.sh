@@ -27,6 +27,9 @@
 # generates them; about 0.5 s a stream, so use a smaller N).
 #
 # WORKLOAD=responses sends Responses requests (/v1/responses, stored as by default) instead of chat.
+# WORKLOAD=messages sends Anthropic Messages requests instead (POST /v1/messages, the protocol run's messages
+# body: bench/harness/workloads.py; anthropic-version: 2023-06-01, the key as x-api-key; with STREAM=1, streamed
+# and read to their message_stop): natively to the mock's /v1/messages, as to a vLLM.
 #
 # CACHE=1 turns on callgrind's cache and branch simulation (--cache-sim=yes --branch-sim=yes) and also
 # prints, per request, the first-level instruction and data misses, the last-level instruction and data
