@@ -161,6 +161,25 @@ async def test_a_lines_user_message_of_nothing_but_empty_text_is_its_error_nativ
     assert {r.body["fake_marker"] for r in vllm.requests if r.path == b"/v1/messages"} == {"fine"}
 
 
+async def test_a_lines_empty_user_message_is_its_error_natively_too(setup):
+    """A line with an empty user message (C{""}, C{[]}) is errored with Anthropic's words ("messages.0: all
+    messages must have non-empty content ...") natively as translated, as online; before, a native one went to
+    vLLM. The others run."""
+    gw, client, vllm, openai = setup
+    made = await in_thread(client.messages.batches.create, requests=[
+        request("string", messages=[{"role": "user", "content": ""}]),
+        request("list", messages=[{"role": "user", "content": []}]),
+        request("translated", model=TRANSLATED, messages=[{"role": "user", "content": ""}]), request("fine")])
+    await ended(gw, client, made.id)
+    got = await results(client, made.id)
+    assert got["fine"].type == "succeeded"
+    for custom_id in ("string", "list", "translated"):
+        assert got[custom_id].type == "errored" and got[custom_id].error.error.type == "invalid_request_error"
+        assert got[custom_id].error.error.message == ("messages.0: all messages must have non-empty content except "
+                                                      "for the optional final assistant message")
+    assert {r.body["fake_marker"] for r in vllm.requests if r.path == b"/v1/messages"} == {"fine"}
+
+
 TOOLS = [{"name": "get_weather", "input_schema": {"type": "object"}}]
 
 

@@ -2511,6 +2511,30 @@ async def test_a_user_message_of_nothing_but_empty_text_is_anthropics_400_native
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_empty_user_message_is_anthropics_400_natively_too(http, gw, fake, client):
+    """A create (plain or streamed) or a count_tokens for a vLLM with an empty user message (C{""}, C{[]}) is
+    Anthropic's 400 ("messages.N: all messages must have non-empty content except for the optional final
+    assistant message") before any upstream, as translated already was; before, it went to vLLM natively."""
+    before = len(fake.requests)
+    for content in ("", []):
+        messages = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+                    {"role": "user", "content": content}]
+        said = {"type": "error", "error": {"type": "invalid_request_error", "message": (
+            "messages.2: all messages must have non-empty content except for the optional final assistant "
+            "message")}}
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=messages)
+        assert caught.value.body == said
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            await in_thread(client.messages.count_tokens, model=MODEL, messages=messages)
+        assert caught.value.body == said
+        response, answer = await post(http, gw.url + "/v1/messages",
+                                      {"model": MODEL, "max_tokens": 8, "messages": messages, "stream": True})
+        assert response.code == 400 and json.loads(answer) == said, answer
+    assert len(fake.requests) == before
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_documents_title_and_context_reach_the_model_as_anthropics_prompt_has_them(openai_gw, fake):
     """A document's C{title} and C{context} are part of what Anthropic's model reads (its prompt formatting puts
     a document in C{<document>}, its source named, its text in C{<document_content>}): translated, a text

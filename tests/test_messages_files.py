@@ -243,6 +243,10 @@ def test_one_walk_finds_file_sources_and_the_blocks_that_go_translated():
                     {"role": "user", "content": [{"type": "text", "text": "Hi."}, empty]},
                     {"role": "assistant", "content": [empty]}):
         assert walk_blocks({"messages": [message]}) == ([], False, []), message
+    # so does an empty user message ("", []: Anthropic's other 400), not the assistant's
+    for content in ("", []):
+        assert walk_blocks({"messages": [{"role": "user", "content": content}]}) == ([], True, [])
+        assert walk_blocks({"messages": [{"role": "assistant", "content": content}]}) == ([], False, [])
     failed = {"type": "tool_result", "tool_use_id": "t1", "content": [inner], "is_error": True}
     results = [{"type": "tool_result", "tool_use_id": "t0", "is_error": False}, failed]
     assert walk_blocks({"messages": messages[:2] + [{"role": "user", "content": results}]}, files=False) == (

@@ -14,7 +14,7 @@ naming the block.
 import base64
 
 from gomodel.anthropic.files import mime_type
-from gomodel.anthropic.translate import TOOL_CHANGES, nothing_but_empty_text
+from gomodel.anthropic.translate import TOOL_CHANGES, empty_user_content
 from gomodel.auth.tenancy import visible
 from gomodel.errors import InvalidRequest, shown
 from gomodel.store.records import MESSAGE_BATCH_PURPOSE
@@ -44,9 +44,10 @@ def walk_blocks(body, files=True) -> tuple:
     """C{(found, translated, errored)} of the Messages request C{body}, in one walk of its blocks: L{file_blocks}'
     list (with C{files}; else C{[]}), whether a message or a tool result in one holds a block of
     L{TRANSLATED_BLOCKS}, a system message a tool change (L{gomodel.anthropic.translate.TOOL_CHANGES}), or a
-    user message is nothing but empty text blocks (L{gomodel.anthropic.translate.nothing_but_empty_text}, looked
-    for only where its first block is empty text: the translation refuses it as Anthropic does, vLLM's Messages
-    API would drop them) (what a vLLM gets translated, L{gomodel.api.messages.translates}), and the
+    user message is empty (L{gomodel.anthropic.translate.empty_user_content}: C{""}, C{[]}, or nothing but empty
+    text blocks, looked for only where it is falsy or its first block is empty text: the translation refuses it
+    as Anthropic does, vLLM's Messages API would take it) (what a vLLM gets translated,
+    L{gomodel.api.messages.translates}), and the
     C{(message, block)} indexes of the C{tool_result} blocks whose C{is_error} is true
     (L{gomodel.anthropic.translate.with_tool_errors}).
 
@@ -57,6 +58,9 @@ def walk_blocks(body, files=True) -> tuple:
     messages = body.get("messages")
     for i, message in enumerate(messages if isinstance(messages, list) else ()):
         content = message.get("content") if isinstance(message, dict) else None
+        if not content:  # ("", []: an empty user message is Anthropic's 400, translated)
+            translated = translated or empty_user_content(content) and message.get("role") == "user"
+            continue
         if not isinstance(content, list):
             continue
         for j, block in enumerate(content):
@@ -79,7 +83,7 @@ def walk_blocks(body, files=True) -> tuple:
             elif kind in TOOL_CHANGES:
                 translated = translated or message.get("role") == "system"
             elif not j and block.get("text") == "" and message.get("role") == "user":  # (its type checked there)
-                translated = translated or nothing_but_empty_text(content)
+                translated = translated or empty_user_content(content)
     return found, translated, errored
 
 

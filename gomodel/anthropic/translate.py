@@ -668,10 +668,10 @@ def _user_messages(content, where) -> list:
     @raise InvalidRequest: the turn is nothing but empty text, or empty (C{""}, C{[]}): Anthropic's own 400s,
         word for word.
     """
-    if isinstance(content, (str, list)) and not content:
-        raise InvalidRequest(f"{where}: all messages must have non-empty content except for the optional final "
-                             "assistant message", param=f"{where}.content")
-    if isinstance(content, list) and nothing_but_empty_text(content):
+    if empty_user_content(content):
+        if not content:
+            raise InvalidRequest(f"{where}: all messages must have non-empty content except for the optional "
+                                 "final assistant message", param=f"{where}.content")
         raise InvalidRequest("messages: text content blocks must be non-empty", param=f"{where}.content")
     tools, parts, tool_images = [], [], []
     blocks = _blocks(content, where)
@@ -700,13 +700,16 @@ def _user_messages(content, where) -> list:
     return tools + [{"role": "user", "content": _parts_content(parts)}] if parts else tools
 
 
-def nothing_but_empty_text(content: list) -> bool:
-    """Whether C{content}, a user message's blocks, is nothing but empty text blocks: Anthropic's 400 ("text
-    content blocks must be non-empty"), which the translation answers (L{_user_messages}); vLLM's Messages API
-    drops each such block and generates from what is left (such a request goes to it translated:
+def empty_user_content(content) -> bool:
+    """Whether C{content}, a user message's, is what Anthropic refuses as empty (L{_user_messages} says which of
+    its two 400s): C{""} or C{[]} ("all messages must have non-empty content ..."), or nothing but empty text
+    blocks ("text content blocks must be non-empty"). vLLM's Messages API takes an empty message, and drops each
+    empty text block and generates from what is left (such a request goes to it translated:
     L{gomodel.anthropic.file_sources.walk_blocks})."""
-    return all(isinstance(block, dict) and block.get("type") == "text" and block.get("text") == ""
-               for block in content)
+    if isinstance(content, str):
+        return not content
+    return isinstance(content, list) and all(
+        isinstance(block, dict) and block.get("type") == "text" and block.get("text") == "" for block in content)
 
 
 def _tool_result(block, where):

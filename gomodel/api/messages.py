@@ -448,8 +448,8 @@ def translates(body, walked=None) -> bool:
     and drops it, and a vLLM's version is not known here), a prefill (L{prefilled}), a C{document} or
     C{search_result} block (L{gomodel.anthropic.file_sources.TRANSLATED_BLOCKS}), a system message's tool changes
     (vLLM 0.32 resolves them, one without that support refuses them; the translation resolves them as 0.32 does),
-    or a user message of nothing but empty text blocks (vLLM drops them and generates from the rest; the
-    translation refuses it with Anthropic's 400, before anything is sent).
+    or an empty user message (C{""}, C{[]}, or nothing but empty text blocks: vLLM takes it, or drops the blocks
+    and generates from the rest; the translation refuses it with Anthropic's 400, before anything is sent).
     vLLM's Messages API has no document nor search result block: it refuses one in a message (a 400 that lists the
     block types it knows) and drops one in a tool result unread; translated, a text or custom-content document
     reaches the model as its text and image parts, a search result as its text, and a document that cannot (a PDF)
