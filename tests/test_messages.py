@@ -2515,7 +2515,7 @@ async def test_an_empty_user_message_is_anthropics_400_natively_too(http, gw, fa
     """A create (plain or streamed) or a count_tokens for a vLLM with an empty user message (C{""}, C{[]}) is
     Anthropic's 400 ("messages.N: all messages must have non-empty content except for the optional final
     assistant message") before any upstream, as translated already was; before, it went to vLLM natively."""
-    before = len(fake.requests)
+    before = len(fake.forwarded())
     for content in ("", []):
         messages = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
                     {"role": "user", "content": content}]
@@ -2531,7 +2531,7 @@ async def test_an_empty_user_message_is_anthropics_400_natively_too(http, gw, fa
         response, answer = await post(http, gw.url + "/v1/messages",
                                       {"model": MODEL, "max_tokens": 8, "messages": messages, "stream": True})
         assert response.code == 400 and json.loads(answer) == said, answer
-    assert len(fake.requests) == before
+    assert len(fake.forwarded()) == before
 
 
 @pytest_twisted.ensureDeferred
