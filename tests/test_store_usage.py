@@ -402,3 +402,108 @@ def test_the_records_of_an_older_postgresql_gateway_get_their_outcome_from_their
         migrate(conn)
         conn.execute("INSERT INTO usage (request_id, timestamp, status_code) VALUES ('r-older-gateway', 1, 500)")
         assert conn.execute(f"SELECT request_id, {OUTCOME} FROM usage ORDER BY id").fetchall() == DERIVED
+
+
+# PostgreSQL's sums of budget scopes (read by every process each second): a month of one key's rows, by day.
+DAY, FIRST_DAY = 86400, 20000 * 86400.0
+MONTH = [row(f"m{d}-{i}", FIRST_DAY + d * DAY + i * 432, auth_key_id=key, user_path=path, total_tokens=1,
+             total_cost=0.25)
+         for d in range(30) for i in range(200) for key, path in (("k_1", "/team/a"), ("k_2", "/team/b"))]
+
+
+def _rows_read(conn, statement, args) -> int:
+    """The rows the scans of C{statement}'s plan read (returned and filtered out), by EXPLAIN ANALYZE."""
+    def read(node):
+        own = (node.get("Actual Rows", 0) + node.get("Rows Removed by Filter", 0)) * node.get("Actual Loops", 1)
+        return (own if "Relation Name" in node else 0) + sum(read(child) for child in node.get("Plans", ()))
+    return read(conn.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {statement}", args).fetchone()[0][0]["Plan"])
+
+
+class _Recorded:
+    """A connection that keeps the statements run through it (to explain them after)."""
+
+    def __init__(self, conn):
+        self.conn, self.statements = conn, []
+
+    def execute(self, statement, args=None):
+        self.statements.append((statement, args))
+        return self.conn.execute(statement, args)
+
+
+@pytest.mark.parametrize("since", [FIRST_DAY, FIRST_DAY + 29 * DAY, FIRST_DAY + 10.5 * DAY])
+def test_what_a_scope_spent_on_postgresql_is_read_from_day_sums_not_each_row_of_its_period(pg_database, since):
+    """Each process reads each budget it charged every second: a sum over every row of the period read more rows
+    as the ledger grew (0.2 s a read at 500k rows of a month, every second, in each process). The days whole
+    in the period are read from their sums, the rows of a day begun before the period (a reset's) alone."""
+    import psycopg
+
+    from gomodel.store.postgresql.migrations import migrate
+    from gomodel.store.postgresql.usage import PostgreSQLUsageStore as Store
+    from tests import postgres
+
+    with psycopg.connect(postgres.url(pg_database), autocommit=True) as conn:
+        migrate(conn)
+        Store._add(conn, MONTH)
+        conn.execute("ANALYZE")
+        later = sum(1 for r in MONTH if r[1] >= since) // 2
+        for scope, share in (("key:k_1", 1), ("path:/team/a", 1), ("path:/team", 2), ("path:/", 2)):
+            recorded = _Recorded(conn)
+            assert Store._spent(recorded, scope, since) == (later * share, later * share * 0.25), scope
+            read = sum(_rows_read(conn, statement, args) for statement, args in recorded.statements)
+            assert read <= 2 * 200 + 2 * 30, (scope, read)  # (a day of each key's rows, the days' sums)
+        recorded = _Recorded(conn)
+        assert Store._keys_spent(recorded, ["k_1", "k_2", "k_3"], since) == {
+            "k_1": (later, later * 0.25), "k_2": (later, later * 0.25)}
+        read = sum(_rows_read(conn, statement, args) for statement, args in recorded.statements)
+        assert read <= 2 * 200 + 2 * 30, read
+
+
+def test_the_day_sums_on_postgresql_hold_every_row_written_before_them_by_an_older_gateway_and_deleted(pg_database):
+    """The day sums are kept by the database, in the transaction that writes or deletes the rows: those written
+    before the migration, by an older gateway during a rolling upgrade (its INSERTs), by this one's COPY, and those
+    the retention deletes (a day cut in two too) are all in what a scope spent, as the rows' own sums say."""
+    import psycopg
+
+    from gomodel.store.postgresql.migrations import MIGRATIONS, migrate
+    from gomodel.store.postgresql.usage import PostgreSQLUsageStore as Store
+    from tests import postgres
+
+    insert = f"INSERT INTO usage ({', '.join(USAGE_FIELDS)}) VALUES ({', '.join(['%s'] * len(USAGE_FIELDS))})"
+    scopes = ("key:k_1", "key:k_2", "path:/team", "path:/team/a", "path:/", "path:/nobody")
+    with psycopg.connect(postgres.url(pg_database), autocommit=True) as conn:
+        def check():
+            for since in (0, FIRST_DAY + 3 * DAY, FIRST_DAY + 3.5 * DAY, FIRST_DAY + 40 * DAY):
+                for scope in scopes:
+                    kind, _, name = scope.partition(":")
+                    where = {"key": "auth_key_id = %s", "path": "(user_path = %s OR starts_with(user_path, %s))"}
+                    args = [name] if kind == "key" else [name, name.rstrip("/") + "/"]
+                    if name == "/":
+                        where["path"], args = "(user_path IS NOT NULL OR auth_key_id IS NOT NULL)", []
+                    tokens, cost = conn.execute(
+                        "SELECT COALESCE(SUM(total_tokens), 0)::bigint, COALESCE(SUM(total_cost), 0) FROM usage "
+                        f"WHERE timestamp >= %s AND {where[kind]}", (since, *args)).fetchone()
+                    assert Store._spent(conn, scope, since) == (tokens, pytest.approx(cost)), (scope, since)
+                    assert [tuple(f) for f in spent_many(conn, [(scope, since)])] == [(tokens, pytest.approx(cost))]
+
+        def spent_many(conn, pairs):
+            from gomodel.store.codec import spent_many
+            return spent_many(pairs, lambda s, t: Store._spent(conn, s, t), lambda i, t: Store._keys_spent(conn, i, t))
+
+        migrate(conn, [m for m in MIGRATIONS if m[0] <= 21])
+        with conn.cursor() as cursor:
+            cursor.executemany(insert, MONTH[:2000])
+        migrate(conn)
+        check()
+        with conn.cursor() as cursor:  # an older gateway's, after the migration
+            cursor.executemany(insert, MONTH[2000:2500] + [row("none", FIRST_DAY + 5, total_tokens=3),
+                                                           row("nokey", FIRST_DAY + 5, user_path="/team/c")])
+        Store._add(conn, MONTH[2500:] + [row("master", FIRST_DAY + 7, user_path="/team/a/x", total_cost=None),
+                                         row("unpriced", FIRST_DAY + 8, auth_key_id="k_1", total_tokens=None)])
+        check()
+        while Store._delete_batch(conn, FIRST_DAY + 3.5 * DAY, 1000):
+            pass
+        check()
+        assert conn.execute("SELECT COUNT(*) FROM usage_days WHERE day < %s", (20003,)).fetchone()[0] == 0
+        conn.execute("DELETE FROM usage")
+        check()
+        assert conn.execute("SELECT COUNT(*) FROM usage_days").fetchone()[0] == 0

@@ -1,5 +1,7 @@
 """L{IUsageStore} on PostgreSQL: one row per request that reached an upstream (and per batch line), from every host."""
 
+import math
+
 import psycopg
 from psycopg.rows import dict_row
 from twisted.internet.defer import Deferred
@@ -24,6 +26,14 @@ _MARK = ("WITH old AS (DELETE FROM usage_writes WHERE written_at < extract(epoch
          "INSERT INTO usage_writes (request_id, timestamp, rows, written_at) "
          "VALUES (%s, %s, %s, extract(epoch FROM now()))")
 _BELOW = "(user_path = %s OR starts_with(user_path, %s))"  # a path and everything under it
+# What a budget scope spent since a time: the whole UTC days after it from their sums (usage_days, kept by the
+# database: migration 22), the rows of the day it falls in (a reset's, a period of seconds') from the rows, each row
+# in the day floor(timestamp / 86400) in both. Formatted with the scope's clause and, for the keys, their grouping.
+_SPENT = ("SELECT {key}COALESCE(SUM(total_tokens), 0)::bigint, COALESCE(SUM(total_cost), 0) FROM ("
+          "SELECT auth_key_id, total_tokens, total_cost FROM usage WHERE timestamp >= %s AND timestamp < %s "
+          "AND floor(timestamp / 86400) < %s AND {where} UNION ALL "
+          "SELECT auth_key_id, total_tokens, total_cost FROM usage_days WHERE day >= %s AND {where}) AS t{group}")
+_DAY = 86400
 # The log's search: the request id, the model or the provider (type or name) holding the text, in any case.
 _SEARCH = "(" + " OR ".join(f"{column} ILIKE %s ESCAPE '\\'" for column in SEARCHED) + ")"
 _FILTERS = {"model": "model = %s", "provider": "(provider = %s OR provider_name = %s)", "status": "status_code = %s",
@@ -178,8 +188,7 @@ class PostgreSQLUsageStore:
             where, args = _BELOW, [name, name.rstrip("/") + "/"]
         else:
             return 0, 0.0
-        row = conn.execute(f"SELECT COALESCE(SUM(total_tokens), 0)::bigint, COALESCE(SUM(total_cost), 0) FROM usage "
-                           f"WHERE timestamp >= %s AND {where}", (since, *args)).fetchone()
+        row = conn.execute(_SPENT.format(key="", where=where, group=""), _spent_args(since, args)).fetchone()
         return row[0], row[1]
 
     def spent_many(self, pairs):
@@ -189,8 +198,8 @@ class PostgreSQLUsageStore:
     @staticmethod
     def _keys_spent(conn, ids, since) -> dict:
         return {row[0]: (row[1], row[2]) for row in conn.execute(
-            "SELECT auth_key_id, COALESCE(SUM(total_tokens), 0)::bigint, COALESCE(SUM(total_cost), 0) FROM usage "
-            "WHERE timestamp >= %s AND auth_key_id = ANY(%s) GROUP BY auth_key_id", (since, ids))}
+            _SPENT.format(key="auth_key_id, ", where="auth_key_id = ANY(%s)", group=" GROUP BY auth_key_id"),
+            _spent_args(since, [ids]))}
 
     def delete_before(self, timestamp):
         return Deferred.fromCoroutine(in_batches(self._db.run, self._delete_batch, timestamp))
@@ -204,6 +213,12 @@ class PostgreSQLUsageStore:
 def _where(start, end, filters):
     """The C{WHERE} clauses and their arguments of a window and C{filters} (L{IUsageStore.log}'s)."""
     return usage_where(start, end, filters, _FILTERS, "%s", _below)
+
+
+def _spent_args(since, args) -> tuple:
+    """C{_SPENT}'s arguments: the rows from C{since} to the end of its day, the days' sums after, of C{args}' scope."""
+    day = math.ceil(since / _DAY)
+    return (since, day * _DAY, day, *args, day, *args)
 
 
 def _below(path) -> list:
