@@ -17,7 +17,7 @@ _SEARCH = "(" + " OR ".join(f"{column} LIKE ? ESCAPE '\\'" for column in SEARCHE
 _FILTERS = {"model": "model = ?", "provider": "(provider = ? OR provider_name = ?)", "status": "status_code = ?",
             "outcome": f"{OUTCOME} = ?",
             "search": _SEARCH, "key": "auth_key_id = ?", "keyless": "auth_key_id IS NULL",
-            "user_path": "(user_path = ? OR substr(user_path, 1, ?) = ?)"}
+            "user_path": "(user_path = ? OR (user_path >= ? AND user_path < ?))"}  # (_below's arguments)
 # The sums of budget scopes read last (L{SQLiteUsageStore.spent}) kept, at most, to read only the rows written since.
 SUMS_KEPT = 4096
 
@@ -114,8 +114,7 @@ class SQLiteUsageStore:
         elif kind == "path" and name == "/":  # (every path, and the managed keys without one: see IUsageStore)
             where, args = "(user_path IS NOT NULL OR auth_key_id IS NOT NULL)", []
         elif kind == "path":
-            below = name.rstrip("/") + "/"
-            where, args = "(user_path = ? OR substr(user_path, 1, ?) = ?)", [name, len(below), below]
+            where, args = _FILTERS["user_path"], _below(name)
         else:
             return 0, 0.0
         conn = self._db.conn()
@@ -187,9 +186,10 @@ def _where(start, end, filters):
 
 
 def _below(path) -> list:
-    """The arguments of the C{user_path} clause: the path and everything under it."""
+    """The arguments of the C{user_path} clause: the path and everything under it, a range of the C{usage_path}
+    index (in SQLite's binary order those starting with C{/a/} are from C{/a/} to C{/a0}: C{0} follows C{/})."""
     below = path.rstrip("/") + "/"
-    return [path, len(below), below]
+    return [path, below, below[:-1] + "0"]
 
 
 def _totals(row) -> dict:
