@@ -965,7 +965,7 @@ async def test_a_model_a_vllm_lists_by_its_path_is_known_by_the_paths_last_part(
                                 ("/v1/responses", {"input": "hi"})):
                 response, content = await call(http, gw, route, dict(body, model=model), key=key)
                 assert response.code == 200 and shows_none(content, "/srv"), (route, model, content)
-                assert inference(vllm)[-1].body["model"] == path, (route, model)
+                assert vllm.last_request().body["model"] == path, (route, model)
                 response, content = await call(http, gw, route, dict(body, model=model, stream=True), key=key)
                 assert response.code == 200 and shows_none(content, "/srv"), (route, model, content)
                 assert f'"model":"{public[5:]}"'.encode() in content.replace(b": ", b":"), (route, model, content)
@@ -1050,7 +1050,7 @@ async def test_a_translated_answer_carries_no_kv_transfer_params(reactor, http, 
                                ("/v1/responses", {"input": "hi"})):
                 response, content = await call(http, gw, path, dict(body, model=MODEL, stream=stream))
                 assert response.code == 200 and b"hi" in content, (path, stream, content)
-                assert inference(vllm)[-1].path == b"/v1/chat/completions", (path, stream)
+                assert vllm.last_request().path == b"/v1/chat/completions", (path, stream)
                 assert shows_none(content, *said), (path, stream, content)
     finally:
         await stop_all(gw, vllm)
