@@ -4,6 +4,7 @@ import atexit
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from datetime import datetime
 
 import pytest_twisted
@@ -71,17 +72,75 @@ async def start_gateway(reactor, env, yaml_path=None, wait_ready=True, timeouts_
 
 
 async def every_replica_checked(reactor, registry, timeout=5.0):
-    """Wait until every replica of every provider answered or failed its first checks.
+    """Wait until every replica of every provider answered or failed its first checks, and each one whose
+    upstream answers is ready.
 
-    C{registry.ready()} fires once one replica of each provider is ready: a test that
-    expects the others to serve (or to fail over to them) must wait for them too. A
-    replica that never answers (a hanging fake) is left after C{timeout} seconds.
+    C{registry.ready()} fires once one replica of each provider is ready, or each was checked: a test that
+    expects the others to serve (or to fail over to them) must wait for them too. On a loaded host a replica's
+    first checks can run out of time before their answers are read: it is checked, and loading until its next
+    probe (a test that sent meanwhile got 503 no_ready_replica); where its upstream answers this fixture's own
+    look (its C{/health} and model list), it is waited for until ready. A replica that never answers (a hanging
+    fake) is left after C{timeout} seconds.
     """
     deadline = time.monotonic() + timeout
-    while not all(r.checked for pool in registry.providers for r in pool.replicas):
-        if time.monotonic() >= deadline:
-            return
-        await deferLater(reactor, 0.01, lambda: None)
+    replicas = [r for pool in registry.providers for r in pool.replicas]
+    with registry_checks(registry) as next_check:
+        while not all(r.checked for r in replicas):
+            if not await _checked_again(reactor, next_check(), deadline):
+                return
+        for replica in replicas:
+            if replica.ready or not await _answers(reactor, replica.server):
+                continue
+            while not replica.ready:
+                assert await _checked_again(reactor, next_check(), deadline), \
+                    f"{replica} answers but was not ready within {timeout} s: {replica.last_error}"
+
+
+async def _checked_again(reactor, check: Deferred, deadline) -> bool:
+    """Whether C{check} (L{registry_checks}' next) fired before C{deadline} (L{time.monotonic})."""
+    try:
+        await with_timeout(reactor, check, max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        return False
+    return True
+
+
+async def _answers(reactor, server) -> bool:
+    """Whether the upstream C{server} (a replica's) answers its health check and lists its models now."""
+    try:
+        await with_timeout(reactor, server.health(), 10)
+        await with_timeout(reactor, server.list_models(), 10)
+    except Exception:
+        return False
+    return True
+
+
+@contextmanager
+def registry_checks(registry):
+    """C{next_check()}: a Deferred that fires (with None) once the replica monitor has taken in the result of
+    another check of a replica (it tells C{registry} after each one: C{replicas_changed} or C{models_changed})."""
+    waiting = []
+
+    def told(original):
+        def changed():
+            original()
+            fired, waiting[:] = list(waiting), []
+            for d in fired:
+                d.callback(None)
+        return changed
+
+    registry.replicas_changed = told(registry.replicas_changed)
+    registry.models_changed = told(registry.models_changed)
+
+    def next_check():
+        d = Deferred()
+        waiting.append(d)
+        return d
+
+    try:
+        yield next_check
+    finally:
+        del registry.replicas_changed, registry.models_changed
 
 
 _SCRATCH = []

@@ -33,7 +33,7 @@ from gomodel.routing.vllm_metrics import LoadSample
 from tests.fakes.fleet import FakeFleet
 from tests.redis_server import fresh_prefix, redis_client
 from tests import support
-from tests.support import start_gateway, with_timeout
+from tests.support import every_replica_checked, start_gateway, with_timeout
 from tests.test_routing import MODEL, chat, post, served_by, who_got
 
 redis = pytest.importorskip("redis")
@@ -101,7 +101,7 @@ class Hosts:
         self.gateways.append(gw)
         await with_timeout(self.reactor, gw.registry.ready(), 5)
         pool = gw.registry.providers[0]
-        await until(self.reactor, lambda: all(r.checked for r in pool.replicas), what="every replica checked")
+        await every_replica_checked(self.reactor, gw.registry)
         return gw, pool
 
     async def stop(self):

@@ -34,7 +34,7 @@ from gomodel.upstream.errors import upstream_error
 from tests import rawclient
 from tests.fakes.fleet import FakeFleet
 from tests.fakes.vllm import CHAT_MODEL
-from tests.support import in_thread, openai_client, start_gateway, turns_until, with_timeout
+from tests.support import every_replica_checked, in_thread, openai_client, start_gateway, turns_until, with_timeout
 
 MODEL = "vllm/" + CHAT_MODEL
 STATUS = "/admin/api/v1/providers/status"
@@ -64,8 +64,7 @@ class Cluster:
             await with_timeout(self.reactor, gw.registry.ready(), 5)
             # ready() fires once one replica is ready; every replica's first checks must be in
             # (a replica still loading when a test refuses it would stay loading, never down).
-            await wait_for(self.reactor, lambda: all(r.checked for pool in gw.registry.providers
-                                                     for r in pool.replicas))
+            await every_replica_checked(self.reactor, gw.registry)
         return fleet, gw
 
     async def close(self):

@@ -9,7 +9,7 @@ from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.task import Clock
 
 from tests.fakes.vllm import CHAT_MODEL
-from tests.support import with_timeout
+from tests.support import start_gateway, stop_all, with_timeout
 
 
 def _outcome(d):
@@ -64,3 +64,26 @@ async def test_the_fakes_last_and_next_request_are_the_tests_not_the_gateways_ow
     assert fake.forwarded() == [sent] and fake.last_request(b"/v1/chat/completions") is sent
     with pytest.raises(IndexError):
         fake.last_request(b"/v1/completions")
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_gateway_returns_once_an_answering_replica_is_ready_though_its_first_checks_timed_out(
+        reactor, fake):
+    """On a loaded host a replica's first checks can run out of time before their answers are read: the registry's
+    C{ready()} fires (its replicas were checked) with the replica still loading until its next probe, and a test
+    that sent then got 503 no_ready_replica (test_stream_routes' keep-alive test did at load 14). The replica
+    answers, so start_gateway waits for it to be ready."""
+    clock = Clock()  # (the upstreams' timeouts: run out at the reactor's next turn, before any answer is read)
+    reactor.callLater(0, clock.advance, 60)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "REPLICA_HEALTH_INTERVAL": "0.05s"},
+                             timeouts_clock=clock)
+    try:
+        [replica] = gw.registry.providers[0].replicas
+        assert replica.ready, replica.last_error
+        response = await treq.post(gw.url + "/v1/chat/completions", json.dumps(
+            {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode(),
+            headers={"Content-Type": "application/json"})
+        assert response.code == 200, await treq.content(response)
+        await treq.content(response)
+    finally:
+        await stop_all(gw)
