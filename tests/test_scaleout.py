@@ -1235,7 +1235,12 @@ async def test_a_paused_host_loses_its_batch_to_another_and_its_late_writes_are_
         assert batch.request_counts.model_dump() == {"total": 30, "completed": 30, "failed": 0}
         output = await output_of(sdk_c, batch)
         assert [line["custom_id"] for line in output] == [line["custom_id"] for line in lines]
-        await deferLater(reactor, 1.0, lambda: None)  # A runs again: its heartbeat finds the claim lost
+        stopped = f"batch {created.id}: our claim was taken over; stopped here"
+
+        async def stopped_on_a():  # (its heartbeat or a refused write found the claim lost; its writes are over)
+            return stopped in a.log_path.read_text(errors="replace")
+
+        await until(reactor, stopped_on_a, what="A stopping its batch")
         assert time.monotonic() - paused_at > LEASE
         rows = postgres.query(pg_database, "SELECT completed, failed FROM batches WHERE id = %s", (created.id,))
         assert rows == [(30, 0)]  # A's late answers counted nothing

@@ -178,9 +178,8 @@ class ClaimLoop:
 
             def renewed(held, job=job):
                 self._renewals.succeeded()
-                if not held and job.stop != "lost":
-                    self.log.warn("batch {batch_id}: our claim was taken over; stopping", batch_id=job.batch_id)
-                    job.halt("lost")
+                if not held:
+                    job.halt("lost")  # (logged once its work here is over: L{gomodel.batches.runner.BatchRunner._work})
 
             renewals.append(d.addCallbacks(renewed, self._renewals.failed))
         return DeferredList(renewals).addCallback(lambda _: None)

@@ -432,7 +432,8 @@ class BatchRunner(Service):
             await self._run(job)
         except Exception:
             self._job_failed(Failure(), job)
-        if job.stop == "lost":
+        if job.stop == "lost":  # (its lines' writes are over: refused, its claim's token stale)
+            self.log.warn("batch {batch_id}: our claim was taken over; stopped here", batch_id=job.batch_id)
             return
         if job.broken and await self._broke(job):
             delay = 0
