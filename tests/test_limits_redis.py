@@ -21,6 +21,7 @@ from gomodel.limits.specs import Budget, RateLimit, Window, period_window
 from gomodel.redis_client import connect, reason
 from tests.integration.support import free_port
 from tests.redis_server import fresh_prefix, redis_client
+from tests.support import with_timeout
 
 redis = pytest.importorskip("redis")
 
@@ -631,7 +632,6 @@ async def test_an_admission_whose_answer_cannot_be_read_fails_rather_than_never_
     """An error reading what Redis answered (here: headers asked for by a scope that is no name) fails the
     admission; before, any error but RateLimitExceeded was raised inside the counters' callback, so the
     admission never fired and its request waited until its client left."""
-    from tests.support import with_timeout
 
     limiter = Limiter(make(), reactor)
     with pytest.raises(TypeError):
@@ -1083,7 +1083,7 @@ async def test_a_budget_reservation_cancelled_while_redis_answers_is_given_back(
         scopes = [("key:k", [Budget("daily", max_tokens=100)])]
         await book.check(scopes)  # (seeded)
         reserving = book.reserve(scopes, 60, 0.0)
-        await deferLater(reactor, 0.05, lambda: None)
+        await with_timeout(reactor, proxy.when_held(), 10)
         reserving.cancel()  # its client left while the reservation was held on its way
         with pytest.raises(CancelledError):
             await reserving
