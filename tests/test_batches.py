@@ -607,6 +607,31 @@ async def test_a_line_naming_a_conversation_or_a_stored_prompt_at_a_native_vllm_
     assert [r.body["input"] for r in fake.requests if r.path == b"/v1/responses"] == ["more"]
 
 
+# OpenAI's words for an C{include} value its Responses API cannot include (as online: test_responses_lifecycle).
+_UNKNOWN_INCLUDE = ("Invalid value: 'nope'. Supported values are: 'file_search_call.results', 'web_search_call.results', "
+                    "'web_search_call.action.sources', 'message.input_image.image_url', "
+                    "'computer_call_output.output.image_url', 'code_interpreter_call.outputs', "
+                    "'reasoning.encrypted_content', and 'message.output_text.logprobs'.")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_line_naming_what_include_cannot_name_ends_in_openais_error_unsent(sdk, gw, fake):
+    """A C{/v1/responses} line whose C{include} names what OpenAI's Responses API cannot include (or is no list)
+    ends in the error the same request gets online, its words, and is sent nowhere (before: sent to vLLM, the
+    line's error vLLM's own 400)."""
+    lines = [{"custom_id": custom_id, "method": "POST", "url": "/v1/responses",
+              "body": dict({"model": MODEL, "input": custom_id}, **extra)}
+             for custom_id, extra in (("typo", {"include": ["nope"]}), ("typed", {"include": "nope"}),
+                                      ("plain", {"include": ["message.output_text.logprobs"]}))]
+    batch = await finished(gw, sdk, (await start_batch(sdk, lines, endpoint="/v1/responses")).id)
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (1, 2)
+    errors = {e["custom_id"]: e for e in await file_lines(sdk, batch.error_file_id)}
+    assert errors["typo"]["response"] is None and errors["typo"]["error"] == {"code": "invalid_value",
+                                                                            "message": _UNKNOWN_INCLUDE}
+    assert errors["typed"]["error"] == {"code": "invalid_type", "message": "include must be a list of strings."}
+    assert [r.body["input"] for r in fake.requests if r.path == b"/v1/responses"] == ["plain"]
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_line_continuing_a_response_its_restarted_instance_forgot_sends_the_conversation(sdk, gw, fake):
     """A line continuing a stored response that vLLM no longer holds (it restarted: its 404 names it) is sent

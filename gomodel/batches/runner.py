@@ -79,8 +79,8 @@ from gomodel.responses_history import (continued, error_hidden, names_previous, 
 from gomodel.store.records import OPENAI_BATCH, LeaseLost, process_owner
 from gomodel.translate.call_ids import SHORT_ID_TYPES, fit_call_ids
 from gomodel.translate.openai_body import OPENAI_TYPES, for_openai
-from gomodel.translate.responses_chat import (NativeResponses, chat_to_response, native_kept_nowhere,
-                                              no_native_route, request_to_chat)
+from gomodel.translate.responses_chat import (NativeResponses, chat_to_response, checked_include,
+                                              native_kept_nowhere, no_native_route, request_to_chat)
 from gomodel.upstream.errors import out_of_quota, upstream_error
 
 TRANSIENT_STATUSES = frozenset((429, 502, 503, 504))
@@ -576,8 +576,9 @@ class BatchRunner(Service):
             sending = payload  # (None: it is, as it came); sending: the line's body as it goes upstream
             if path == "/responses" and "request_id" in payload:
                 await no_chosen_id(self._responses, payload, job.principal)
-            if path == "/responses":
-                native_kept_nowhere(route.provider.type, payload)  # (as online: L{ResponsesRoute})
+            if path == "/responses":  # (as online: L{ResponsesRoute.create}; never sent for vLLM's own 400)
+                checked_include(payload.get("include"))
+                native_kept_nowhere(route.provider.type, payload)
             if path == "/responses" and payload.get("previous_response_id") is not None:
                 previous = await self._previous(payload, job.principal)
                 fallbacks = ()  # (the conversation is held where it was made: another target would refuse it)
