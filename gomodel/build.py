@@ -160,6 +160,8 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     messages = MessagesRoutes(gateway.registry, exchange, reactor, salts, gateway.gate,
                               FileSources(store.files, store.blobs), keepalive=config.upstreams.messages_keepalive)
     native = NativeResponses(reactor)  # (which providers have no /responses: online and batch lines learn it alike)
+    responses = ResponsesRoute(exchange, reactor, gateway.registry, store.responses, salts, gateway.gate,
+                               gateway.usage, store.background, owner, gateway.keys, native)
     gateway.batch_runner = BatchRunner(store.batches, store.blobs, gateway.registry, reactor, exchange,
                                        concurrency=config.limits.batch_concurrency_per_provider,
                                        max_attempts=config.limits.batch_max_attempts, owner=owner,
@@ -167,9 +169,7 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
                                        max_claimed=config.limits.batch_max_claimed,
                                        usage=gateway.usage, keys=gateway.keys, salts=salts, gate=gateway.gate,
                                        responses=store.responses, messages=MessagesLines(messages),
-                                       native_responses=native)
-    responses = ResponsesRoute(exchange, reactor, gateway.registry, store.responses, salts, gateway.gate,
-                               gateway.usage, store.background, owner, gateway.keys, native)
+                                       native_responses=native, over=responses.over)
     gateway.background_watch = responses.watch
     users = [gateway.keys, gateway.gate]
     users += [gateway.usage] if gateway.usage is not None else []

@@ -633,6 +633,34 @@ async def test_a_line_naming_what_include_cannot_name_ends_in_openais_error_unse
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_line_continuing_a_background_response_not_over_ends_in_openais_error_unsent(sdk, gw, fake):
+    """A line continuing a background response still queued or in progress at its instance ends in the error the
+    same request gets online (C{previous_response_not_over}), no create sent for it (before: sent to vLLM, which
+    went on from what it had so far); the gateway asks its instance, so one over there since is continued."""
+    running = await in_thread(sdk.responses.create, model=MODEL, input="long job", background=True)
+    assert running.status == "queued"
+    for status in ("queued", "in_progress"):
+        fake.stored_responses[running.id]["status"] = status
+        creates = sum(r.method == b"POST" and r.path == b"/v1/responses" for r in fake.requests)
+        lines = [{"custom_id": "next", "method": "POST", "url": "/v1/responses",
+                  "body": {"model": MODEL, "input": "and then?", "previous_response_id": running.id}}]
+        batch = await finished(gw, sdk, (await start_batch(sdk, lines, endpoint="/v1/responses")).id)
+        assert (batch.request_counts.completed, batch.request_counts.failed) == (0, 1), status
+        [error] = await file_lines(sdk, batch.error_file_id)
+        assert error["response"] is None and error["error"] == {
+            "code": "previous_response_not_over",
+            "message": f"Previous response with id '{running.id}' is still {status}: it can be continued once it "
+                       "is over (or cancelled)."}, status
+        assert sum(r.method == b"POST" and r.path == b"/v1/responses" for r in fake.requests) == creates, status
+    fake.stored_responses[running.id]["status"] = "completed"  # (over at its instance; the gateway's copy: not)
+    batch = await finished(gw, sdk, (await start_batch(sdk, lines, endpoint="/v1/responses")).id)
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (1, 0)
+    [out] = await file_lines(sdk, batch.output_file_id)
+    assert out["response"]["body"]["previous_response_id"] == running.id
+    assert fake.requests[-1].body["previous_response_id"] == running.id
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_line_continuing_a_response_its_restarted_instance_forgot_sends_the_conversation(sdk, gw, fake):
     """A line continuing a stored response that vLLM no longer holds (it restarted: its 404 names it) is sent
     again with the stored conversation as explicit input, as the same request online is; its answer names the

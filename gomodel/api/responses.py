@@ -117,8 +117,8 @@ class ResponsesRoute:
         if background is True:  # (a drain out of time waits for its answer: L{gomodel.lifecycle.BACKGROUND_GRACE})
             request.background = True
         previous = await self._previous(body, ctx.principal)
-        if previous is not None and previous["response"].get("status") in UNFINISHED:
-            previous = await self._over(previous, ctx)
+        if previous is not None:
+            previous = await self.over(previous, ctx.request_id, ctx.trace)
         first, *fallbacks = plan_model(self._registry, body, partial(affinity_key, request, body), ctx.principal)
         if fallbacks:
             vet_priority(request, ctx, fallbacks, body)
@@ -377,15 +377,20 @@ class ResponsesRoute:
             return None
         return await continued(self._store, previous_id, principal)
 
-    async def _over(self, previous, ctx):
-        """C{previous}, the stored record of a background response not over when last read, with its response as
-        its instance has it now (L{refresh}: the gateway's copy is refreshed every few seconds alone), where that
+    async def over(self, previous, request_id, trace=None):
+        """C{previous}, the stored record of the response a create (online, or a batch's line) continues, as it is
+        continued: as stored where it was over when last read; else with its response as its instance has it now
+        (L{refresh}: the gateway's copy of a background response is refreshed every few seconds alone), where that
         is over.
 
+        @param request_id: the asking request's id (sent upstream as C{X-Request-Id}); C{trace}, its
+            L{gomodel.accounting.tracing.RequestTrace}, or None.
         @raise gomodel.errors.InvalidRequest: it is still queued or in progress (or its instance cannot say):
             L{unfinished_previous}, OpenAI's refusal, before any create goes upstream.
         """
-        fresh = await self.refresh(previous, ctx.request_id, ctx.trace)
+        if previous["response"].get("status") not in UNFINISHED:
+            return previous
+        fresh = await self.refresh(previous, request_id, trace)
         response = previous["response"] if fresh is None else fresh
         if response.get("status") in UNFINISHED:
             raise unfinished_previous(previous["id"], response["status"])

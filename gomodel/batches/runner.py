@@ -203,7 +203,7 @@ class BatchRunner(Service):
     def __init__(self, batches, blobs, registry, clock, exchange, *, concurrency=4, max_attempts=4,
                  backoff_start=BACKOFF_START, backoff_max=BACKOFF_MAX, lease=LEASE, poll_interval=POLL_INTERVAL,
                  max_claimed=MAX_CLAIMED, owner=None, usage=None, keys=None, salts=None, gate=None,
-                 responses=None, messages=None, native_responses=None):
+                 responses=None, messages=None, native_responses=None, over=None):
         """
         @param batches: the L{gomodel.store.interfaces.IBatchStore}.
         @param usage: the L{gomodel.accounting.usage.UsageLedger} each answered line is recorded in, or None.
@@ -225,6 +225,9 @@ class BatchRunner(Service):
             upstream, natively or translated (None: natively).
         @param native_responses: the L{NativeResponses} shared with the online Responses route: a C{/v1/responses}
             line to a provider known to have no C{/responses} goes translated at once (default: the runner's own).
+        @param over: the online Responses route's L{gomodel.api.responses.ResponsesRoute.over}: a C{/v1/responses}
+            line continuing a background response still queued or in progress fails as online, unsent (None: such a
+            line is not checked).
         """
         self._batches = batches
         self._blobs = blobs
@@ -238,6 +241,7 @@ class BatchRunner(Service):
         self._responses = responses
         self._messages = messages
         self._native_responses = native_responses if native_responses is not None else NativeResponses(clock)
+        self._over = over
         self._concurrency = concurrency
         self._max_attempts = max_attempts
         self._backoff_start = backoff_start
@@ -581,6 +585,8 @@ class BatchRunner(Service):
                 native_kept_nowhere(route.provider.type, payload)
             if path == "/responses" and payload.get("previous_response_id") is not None:
                 previous = await self._previous(payload, job.principal)
+                if previous is not None and self._over is not None:  # (one still running: refused, as online)
+                    previous = await self._over(previous, f"{job.batch_id}-{line}".encode("ascii"))
                 fallbacks = ()  # (the conversation is held where it was made: another target would refuse it)
                 if previous is not None and await self._responses.follows_deleted(previous["id"]):
                     # (a turn deleted: it goes on from the turns after it, explicitly, as online)
