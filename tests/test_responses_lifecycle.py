@@ -1493,3 +1493,30 @@ async def test_a_replay_shows_what_include_names_as_a_retrieve_does(http, gatewa
     assert [event["sequence_number"] for event in some] == list(range(1, len(events)))
     assert some[0]["item"]["encrypted_content"] == "gAAAA" and some[-1]["response"]["output"][0] == _INCLUDED_OUTPUT[0]
     assert '"token"' not in json.dumps(some)
+
+
+@pytest_twisted.ensureDeferred
+async def test_counting_a_follow_up_of_a_background_response_not_over_is_the_creates_400(client, http, gateway, fake):
+    """C{/v1/responses/input_tokens} counts a create's input: a follow-up of a background response still queued or
+    in progress is refused as that create is (C{previous_response_not_over}), its tokenizer not asked (before: the
+    count of what the gateway's copy had of it so far); one over at its instance since is counted with it."""
+    running = await in_thread(client.responses.create, model=MODEL, input="long job", background=True)
+    body = {"model": MODEL, "input": "and then?", "previous_response_id": running.id}
+    for status in ("queued", "in_progress"):
+        fake.stored_responses[running.id]["status"] = status
+        answer = await http.post(gateway.url + "/v1/responses/input_tokens", json=body)
+        error = (await answer.json())["error"]
+        assert answer.code == 400 and error == {
+            "message": f"Previous response with id '{running.id}' is still {status}: it can be continued once it is "
+                       "over (or cancelled).", "type": "invalid_request_error", "param": "previous_response_id",
+            "code": "previous_response_not_over"}, status
+        assert not [request for request in fake.requests if request.path == b"/tokenize"], status
+    done = dict(fake.stored_responses[running.id], status="completed", output=[{
+        "type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+        "content": [{"type": "output_text", "text": "done", "annotations": []}]}])
+    fake.stored_responses[running.id] = done  # (over at its instance; the gateway's copy: queued)
+    counted = await in_thread(client.responses.input_tokens.count, **body)
+    asked = fake.last_request()
+    assert asked.path == b"/tokenize" and [m["content"] for m in asked.body["messages"]] == ["long job", "done",
+                                                                                             "and then?"]
+    assert counted.input_tokens == _count_tokens(None, asked.body["messages"], None)

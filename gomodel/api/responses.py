@@ -116,9 +116,7 @@ class ResponsesRoute:
             await no_chosen_id(self._store, body, ctx.principal)
         if background is True:  # (a drain out of time waits for its answer: L{gomodel.lifecycle.BACKGROUND_GRACE})
             request.background = True
-        previous = await self._previous(body, ctx.principal)
-        if previous is not None:
-            previous = await self.over(previous, ctx.request_id, ctx.trace)
+        previous = await self._previous(body, ctx)
         first, *fallbacks = plan_model(self._registry, body, partial(affinity_key, request, body), ctx.principal)
         if fallbacks:
             vet_priority(request, ctx, fallbacks, body)
@@ -170,7 +168,7 @@ class ResponsesRoute:
                 return await self._native(request, ctx, provider, sent, stream, turn, prefer, affinity)
             except _NotKnownUpstream:
                 if previous is None:  # stored meanwhile (another host's write was not committed yet)
-                    previous = await self._previous(body, ctx.principal)
+                    previous = await self._previous(body, ctx)
                     if previous is None:
                         raise unknown_previous(body["previous_response_id"]) from None
                 explicit = await with_history(self._store, body, previous)
@@ -232,8 +230,10 @@ class ResponsesRoute:
         see L{Exchange.relay} for what this returns.
 
         @raise gomodel.errors.NotSupported: no provider of the model has such a tokenizer (it is never guessed).
+        @raise gomodel.errors.InvalidRequest: a follow-up its create would refuse (L{_previous}: one of a response
+            nobody holds, or of a background response not over).
         """
-        previous = await self._previous(body, ctx.principal)
+        previous = await self._previous(body, ctx)  # (refused as its create would be)
         planned = plan_model(self._registry, body, principal=ctx.principal)
         routes = [route for route in planned if route.provider.type == "vllm"]
         first = routes[0] if routes else planned[0]
@@ -358,11 +358,13 @@ class ResponsesRoute:
             raise unknown_previous(previous_id)
         raise upstream_error(404, answer, provider.name, provider.hidden)
 
-    async def _previous(self, body, principal):
-        """The stored record of C{previous_response_id}, or None (the upstream may still know it: a response
-        the master key continues that was not made through the gateway, or not stored, or deleted).
+    async def _previous(self, body, ctx):
+        """The stored record of C{previous_response_id}, as it is continued (L{over}), or None (the upstream may still
+        know it: a response the master key continues that was not made through the gateway, or not stored, or
+        deleted).
 
-        @raise gomodel.errors.InvalidRequest: it is no string, or empty.
+        @raise gomodel.errors.InvalidRequest: it is no string, or empty; or a background response not over
+            (L{over}).
         @raise gomodel.errors.NotFound: it belongs to another tenant, or a managed key names a response the
             gateway does not hold (the upstream may still hold another tenant's: deleted, or not stored).
         """
@@ -375,7 +377,8 @@ class ResponsesRoute:
                                         code="invalid_value" if previous_id == "" else "invalid_type")
         if self._store is None:
             return None
-        return await continued(self._store, previous_id, principal)
+        previous = await continued(self._store, previous_id, ctx.principal)
+        return previous if previous is None else await self.over(previous, ctx.request_id, ctx.trace)
 
     async def over(self, previous, request_id, trace=None):
         """C{previous}, the stored record of the response a create (online, or a batch's line) continues, as it is
