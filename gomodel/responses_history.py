@@ -209,6 +209,18 @@ def unknown_response(response_id) -> NotFound:
                     code="response_not_found")
 
 
+def checked_previous_id(previous_id):
+    """A Responses create's C{previous_response_id} (not None; online, or a batch's line), checked.
+
+    @raise InvalidRequest: it is no string (C{invalid_type}), or empty (C{invalid_value}).
+    """
+    if previous_id.__class__ is not str or not previous_id:
+        raise InvalidRequest("previous_response_id must be a response id (a non-empty string) or null.",
+                             param="previous_response_id",
+                             code="invalid_value" if previous_id == "" else "invalid_type")
+    return previous_id
+
+
 def unknown_previous(previous_id) -> InvalidRequest:
     """OpenAI's 400 for a C{previous_response_id} nobody holds for whoever asks (none, another tenant's, deleted,
     not stored): clients that start the conversation again on its code (C{previous_response_not_found}) rely

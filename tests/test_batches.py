@@ -661,6 +661,22 @@ async def test_a_line_continuing_a_background_response_not_over_ends_in_openais_
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_line_whose_previous_response_id_is_no_id_ends_in_the_online_error_unsent(sdk, gw, fake):
+    """A line whose C{previous_response_id} is no response id (no string, empty) ends in the error the same request
+    gets online, sent nowhere (before: the master key's went to vLLM as it came)."""
+    lines = [{"custom_id": custom_id, "method": "POST", "url": "/v1/responses",
+              "body": {"model": MODEL, "input": custom_id, "previous_response_id": previous}}
+             for custom_id, previous in (("number", 123), ("list", ["resp_1"]), ("empty", ""), ("none", None))]
+    batch = await finished(gw, sdk, (await start_batch(sdk, lines, endpoint="/v1/responses")).id)
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (1, 3)
+    message = "previous_response_id must be a response id (a non-empty string) or null."
+    assert {e["custom_id"]: e["error"] for e in await file_lines(sdk, batch.error_file_id)} == {
+        "number": {"code": "invalid_type", "message": message}, "list": {"code": "invalid_type", "message": message},
+        "empty": {"code": "invalid_value", "message": message}}
+    assert [r.body["input"] for r in fake.requests if r.path == b"/v1/responses"] == ["none"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_line_continuing_a_response_its_restarted_instance_forgot_sends_the_conversation(sdk, gw, fake):
     """A line continuing a stored response that vLLM no longer holds (it restarted: its 404 names it) is sent
     again with the stored conversation as explicit input, as the same request online is; its answer names the

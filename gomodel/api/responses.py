@@ -29,10 +29,10 @@ from gomodel.http.render import RESPONSES
 from gomodel.ids import new_id
 from gomodel.proxy.exchange import UpstreamCall, fails_over
 from gomodel.proxy.sse import ResponsesStreamObserver, SSEFramer, event_object
-from gomodel.responses_history import (as_listed, as_retrieved, continued, cut_short, error_hidden, error_shown,
-                                      events_as_retrieved, no_chosen_id, normalise_input, relink, swept_for,
-                                      unfinished_previous, unknown_previous, unknown_response, with_history,
-                                      with_references)
+from gomodel.responses_history import (as_listed, as_retrieved, checked_previous_id, continued, cut_short,
+                                      error_hidden, error_shown, events_as_retrieved, no_chosen_id, normalise_input,
+                                      relink, swept_for, unfinished_previous, unknown_previous, unknown_response,
+                                      with_history, with_references)
 from gomodel.responses_partial import PartialStream
 from gomodel.routing.affinity import affinity_key
 from gomodel.translate.call_ids import SHORT_ID_TYPES, fit_call_ids
@@ -363,18 +363,15 @@ class ResponsesRoute:
         know it: a response the master key continues that was not made through the gateway, or not stored, or
         deleted).
 
-        @raise gomodel.errors.InvalidRequest: it is no string, or empty; or a background response not over
-            (L{over}).
+        @raise gomodel.errors.InvalidRequest: it is no string, or empty (L{checked_previous_id}); or a background
+            response not over (L{over}).
         @raise gomodel.errors.NotFound: it belongs to another tenant, or a managed key names a response the
             gateway does not hold (the upstream may still hold another tenant's: deleted, or not stored).
         """
         previous_id = body.get("previous_response_id")
         if previous_id is None:
             return None
-        if not isinstance(previous_id, str) or not previous_id:
-            raise errors.InvalidRequest("previous_response_id must be a response id (a non-empty string) or null.",
-                                        param="previous_response_id",
-                                        code="invalid_value" if previous_id == "" else "invalid_type")
+        checked_previous_id(previous_id)
         if self._store is None:
             return None
         previous = await continued(self._store, previous_id, ctx.principal)

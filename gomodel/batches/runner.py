@@ -74,8 +74,8 @@ from gomodel.http.headers import is_event_stream
 from gomodel.proxy import gather as gathered
 from gomodel.proxy.exchange import UpstreamCall, usage_of
 from gomodel.proxy.sse import StreamIncomplete
-from gomodel.responses_history import (continued, error_hidden, names_previous, no_chosen_id, normalise_input, relink,
-                                      unknown_previous, with_history, with_references)
+from gomodel.responses_history import (checked_previous_id, continued, error_hidden, names_previous, no_chosen_id,
+                                      normalise_input, relink, unknown_previous, with_history, with_references)
 from gomodel.store.records import OPENAI_BATCH, LeaseLost, process_owner
 from gomodel.translate.call_ids import SHORT_ID_TYPES, fit_call_ids
 from gomodel.translate.openai_body import OPENAI_TYPES, for_openai
@@ -755,12 +755,16 @@ class BatchRunner(Service):
         hold goes upstream as it is). Like an online request, a managed key's line continues no response but
         its tenant's stored ones (the upstream may hold another tenant's).
 
-        @raise InvalidRequest: C{previous_response_id} names a response the key may not continue.
+        @raise InvalidRequest: C{previous_response_id} is no response id (L{checked_previous_id}, as online), or names a
+            response the key may not continue.
         """
         previous_id = payload.get("previous_response_id")
-        if previous_id is None or self._responses is None:
+        if previous_id is None:
             return None
-        if not isinstance(previous_id, str) or "\x00" in previous_id:  # (no store holds such an id)
+        checked_previous_id(previous_id)
+        if self._responses is None:
+            return None
+        if "\x00" in previous_id:  # (no store holds such an id)
             if principal is None or principal.master:
                 return None
             raise unknown_previous(previous_id)
