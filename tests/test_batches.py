@@ -677,6 +677,24 @@ async def test_a_line_whose_previous_response_id_is_no_id_ends_in_the_online_err
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_line_whose_metadata_is_past_openais_limits_ends_in_the_online_error_unsent(sdk, gw, fake):
+    """A C{/v1/responses} line whose C{metadata} is past OpenAI's limits (16 string pairs, keys up to 64 characters,
+    values up to 512) ends in the error the same request gets online, sent nowhere and never stored (before: vLLM
+    took it, and the gateway kept and echoed it)."""
+    lines = [{"custom_id": custom_id, "method": "POST", "url": "/v1/responses",
+              "body": {"model": MODEL, "input": custom_id, "metadata": metadata}}
+             for custom_id, metadata in (("many", {str(i): "v" for i in range(17)}), ("long", {"k": "v" * 513}),
+                                         ("typed", {"k": 1}), ("most", {f"{i:064d}": "v" * 512 for i in range(16)}))]
+    batch = await finished(gw, sdk, (await start_batch(sdk, lines, endpoint="/v1/responses")).id)
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (1, 3)
+    message = ("'metadata' must be an object of at most 16 string pairs (keys up to 64 characters, values up to "
+               "512).")
+    assert {e["custom_id"]: e["error"] for e in await file_lines(sdk, batch.error_file_id)} == {
+        custom_id: {"code": "invalid_value", "message": message} for custom_id in ("many", "long", "typed")}
+    assert [r.body["input"] for r in fake.requests if r.path == b"/v1/responses"] == ["most"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_line_continuing_a_response_its_restarted_instance_forgot_sends_the_conversation(sdk, gw, fake):
     """A line continuing a stored response that vLLM no longer holds (it restarted: its 404 names it) is sent
     again with the stored conversation as explicit input, as the same request online is; its answer names the

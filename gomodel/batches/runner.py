@@ -65,6 +65,7 @@ from gomodel.batches.claiming import MAX_CLAIMED, ClaimLoop
 from gomodel.batches.concluding import conclude, give_up
 from gomodel.batches.lines import PAGE_BYTES, Job, error_line, output_line
 from gomodel.batches.validating import validate
+from gomodel.batches.validation import checked_metadata
 from gomodel.errors import (BadUpstreamResponse, BudgetExceeded, Conflict, GatewayError, NoReadyReplica, NotFound,
                             ReplicasBusy, StorageUnavailable, UpstreamUnreachable, shown)
 from gomodel.api.inference import held, key_priority, plan_model
@@ -580,8 +581,9 @@ class BatchRunner(Service):
             sending = payload  # (None: it is, as it came); sending: the line's body as it goes upstream
             if path == "/responses" and "request_id" in payload:
                 await no_chosen_id(self._responses, payload, job.principal)
-            if path == "/responses":  # (as online: L{ResponsesRoute.create}; never sent for vLLM's own 400)
+            if path == "/responses":  # (as online, L{ResponsesRoute.create}: refused before any upstream)
                 checked_include(payload.get("include"))
+                checked_metadata(payload.get("metadata"))
                 native_kept_nowhere(route.provider.type, payload)
             if path == "/responses" and payload.get("previous_response_id") is not None:
                 previous = await self._previous(payload, job.principal)

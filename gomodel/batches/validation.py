@@ -6,7 +6,7 @@ from typing import NamedTuple, Optional
 from gomodel import jsonutil
 from gomodel.api.inference import hinted
 from gomodel.config.parsers import positive_duration
-from gomodel.errors import shown
+from gomodel.errors import InvalidRequest, shown
 
 # Endpoints a batch may target (OpenAI's, vLLM's rerank and score, and Anthropic's Messages: the endpoint of
 # the Message Batches API's batches, gomodel.anthropic.batches).
@@ -105,3 +105,15 @@ def check_metadata(value):
             isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512 for k, v in value.items()):
         raise ValueError("must be an object of at most 16 string pairs (keys up to 64 characters, values up to 512)")
     return value
+
+
+def checked_metadata(metadata):
+    """A Responses create's C{metadata} (None: none; online, or a batch's line), kept and echoed whichever upstream
+    makes it: checked against OpenAI's limits (L{check_metadata}) before any upstream.
+
+    @raise InvalidRequest: past them (C{invalid_value} on C{metadata}).
+    """
+    try:
+        return check_metadata(metadata)
+    except ValueError as e:
+        raise InvalidRequest(f"'metadata' {e}.", param="metadata", code="invalid_value") from None
