@@ -657,7 +657,7 @@ async def test_a_line_continuing_a_background_response_not_over_ends_in_openais_
     assert (batch.request_counts.completed, batch.request_counts.failed) == (1, 0)
     [out] = await file_lines(sdk, batch.output_file_id)
     assert out["response"]["body"]["previous_response_id"] == running.id
-    assert fake.requests[-1].body["previous_response_id"] == running.id
+    assert fake.last_request().body["previous_response_id"] == running.id
 
 
 @pytest_twisted.ensureDeferred
