@@ -1,8 +1,10 @@
 """The one exchange: usage from whole answers, a client gone before the relay started (D5),
 the Responses lifecycle's upstream reads (D9), and translated Responses objects (D10)."""
 
+import ast
 import gc
 import json
+import pathlib
 
 import pytest_twisted
 from twisted.internet.defer import Deferred
@@ -11,6 +13,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
 
+import gomodel
 from gomodel.config import Timeouts
 from gomodel.http.context import RequestContext
 from gomodel.proxy.exchange import DONE_END, RESPONSES_END, Exchange, UpstreamCall, _GatheredBody, usage_of
@@ -327,3 +330,16 @@ def test_usage_of_reads_cohere_billed_units_or_tokens_where_there_is_no_usage():
     # "tokens" that are no Cohere count: a token list (/tokenize's), an object without input_tokens
     assert usage_of(b'{"count":2,"tokens":[1,2]}') is None
     assert usage_of(b'{"data":{"tokens":{"a":1}}}') is None
+
+
+def test_every_upstream_call_names_all_but_its_path_and_body():
+    """L{UpstreamCall}'s parameters after C{body} are not keyword-only (for its cost, see its C{__init__}), so the
+    rule that callers name them is kept here: no call passes more than C{path} and C{body} by position."""
+    root = pathlib.Path(gomodel.__file__).parent
+    positional = []
+    for source in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text(), str(source))):
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("UpstreamCall", "_ReplayCall")
+                    and len(node.args) > 2):
+                positional.append(f"{source.relative_to(root)}:{node.lineno}")
+    assert positional == []
