@@ -51,18 +51,22 @@ def keep_headers(headers: dict, pairs: list):
     L{Headers}' dict (L{plain_headers}), as Twisted's parsers would: names in Header-Case, each one's values
     in order, trailing whitespace stripped (llhttp strips the leading, and lets no CR, LF or other control
     character through). In C but for names not seen before and names given twice."""
-    canonical = list(map(_CANONICAL_NAMES.get, pairs[::2]))
+    canonical = list(map(_canonical_name, pairs[::2]))
     if None in canonical:
         canonical = [known or _nameEncoder.encode(name) for known, name in zip(canonical, pairs[::2])]
-    headers.update(zip(canonical, map(list, zip(map(bytes.rstrip, pairs[1::2])))))
+    headers.update(zip(canonical, map(list, zip(map(_rstrip, pairs[1::2])))))
     if len(headers) < len(canonical):  # a name more than once: its values in order
         headers.clear()
-        for name, value in zip(canonical, map(bytes.rstrip, pairs[1::2])):
+        for name, value in zip(canonical, map(_rstrip, pairs[1::2])):
             headers.setdefault(name, []).append(value)
 
 
-# A header name as given -> as Headers keeps it: the cache Twisted's name encoder fills (up to 10,000).
+# A header name as given -> as Headers keeps it: the cache Twisted's name encoder fills (up to 10,000; the same dict
+# for good). Its get and bytes.rstrip, looked up once (CPython 3.11 specializes no attribute read of a dict's method
+# or a type's: some 400 instructions each, two per keep_headers, two of those per request).
 _CANONICAL_NAMES = _nameEncoder._canonicalHeaderCache
+_canonical_name = _CANONICAL_NAMES.get
+_rstrip = bytes.rstrip
 
 
 # plain_headers(headers): the dict C{headers} (a L{Headers}) keeps: name (made with L{header_name}) -> list of values,
