@@ -945,6 +945,10 @@ def prompt(transport):
     cls = _PROMPT_CLASSES.get(transport.__class__)
     if cls is not None:
         transport.__class__ = cls
+        # The class change left its attributes in a dict keyed as its old class shares them, which CPython 3.11's
+        # specialized attribute reads cannot use (each of the many reads of it a request makes took the generic
+        # path: about 200 instructions more); dict() copies them into one of its own (a copy() would stay shared).
+        transport.__dict__ = dict(transport.__dict__)
         transport._shut = not transport.connected or bool(
             transport.disconnecting or transport._aborting or transport._writeDisconnected or transport.TLS)
         transport._direct = not (transport._shut or transport.dataBuffer or transport._tempDataBuffer)
