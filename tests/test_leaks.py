@@ -1086,3 +1086,48 @@ async def test_a_passthrough_tokenizer_info_names_no_file_of_the_upstreams_host(
     for key in (MASTER, managed):
         response, content = await call(http, gw, "/p/vllm/tokenizer_info", key=key, method="GET")
         assert response.code == 200 and json.loads(content) == kept, content
+
+
+@pytest_twisted.async_yield_fixture()
+async def pathed(reactor, tmp_path):
+    """A gateway before a vLLM that lists its model by a path (C{--model /srv/models/X}, no
+    C{--served-model-name}), and before one that has no Responses API (its responses made of chat completions):
+    the gateway, the two fakes, and the model's public name at each."""
+    path = "/srv/models/" + BARE.split("/")[1]
+    vllm, chat = await start_fake(reactor, models=[path]), await start_fake(reactor, models=[path], responses=False)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": vllm.base_url, "VLLM_CHAT_BASE_URL": chat.base_url,
+                                       "GOMODEL_MASTER_KEY": MASTER, "GOMODEL_DATA_DIR": str(tmp_path)})
+    yield gw, vllm, chat, ("vllm/" + BARE.split("/")[1], "vllm-chat/" + BARE.split("/")[1])
+    await stop_all(gw, vllm, chat)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stored_response_of_a_model_listed_by_a_path_names_it_by_its_listed_name(http, pathed):
+    """A response the gateway keeps of a model its vLLM lists by a path names it as its create's answer did, by its
+    listed name, when read back (C{GET /v1/responses/{id}}, its input items, a background one refreshed from its
+    instance, its events replayed with C{stream=true}, its cancel's answer), made natively or of a chat completion, whole, streamed or
+    in the background. Before, the response was kept as vLLM named it, by its path."""
+    gw, vllm, chat, publics = pathed
+    created = []
+    for public in publics:
+        for extra in ({}, {"stream": True}, {"background": True}, {"background": True, "stream": True}):
+            if public.startswith("vllm-chat/") and extra.get("background"):
+                continue  # (a background response needs a Responses API)
+            response, content = await call(http, gw, "/v1/responses", dict(extra, model=public, input="hi"))
+            assert response.code == 200 and shows_none(content, "/srv"), (public, extra, content)
+            ids = [json.loads(line[len(b"data: "):])["response"]["id"] for line in content.split(b"\n")
+                   if line.startswith(b"data: ") and b'"response.created"' in line] if extra.get("stream") else [
+                json.loads(content)["id"]]
+            created.append((public, extra, ids[0]))
+    for public, extra, response_id in created:
+        for suffix in ("", "/input_items") + (("?stream=true",) if extra == {"background": True, "stream": True}
+                                              else ()):
+            response, content = await call(http, gw, f"/v1/responses/{response_id}{suffix}", method="GET")
+            assert response.code == 200 and shows_none(content, "/srv"), (public, extra, suffix, content)
+            if not suffix:
+                assert json.loads(content)["model"] == public.split("/", 1)[1], (public, extra, content)
+            if suffix == "?stream=true":
+                assert f'"model":"{public.split("/", 1)[1]}"'.encode() in content.replace(b": ", b":"), content
+        if extra == {"background": True}:
+            response, content = await call(http, gw, f"/v1/responses/{response_id}/cancel")
+            assert response.code == 200 and json.loads(content)["model"] == public.split("/", 1)[1], content

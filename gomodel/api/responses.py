@@ -28,6 +28,7 @@ from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM
 from gomodel.http.render import RESPONSES
 from gomodel.ids import new_id
 from gomodel.proxy.exchange import UpstreamCall, fails_over
+from gomodel.proxy.renamed import RenamedStream, model_named, model_renamed
 from gomodel.proxy.sse import ResponsesStreamObserver, SSEFramer, event_object
 from gomodel.responses_history import (as_listed, as_retrieved, checked_previous_id, continued, cut_short,
                                       error_hidden, error_shown, events_as_retrieved, no_chosen_id, normalise_input,
@@ -410,6 +411,8 @@ class ResponsesRoute:
         response_id = response.get("id")
         if response_id.__class__ is not str:
             return None
+        if model_renamed(provider, response):  # (a model it lists by a path: kept as clients know it)
+            response_json = None
         record = {"id": response_id, "provider": provider.name, "replica": replica,
                   "created_at": int(self._clock.seconds()), "previous_response_id": previous_id,
                   "status": response.get("status"), "input_items": normalise_input(body.get("input")),
@@ -479,8 +482,12 @@ class ResponsesRoute:
                 await self._unreplayable(provider, upstream, record)
 
         query = b"stream=true" if after is None else b"stream=true&starting_after=" + after.encode("ascii")
+        observer = _Replayed(partial(without_address, upstream=provider), include)
+        named = self._named(provider, record)
+        if named is not None:
+            observer = RenamedStream(observer, named)
         call = _ReplayCall(f"/responses/{response_id}", method=b"GET", query=query, vet=vet, limited=False,
-                           observer=_Replayed(partial(without_address, upstream=provider), include),
+                           observer=observer,
                            transform=partial(_no_events, response_id), pin=record.get("replica"))
         try:
             return await self._exchange.relay(request, ctx, provider, call)
@@ -565,6 +572,7 @@ class ResponsesRoute:
                                   "is no longer configured.", code="provider_not_found")
         ctx = request.context
         ctx.route(provider, record["response"].get("model"), record["response"].get("model"))
+        named = self._named(provider, record)
         previous_id = record.get("previous_response_id")
 
         def kept(answer):
@@ -573,6 +581,8 @@ class ResponsesRoute:
             answer = error_hidden(provider, None, answer)
             if previous_id is not None:  # (its instance, sent the conversation explicitly, says null: L{relink})
                 answer = relink(previous_id, None, answer)
+            if named is not None:
+                answer = named(answer)
             try:
                 self._update(record, jsonutil.loads(answer))
             except jsonutil.JSONError:
@@ -626,6 +636,14 @@ class ResponsesRoute:
         self.watch.over(record, failed)
         raise errors.InvalidRequest(failed["error"]["message"], param="response_id", code="response_not_cancellable")
 
+    def _named(self, provider, record):
+        """The L{gomodel.proxy.renamed.ModelNamed} that writes C{record}'s model in its instance's answers (events)
+        as it was kept, as clients know it, where C{provider} lists it by a path; else None."""
+        model = record["response"].get("model")
+        if not provider.renamed or model.__class__ is not str:
+            return None
+        return model_named(provider, self._registry.upstream_model(provider, model))
+
     async def _record(self, request, response_id):
         """The stored response the request's key may see; L{gomodel.errors.NotFound} otherwise."""
         record = await self._store.get(response_id) if self._store is not None else None
@@ -644,6 +662,9 @@ class ResponsesRoute:
         is); a Deferred firing once done."""
         if not isinstance(response, dict) or response.get("id") != record["id"]:
             return succeed(None)
+        provider = self._registry.provider(record["provider"])
+        if provider is not None:  # (a model it lists by a path: kept, and read back, as clients know it)
+            model_renamed(provider, response)
         return self._store.update(record["id"], response.get("status"), response, record.get("tenant")).addErrback(
             self._not_updated, record["id"])
 

@@ -25,6 +25,18 @@ def model_named(upstream, upstream_id):
     return None if public is None else ModelNamed(upstream_id, public)
 
 
+def model_renamed(upstream, response) -> bool:
+    """Write C{response}'s C{model} (a parsed answer, a Responses object: one the gateway keeps) with the public id
+    where C{upstream} (a pool) lists it by a path; whether it did (C{response} is changed in place)."""
+    if not upstream.renamed or response.__class__ is not dict:
+        return False
+    public = upstream.renamed.get(response.get("model"))
+    if public is None:
+        return False
+    response["model"] = public
+    return True
+
+
 class RenamedStream:
     """A stream observer's events (whole, as it passes them) written by C{named} (a L{ModelNamed}); all else is
     the observer's."""

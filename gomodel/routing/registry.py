@@ -182,6 +182,11 @@ class ModelRegistry:
             return name
         return self._names(pool).get(name)
 
+    def upstream_model(self, pool, name: str) -> str:
+        """The id C{pool} serves the model a client names C{name} by (the path of one it lists by a path: L{_names}),
+        or C{name} where it serves none so named."""
+        return self._upstream_id(pool, self.inventory(pool) or {}, name) or name
+
     def virtual_models(self) -> list:
         """The virtual models' entries of L{models}: C{owned_by} C{gomodel} (as a provider of that name's
         are too), with their C{targets}."""
