@@ -24,6 +24,16 @@ class Secret(str):
     __slots__ = ()
 
 
+class ModelPath(str):
+    """One of a provider's C{hidden} strings that is the path on its host of a model it lists by a path
+    (L{gomodel.routing.selectors.public_id}): replaced by C{shown}, the id clients know the model by."""
+
+    def __new__(cls, path: str, shown: str):
+        hidden = super().__new__(cls, path)
+        hidden.shown = shown
+        return hidden
+
+
 # What the client sees in place of a provider's key (L{Secret}).
 REDACTED = "***"
 
@@ -49,7 +59,7 @@ def hosts_of(hide) -> list:
     address then found in every form it may be written in: L{_ipv6_forms})."""
     hosts = []
     for h in hide:
-        if not h or h.__class__ is Secret:
+        if not h or h.__class__ is Secret or h.__class__ is ModelPath:
             continue
         if "://" in h:
             host = urlsplit(h).hostname
@@ -133,6 +143,7 @@ def scrubber(hide: tuple):
     # upstream's pattern then compiles in a few milliseconds, not tens (it compiles on the reactor, at a
     # process's first error from the pool).
     keys = [re.escape(h) for h in hide if h and h.__class__ is Secret]
+    models = [_path_source(h) for h in hide if h.__class__ is ModelPath]
     names, v6 = [], []
     for host in hosts_of(hide):
         forms = _ipv6_forms(host) if ":" in host else None
@@ -144,9 +155,11 @@ def scrubber(hide: tuple):
         names.insert(0, rf"(?:(?P<b>\[|%5B)|(?<![\w:.])){_alternatives(_trie(v6))}(?:%(?:25)?[\w.~-]{{1,64}})?"
                         rf"(?(b)(?:\]|%5D)|(?![\w:]))")
     alternatives = [rf"(?P<key>(?-i:{'|'.join(keys)}))" if keys else "(?P<key>(?!))"]
+    if models:  # (a model's path, as it is: before an own base path, which may begin it)
+        alternatives.append(rf"(?P<model>(?-i:{'|'.join(models)}))(?![\w~.-])")
     if names:
         host = "(?:" + "|".join(names) + ")"
-        paths = sorted({urlsplit(h).path for h in hide if h and h.__class__ is not Secret and "://" in h} - {""},
+        paths = sorted({urlsplit(h).path for h in hide if h and h.__class__ is str and "://" in h} - {""},
                        key=len, reverse=True)
         path = rf"(?:(?:{'|'.join(_path_source(p) for p in paths)})(?![\w-]))?" if paths else ""
         # aiohttp's ('h', 8000), or a URL (a user and password only after a scheme, each part bounded: no text
@@ -163,7 +176,16 @@ def scrubber(hide: tuple):
     if len(alternatives) == 1 and not keys:
         return None
     source = "|".join(alternatives)
-    return re.compile(source, re.IGNORECASE), re.compile(source.encode(), re.IGNORECASE)
+    shown = {h: h.shown for h in hide if h.__class__ is ModelPath} or None
+    return re.compile(source, re.IGNORECASE), re.compile(source.encode(), re.IGNORECASE), shown
+
+
+def _model_shown(shown: dict, path):
+    """What a client sees in place of C{path} (str or bytes, as a pattern of L{scrubber} found it: each slash also
+    as JSON or a URL may escape it), by C{shown} (a model's path -> the id it is known by)."""
+    if path.__class__ is bytes:
+        return _model_shown(shown, path.decode("utf-8")).encode()
+    return shown[re.sub(r"\\/|%2F", "/", path)]
 
 
 def marks(hide):
@@ -180,6 +202,7 @@ def marks(hide):
     # (a form's first colon as two, each a literal)
     forms = [f for form in forms for f in (([":"] + form[1:], ["%3a"] + form[1:]) if form[0] == _COLON else (form,))]
     keys = [re.escape(h) for h in hide if h and h.__class__ is Secret]
+    keys += [re.escape(w) for h in hide if h.__class__ is ModelPath for w in (h, h.replace("/", "\\/"))]
     if not forms and not keys:
         return None
     hosts = re.compile(_alternatives(_trie(forms)).replace(_COLON, _COLON.lower()).encode()) if forms else None
@@ -202,8 +225,9 @@ class Marks:
 
 
 def scrubbed(text, hide, name):
-    """C{text} (str or bytes) with every address of C{hide} replaced by C{name} (a key by L{REDACTED}), also one
-    written with percent-escapes throughout (decoded then); a value that is neither as it is."""
+    """C{text} (str or bytes) with every address of C{hide} replaced by C{name} (a key by L{REDACTED}, a model's path
+    by the id clients know it by: L{ModelPath}), also one written with percent-escapes throughout (decoded then); a
+    value that is neither as it is."""
     patterns = scrubber(tuple(hide)) if hide else None
     if patterns is None:
         return text
@@ -215,7 +239,10 @@ def scrubbed(text, hide, name):
         return text
 
     def replaced(match):
-        return key if match.group("key") is not None else shown
+        if match.group("key") is not None:
+            return key
+        return shown if patterns[2] is None or match.group("model") is None else _model_shown(
+            patterns[2], match.group("model"))
 
     text = pattern.sub(replaced, text)
     for _ in range(3):  # (an address percent-encoded once, twice, three times)

@@ -1131,3 +1131,31 @@ async def test_a_stored_response_of_a_model_listed_by_a_path_names_it_by_its_lis
         if extra == {"background": True}:
             response, content = await call(http, gw, f"/v1/responses/{response_id}/cancel")
             assert response.code == 200 and json.loads(content)["model"] == public.split("/", 1)[1], content
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_error_naming_a_models_path_names_it_as_it_is_listed(http, pathed):
+    """vLLM's own error naming the model it was sent (a model it lists by a path: C{The model `/srv/models/X` does
+    not exist.}) reaches the client with the path written as the model's listed name, in each route's dialect
+    (a stream asked for too; a passthrough's too), escaped as JSON may write it too, as an address is hidden. Before, the
+    path went to the client as vLLM wrote it."""
+    gw, vllm, _, publics = pathed
+    path, shown = "/srv/models/" + BARE.split("/")[1], BARE.split("/")[1]
+    for written in (path, path.replace("/", "\\/")):
+        said = json.dumps({"error": {"message": "The model `" + path + "` does not exist.", "type": "NotFoundError",
+                                     "param": "model", "code": 404}}).replace(path, written)
+        for route, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                            ("/v1/messages", {"max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}),
+                            ("/v1/responses", {"input": "hi"}),
+                            ("/p/vllm/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+            for stream in (False, True):
+                vllm.steer = {"fake_status": 404, "fake_body": said}
+                response, content = await call(http, gw, route, dict(body, model=publics[0], stream=stream))
+                assert response.code == 404 and shows_none(content, "/srv", "\\/srv"), (route, written, content)
+                assert f"The model `{shown}` does not exist.".encode() in content, (route, written, content)
+    vllm.steer = {}
+    for stream in (False, True):  # (a passthrough's answer is searched as for an address: the path is hidden there)
+        response, content = await call(http, gw, "/p/vllm/v1/chat/completions", {
+            "model": path, "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
+        assert response.code == 200 and shows_none(content, "/srv"), content
+        assert f'"model":"{shown}"'.encode() in content, content

@@ -83,7 +83,7 @@ from twisted.logger import Logger
 
 from gomodel.errors import InvalidRequest, ModelNotFound, NoReadyReplica, ReplicasBusy, whole_seconds
 from gomodel.routing.selectors import qualified
-from gomodel.addresses import marks
+from gomodel.addresses import ModelPath, marks
 
 LOADING, READY, DOWN, STALLED = "loading", "ready", "down", "stalled"
 RETRY_AFTER = 1  # seconds a client is told to wait for a busy pool (a not-ready one: L{ReplicaPool._ready_in})
@@ -565,6 +565,17 @@ class ReplicaPool:
 
     def __repr__(self):
         return f"<ReplicaPool {self.name} ({len(self.replicas)} replicas)>"
+
+    def rename(self, renamed: dict):
+        """Name each model it lists by a path as clients know it (C{renamed}: upstream id -> public id, the registry's
+        L{gomodel.routing.registry.ModelRegistry._names}): in its answers (L{gomodel.proxy.renamed}), and where an
+        error or header names the path, which is hidden as its addresses are (L{gomodel.addresses.ModelPath})."""
+        self.renamed = renamed
+        kept = tuple(h for h in self.hidden if h.__class__ is not ModelPath)
+        paths = tuple(ModelPath(path, public) for path, public in renamed.items())
+        if paths or len(kept) != len(self.hidden):
+            self.hidden = tuple(sorted(kept + paths, key=len, reverse=True))
+            self.hidden_pattern = marks(self.hidden)
 
     def hide_too(self, server, address: str):
         """Hide C{address} (an IP address the host name of C{server}, one of its replicas', led a connection to)

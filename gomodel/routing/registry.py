@@ -156,12 +156,11 @@ class ModelRegistry:
     def _names(self, pool) -> dict:
         """Public id -> upstream id of each model C{pool} serves that a client knows by another name (one it
         lists by a path: L{public_id}), worked out once per inventory; one whose public id is another of its models'
-        id, or that of one before it, is not (it is left unlisted: a warning says so). The pool's C{renamed} is
-        its inverse (what its answers name by the public id: L{gomodel.proxy.renamed})."""
+        id, or that of one before it, is not (it is left unlisted: a warning says so). The pool is given its inverse
+        (L{gomodel.routing.pool.ReplicaPool.rename})."""
         names = self._renamed.get(pool.name)
         if names is None:
             names = self._renamed[pool.name] = {}
-            pool.renamed = {}
             served = self.inventory(pool) or {}
             for upstream_id in served:
                 public = public_id(upstream_id)
@@ -172,7 +171,7 @@ class ModelRegistry:
                                   "being another model's", provider=pool.name, name=public)
                     continue
                 names[public] = upstream_id
-                pool.renamed[upstream_id] = public
+            pool.rename({upstream_id: public for public, upstream_id in names.items()})
         return names
 
     def _upstream_id(self, pool, served, name):
