@@ -1159,3 +1159,85 @@ async def test_an_upstream_error_naming_a_models_path_names_it_as_it_is_listed(h
             "model": path, "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
         assert response.code == 200 and shows_none(content, "/srv"), content
         assert f'"model":"{shown}"'.encode() in content, content
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_managed_keys_answers_carry_no_transfer_params_where_its_requests_go_without(reactor, http, tmp_path):
+    """A managed key's request to a vLLM goes without C{kv_transfer_params} and C{ec_transfer_params} (salted, the
+    key not allowed its own salt: L{gomodel.auth.tenancy.CacheSalts.apply}); its answer goes without them too (a
+    prefill vLLM's names its engine's id, host and port): a chat completion, a native Messages answer and a native
+    Responses object, whole and streamed (and kept: read back), the rest of the answer as it came. The master key's, and those of a key
+    allowed its own salt, keep them (their requests do). Before, every answer carried them as vLLM sent them."""
+    vllm = await start_fake(reactor)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": vllm.base_url, "GOMODEL_MASTER_KEY": MASTER,
+                                       "GOMODEL_DATA_DIR": str(tmp_path)})
+    kv = {"do_remote_decode": False, "remote_engine_id": "prefill-7", "remote_host": "10.9.8.7", "remote_port": 5600}
+    ec = {"remote_engine_id": "encoder-3"}
+    usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+    chat = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": BARE, "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "kv_transfer_params: mine"}, "finish_reason": "stop"}],
+        "usage": usage, "kv_transfer_params": kv, "ec_transfer_params": ec}
+    chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": BARE}
+    sse = [json.dumps(dict(chunk, choices=[{"index": 0, "delta": {"role": "assistant", "content": "hi"},
+                                            "finish_reason": None}])),
+           json.dumps(dict(chunk, choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}], kv_transfer_params=kv)),
+           json.dumps(dict(chunk, choices=[], usage=usage, kv_transfer_params=kv)), "[DONE]"]
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": BARE, "stop_reason": "end_turn",
+               "content": [{"type": "text", "text": "hi"}], "usage": {"input_tokens": 1, "output_tokens": 1},
+               "kv_transfer_params": kv}
+    message_events = [
+        ("message_start", {"type": "message_start", "message": dict(message, content=[], stop_reason=None)}),
+        ("content_block_start", {"type": "content_block_start", "index": 0,
+                                 "content_block": {"type": "text", "text": ""}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                 "delta": {"type": "text_delta", "text": "hi"}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                           "usage": {"output_tokens": 1}, "kv_transfer_params": kv}),
+        ("message_stop", {"type": "message_stop"})]
+    response = {"id": "resp_1", "object": "response", "created_at": 1, "status": "completed", "model": BARE,
+                "output": [{"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
+                            "content": [{"type": "output_text", "text": "hi", "annotations": []}]}],
+                "usage": {"input_tokens": 1, "output_tokens": 1, "total_tokens": 2}, "kv_transfer_params": kv}
+    response_events = [
+        ("response.created", json.dumps({"type": "response.created", "sequence_number": 0,
+                                         "response": dict(response, status="in_progress", output=[])})),
+        ("response.completed", json.dumps({"type": "response.completed", "sequence_number": 1,
+                                           "response": response}))]
+    cases = (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]},
+              {"fake_status": 200, "fake_body": json.dumps(chat)}, {"fake_sse": sse}),
+             ("/v1/messages", {"max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
+              {"fake_status": 200, "fake_body": json.dumps(message)}, {"fake_events": message_events}),
+             ("/v1/responses", {"input": "hi", "store": False},
+              {"fake_status": 200, "fake_body": json.dumps(response)}, {"fake_events": response_events}))
+    said = (b"prefill-7", b"10.9.8.7", b"encoder-3")
+    try:
+        managed, own = await new_key(http, gw), await new_key(http, gw, own_cache_salt=True)
+        for route, body, whole, streamed in cases:
+            for stream, steer in ((False, whole), (True, streamed)):
+                for key in (managed, own, MASTER):
+                    vllm.steer = steer
+                    response, content = await call(http, gw, route, dict(body, model=MODEL, stream=stream), key=key)
+                    assert response.code == 200, (route, stream, content)
+                    if key == managed:
+                        assert not any(s in content for s in said), (route, stream, content)
+                        assert b"_transfer_params\"" not in content and b"meta-llama" in content, (route, stream, content)
+                    else:
+                        assert b"prefill-7" in content, (route, stream, key, content)
+        vllm.steer = {"fake_status": 200, "fake_body": json.dumps(chat)}
+        response, content = await call(http, gw, "/v1/chat/completions", dict(cases[0][1], model=MODEL), key=managed)
+        assert json.loads(content) == {k: v for k, v in chat.items() if not k.endswith("_transfer_params")}, content
+        nothing = json.dumps(dict(chat, kv_transfer_params=None, ec_transfer_params=None)).encode()  # (vLLM's null:
+        vllm.steer = {"fake_status": 200, "fake_body": nothing.decode()}  # names nothing, the answer left unparsed)
+        response, content = await call(http, gw, "/v1/chat/completions", dict(cases[0][1], model=MODEL), key=managed)
+        assert content == nothing, content
+        for stream, steer in ((False, cases[2][2]), (True, cases[2][3])):  # (a Responses object kept, read back)
+            vllm.steer = steer
+            response, content = await call(http, gw, "/v1/responses", {"model": MODEL, "input": "hi",
+                                                                        "stream": stream}, key=managed)
+            assert response.code == 200 and b"prefill-7" not in content, content
+            response, content = await call(http, gw, "/v1/responses/resp_1", key=managed, method="GET")
+            assert response.code == 200 and b"prefill-7" not in content, content
+            await call(http, gw, "/v1/responses/resp_1", key=managed, method="DELETE")
+    finally:
+        await stop_all(gw, vllm)

@@ -97,8 +97,8 @@ class InferenceRoutes:
         # (a fallback's body from this one as the request made it, before the first target's own fields)
         again = fallback_bodies(request, ctx, self._salts, body, fallbacks) if fallbacks else None
         self.prioritise(request, ctx, upstream, body)  # (L{target}, inline: every request takes this way)
-        if self._salts is not None:
-            self._salts.apply(ctx.principal, upstream, body)
+        if self._salts is not None and self._salts.apply(ctx.principal, upstream, body):
+            ctx.transfers_dropped = True
         if upstream.type in OPENAI_TYPES:
             for_openai(body)
         if observer is None:
@@ -366,8 +366,8 @@ def target(request, ctx, salts, upstream, body):
     @raise InvalidRequest: C{X-Request-Priority} is not a priority (looked at only where it is taken).
     """
     InferenceRoutes.prioritise(request, ctx, upstream, body)
-    if salts is not None:
-        salts.apply(ctx.principal, upstream, body)
+    if salts is not None and salts.apply(ctx.principal, upstream, body):
+        ctx.transfers_dropped = True  # (its answer goes without them: L{gomodel.proxy.transfers})
     if upstream.type in OPENAI_TYPES:
         for_openai(body)
 

@@ -286,8 +286,9 @@ class MessagesRoutes:
                 await self._vet(ctx, response)
 
         body = dict(body, model=ctx.upstream_model)
-        if self._salts is not None and path == "/messages":
-            self._salts.apply(ctx.principal, upstream, body)  # vLLM's Messages take cache_salt (not priority)
+        # vLLM's Messages take cache_salt (not priority)
+        if self._salts is not None and path == "/messages" and self._salts.apply(ctx.principal, upstream, body):
+            ctx.transfers_dropped = True
         call = UpstreamCall(path, jsonutil.dumps(body), observer=observer, transform=whole,
                             vet=vet, model=ctx.upstream_model, affinity=affinity, headers=headers,
                             fallbacks=fallbacks, rebody=rebody(body) if fallbacks else None,

@@ -21,14 +21,15 @@ from gomodel.anthropic.translate import count_tokens_answer
 from gomodel.api.background import UNFINISHED, BackgroundWatch
 from gomodel.api.inference import held, plan_model, target, unsaturated, vet_priority
 from gomodel.api.messages import MAX_COMPLETION_TYPES
-from gomodel.auth.tenancy import tenant_of, visible
+from gomodel.auth.tenancy import SALTED_PROVIDER_TYPES, tenant_of, visible
 from gomodel.batches.validation import checked_metadata
 from gomodel.http.bodies import boolean, json_answer, page, query_arg, query_limit, streams
 from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM
 from gomodel.http.render import RESPONSES
 from gomodel.ids import new_id
 from gomodel.proxy.exchange import UpstreamCall, fails_over
-from gomodel.proxy.renamed import RenamedStream, model_named, model_renamed
+from gomodel.proxy.renamed import RewrittenStream, model_named, model_renamed
+from gomodel.proxy.transfers import dropped
 from gomodel.proxy.sse import ResponsesStreamObserver, SSEFramer, event_object
 from gomodel.responses_history import (as_listed, as_retrieved, checked_previous_id, continued, cut_short,
                                       error_hidden, error_shown, events_as_retrieved, no_chosen_id, normalise_input,
@@ -413,6 +414,8 @@ class ResponsesRoute:
             return None
         if model_renamed(provider, response):  # (a model it lists by a path: kept as clients know it)
             response_json = None
+        if ctx.transfers_dropped and provider.type in SALTED_PROVIDER_TYPES and dropped(response):
+            response_json = None  # (its answer went without them: L{gomodel.proxy.transfers})
         record = {"id": response_id, "provider": provider.name, "replica": replica,
                   "created_at": int(self._clock.seconds()), "previous_response_id": previous_id,
                   "status": response.get("status"), "input_items": normalise_input(body.get("input")),
@@ -485,7 +488,7 @@ class ResponsesRoute:
         observer = _Replayed(partial(without_address, upstream=provider), include)
         named = self._named(provider, record)
         if named is not None:
-            observer = RenamedStream(observer, named)
+            observer = RewrittenStream(observer, named)
         call = _ReplayCall(f"/responses/{response_id}", method=b"GET", query=query, vet=vet, limited=False,
                            observer=observer,
                            transform=partial(_no_events, response_id), pin=record.get("replica"))

@@ -15,7 +15,8 @@ tenant (its user path when it has one, so a team shares its cache, else the
 key), replacing a client's own unless the key is allowed one
 (C{own_cache_salt}). Its C{kv_transfer_params} and C{ec_transfer_params} are
 left out then: they name the KV (encoder) cache blocks a disaggregated vLLM
-reads, and the engine it reads them from, every tenant's, past any salt. The
+reads, and the engine it reads them from, every tenant's, past any salt; its
+answer from that vLLM goes without them too (L{gomodel.proxy.transfers}). The
 master key's requests are left as they are.
 """
 
@@ -87,17 +88,19 @@ class CacheSalts:
             salt = self._salts[tenant] = hmac.new(self._key, tenant.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
         return salt
 
-    def apply(self, principal, upstream, body: dict):
+    def apply(self, principal, upstream, body: dict) -> bool:
         """Set C{body["cache_salt"]} for a managed key's request to a vLLM provider, without its
-        L{TRANSFER_FIELDS} (see the module)."""
+        L{TRANSFER_FIELDS} (see the module); whether it goes without them, its answer too then
+        (L{gomodel.proxy.transfers}: a key allowed its own salt, and the master key, keep them both ways)."""
         if (not self.enabled or principal is None or principal.master
                 or upstream.type not in SALTED_PROVIDER_TYPES):
-            return
+            return False
         if principal.own_cache_salt:
             if "cache_salt" in body:
-                return
+                return False
         elif not TRANSFER_FIELDS.isdisjoint(body):  # (one test in C where neither came, as almost always)
             for name in TRANSFER_FIELDS:
                 body.pop(name, None)
         tenant = principal.tenant
         body["cache_salt"] = self._salts.get(tenant) or self.salt(tenant)
+        return not principal.own_cache_salt

@@ -69,7 +69,7 @@ class RequestContext:
                  "first_byte",
                  "status", "outcome", "error", "client_gone", "duration", "_clock", "_sinks", "_holds",
                  "_ended", "_completed", "_end_written", "recorded", "estimated", "principal", "admission", "trace",
-                 "token_counts", "attempts", "retries", "budgets")
+                 "token_counts", "attempts", "retries", "budgets", "transfers_dropped")
 
     def __init__(self, request_id: bytes, method: bytes, path: bytes, clock, sinks=(), principal=None,
                  dialect=None, recorded=None):
@@ -111,6 +111,9 @@ class RequestContext:
         self.trace = None
         self.attempts = 0  # its failed sends upstream so far, every target's (bounded by ROUTING_MAX_ATTEMPTS)
         self.retries = 0  # times it went on to another replica or target before its first byte (the access log's)
+        # its vLLM request went without kv/ec_transfer_params (a managed key's: L{gomodel.auth.tenancy
+        # .CacheSalts.apply}), its vLLM answer too (L{gomodel.proxy.transfers})
+        self.transfers_dropped = False
         self._holds = 0
         self._ended = False
         self._completed = False

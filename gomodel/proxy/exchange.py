@@ -39,6 +39,7 @@ from zope.interface import implementer
 from gomodel import jsonutil
 from gomodel._twistedcompat import peek_body, plain_headers, read_again, whole_body
 from gomodel.accounting.tokens import prompt_estimate, requested_tokens
+from gomodel.auth.tenancy import SALTED_PROVIDER_TYPES
 from gomodel.errors import (BadUpstreamResponse, ModelNotFound, NoReadyReplica, ReplicasBusy, StreamFailed,
                             UpstreamError, UpstreamTimeout, UpstreamUnreachable)
 from gomodel.http.context import CLIENT_STALLED, STREAM_MAX_DURATION
@@ -48,7 +49,8 @@ from gomodel.http.headers import (CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, E
 from gomodel.interfaces import IStreamObserver
 from gomodel.proxy import gather as gathered
 from gomodel.proxy.relay import END_LINGER, ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
-from gomodel.proxy.renamed import RenamedStream, model_named
+from gomodel.proxy.renamed import RewrittenStream, model_named
+from gomodel.proxy.transfers import TransfersDropped, without_transfers
 from gomodel.proxy.sse import (MAX_EVENT_BYTES, RESPONSE_END_TYPES, SSEFramer, StreamIncomplete, error_in,
                                event_around, event_kind, event_object, events_end, failure_in)
 from gomodel.routing.pool import HOLD_MAX
@@ -319,10 +321,8 @@ class Exchange:
                 gather = gathered.BY_PATH.get(path)
                 if gather is not None:
                     return await self._gathered(request, ctx, upstream, response, call, path, gather)
-            elif upstream.renamed:  # (a model it lists by a path: its events name it as clients know it)
-                named = model_named(upstream, ctx.upstream_model)
-                if named is not None:
-                    observer = RenamedStream(observer, named)
+            elif upstream.renamed or ctx.transfers_dropped:
+                observer = _rewritten(ctx, upstream, observer)
             ctx.stream = True
             return await self._relay_stream(request, ctx, upstream, response, observer, True, call.counted)
         # (a proxy's page, a web UI's: no API answers in text but its events and a transcription's text, srt or vtt,
@@ -737,6 +737,8 @@ class Exchange:
             named = model_named(upstream, ctx.upstream_model)
             if named is not None:
                 body = named(body)
+        if ctx.transfers_dropped and upstream.type in SALTED_PROVIDER_TYPES and not call.raw:
+            body = without_transfers(body)  # (its request went without them: L{gomodel.proxy.transfers})
         request.responseHeaders.put(CONTENT_LENGTH, b"%d" % len(body))
         ctx.first_byte_written()
         return body
@@ -976,6 +978,18 @@ def _error_type(error) -> str:
     if isinstance(error, CancelledError):
         return "cancelled"
     return getattr(error, "code", None) or type(error).__name__
+
+
+def _rewritten(ctx, upstream, observer):
+    """C{observer}, of a stream C{upstream} answers, its events written with the model's public id where it lists the
+    model by a path (L{model_named}), and without transfer fields where the request went without them
+    (L{without_transfers})."""
+    named = model_named(upstream, ctx.upstream_model) if upstream.renamed else None
+    if named is not None:
+        observer = RewrittenStream(observer, named)
+    if ctx.transfers_dropped and upstream.type in SALTED_PROVIDER_TYPES:
+        observer = TransfersDropped(observer)
+    return observer
 
 
 def _note_usage(ctx, observer, body):
