@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IHostnameResolver, IHostResolution
 from twisted.logger import formatEvent, globalLogPublisher
 from zope.interface import implementer
 
-from tests.support import in_thread, start_fake, start_gateway, stop_all
+from tests.support import in_thread, openai_client, start_fake, start_gateway, stop_all
 
 MASTER = "master-k"
 PROVIDER_KEY = "sk-provider-0123456789"
@@ -1241,3 +1241,31 @@ async def test_a_managed_keys_answers_carry_no_transfer_params_where_its_request
             await call(http, gw, "/v1/responses/resp_1", key=managed, method="DELETE")
     finally:
         await stop_all(gw, vllm)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_lines_answer_names_a_model_listed_by_a_path_as_it_is_listed(pathed):
+    """A batch line's answer of a model its vLLM lists by a path (a chat completion, a Responses object, and that
+    response as kept: retrieved) names it by its listed name, as an online answer does. Before, the output file
+    held the path vLLM echoed."""
+    gw, vllm, _, publics = pathed
+    shown = publics[0].split("/", 1)[1]
+    sdk = openai_client(gw, MASTER)
+    try:
+        for endpoint, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                               ("/v1/responses", {"input": "hi"})):
+            line = {"custom_id": "a", "method": "POST", "url": endpoint, "body": dict(body, model=publics[0])}
+            uploaded = await in_thread(sdk.files.create, file=("in.jsonl", io.BytesIO(json.dumps(line).encode())),
+                                       purpose="batch")
+            created = await in_thread(sdk.batches.create, input_file_id=uploaded.id, endpoint=endpoint,
+                                      completion_window="24h")
+            await gw.service.batch_runner.settled(created.id)
+            batch = await in_thread(sdk.batches.retrieve, created.id)
+            content = (await in_thread(sdk.files.content, batch.output_file_id)).content
+            answer = json.loads(content.splitlines()[0])["response"]["body"]
+            assert b"/srv" not in content and answer["model"] == shown, content
+            if endpoint == "/v1/responses":
+                kept = await in_thread(sdk.responses.retrieve, answer["id"])
+                assert kept.model == shown, kept
+    finally:
+        sdk.close()

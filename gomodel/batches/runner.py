@@ -74,6 +74,7 @@ from gomodel.http.context import CLIENT_GONE, CLIENT_GONE_STATUS
 from gomodel.http.headers import is_event_stream
 from gomodel.proxy import gather as gathered
 from gomodel.proxy.exchange import UpstreamCall, usage_of
+from gomodel.proxy.renamed import model_named, model_renamed
 from gomodel.proxy.sse import StreamIncomplete
 from gomodel.responses_history import (checked_previous_id, continued, error_hidden, names_previous, no_chosen_id,
                                       normalise_input, relink, unknown_previous, with_history, with_references)
@@ -1029,9 +1030,10 @@ class BatchRunner(Service):
                   "created_at": self._now(), "previous_response_id": previous_id, "status": response.get("status"),
                   "input_items": normalise_input(payload.get("input")), "response": response,
                   "tenant": job.tenant, "streamed": False}  # (a line is answered whole)
+        renamed = model_renamed(answer.provider, response)  # (a model it lists by a path: kept as clients know it)
         if previous_id is not None and response.get("previous_response_id") is None:
             response["previous_response_id"] = previous_id  # (vLLM's own object, sent none, says null)
-        else:
+        elif not renamed:
             record["response_json"] = answer.body
         self._responses.keep(record)
 
@@ -1132,6 +1134,9 @@ class BatchRunner(Service):
                 return False, output_line(custom_id, BadUpstreamResponse.status, outcome.request_id, error_body)
             if b"\n" in body or b"\r" in body:  # one line per result in a JSONL file
                 body = jsonutil.dumps(parsed)
+            named = model_named(provider, outcome.model) if provider.renamed else None
+            if named is not None:  # (a model it lists by a path: named as clients know it, as online)
+                body = named(body)
             return True, output_line(custom_id, status, outcome.request_id, body)
         error = upstream_error(status if status >= 400 else 502, body, provider.name, provider.hidden)
         error_body = error.body()
