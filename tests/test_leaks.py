@@ -1269,3 +1269,18 @@ async def test_a_batch_lines_answer_names_a_model_listed_by_a_path_as_it_is_list
                 assert kept.model == shown, kept
     finally:
         sdk.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_nobody_asked_for_names_a_model_listed_by_a_path_as_it_is_listed(http, pathed):
+    """An event stream an upstream answers where none was asked for, on a route with no whole answer to make of it
+    (embeddings: relayed as it comes, with no observer of its events), names a model its vLLM lists by a path by
+    its listed name, as an observed stream does. Before, its events went as vLLM wrote them, naming the path."""
+    gw, vllm, _, publics = pathed
+    path, shown = "/srv/models/" + BARE.split("/")[1], BARE.split("/")[1]
+    events = b"".join(b"data: " + json.dumps({"object": "list", "model": path, "data": [
+        {"object": "embedding", "index": i, "embedding": [0.5]}]}).encode() + b"\n\n" for i in range(2))
+    vllm.steer = {"fake_raw": (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n" + events).decode()}
+    response, content = await call(http, gw, "/v1/embeddings", {"model": publics[0], "input": "hi"})
+    assert response.code == 200 and shows_none(content, "/srv"), content
+    assert content.replace(b": ", b":").count(f'"model":"{shown}"'.encode()) == 2, content

@@ -321,7 +321,9 @@ class Exchange:
                 gather = gathered.BY_PATH.get(path)
                 if gather is not None:
                     return await self._gathered(request, ctx, upstream, response, call, path, gather)
-            elif upstream.renamed or ctx.transfers_dropped:
+                if upstream.renamed:  # (none to make of it: its events are relayed whole, to be written)
+                    observer = UsageTap(True)
+            if observer is not None and (upstream.renamed or ctx.transfers_dropped):
                 observer = _rewritten(ctx, upstream, observer)
             ctx.stream = True
             return await self._relay_stream(request, ctx, upstream, response, observer, True, call.counted)
