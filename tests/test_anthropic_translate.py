@@ -14,10 +14,10 @@ from twisted.web.resource import Resource
 from zope.interface.verify import verifyObject
 
 from gomodel import jsonutil
-from gomodel.anthropic.translate import (PING, ChatToMessagesStream, MessagesStreamObserver, chat_to_events_bytes,
-                                         chat_to_message, chat_to_message_bytes, count_tokens_answer,
-                                         count_tokens_request, messages_to_chat, openai_error_to_anthropic,
-                                         vllm_fields, without_vllm_fields)
+from gomodel.anthropic.translate import (NO_STOP_REASON, PING, ChatToMessagesStream, MessagesStreamObserver,
+                                         chat_to_events_bytes, chat_to_message, chat_to_message_bytes,
+                                         count_tokens_answer, count_tokens_request, messages_to_chat,
+                                         openai_error_to_anthropic, vllm_fields, without_vllm_fields)
 from gomodel.errors import BadUpstreamResponse, InvalidRequest
 from gomodel.interfaces import IStreamObserver
 from gomodel.proxy.sse import StreamIncomplete
@@ -1046,6 +1046,54 @@ def test_a_native_error_event_of_vllms_own_type_is_anthropics_without_the_addres
     out = b"".join(observer.feed(part) for part in (b"".join(NATIVE[:4]) + error[:9], error[9:]))
     assert out == b"".join(NATIVE[:4]) + native_event("error", error={"type": "api_error", "message": "died at vllm"})
     assert observer.done and observer.error["type"] == "internal_error"  # (what the upstream said, for the log)
+
+
+def _without_event_lines(event: bytes) -> bytes:
+    return event[event.index(b"\n") + 1:]
+
+
+@pytest.mark.parametrize("shape", ["event lines", "data only", "mixed", "crlf"])
+def test_a_native_stream_read_whole_is_observed_as_read_event_by_event(shape):
+    """A stream's events in one read (a fast model's, or a stream's tail) are observed as in many: those found by
+    their event line (vLLM's and Anthropic's way), or each looked into where an event has none."""
+    events = list(NATIVE)
+    if shape == "data only":
+        events = [_without_event_lines(event) for event in events]
+    elif shape == "mixed":
+        events[-1] = _without_event_lines(events[-1])  # (a message_stop only its data names)
+    elif shape == "crlf":
+        events = [event.replace(b"\n", b"\r\n") for event in events]
+    stream = b"".join(events)
+    for reads in ([stream], [stream[:len(events[0]) + 3], stream[len(events[0]) + 3:]]):
+        observer = MessagesStreamObserver()
+        assert b"".join(observer.feed(read) for read in reads) == stream
+        observer.finish()
+        assert observer.done and observer.error is None and observer.events == 2 and not observer.estimated
+        assert observer.usage == {"input_tokens": 7, "output_tokens": 2, "cache_read_input_tokens": 16}
+
+
+def test_a_native_stream_read_whole_has_its_error_event_rewritten_and_its_aborted_end_cut():
+    error = native_event("error", error={"type": "internal_error", "message": "died at 10.0.0.7:8000"})
+    observer = MessagesStreamObserver(hide=lambda message: message.replace("10.0.0.7:8000", "vllm"))
+    assert observer.feed(b"".join(NATIVE[:5]) + error) == b"".join(NATIVE[:5]) + native_event(
+        "error", error={"type": "api_error", "message": "died at vllm"})
+    assert observer.done and observer.error["type"] == "internal_error" and observer.events == 2
+    aborted = native_event("message_delta", delta={"stop_reason": None}, usage={"output_tokens": 2})
+    observer = MessagesStreamObserver()
+    out = observer.feed(b"".join(NATIVE[:5]) + aborted + NATIVE[3] + NATIVE[-1])
+    assert out == b"".join(NATIVE[:5]) + native_event("error", error={"type": "api_error", "message": NO_STOP_REASON})
+    assert observer.done and observer.events == 2  # (nothing after the cut is relayed nor counted)
+    assert observer.feed(NATIVE[-1]) == b""
+
+
+def test_a_native_stream_read_whole_leaves_out_thinking_deltas_when_asked():
+    thinking = [native_event("content_block_start", index=0, content_block={"type": "thinking", "thinking": ""}),
+                native_event("content_block_delta", index=0, delta={"type": "thinking_delta", "thinking": "hm"}),
+                native_event("content_block_stop", index=0)]
+    events = NATIVE[:2] + thinking + NATIVE[2:]
+    observer = MessagesStreamObserver(omit_thinking=True)
+    assert observer.feed(b"".join(events)) == b"".join(event for event in events if event is not thinking[1])
+    assert observer.done and observer.events == 3
 
 
 # -- the official SDK reads what the translation makes --------------------------

@@ -1720,6 +1720,17 @@ def _in_band_type(error) -> str:
 
 
 _NATIVE_WATCHED = (b"message_start", b"message_delta", b"message_stop", b"error")
+# Those events' C{event:} lines, and a delta's, each after the blank line that ends the event before it, in whole
+# events that each begin with theirs (L{_named}). (A pattern that begins with its literal is searched for as one:
+# one that begins with an alternative or a lookbehind is tried at every byte, some 30 times the cost.)
+_WATCHED_LINE = re.compile(rb"\n\nevent: (?:message_start|message_delta|message_stop|error)\n")
+_DELTA_LINE = b"\n\nevent: content_block_delta\n"
+
+
+def _named(events: bytes) -> bool:
+    """Whether each of C{events} (whole events, LF line breaks; one at least) begins with its C{event:} line, as
+    vLLM and Anthropic write every event (a blank line ends each: one that follows it begins the next)."""
+    return events.startswith(b"event: ") and events.count(b"\n\nevent: ") == events.count(b"\n\n") - 1
 
 
 @implementer(IStreamObserver)
@@ -1779,7 +1790,11 @@ class MessagesStreamObserver:
     def feed(self, data: bytes) -> bytes:
         """Take upstream bytes; return them as whole events, unchanged but an C{error} event and a C{message_delta}
         without a stop reason (see above)."""
-        events = self._framer.feed(data)
+        joined, events = self._framer.feed_joined(data)
+        if events is None:  # (LF line breaks only)
+            if not self._cut and not self._omit_thinking and _named(joined):
+                return self._feed_named(joined)
+            events = [event + b"\n\n" for event in joined.split(b"\n\n")[:-1]]  # (none after the last end)
         for i, event in enumerate(events):
             if self._cut:
                 events[i] = b""
@@ -1794,6 +1809,28 @@ class MessagesStreamObserver:
                 if fixed is not None:
                     events[i] = fixed
         return b"".join(events)
+
+    def _feed_named(self, joined: bytes) -> bytes:
+        """L{feed} for whole events that each begin with their C{event:} line (L{_named}): only the watched ones,
+        found by that line, are cut out and looked into; the deltas are counted by theirs."""
+        out, start, end = [], 0, len(joined)
+        # (the events with the blank line before each, the first's too: an event begins in joined where its line's
+        # match begins in these, two bytes having been put before it)
+        ended = b"\n\n" + joined
+        for match in _WATCHED_LINE.finditer(ended):
+            at = match.start()
+            stop = joined.find(b"\n\n", at) + 2
+            fixed = self._observe(joined[at:stop])
+            if fixed is not None:
+                out.append(joined[start:at])
+                out.append(fixed)
+                start = stop
+            if self._cut:  # (nothing after it goes, nor counts)
+                end = stop
+                break
+        out.append(joined[start:end])
+        self.events += ended.count(_DELTA_LINE, 0, end + 2)
+        return b"".join(out)
 
     def _observe(self, event):
         """Note C{event}'s usage or end; return what the client gets instead of it, or None (itself)."""
