@@ -131,6 +131,24 @@ async def test_create_is_relayed_natively_byte_for_byte(http, gw, fake, client):
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_anthropic_protocol_headers_go_natively_as_each_request_sent_them(http, gw, fake):
+    """C{anthropic-version} and each C{anthropic-beta} line reach a native upstream as the client sent them, each
+    request its own (the lines a value makes are kept for the next request with it), never the client's key."""
+    body = {"model": MODEL, "max_tokens": 16, "messages": HELLO}
+    for version, betas in (("2023-06-01", ["files-api-2025-04-14", "a,b"]), ("2023-01-01", ["c"]),
+                           ("2023-06-01", ["files-api-2025-04-14", "a,b"]), ("2023-06-01", [])):
+        sent_headers = headers(anthropic_version=version)
+        if betas:
+            sent_headers.setRawHeaders("anthropic-beta", betas)
+        response, _ = await post(http, gw.url + "/v1/messages", body, sent_headers)
+        assert response.code == 200
+        sent = fake.last_request().headers
+        assert sent.getRawHeaders(b"anthropic-version") == [version.encode()]
+        assert sent.getRawHeaders(b"anthropic-beta") == ([beta.encode() for beta in betas] or None)
+        assert sent.getRawHeaders(b"x-api-key") is None and sent.getRawHeaders(b"authorization") is None
+
+
+@pytest_twisted.ensureDeferred
 async def test_stream_is_relayed_natively_byte_for_byte(http, gw, fake, client):
     seen, final = await in_thread(collect, client.messages.stream(model=MODEL, max_tokens=16, messages=HELLO))
     kinds = [event.type for event in seen]

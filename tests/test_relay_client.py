@@ -223,6 +223,31 @@ def test_a_requests_header_lines_are_its_extras_then_content_type_request_id_and
             provider._header_lines(bad, None, None)
 
 
+def test_a_protocol_headers_lines_are_those_twisted_sanitises_made_once_a_value():
+    from gomodel.http.headers import ProtocolHeaders
+    from gomodel.upstream.openai_compatible import OpenAICompatibleProvider, _protocol_line
+
+    provider = OpenAICompatibleProvider.__new__(OpenAICompatibleProvider)  # (only its own lines are read)
+    provider._own_lines = b"Authorization: Bearer sk-1\r\nAccept-Encoding: identity\r\n"
+    values = {b"anthropic-version": [b"2023-06-01"], b"Anthropic-Beta": [b"a,b", b"c\r\nX-Injected: 1\nd"]}
+    made = b"".join(provider._header_lines(b"r1", ProtocolHeaders(values), b"application/json") for _ in range(2))
+    # the same lines as any extras' (Twisted's Headers: Header-Case, a CR or LF a space), the second time kept
+    expected = (b"Anthropic-Version: 2023-06-01\r\nAnthropic-Beta: a,b\r\nAnthropic-Beta: c X-Injected: 1 d\r\n"
+                b"Content-Type: application/json\r\nX-Request-Id: r1\r\n" + provider._own_lines)
+    assert provider._header_lines(b"r1", values, b"application/json") == expected and made == expected * 2
+    before = _protocol_line.cache_info()
+    provider._header_lines(b"r2", ProtocolHeaders(values), None)
+    after = _protocol_line.cache_info()
+    assert (after.hits - before.hits, after.misses - before.misses) == (3, 0)
+    # another value: its own line
+    assert provider._header_lines(b"r3", ProtocolHeaders({b"anthropic-version": [b"2023-01-01"]}), None) == (
+        b"Anthropic-Version: 2023-01-01\r\nX-Request-Id: r3\r\n" + provider._own_lines)
+    # never one of the gateway's own headers, in whatever case
+    for name in (b"authorization", b"X-Request-Id", b"content-type"):
+        with pytest.raises(ValueError):
+            provider._header_lines(b"r4", ProtocolHeaders({name: [b"x"]}), None)
+
+
 class _Scripted(Protocol):
     """A raw upstream's connection: each request read whole is answered with the next of the server's C{script}
     (bytes written as they are: C{None} in their place closes the connection after them)."""

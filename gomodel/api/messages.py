@@ -46,6 +46,7 @@ from functools import partial
 from twisted.logger import Logger
 
 from gomodel import errors, jsonutil
+from gomodel._twistedcompat import header_name, plain_headers
 from gomodel.anthropic.file_sources import walk_blocks
 from gomodel.anthropic.files import wants_anthropic_files
 from gomodel.anthropic.translate import (ANTHROPIC_ERROR_TYPES, ChatToMessagesStream,
@@ -59,7 +60,7 @@ from gomodel.anthropic.translate import (ANTHROPIC_ERROR_TYPES, ChatToMessagesSt
 from gomodel.api.inference import plan_model, rebody, retargeted, target, unsaturated, vet_priority
 from gomodel.http import render
 from gomodel.http.bodies import json_body, query_arg, query_limit, streams
-from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM
+from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM, ProtocolHeaders
 from gomodel.proxy.exchange import ERROR_BODY_LIMIT, UpstreamCall, fails_over
 from gomodel.routing.affinity import affinity_key
 from gomodel.translate.call_ids import SHORT_ID_TYPES, fit_call_ids, fit_tool_names, long_names
@@ -93,7 +94,7 @@ MAX_COMPLETION_TYPES = frozenset(("openai",))
 # How long a provider's model that answered "no Messages API here" is translated without asking again.
 NO_NATIVE_TTL = 600.0
 # Client headers passed on to a native Messages upstream (never a credential).
-FORWARDED_HEADERS = (b"anthropic-version", b"anthropic-beta")
+FORWARDED_HEADERS = (header_name("anthropic-version"), header_name("anthropic-beta"))
 # What a server without the Messages API answers: no such route, or vLLM's "does not support".
 _NO_ROUTE_STATUSES = (404, 405, 501)
 _MAYBE_UNSUPPORTED = (400, 404, 405, 501)
@@ -205,7 +206,6 @@ class MessagesRoutes:
         prioritised = vet_priority(request, ctx, routes)
         # (whether it must go translated matters only where a target could take it natively: a vLLM)
         translating = any(route.provider.type in NATIVE_TYPES for route in routes) and translates(body, walked)
-        headers = _forwarded(request)
         while True:
             first, fallbacks, native = self._targets(routes, prioritised=prioritised, translating=translating)
             upstream = first.provider
@@ -221,7 +221,8 @@ class MessagesRoutes:
                     # output_config.format)
                     sent = native_body(body, errored)
                     return await self._native(request, ctx, upstream, "/messages", sent, fallbacks, affinity,
-                                              headers, observer, partial(whole, omit_thinking=True) if omit else whole)
+                                              _forwarded(request), observer,
+                                              partial(whole, omit_thinking=True) if omit else whole)
                 return await self._translated(request, ctx, upstream, body, fallbacks, affinity, omit)
             except _NoNative:
                 self._remember(ctx, MESSAGES)
@@ -519,14 +520,18 @@ def anthropic_error(error: errors.UpstreamError) -> errors.UpstreamError:
     return converted
 
 
-def _forwarded(request) -> dict:
-    """The client's C{anthropic-*} protocol headers for a native upstream (never its key)."""
-    headers = {}
+def _forwarded(request):
+    """The client's C{anthropic-*} protocol headers for a native upstream (never its key): a L{ProtocolHeaders},
+    or None without any."""
+    sent = plain_headers(request.requestHeaders)
+    headers = None
     for name in FORWARDED_HEADERS:
-        values = request.requestHeaders.getRawHeaders(name)
+        values = sent.get(name)
         if values:
+            if headers is None:
+                headers = ProtocolHeaders()
             headers[name] = values
-    return headers or None
+    return headers
 
 
 # -- GET /v1/models for Anthropic's clients ----------------------------------------------

@@ -90,6 +90,15 @@ CACHE_CONTROL = header_name("cache-control")
 X_ACCEL_BUFFERING = header_name("x-accel-buffering")
 
 
+class ProtocolHeaders(dict):
+    """Request headers for an upstream (name -> list of values, as L{gomodel.interfaces.IUpstream.send} takes
+    them) that are a protocol's, whose values are few and repeat (C{anthropic-version}), never a credential nor
+    one of the headers the gateway sets itself: an upstream may keep the lines it makes of each distinct name
+    and value (L{gomodel.upstream.openai_compatible}), which a client's other headers are not kept in."""
+
+    __slots__ = ()
+
+
 def connection_tokens(headers) -> set:
     tokens = set()
     for value in plain_headers(headers).get(CONNECTION, ()):

@@ -1,5 +1,7 @@
 """Any OpenAI-compatible upstream: vLLM, OpenAI, Ollama, Groq, OpenRouter, xAI, DeepSeek."""
 
+from functools import lru_cache
+
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout, succeed
 from twisted.logger import Logger
@@ -9,6 +11,7 @@ from zope.interface import implementer
 
 from gomodel import jsonutil
 from gomodel.errors import BadUpstreamResponse, UpstreamTimeout, UpstreamUnreachable
+from gomodel.http.headers import ProtocolHeaders
 from gomodel.interfaces import IUpstream
 from gomodel.upstream.client import BodyTooLarge, read_body, was_cancelled, within
 from gomodel.addresses import Secret
@@ -25,6 +28,23 @@ MODELS_LIST_TIMEOUT = 30.0
 # requests waiting for a head ending then), as a vLLM's /health (5 s), not after the discovery's 30 s each.
 HEALTH_LIST_TIMEOUT = 10.0
 MODELS_LIST_LIMIT = 16 * 1024 * 1024
+
+
+# The headers a request's extras never set (lower-case): the gateway's own, which it sets itself.
+_OURS = (b"x-request-id", b"authorization")
+
+
+@lru_cache(maxsize=64)
+def _protocol_line(name, value) -> bytes:
+    """The head line of a L{ProtocolHeaders} header, C{name} and C{value} as L{Headers} sanitises them (the name in
+    Header-Case, a CR or LF in the value a space), kept for the next request with the same name and value.
+
+    @raise ValueError: C{name} is one the gateway sets itself, or C{Content-Type}.
+    """
+    ((name, (value,)),) = Headers({name: [value]}).getAllRawHeaders()
+    if name.lower() in _OURS + (b"content-type",):
+        raise ValueError(f"a protocol header must not be {name!r}: the gateway sets it")
+    return name + b": " + value + b"\r\n"
 
 
 @implementer(IUpstream)
@@ -70,7 +90,8 @@ class OpenAICompatibleProvider:
         return f"<{type(self).__name__} {self.name}>"
 
     def _header_lines(self, request_id: bytes, extra, content_type) -> bytes:
-        """A request's head lines: C{extra} (name -> values, through L{Headers}, which sanitises), C{content_type},
+        """A request's head lines: C{extra} (name -> values, through L{Headers}, which sanitises; a
+        L{ProtocolHeaders}' lines kept once made: L{_protocol_line}), C{content_type},
         our request id, the provider's key when configured, and C{Accept-Encoding: identity}."""
         if request_id.find(b"\r") >= 0 or request_id.find(b"\n") >= 0:  # (not `in`: see gomodel.proxy.sse.mentions)
             raise ValueError("a request id must not hold CR or LF")
@@ -81,12 +102,17 @@ class OpenAICompatibleProvider:
         if not extra:
             return ours
         lines = []
-        for name, values in Headers(extra).getAllRawHeaders():
-            lower = name.lower()
-            if lower in (b"x-request-id", b"authorization") or (lower == b"content-type" and content_type is not None):
-                continue
-            for value in values:  # (a loop: a generator would make name a closure cell on every call)
-                lines.append(name + b": " + value + b"\r\n")
+        if extra.__class__ is ProtocolHeaders:  # (each line made once: _protocol_line)
+            for name, values in extra.items():
+                for value in values:
+                    lines.append(_protocol_line(name, value))
+        else:
+            for name, values in Headers(extra).getAllRawHeaders():
+                lower = name.lower()
+                if lower in _OURS or (lower == b"content-type" and content_type is not None):
+                    continue
+                for value in values:  # (a loop: a generator would make name a closure cell on every call)
+                    lines.append(name + b": " + value + b"\r\n")
         lines.append(ours)
         return b"".join(lines)
 
