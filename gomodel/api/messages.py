@@ -395,6 +395,8 @@ class MessagesRoutes:
         as this says too (L{gomodel.anthropic.batches.MessagesLines})."""
         if route.provider.type not in NATIVE_TYPES or translating or prioritised and route.provider.priority_scheduling:
             return False
+        if not self._no_native:  # (the usual: no provider answered that it has no Messages API)
+            return True
         key, now = (route.provider.name, route.upstream_model, MESSAGES), self._clock.seconds()
         if self._no_native.get(key, 0) > now:
             return False
