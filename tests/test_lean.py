@@ -1003,8 +1003,10 @@ def test_the_request_paths_functions_make_no_closure_cell_per_call():
     from gomodel.http.handling import Handling
     from gomodel.limits.gate import Gate
     from gomodel.limits.limiter import Limiter
-    from gomodel.proxy.exchange import UsageTap
+    from gomodel.proxy.exchange import UsageTap, _stream_rewrite
     from gomodel.proxy.relay import StreamRelay
+    from gomodel.proxy.renamed import rewriting
+    from gomodel.proxy.transfers import without_transfers
     from gomodel.routing.pool import ReplicaPool
     from gomodel.upstream.client import within
     from gomodel.upstream.openai_compatible import OpenAICompatibleProvider
@@ -1014,7 +1016,8 @@ def test_the_request_paths_functions_make_no_closure_cell_per_call():
            InferenceRoutes._completions, plan_model, StreamRelay.__init__, Gate.admit, Gate.completed,
            VLLMProvider.url, OpenAICompatibleProvider._header_lines, FrontResource.render, Handling._resume,
            OpenAICompatibleProvider.send, within, Limiter.admit, Limiter._answered,
-           UsageTap.feed, UsageTap.finish]
+           UsageTap.feed, UsageTap.finish, StreamRelay.dataReceived, StreamRelay.relay_whole, _stream_rewrite,
+           rewriting, without_transfers]
     assert {f.__qualname__: f.__code__.co_cellvars for f in hot if f.__code__.co_cellvars} == {}
 
 

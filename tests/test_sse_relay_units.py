@@ -625,6 +625,30 @@ def test_a_body_come_whole_with_its_head_is_relayed_at_once_without_a_timer(endi
         assert results[0].check(StreamIncomplete) and ended == []
 
 
+def test_a_relays_rewrite_writes_what_its_observer_passes_read_by_read_or_come_whole():
+    """A relay's rewrite (the exchange's: a model's public id, transfer fields dropped) writes each of its observer's
+    outputs, whole events, as the client gets them, read by read or come whole; the observer is the relay's own, and
+    reads what the upstream sent."""
+    def rewrite(data):
+        return data.replace(b'"id":"c"', b'"id":"x"')
+
+    h = Harness(observer=ChatStreamObserver(strip_usage=True))
+    h.relay.rewrite = rewrite
+    h.relay.dataReceived(ROLE + CHUNK[:10])
+    h.relay.dataReceived(CHUNK[10:] + USAGE + b"data: [DONE]\n\n")
+    assert h.written().endswith(rewrite(ROLE + CHUNK) + b"data: [DONE]\n\n") and b'"id":"c"' not in h.written()
+    assert h.relay.observer.usage == {"prompt_tokens": 1, "completion_tokens": 2} and h.relay.end_written
+
+    request = Request(DummyChannel())
+    request.method = b"POST"
+    relay = StreamRelay(request, Clock(), ChatStreamObserver(strip_usage=True))
+    relay.rewrite = rewrite
+    relay.relay_whole(ROLE + CHUNK + USAGE + b"data: [DONE]\n\n")
+    written = request.channel.transport.written.getvalue()
+    assert written.endswith(rewrite(ROLE + CHUNK) + b"data: [DONE]\n\n") and b'"id":"c"' not in written
+    assert relay.observer.usage == {"prompt_tokens": 1, "completion_tokens": 2} and relay.finished.called
+
+
 def test_stalled_client_and_overall_cap():
     h = Harness(stall_timeout=3)
     h.relay.pauseProducing()

@@ -28,7 +28,7 @@ from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM
 from gomodel.http.render import RESPONSES
 from gomodel.ids import new_id
 from gomodel.proxy.exchange import UpstreamCall, fails_over
-from gomodel.proxy.renamed import RewrittenStream, model_named, model_renamed
+from gomodel.proxy.renamed import model_named, model_renamed
 from gomodel.proxy.transfers import dropped
 from gomodel.proxy.sse import ResponsesStreamObserver, SSEFramer, event_object
 from gomodel.responses_history import (as_listed, as_retrieved, checked_previous_id, continued, cut_short,
@@ -486,12 +486,10 @@ class ResponsesRoute:
 
         query = b"stream=true" if after is None else b"stream=true&starting_after=" + after.encode("ascii")
         observer = _Replayed(partial(without_address, upstream=provider), include)
-        named = self._named(provider, record)
-        if named is not None:
-            observer = RewrittenStream(observer, named)
         call = _ReplayCall(f"/responses/{response_id}", method=b"GET", query=query, vet=vet, limited=False,
                            observer=observer,
                            transform=partial(_no_events, response_id), pin=record.get("replica"))
+        call.rewrite = self._named(provider, record)  # (its events named as it was kept, as clients know it)
         try:
             return await self._exchange.relay(request, ctx, provider, call)
         except errors.UpstreamUnreachable:  # (broke off before its first event: vLLM's stream of one it keeps no

@@ -49,8 +49,8 @@ from gomodel.http.headers import (CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, E
 from gomodel.interfaces import IStreamObserver
 from gomodel.proxy import gather as gathered
 from gomodel.proxy.relay import END_LINGER, ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
-from gomodel.proxy.renamed import RewrittenStream, model_named
-from gomodel.proxy.transfers import TransfersDropped, without_transfers
+from gomodel.proxy.renamed import model_named, rewriting
+from gomodel.proxy.transfers import without_transfers
 from gomodel.proxy.sse import (MAX_EVENT_BYTES, RESPONSE_END_TYPES, SSEFramer, StreamIncomplete, error_in,
                                event_around, event_kind, event_object, events_end, failure_in)
 from gomodel.routing.pool import HOLD_MAX
@@ -100,6 +100,8 @@ class UpstreamCall:
     @ivar shown: with C{raw}, C{shown(body, upstream)}: the body its client gets of a 2xx JSON answer (uncompressed)
         that is within L{ERROR_BODY_LIMIT} (read whole for it: L{answer_shown}, L{response_shown}); or None (a class
         attribute: set after the call is made), each answer relayed as it comes.
+    @ivar rewrite: for event streams with an observer, bytes -> bytes: what the client gets of its events (whole, as
+        the observer passes them), or None (a class attribute: set after the call is made).
     @ivar vet: an async function of the upstream's L{IResponse}, run before
         anything is relayed; it may raise (and then reads or drops the body itself).
     @ivar model: the upstream model id (only replicas that list it get the
@@ -124,6 +126,7 @@ class UpstreamCall:
 
     blames = True
     shown = None
+    rewrite = None
 
     def __init__(self, path, body=None, method=b"POST", native=False, query=b"", headers=None,
                  content_type=b"application/json", observer=None, transform=None, raw=False, ends=None, vet=None,
@@ -323,10 +326,12 @@ class Exchange:
                     return await self._gathered(request, ctx, upstream, response, call, path, gather)
                 if upstream.renamed:  # (none to make of it: its events are relayed whole, to be written)
                     observer = UsageTap(True)
+            rewrite = call.rewrite
             if observer is not None and (upstream.renamed or ctx.transfers_dropped):
-                observer = _rewritten(ctx, upstream, observer)
+                rewrite = _stream_rewrite(ctx, upstream, rewrite)
             ctx.stream = True
-            return await self._relay_stream(request, ctx, upstream, response, observer, True, call.counted)
+            return await self._relay_stream(request, ctx, upstream, response, observer, True, call.counted,
+                                            rewrite=rewrite)
         # (a proxy's page, a web UI's: no API answers in text but its events and a transcription's text, srt or vtt,
         # a silent recording's empty; text/json is JSON)
         transcript = media.startswith(b"text/") and call.path in _TRANSCRIPTS
@@ -758,7 +763,8 @@ class Exchange:
                 ctx.usage, ctx.estimated = binary_usage(response, body)
         return self._relay_stream(request, ctx, upstream, response, tap, events, body, keep_length=not events)
 
-    async def _relay_stream(self, request, ctx, upstream, response, observer, events, body=None, keep_length=False):
+    async def _relay_stream(self, request, ctx, upstream, response, observer, events, body=None, keep_length=False,
+                            rewrite=None):
         """Relay a body (an event stream with C{events}: its answer's head says so) with flow control as it comes;
         return None when done.
 
@@ -788,6 +794,8 @@ class Exchange:
                             stall_timeout=t.client_stall, max_duration=t.stream_max,
                             first_write=ctx.first_byte_written, end_written=ctx.end_written, timers=self._timers)
         relay.head_before = ours  # (put back by a drain that answers before this head went out: L{gomodel.lifecycle})
+        if rewrite is not None:
+            relay.rewrite = rewrite
         if request.channel is None:
             # The client left before we could start: close the upstream, nothing to relay.
             relay.finished.addErrback(lambda _: None)
@@ -982,16 +990,16 @@ def _error_type(error) -> str:
     return getattr(error, "code", None) or type(error).__name__
 
 
-def _rewritten(ctx, upstream, observer):
-    """C{observer}, of a stream C{upstream} answers, its events written with the model's public id where it lists the
-    model by a path (L{model_named}), and without transfer fields where the request went without them
-    (L{without_transfers})."""
-    named = model_named(upstream, ctx.upstream_model) if upstream.renamed else None
-    if named is not None:
-        observer = RewrittenStream(observer, named)
+def _stream_rewrite(ctx, upstream, rewrite):
+    """What the client gets of an observed stream's events that C{upstream} answers (L{StreamRelay}'s rewrite):
+    written by C{rewrite} (its call's own, or None), with the model's public id where C{upstream} lists the model
+    by a path (L{model_named}), and without transfer fields where the request went without them
+    (L{without_transfers}); None where nothing is written."""
+    if upstream.renamed:
+        rewrite = rewriting(rewrite, model_named(upstream, ctx.upstream_model))
     if ctx.transfers_dropped and upstream.type in SALTED_PROVIDER_TYPES:
-        observer = TransfersDropped(observer)
-    return observer
+        rewrite = rewriting(rewrite, without_transfers)
+    return rewrite
 
 
 def _note_usage(ctx, observer, body):

@@ -96,6 +96,10 @@ class StreamRelay(Protocol):
     _end_call = None  # once the stream's end went out: when the upstream's body must have ended
     _ping_call = None  # an observer with a keepalive: when to look at the upstream's silence (L{_keepalive_check})
     _reading_on = False  # its client left, and its observer reads on (L{_client_left})
+    # with an observer, bytes -> bytes: what the client gets of each of its outputs (whole events: a
+    # L{gomodel.proxy.renamed.ModelNamed}, L{gomodel.proxy.transfers.without_transfers}), or None; set after the
+    # relay is made (a keyword more to a class's call costs a dict entry in CPython 3.11, every stream)
+    rewrite = None
 
     def __init__(self, request, clock, observer=None, *, idle_timeout=0.0, stall_timeout=0.0, max_duration=0.0,
                  first_write=None, end_written=None, timers=None):
@@ -148,6 +152,8 @@ class StreamRelay(Protocol):
             self._fail(e)
             return
         if out:
+            if self.rewrite is not None:
+                out = self.rewrite(out)
             if not self.wrote:
                 self._wrote_first()
             request = self._request
@@ -181,6 +187,8 @@ class StreamRelay(Protocol):
         except Exception as e:
             ended = e
         if out:  # (L{dataReceived}'s bookkeeping, for a first write that is also the last)
+            if self.rewrite is not None:
+                out = self.rewrite(out)
             self._wrote_first()
             request = self._request
             if ended is None and getattr(request, "write_takes_last", False):

@@ -2,6 +2,7 @@
 clients know it by: vLLM echoes the id it was sent (the path) in each answer's, chunk's and event's C{model}."""
 
 import re
+from functools import partial
 
 from gomodel import jsonutil
 
@@ -37,28 +38,12 @@ def model_renamed(upstream, response) -> bool:
     return True
 
 
-# What the relay reads of an observer with a default where it has none (L{gomodel.proxy.relay.StreamRelay},
-# L{gomodel.proxy.exchange}): a wrapper's lookup of one through __getattr__ would raise, each stream's costliest step
-_OPTIONAL = (("keepalive", None), ("estimated", False), ("left", None))
+def rewriting(first, then):
+    """One rewrite (bytes -> bytes) that writes with C{first}, then with C{then} (either None: none)."""
+    if first is None or then is None:
+        return then if first is None else first
+    return partial(_rewritten, first, then)
 
 
-class RewrittenStream:
-    """A stream observer's events (whole, as it passes them) written by C{rewrite} (bytes -> bytes: a L{ModelNamed},
-    L{gomodel.proxy.transfers.without_transfers}); all else is the observer's."""
-
-    def __init__(self, observer, rewrite):
-        self._observer = observer
-        self._rewrite = rewrite
-        for name, default in _OPTIONAL:  # (one the observer lacks: no lookup through __getattr__ that raises)
-            if not hasattr(observer, name):
-                setattr(self, name, default)
-
-    def feed(self, data: bytes) -> bytes:
-        return self._rewrite(self._observer.feed(data))
-
-    @property
-    def done(self):  # (read after each read of the stream: a lookup that fails first, through __getattr__, costs more)
-        return self._observer.done
-
-    def __getattr__(self, name):
-        return getattr(self._observer, name)
+def _rewritten(first, then, data: bytes) -> bytes:
+    return then(first(data))

@@ -6,7 +6,6 @@ import re
 
 from gomodel import jsonutil
 from gomodel.auth.tenancy import TRANSFER_FIELDS
-from gomodel.proxy.renamed import RewrittenStream
 
 # What an answer naming one of them holds (a member's name: in the model's words its quote is escaped); one that
 # says null (vLLM writes C{"kv_transfer_params":null} in every chat completion) names nothing, and is left as it is
@@ -31,18 +30,6 @@ def without_transfers(data: bytes) -> bytes:
             if written is not payload:
                 lines[i] = b"data: " + written
     return b"\n".join(lines)
-
-
-class TransfersDropped(RewrittenStream):
-    """A stream observer's events (whole, as it passes them) L{without_transfers}; its byte search inline (each
-    read of a stream passes here)."""
-
-    def __init__(self, observer):
-        super().__init__(observer, without_transfers)
-
-    def feed(self, data: bytes) -> bytes:
-        out = self._observer.feed(data)
-        return out if not out or out.find(_MARK) < 0 else without_transfers(out)
 
 
 def dropped(value) -> bool:
