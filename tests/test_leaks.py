@@ -1284,3 +1284,18 @@ async def test_a_stream_nobody_asked_for_names_a_model_listed_by_a_path_as_it_is
     response, content = await call(http, gw, "/v1/embeddings", {"model": publics[0], "input": "hi"})
     assert response.code == 200 and shows_none(content, "/srv"), content
     assert content.replace(b": ", b":").count(f'"model":"{shown}"'.encode()) == 2, content
+
+
+def test_an_answers_transfer_fields_are_dropped_where_they_say_something_null_ones_passed_over():
+    """L{without_transfers}: vLLM's C{"kv_transfer_params":null} (every chat completion's) leaves the answer as it
+    came, the same object, however many there are or however spaced; where one says something after them, the
+    object is written without any of them, in a whole answer and in an event."""
+    from gomodel.proxy.transfers import without_transfers
+
+    for quiet in (b'{"id":"c","kv_transfer_params":null}', b'{"kv_transfer_params":null,"ec_transfer_params":null}',
+                  b'{"kv_transfer_params": null}', b'{"text":"no fields"}'):
+        assert without_transfers(quiet) is quiet
+    said = b'{"kv_transfer_params":null,"x":{"ec_transfer_params":{"remote_host":"10.0.0.9"}}}'
+    assert json.loads(without_transfers(said)) == {"x": {}}
+    event = b'data: {"kv_transfer_params":null}\n\ndata: {"kv_transfer_params":{"remote_port":1}}\n\n'
+    assert without_transfers(event) == b'data: {"kv_transfer_params":null}\n\ndata: {}\n\n'
