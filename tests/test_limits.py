@@ -8,7 +8,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from gomodel.accounting.tokens import requested_tokens
+from gomodel import jsonutil
+from gomodel.accounting.tokens import asked_tokens, requested_tokens
 from gomodel.errors import BudgetExceeded, RateLimitExceeded, whole_seconds
 from gomodel.limits.budgets import SEED_RETRY, BudgetBook
 from gomodel.limits.counters import LocalCounters
@@ -841,6 +842,7 @@ def test_user_paths_are_normalised_like_gomodels():
 
 class _Call:
     model = "m"
+    asked = None  # (read from its bytes)
 
     def __init__(self, max_tokens, limited=True):
         self.body = self.counted = b'{"model":"vllm/m","messages":[],"max_tokens":%d}' % max_tokens  # 11 + max_tokens (< 10)
@@ -1187,6 +1189,22 @@ def test_what_a_request_reserves_is_its_prompt_bytes_over_four_and_the_output_it
     assert requested_tokens(b'{"m":[{"max_tokens":9,"b":"{"}],"max_tokens":16}') == 16
     body = b'{"model":"m","max_tokens":100,"messages":[{"role":"user","content":"hello"}]}'
     assert estimate(body) == len(body) // 4 + 100
+
+
+def test_the_output_a_parsed_body_asks_for_is_what_its_bytes_ask_for():
+    """A route that parsed the body it sends reads the output it asks for from its fields (L{asked_tokens}, the
+    call's C{asked}): the same count as L{requested_tokens} of the bytes it dumps them to, 0 for none."""
+    nested = b'{"messages":[{"role":"assistant","content":[{"type":"tool_use","input":{"max_tokens":900000}}]}]'
+    for body in (b'{"model":"m","messages":[]}', b'{"max_tokens": 64}', b'{"max_completion_tokens":7,"max_tokens":9}',
+                 b'{"max_output_tokens" :\n 12}', b'{"max_retries":3,"max_tokens":null,"max_completion_tokens":5}',
+                 b'{"metadata":{"max_":1}}', nested + b',"max_tokens":16}', nested + b'}',
+                 b'{"max_tokens":16,"response_format":{"examples":[{"max_tokens":9}]}}',
+                 b'{"m":[{"max_tokens":9,"b":"{"}],"max_tokens":16}', b'{"max_tokens":16,"n":4}',
+                 b'{"max_tokens":16,"n":2,"best_of":3}', b'{"messages":[{"content":"x","n":9}],"max_tokens":16}',
+                 b'{"max_tokens":16,"n":true}', b'{"n":4}', b'{"max_tokens":16,"n":null,"best_of":5000}',
+                 b'{"max_tokens":true,"max_completion_tokens":-1,"max_output_tokens":8,"n":0}'):
+        fields = jsonutil.loads(body)
+        assert asked_tokens(fields) == (requested_tokens(jsonutil.dumps(fields)) or 0), body
     assert estimate(b"") == 0
 
 

@@ -131,6 +131,26 @@ def requested_tokens(body):
     return asked * _sequences(body)
 
 
+def asked_tokens(fields: dict):
+    """L{requested_tokens} of a request body already parsed, C{fields} (a dict, as sent: the body is its dump),
+    read from it without a scan of its bytes: the first of C{max_tokens}, C{max_completion_tokens} and
+    C{max_output_tokens} (in its order) that is a count, times the larger of its C{n} and C{best_of}; 0 where it
+    asks for none (L{gomodel.proxy.exchange.UpstreamCall}'s C{asked})."""
+    value = _first_max(fields)
+    if value is None:
+        return 0
+    n, best_of = fields.get("n"), fields.get("best_of")
+    if n is None and best_of is None:  # (most bodies: one sequence)
+        return value
+    return value * _most_sequences(n, best_of)
+
+
+def _most_sequences(n, best_of) -> int:
+    """The larger of a body's C{n} and C{best_of} that is a count of sequences (L{_MAX_SEQUENCES}), else 1."""
+    counts = [value for value in (n, best_of) if value.__class__ is int and 1 <= value <= _MAX_SEQUENCES]
+    return max(counts, default=1)
+
+
 def _sequences(body) -> int:
     """The sequences a JSON request C{body} has generated: its own C{n} (chat, completions: each a choice) or
     C{best_of} (completions: the best C{n} of that many), the larger; 1 where it says neither (or no number)."""
@@ -140,9 +160,7 @@ def _sequences(body) -> int:
         return 1
     if parsed.__class__ is not dict:
         return 1
-    counts = [value for value in (parsed.get("n"), parsed.get("best_of"))
-              if value.__class__ is int and 1 <= value <= _MAX_SEQUENCES]
-    return max(counts, default=1)
+    return _most_sequences(parsed.get("n"), parsed.get("best_of"))
 
 
 # The most sequences one request is counted to generate (a larger C{n} is the upstream's to refuse).
@@ -162,7 +180,12 @@ def _asked(body, start):
         return int(found[1])
     if parsed.__class__ is not dict:
         return int(found[1])
-    for name, value in parsed.items():
+    return _first_max(parsed)
+
+
+def _first_max(fields):
+    """The first of a parsed body's C{fields} named as L{_MAX_FIELDS} whose value is a count, or None."""
+    for name, value in fields.items():
         if name in _MAX_FIELDS and value.__class__ is int and 0 <= value < 10**18:
             return value
     return None

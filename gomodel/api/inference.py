@@ -10,7 +10,7 @@ to the exchange.
 from functools import partial
 
 from gomodel import jsonutil
-from gomodel.accounting.tokens import without_max_tokens
+from gomodel.accounting.tokens import asked_tokens, without_max_tokens
 from gomodel.api.uploads import Form
 from gomodel.errors import AmbiguousModel, InvalidRequest, ModelAccessDenied, ModelNotFound, NotSupported, shown
 from gomodel.http.bodies import json_body, stream_options, streams, whole_number
@@ -103,11 +103,12 @@ class InferenceRoutes:
             for_openai(body)
         if observer is None:
             call = UpstreamCall(path, jsonutil.dumps(body), model=ctx.upstream_model, affinity=affinity,
-                                fallbacks=fallbacks, rebody=again)
+                                fallbacks=fallbacks, rebody=again, asked=asked_tokens(body))
             return await self._exchange.relay(request, ctx, upstream, call)
         # (an upstream that ignores "stream" answers whole: the client still gets the stream's events)
         call = UpstreamCall(path, jsonutil.dumps(body), observer=observer, transform=observer.whole,
-                            model=ctx.upstream_model, affinity=affinity, fallbacks=fallbacks, rebody=again)
+                            model=ctx.upstream_model, affinity=affinity, fallbacks=fallbacks, rebody=again,
+                            asked=asked_tokens(body))
         answer = await self._exchange.relay(request, ctx, upstream, call)
         if answer is not None:
             request.responseHeaders.put(CONTENT_TYPE, EVENT_STREAM)

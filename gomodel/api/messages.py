@@ -47,6 +47,7 @@ from twisted.logger import Logger
 
 from gomodel import errors, jsonutil
 from gomodel._twistedcompat import header_name, plain_headers
+from gomodel.accounting.tokens import asked_tokens
 from gomodel.anthropic.file_sources import walk_blocks
 from gomodel.anthropic.files import wants_anthropic_files
 from gomodel.anthropic.translate import (ANTHROPIC_ERROR_TYPES, ChatToMessagesStream,
@@ -293,7 +294,7 @@ class MessagesRoutes:
         call = UpstreamCall(path, jsonutil.dumps(body), observer=observer, transform=whole,
                             vet=vet, model=ctx.upstream_model, affinity=affinity, headers=headers,
                             fallbacks=fallbacks, rebody=rebody(body) if fallbacks else None,
-                            limited=path == "/messages")  # (a count takes nothing of the limits)
+                            limited=path == "/messages", asked=asked_tokens(body))  # (a count: no limits)
         try:
             answer = await self._exchange.relay(request, ctx, upstream, call)
         except errors.UpstreamError as e:
@@ -351,7 +352,8 @@ class MessagesRoutes:
                             transform=lambda answer: whole(answer, ctx.upstream_model, omit, names, stops),
                             affinity=affinity,
                             fallbacks=fallbacks,
-                            rebody=retargeted(request, ctx, self._salts, made) if fallbacks else None)
+                            rebody=retargeted(request, ctx, self._salts, made) if fallbacks else None,
+                            asked=asked_tokens(sent))
         try:
             answer = await self._exchange.relay(request, ctx, upstream, call)
         except errors.UpstreamError as e:

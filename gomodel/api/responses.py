@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gomodel import errors, jsonutil
+from gomodel.accounting.tokens import asked_tokens
 from gomodel.anthropic.translate import count_tokens_answer
 from gomodel.api.background import UNFINISHED, BackgroundWatch
 from gomodel.api.inference import held, plan_model, target, unsaturated, vet_priority
@@ -279,7 +280,7 @@ class ResponsesRoute:
             # (an upstream that ignores "stream" answers whole: its response becomes the stream's events)
             call = UpstreamCall("/responses", jsonutil.dumps(body), observer=observer, vet=vet, model=body["model"],
                                 transform=partial(_streamed, observer), prefer=prefer, affinity=affinity,
-                                counted=counted)
+                                counted=counted, asked=None if counted else asked_tokens(body))
             left = None  # whether the client left, once the stream is over; None: it failed before it began
             if background:
                 ctx.hold()  # (completed once its reservation's fate is known, below)
@@ -328,7 +329,7 @@ class ResponsesRoute:
         if body.get("background") is True and self._gate is not None:
             transform = partial(_queued, partial(self._gate.reservation_stays, ctx), transform)
         call = UpstreamCall("/responses", jsonutil.dumps(body), transform=transform,
-                            vet=vet, model=body["model"], prefer=prefer, affinity=affinity)
+                            vet=vet, model=body["model"], prefer=prefer, affinity=affinity, asked=asked_tokens(body))
         return await self._exchange.relay(request, ctx, provider, call)
 
     async def _not_found(self, provider, upstream, body):

@@ -253,12 +253,11 @@ class Gate(Periodic):
             lane = self._key_lanes.get(principal)
             if lane is not None:
                 body = call.counted
-                # (L{estimate}, inline. Not looked for first with C{b'"max_' in body}: bytes' C{in} tries its operand
-                # as an int before it searches, a TypeError made and dropped, dearer than L{requested_tokens}' find.)
-                tokens = len(body) // 4 + (requested_tokens(body) or 0) if body else 0
+                asked = _asked(call)
+                tokens = len(body) // 4 + asked if body else 0  # (L{estimate}, inline)
                 if lane.costed:
                     admission = lane.admit(tokens, self._limiter.clock.seconds(), request.responseHeaders,
-                                           self._cost_estimate(ctx, body))
+                                           self._cost_estimate(ctx, body, asked))
                 else:
                     admission = lane.admit(tokens, self._limiter.clock.seconds(), request.responseHeaders)
                 if admission is not None:
@@ -281,12 +280,13 @@ class Gate(Periodic):
             ctx.budgets = budgets
             return Deferred.fromCoroutine(self._admit(request, ctx, budgets, scopes, own, call))
         body = call.counted
-        tokens = len(body) // 4 + (requested_tokens(body) or 0) if body else 0  # (L{estimate})
+        asked = _asked(call)
+        tokens = len(body) // 4 + asked if body else 0  # (L{estimate}, inline)
         now = self._limiter.clock.seconds()
         lane = self._lanes.get(id(scopes))
         if lane is None or lane.scopes is not scopes:
             lane = self._lane(scopes, budgets, own)
-        cost = self._cost_estimate(ctx, body) if budgets and self._pricing else 0.0
+        cost = self._cost_estimate(ctx, body, asked) if budgets and self._pricing else 0.0
         if lane is not None:
             admission = lane.admit(tokens, now, request.responseHeaders, cost)
             if admission is None and not lane.live(now):  # a sweep, or a period's end: a new lane, once
@@ -357,9 +357,11 @@ class Gate(Periodic):
         return lane
 
     async def _admit(self, request, ctx, budgets, scopes, own, call):
-        tokens = 0 if call is None else estimate(call.counted)
+        body = None if call is None else call.counted
+        asked = _asked(call) if body else 0
+        tokens = len(body) // 4 + asked if body else 0  # (L{estimate})
         if budgets:
-            cost = self._cost_estimate(ctx, call.counted) if self._pricing else 0.0
+            cost = self._cost_estimate(ctx, body, asked) if self._pricing else 0.0
             _reserved(await self._book.reserve(budgets, tokens, cost), ctx)  # (settled when it completes)
         if scopes:
             try:
@@ -379,13 +381,13 @@ class Gate(Periodic):
             if giving is not None:
                 giving.addErrback(self._failed, "giving back a budget reservation")
 
-    def _cost_estimate(self, ctx, body) -> float:
-        """The cost of a request's estimate (L{estimate}: its prompt, and the output it asks for at most) at its
-        model's price; 0 without one."""
+    def _cost_estimate(self, ctx, body, asked) -> float:
+        """The cost of a request's estimate (L{estimate}: its prompt, C{body}, and the output it asks for at most,
+        C{asked}) at its model's price; 0 without one."""
         pricing = self._pricing
         if pricing is None or not body or not ctx.upstream_model:
             return 0.0
-        cost = pricing.costs(f"{ctx.provider}/{ctx.upstream_model}", (len(body) // 4, requested_tokens(body) or 0, 0))[2]
+        cost = pricing.costs(f"{ctx.provider}/{ctx.upstream_model}", (len(body) // 4, asked, 0))[2]
         return cost or 0.0
 
     def _with_targets(self, limits, targets):
@@ -571,6 +573,17 @@ def key_budgets(items) -> tuple:
                         max_cost=COST_MAX if item.get("max_tokens") is None and item.get("max_cost") is None
                         else item.get("max_cost"), since=item.get("reset_at"))
                  for item in items)
+
+
+def _asked(call) -> int:
+    """The output tokens a call (L{gomodel.proxy.exchange.UpstreamCall}) asks for at most, 0 for none: as its route
+    read them from the body it parsed and sent (its C{asked}), else from its C{counted} bytes (not looked for first
+    with C{b'"max_' in body}: bytes' C{in} tries its operand as an int before it searches, a TypeError made and
+    dropped, dearer than L{requested_tokens}' find)."""
+    asked = call.asked
+    if asked is None:
+        return requested_tokens(call.counted) or 0
+    return asked
 
 
 def estimate(body) -> int:

@@ -117,6 +117,9 @@ class UpstreamCall:
     @ivar counted: what the request's tokens are estimated from where no usage says them (the limits' reservation,
         a prompt the upstream read before the client left): its C{body}, or a JSON stand-in for one that is no
         text (an audio form's fields without its file).
+    @ivar asked: the output tokens its body asks for at most, read by the route from the body it parsed and
+        dumped (L{gomodel.accounting.tokens.asked_tokens}; 0: none), so the limits need not scan C{counted} for
+        them; or None: read from C{counted} (L{gomodel.accounting.tokens.requested_tokens}).
     @ivar limited: whether it passes every limit and budget (L{gomodel.limits.gate.Gate.admit}); a token count
         (Messages' C{count_tokens}, Responses' C{input_tokens}, vLLM's C{tokenize}) generates nothing: it takes
         only a slot of its key's caps on requests in flight.
@@ -131,7 +134,7 @@ class UpstreamCall:
     def __init__(self, path, body=None, method=b"POST", native=False, query=b"", headers=None,
                  content_type=b"application/json", observer=None, transform=None, raw=False, ends=None, vet=None,
                  model=None, affinity=None, prefer=None, pin=None, fallbacks=(), rebody=None, counted=None,
-                 observe=None, limited=True):
+                 observe=None, limited=True, asked=None):
         """Given C{path} and C{body} by position, the rest by keyword (every caller does; they are not marked
         keyword-only, C{*}: CPython 3.11 fills each keyword-only default a call leaves out with a dict lookup, and
         a request's call leaves out some fifteen, about 2,000 instructions; positional ones come from a tuple)."""
@@ -142,6 +145,7 @@ class UpstreamCall:
         self.path = path
         self.body = body
         self.counted = body if counted is None else counted
+        self.asked = asked
         self.native = native
         self.query = query
         self.headers = headers
