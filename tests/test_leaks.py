@@ -1299,3 +1299,107 @@ def test_an_answers_transfer_fields_are_dropped_where_they_say_something_null_on
     assert json.loads(without_transfers(said)) == {"x": {}}
     event = b'data: {"kv_transfer_params":null}\n\ndata: {"kv_transfer_params":{"remote_port":1}}\n\n'
     assert without_transfers(event) == b'data: {"kv_transfer_params":null}\n\ndata: {}\n\n'
+
+
+async def batch_output(sdk, gw, endpoint, lines) -> bytes:
+    """The output file of a batch of C{lines} (dicts: each line's body) to C{endpoint}, made with C{sdk}'s key."""
+    jsonl = "\n".join(json.dumps({"custom_id": f"l{i}", "method": "POST", "url": endpoint, "body": body})
+                      for i, body in enumerate(lines)).encode()
+    uploaded = await in_thread(sdk.files.create, file=("in.jsonl", io.BytesIO(jsonl)), purpose="batch")
+    created = await in_thread(sdk.batches.create, input_file_id=uploaded.id, endpoint=endpoint, completion_window="24h")
+    await gw.service.batch_runner.settled(created.id)
+    batch = await in_thread(sdk.batches.retrieve, created.id)
+    assert batch.output_file_id is not None, batch
+    return (await in_thread(sdk.files.content, batch.output_file_id)).content
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_managed_keys_batch_lines_carry_no_transfer_params_where_they_go_without(reactor, http, tmp_path):
+    """A managed key's batch lines go to a vLLM without C{kv_transfer_params} and C{ec_transfer_params} (salted, the
+    key not allowed its own salt), and so do their answers in the batch's output file (a chat completion, a native
+    Messages answer, a native Responses object, and that response as kept: retrieved), as its online answers do;
+    the master key's, and those of a key allowed its own salt, keep them (their lines do). Before, every output
+    line carried them as vLLM sent them."""
+    vllm = await start_fake(reactor)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": vllm.base_url, "GOMODEL_MASTER_KEY": MASTER,
+                                       "GOMODEL_DATA_DIR": str(tmp_path)})
+    kv = {"do_remote_decode": False, "remote_engine_id": "prefill-7", "remote_host": "10.9.8.7", "remote_port": 5600}
+    ec = {"remote_engine_id": "encoder-3"}
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": BARE, "stop_reason": "end_turn",
+               "content": [{"type": "text", "text": "hi"}], "usage": {"input_tokens": 1, "output_tokens": 1},
+               "kv_transfer_params": kv}
+    response = {"id": "resp_b", "object": "response", "created_at": 1, "status": "completed", "model": BARE,
+                "output": [{"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
+                            "content": [{"type": "output_text", "text": "hi", "annotations": []}]}],
+                "usage": {"input_tokens": 1, "output_tokens": 1, "total_tokens": 2}, "ec_transfer_params": ec}
+    cases = (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),  # (the fake's own extras)
+             ("/v1/messages", {"max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
+                               "fake_status": 200, "fake_body": json.dumps(message)}),
+             ("/v1/responses", {"input": "hi", "fake_status": 200, "fake_body": json.dumps(response)}))
+    said = (b"prefill-7", b"encoder-3", b'"fake": true', b'"fake":true')
+    try:
+        managed, own = await new_key(http, gw), await new_key(http, gw, own_cache_salt=True)
+        for key in (managed, own, MASTER):
+            sdk = openai_client(gw, key)
+            try:
+                for endpoint, body in cases:
+                    content = await batch_output(sdk, gw, endpoint, [dict(body, model=MODEL)])
+                    answer = json.loads(content.splitlines()[0])["response"]
+                    assert answer["status_code"] == 200, content
+                    if key == managed:
+                        assert not any(s in content for s in said), (endpoint, content)
+                        assert b"_transfer_params\"" not in content and BARE.encode() in content, (endpoint, content)
+                    else:
+                        assert b"_transfer_params\"" in content, (key, endpoint, content)
+                    if endpoint == "/v1/responses":
+                        got, kept = await call(http, gw, "/v1/responses/resp_b", key=key, method="GET")
+                        assert got.code == 200 and (b"encoder-3" in kept) is (key != managed), (key, kept)
+                        await call(http, gw, "/v1/responses/resp_b", key=key, method="DELETE")
+            finally:
+                sdk.close()
+    finally:
+        await stop_all(gw, vllm)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_managed_keys_passthrough_answers_carry_no_transfer_params_where_its_requests_go_without(
+        reactor, http, tmp_path):
+    """A managed key's passthrough request to a vLLM's model-routed route goes without C{kv_transfer_params} and
+    C{ec_transfer_params} (salted as on C{/v1}), and so does its answer, whole and streamed, the rest of it as it
+    came; the master key's, and a key's allowed its own salt, keep them (their requests do). Before, a passthrough's
+    answer carried them as vLLM sent them."""
+    vllm = await start_fake(reactor)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": vllm.base_url, "GOMODEL_MASTER_KEY": MASTER,
+                                       "GOMODEL_DATA_DIR": str(tmp_path)})
+    kv = {"do_remote_decode": False, "remote_engine_id": "prefill-7", "remote_port": 5600}
+    usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+    chat = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": BARE, "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "kv_transfer_params: mine"}, "finish_reason": "stop"}],
+        "usage": usage, "kv_transfer_params": kv, "ec_transfer_params": {"remote_engine_id": "encoder-3"}}
+    chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": BARE}
+    sse = [json.dumps(dict(chunk, choices=[{"index": 0, "delta": {"role": "assistant", "content": "hi"},
+                                            "finish_reason": None}])),
+           json.dumps(dict(chunk, choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}], kv_transfer_params=kv)),
+           json.dumps(dict(chunk, choices=[], usage=usage, kv_transfer_params=kv)), "[DONE]"]
+    said = (b"prefill-7", b"encoder-3")
+    body = {"model": BARE, "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        managed, own = await new_key(http, gw), await new_key(http, gw, own_cache_salt=True)
+        for stream, steer in ((False, {"fake_status": 200, "fake_body": json.dumps(chat)}), (True, {"fake_sse": sse})):
+            for key in (managed, own, MASTER):
+                vllm.steer = steer
+                response, content = await call(http, gw, "/p/vllm/v1/chat/completions", dict(body, stream=stream),
+                                               key=key)
+                assert response.code == 200, (stream, content)
+                if key == managed:
+                    assert not any(s in content for s in said), (stream, content)
+                    assert b"_transfer_params\"" not in content and BARE.encode() in content, (stream, content)
+                    if not stream:
+                        assert json.loads(content) == {k: v for k, v in chat.items()
+                                                       if not k.endswith("_transfer_params")}, content
+                    else:
+                        assert content.count(b"data: ") == 4 and content.endswith(b"data: [DONE]\n\n"), content
+                else:
+                    assert b"prefill-7" in content, (stream, key, content)
+    finally:
+        await stop_all(gw, vllm)

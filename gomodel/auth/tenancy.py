@@ -104,3 +104,10 @@ class CacheSalts:
         tenant = principal.tenant
         body["cache_salt"] = self._salts.get(tenant) or self.salt(tenant)
         return not principal.own_cache_salt
+
+    def strips(self, principal, upstream) -> bool:
+        """Whether C{principal}'s requests to C{upstream} (a pool) go without their L{TRANSFER_FIELDS}, and so their
+        answers (L{apply}'s answer for any body of theirs): where an answer is read apart from its request's body
+        (a batch line's, whichever target answered it)."""
+        return (self.enabled and principal is not None and not principal.master and not principal.own_cache_salt
+                and upstream.type in SALTED_PROVIDER_TYPES)

@@ -76,6 +76,7 @@ from gomodel.proxy import gather as gathered
 from gomodel.proxy.exchange import UpstreamCall, usage_of
 from gomodel.proxy.renamed import model_named, model_renamed
 from gomodel.proxy.sse import StreamIncomplete
+from gomodel.proxy.transfers import without_transfers
 from gomodel.responses_history import (checked_previous_id, continued, error_hidden, names_previous, no_chosen_id,
                                       normalise_input, relink, unknown_previous, with_history, with_references)
 from gomodel.store.records import OPENAI_BATCH, LeaseLost, process_owner
@@ -834,6 +835,9 @@ class BatchRunner(Service):
             self._account_unanswered(job, path, outcome, f"{job.batch_id}-{line}", call.body, reserved)
         if isinstance(outcome, _Answer):
             self._account(job, path, outcome, f"{job.batch_id}-{line}", reserved)
+            if (200 <= outcome.status < 300 and self._salts is not None
+                    and self._salts.strips(job.principal, outcome.provider)):
+                outcome.body = without_transfers(outcome.body)  # (the line went without them: as online, and kept so)
             if path == "/responses" and 200 <= outcome.status < 300:  # (a failed one's error, as online)
                 outcome.body = error_hidden(outcome.provider, None, outcome.body)
             if answer is not None and 200 <= outcome.status < 300:
