@@ -100,8 +100,9 @@ class UpstreamCall:
     @ivar shown: with C{raw}, C{shown(body, upstream)}: the body its client gets of a 2xx JSON answer (uncompressed)
         that is within L{ERROR_BODY_LIMIT} (read whole for it: L{answer_shown}, L{response_shown}); or None (a class
         attribute: set after the call is made), each answer relayed as it comes.
-    @ivar rewrite: for event streams with an observer, bytes -> bytes: what the client gets of its events (whole, as
-        the observer passes them), or None (a class attribute: set after the call is made).
+    @ivar rewrite: for event streams with an observer (with C{raw}, any event stream), bytes -> bytes: what the client
+        gets of its events (whole, as the observer passes them), or None (a class attribute: set after the call is
+        made).
     @ivar vet: an async function of the upstream's L{IResponse}, run before
         anything is relayed; it may raise (and then reads or drops the body itself).
     @ivar model: the upstream model id (only replicas that list it get the
@@ -315,7 +316,8 @@ class Exchange:
                 if body is not None:
                     return self._shown(request, ctx, upstream, response, call, body)
             ends = call.ends if events and response.code == 200 and request.method != b"HEAD" else None
-            return await self._relay_raw(request, ctx, upstream, response, events, call.counted, ends)
+            return await self._relay_raw(request, ctx, upstream, response, events, call.counted, ends,
+                                         call.rewrite if events else None)
         if response.code >= 400:
             raise await self._error(upstream, response)
         if not 200 <= response.code < 300:
@@ -754,18 +756,20 @@ class Exchange:
         ctx.first_byte_written()
         return body
 
-    def _relay_raw(self, request, ctx, upstream, response, events=False, body=None, ends=None):
+    def _relay_raw(self, request, ctx, upstream, response, events=False, body=None, ends=None, rewrite=None):
         """Relay C{response} (an event stream with C{events}) byte for byte, its length kept, its usage read
         from the end of what went by, or from its C{metadata} header (L{_relay_stream}'s answer); an event
         stream goes event by event (L{UsageTap}) without its length, its in-band error noted (and written
         without the upstream's address), and is broken off where it ends inside an event or without its end
-        (C{ends}, a L{StreamEnd}, where it has one), however its body ended."""
+        (C{ends}, a L{StreamEnd}, where it has one), however its body ended; its events written by C{rewrite}
+        where it is one (a passthrough's call's: L{UpstreamCall.rewrite})."""
         tap = None
         if ctx.recorded or events:
             tap = UsageTap(events, ends, upstream if events and upstream.hidden_pattern is not None else None)
             if ctx.recorded:
                 ctx.usage, ctx.estimated = binary_usage(response, body)
-        return self._relay_stream(request, ctx, upstream, response, tap, events, body, keep_length=not events)
+        return self._relay_stream(request, ctx, upstream, response, tap, events, body, keep_length=not events,
+                                  rewrite=rewrite)
 
     async def _relay_stream(self, request, ctx, upstream, response, observer, events, body=None, keep_length=False,
                             rewrite=None):
