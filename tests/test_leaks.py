@@ -1403,3 +1403,46 @@ async def test_a_managed_keys_passthrough_answers_carry_no_transfer_params_where
                     assert b"prefill-7" in content, (stream, key, content)
     finally:
         await stop_all(gw, vllm)
+
+
+async def message_batch_results(http, gw, requests) -> bytes:
+    """The results (JSONL) of a message batch of C{requests}, made with the master key, once it has ended."""
+    response, content = await call(http, gw, "/v1/messages/batches", {"requests": requests})
+    assert response.code == 200, content
+    batch_id = json.loads(content)["id"]
+    await gw.service.batch_runner.settled(batch_id)
+    response, content = await call(http, gw, f"/v1/messages/batches/{batch_id}/results", method="GET")
+    assert response.code == 200, content
+    return content
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_message_batchs_results_name_a_model_listed_by_a_path_as_it_is_listed(http, pathed):
+    """A message batch's results (C{/v1/messages/batches/{id}/results}) of a model its vLLM lists by a path name it
+    by its listed name, as an OpenAI batch's output lines and online answers do: a message answered natively and one
+    made of a chat completion (a line with stop sequences goes translated), and vLLM's error naming the path
+    (natively, in Anthropic's shape and in OpenAI's, and translated)."""
+    gw, vllm, _, publics = pathed
+    path, shown = "/srv/models/" + BARE.split("/")[1], BARE.split("/")[1]
+    said = f"The model `{path}` does not exist."
+    missing = json.dumps({"error": {"message": said, "type": "NotFoundError", "param": "model", "code": 404}})
+    anthropics = json.dumps({"type": "error", "error": {"type": "not_found_error", "message": said}})
+    params = {"model": publics[0], "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    translated = dict(params, stop_sequences=["zzz"])
+    content = await message_batch_results(http, gw, [
+        {"custom_id": "native", "params": params}, {"custom_id": "translated", "params": translated},
+        {"custom_id": "missing", "params": dict(params, fake_status=404, fake_body=anthropics)},
+        {"custom_id": "missing-openai", "params": dict(params, fake_status=400, fake_body=missing)},
+        {"custom_id": "by-path", "params": dict(params, model="vllm/" + path)}])  # (the path still routes)
+    assert {vllm.last_request(p).path for p in (b"/v1/messages", b"/v1/chat/completions")} == {
+        b"/v1/messages", b"/v1/chat/completions"}
+    vllm.steer = {"fake_status": 404, "fake_body": missing}  # (a translated line's chat completion: no field of
+    content += await message_batch_results(http, gw, [  # the line's own reaches it)
+        {"custom_id": "missing-translated", "params": translated}])
+    assert shows_none(content, "/srv", "\\/srv"), content
+    results = {r["custom_id"]: r["result"] for r in map(json.loads, content.splitlines())}
+    for custom_id in ("native", "translated", "by-path"):
+        assert results[custom_id]["type"] == "succeeded" and results[custom_id]["message"]["model"] == shown, results
+    for custom_id in ("missing", "missing-openai", "missing-translated"):
+        assert results[custom_id]["type"] == "errored", results
+        assert results[custom_id]["error"]["error"]["message"] == f"The model `{shown}` does not exist.", results
