@@ -1446,3 +1446,40 @@ async def test_a_message_batchs_results_name_a_model_listed_by_a_path_as_it_is_l
     for custom_id in ("missing", "missing-openai", "missing-translated"):
         assert results[custom_id]["type"] == "errored", results
         assert results[custom_id]["error"]["error"]["message"] == f"The model `{shown}` does not exist.", results
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_managed_keys_background_response_read_again_carries_no_transfer_params(reactor, http, tmp_path):
+    """A managed key's background response goes without C{kv_transfer_params} and C{ec_transfer_params} where its
+    create did, however it is read again from its instance: retrieved while it runs (refreshed there), cancelled
+    (the instance's answer), its events replayed (C{stream=true}); the master key's and an own-salt key's keep them
+    (their creates do). Before, each of these carried them as vLLM has them."""
+    vllm = await start_fake(reactor)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": vllm.base_url, "GOMODEL_MASTER_KEY": MASTER,
+                                       "GOMODEL_DATA_DIR": str(tmp_path)})
+    kv = {"do_remote_decode": False, "remote_engine_id": "prefill-7", "remote_port": 5600}
+    try:
+        managed, own = await new_key(http, gw), await new_key(http, gw, own_cache_salt=True)
+        for key in (managed, own, MASTER):
+            response, content = await call(http, gw, "/v1/responses", {"model": MODEL, "input": "hi",
+                                                                        "background": True}, key=key)
+            assert response.code == 200, content
+            response_id = json.loads(content)["id"]
+            vllm.stored_responses[response_id]["kv_transfer_params"] = kv  # (as its instance has it now)
+            response, content = await call(http, gw, "/v1/responses", {"model": MODEL, "input": "hi",
+                                                                        "background": True, "stream": True}, key=key)
+            assert response.code == 200 and b"prefill-7" not in content, content
+            streamed = [json.loads(line[len(b"data: "):])["response"]["id"] for line in content.split(b"\n")
+                        if line.startswith(b"data: ") and b'"response.created"' in line][0]
+            kept = vllm.event_store[streamed]
+            kept[-1] = kept[-1].replace(b'"background"', b'"kv_transfer_params": ' + json.dumps(kv).encode()
+                                        + b', "background"', 1)
+            assert b"prefill-7" in kept[-1], kept  # (its instance's events, as kept there)
+            read = [(await call(http, gw, f"/v1/responses/{response_id}", key=key, method="GET"))[1],
+                    (await call(http, gw, f"/v1/responses/{streamed}?stream=true", key=key, method="GET"))[1],
+                    (await call(http, gw, f"/v1/responses/{response_id}/cancel", key=key))[1],
+                    (await call(http, gw, f"/v1/responses/{response_id}", key=key, method="GET"))[1]]
+            for number, content in enumerate(read):
+                assert b"resp" in content and (b"prefill-7" in content) is (key != managed), (key, number, content)
+    finally:
+        await stop_all(gw, vllm)

@@ -30,7 +30,7 @@ from gomodel.http.render import RESPONSES
 from gomodel.ids import new_id
 from gomodel.proxy.exchange import UpstreamCall, fails_over
 from gomodel.proxy.renamed import model_named, model_renamed
-from gomodel.proxy.transfers import dropped
+from gomodel.proxy.transfers import dropped, without_transfers
 from gomodel.proxy.sse import ResponsesStreamObserver, SSEFramer, event_object
 from gomodel.responses_history import (as_listed, as_retrieved, checked_previous_id, continued, cut_short,
                                       error_hidden, error_shown, events_as_retrieved, no_chosen_id, normalise_input,
@@ -443,7 +443,21 @@ class ResponsesRoute:
             fresh = await self.refresh(record, request.context.request_id, request.context.trace)
             if fresh is not None:
                 response = fresh
-        return json_answer(request, as_retrieved(response, include))
+        return self._answer(request, record, as_retrieved(response, include))
+
+    def _answer(self, request, record, response) -> bytes:
+        """C{response}, C{record}'s response as stored or read again from its instance (a refresh, which keeps what
+        the instance has), as C{request}'s JSON answer: without its transfer fields where the key's requests to its
+        provider go without them (L{_goes_without}), as its create's answer went."""
+        body = jsonutil.dumps(response)
+        if self._goes_without(request.context, self._registry.provider(record["provider"])):
+            body = without_transfers(body)
+        return json_answer(request, body)
+
+    def _goes_without(self, ctx, provider) -> bool:
+        """Whether C{ctx}'s key's requests to C{provider} (None: one no longer configured) go without transfer
+        fields, and so what it reads of a response its instance has (L{gomodel.auth.tenancy.CacheSalts.strips})."""
+        return provider is not None and self._salts is not None and self._salts.strips(ctx.principal, provider)
 
     async def _replay(self, request, record, include):
         """The events of C{record}'s background stream after sequence number C{starting_after} (all of them where
@@ -480,6 +494,7 @@ class ResponsesRoute:
         ctx = request.context
         ctx.route(provider, response.get("model"), response.get("model"))
         ctx.dialect = RESPONSES  # (a replay that breaks ends with the Responses stream's error event)
+        ctx.transfers_dropped = self._goes_without(ctx, provider)  # (its events: L{gomodel.proxy.transfers})
 
         async def vet(upstream):
             if upstream.code in (404, 405, 501):
@@ -564,7 +579,7 @@ class ResponsesRoute:
         response = record["response"]
         status = response.get("status")
         if status == "cancelled" or status not in UNFINISHED and response.get("background") is True:
-            return json_answer(request, response)
+            return self._answer(request, record, response)
         if status not in UNFINISHED:
             raise errors.InvalidRequest("Only responses created with background=true can be cancelled.",
                                         param="response_id", code="response_not_cancellable")
@@ -574,6 +589,7 @@ class ResponsesRoute:
                                   "is no longer configured.", code="provider_not_found")
         ctx = request.context
         ctx.route(provider, record["response"].get("model"), record["response"].get("model"))
+        ctx.transfers_dropped = self._goes_without(ctx, provider)  # (the instance's answer: L{gomodel.proxy.transfers})
         named = self._named(provider, record)
         previous_id = record.get("previous_response_id")
 
@@ -601,7 +617,7 @@ class ResponsesRoute:
         try:
             return await self._exchange.relay(request, ctx, provider, call)
         except _Concluded as over:
-            return json_answer(request, over.response)
+            return self._answer(request, record, over.response)
 
     async def _concluded(self, provider, upstream, record, ctx):
         """Sort out the 400 of a cancel at C{record}'s instance: one for a response it has finished since the
