@@ -1301,6 +1301,36 @@ def test_an_answers_transfer_fields_are_dropped_where_they_say_something_null_on
     assert without_transfers(event) == b'data: {"kv_transfer_params":null}\n\ndata: {}\n\n'
 
 
+# A prefill vLLM's transfer fields, as its answers carry them (its engine's id and port)
+PREFILL = {"do_remote_decode": False, "remote_engine_id": "prefill-7", "remote_port": 5600}
+
+
+@pytest_twisted.async_yield_fixture()
+async def salted(reactor, http, tmp_path):
+    """A gateway before a vLLM, with cache salts on: the gateway, the fake, a managed key (its requests go to the vLLM
+    without transfer fields) and one allowed its own salt (they go as sent)."""
+    vllm = await start_fake(reactor)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": vllm.base_url, "GOMODEL_MASTER_KEY": MASTER,
+                                       "GOMODEL_DATA_DIR": str(tmp_path)})
+    yield gw, vllm, await new_key(http, gw), await new_key(http, gw, own_cache_salt=True)
+    await stop_all(gw, vllm)
+
+
+def created_id(events: bytes) -> str:
+    """The id of the response a Responses stream's C{events} created."""
+    return [json.loads(line[len(b"data: "):])["response"]["id"] for line in events.split(b"\n")
+            if line.startswith(b"data: ") and b'"response.created"' in line][0]
+
+
+def with_transfers_kept(vllm, response_id, kv):
+    """Have C{vllm}'s last kept event of C{response_id}'s background stream (its C{response.completed}) name C{kv}
+    (L{PREFILL}) as its C{kv_transfer_params}, as a prefill vLLM's does."""
+    kept = vllm.event_store[response_id]
+    kept[-1] = kept[-1].replace(b'"background"', b'"kv_transfer_params": ' + json.dumps(kv).encode() + b', "background"',
+                                1)
+    assert b"prefill-7" in kept[-1], kept
+
+
 async def batch_output(sdk, gw, endpoint, lines) -> bytes:
     """The output file of a batch of C{lines} (dicts: each line's body) to C{endpoint}, made with C{sdk}'s key."""
     jsonl = "\n".join(json.dumps({"custom_id": f"l{i}", "method": "POST", "url": endpoint, "body": body})
@@ -1314,15 +1344,13 @@ async def batch_output(sdk, gw, endpoint, lines) -> bytes:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_managed_keys_batch_lines_carry_no_transfer_params_where_they_go_without(reactor, http, tmp_path):
+async def test_a_managed_keys_batch_lines_carry_no_transfer_params_where_they_go_without(http, salted):
     """A managed key's batch lines go to a vLLM without C{kv_transfer_params} and C{ec_transfer_params} (salted, the
     key not allowed its own salt), and so do their answers in the batch's output file (a chat completion, a native
     Messages answer, a native Responses object, and that response as kept: retrieved), as its online answers do;
     the master key's, and those of a key allowed its own salt, keep them (their lines do). Before, every output
     line carried them as vLLM sent them."""
-    vllm = await start_fake(reactor)
-    gw = await start_gateway(reactor, {"VLLM_BASE_URL": vllm.base_url, "GOMODEL_MASTER_KEY": MASTER,
-                                       "GOMODEL_DATA_DIR": str(tmp_path)})
+    gw, vllm, managed, own = salted
     kv = {"do_remote_decode": False, "remote_engine_id": "prefill-7", "remote_host": "10.9.8.7", "remote_port": 5600}
     ec = {"remote_engine_id": "encoder-3"}
     message = {"id": "msg_1", "type": "message", "role": "assistant", "model": BARE, "stop_reason": "end_turn",
@@ -1337,72 +1365,60 @@ async def test_a_managed_keys_batch_lines_carry_no_transfer_params_where_they_go
                                "fake_status": 200, "fake_body": json.dumps(message)}),
              ("/v1/responses", {"input": "hi", "fake_status": 200, "fake_body": json.dumps(response)}))
     said = (b"prefill-7", b"encoder-3", b'"fake": true', b'"fake":true')
-    try:
-        managed, own = await new_key(http, gw), await new_key(http, gw, own_cache_salt=True)
-        for key in (managed, own, MASTER):
-            sdk = openai_client(gw, key)
-            try:
-                for endpoint, body in cases:
-                    content = await batch_output(sdk, gw, endpoint, [dict(body, model=MODEL)])
-                    answer = json.loads(content.splitlines()[0])["response"]
-                    assert answer["status_code"] == 200, content
-                    if key == managed:
-                        assert not any(s in content for s in said), (endpoint, content)
-                        assert b"_transfer_params\"" not in content and BARE.encode() in content, (endpoint, content)
-                    else:
-                        assert b"_transfer_params\"" in content, (key, endpoint, content)
-                    if endpoint == "/v1/responses":
-                        got, kept = await call(http, gw, "/v1/responses/resp_b", key=key, method="GET")
-                        assert got.code == 200 and (b"encoder-3" in kept) is (key != managed), (key, kept)
-                        await call(http, gw, "/v1/responses/resp_b", key=key, method="DELETE")
-            finally:
-                sdk.close()
-    finally:
-        await stop_all(gw, vllm)
+    for key in (managed, own, MASTER):
+        sdk = openai_client(gw, key)
+        try:
+            for endpoint, body in cases:
+                content = await batch_output(sdk, gw, endpoint, [dict(body, model=MODEL)])
+                answer = json.loads(content.splitlines()[0])["response"]
+                assert answer["status_code"] == 200, content
+                if key == managed:
+                    assert not any(s in content for s in said), (endpoint, content)
+                    assert b"_transfer_params\"" not in content and BARE.encode() in content, (endpoint, content)
+                else:
+                    assert b"_transfer_params\"" in content, (key, endpoint, content)
+                if endpoint == "/v1/responses":
+                    got, kept = await call(http, gw, "/v1/responses/resp_b", key=key, method="GET")
+                    assert got.code == 200 and (b"encoder-3" in kept) is (key != managed), (key, kept)
+                    await call(http, gw, "/v1/responses/resp_b", key=key, method="DELETE")
+        finally:
+            sdk.close()
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_managed_keys_passthrough_answers_carry_no_transfer_params_where_its_requests_go_without(
-        reactor, http, tmp_path):
+async def test_a_managed_keys_passthrough_answers_carry_no_transfer_params_where_its_requests_go_without(http, salted):
     """A managed key's passthrough request to a vLLM's model-routed route goes without C{kv_transfer_params} and
     C{ec_transfer_params} (salted as on C{/v1}), and so does its answer, whole and streamed, the rest of it as it
     came; the master key's, and a key's allowed its own salt, keep them (their requests do). Before, a passthrough's
     answer carried them as vLLM sent them."""
-    vllm = await start_fake(reactor)
-    gw = await start_gateway(reactor, {"VLLM_BASE_URL": vllm.base_url, "GOMODEL_MASTER_KEY": MASTER,
-                                       "GOMODEL_DATA_DIR": str(tmp_path)})
-    kv = {"do_remote_decode": False, "remote_engine_id": "prefill-7", "remote_port": 5600}
+    gw, vllm, managed, own = salted
     usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
     chat = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": BARE, "choices": [
         {"index": 0, "message": {"role": "assistant", "content": "kv_transfer_params: mine"}, "finish_reason": "stop"}],
-        "usage": usage, "kv_transfer_params": kv, "ec_transfer_params": {"remote_engine_id": "encoder-3"}}
+        "usage": usage, "kv_transfer_params": PREFILL, "ec_transfer_params": {"remote_engine_id": "encoder-3"}}
     chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": BARE}
     sse = [json.dumps(dict(chunk, choices=[{"index": 0, "delta": {"role": "assistant", "content": "hi"},
                                             "finish_reason": None}])),
-           json.dumps(dict(chunk, choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}], kv_transfer_params=kv)),
-           json.dumps(dict(chunk, choices=[], usage=usage, kv_transfer_params=kv)), "[DONE]"]
+           json.dumps(dict(chunk, choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}], kv_transfer_params=PREFILL)),
+           json.dumps(dict(chunk, choices=[], usage=usage, kv_transfer_params=PREFILL)), "[DONE]"]
     said = (b"prefill-7", b"encoder-3")
     body = {"model": BARE, "messages": [{"role": "user", "content": "hi"}]}
-    try:
-        managed, own = await new_key(http, gw), await new_key(http, gw, own_cache_salt=True)
-        for stream, steer in ((False, {"fake_status": 200, "fake_body": json.dumps(chat)}), (True, {"fake_sse": sse})):
-            for key in (managed, own, MASTER):
-                vllm.steer = steer
-                response, content = await call(http, gw, "/p/vllm/v1/chat/completions", dict(body, stream=stream),
-                                               key=key)
-                assert response.code == 200, (stream, content)
-                if key == managed:
-                    assert not any(s in content for s in said), (stream, content)
-                    assert b"_transfer_params\"" not in content and BARE.encode() in content, (stream, content)
-                    if not stream:
-                        assert json.loads(content) == {k: v for k, v in chat.items()
-                                                       if not k.endswith("_transfer_params")}, content
-                    else:
-                        assert content.count(b"data: ") == 4 and content.endswith(b"data: [DONE]\n\n"), content
+    for stream, steer in ((False, {"fake_status": 200, "fake_body": json.dumps(chat)}), (True, {"fake_sse": sse})):
+        for key in (managed, own, MASTER):
+            vllm.steer = steer
+            response, content = await call(http, gw, "/p/vllm/v1/chat/completions", dict(body, stream=stream),
+                                           key=key)
+            assert response.code == 200, (stream, content)
+            if key == managed:
+                assert not any(s in content for s in said), (stream, content)
+                assert b"_transfer_params\"" not in content and BARE.encode() in content, (stream, content)
+                if not stream:
+                    assert json.loads(content) == {k: v for k, v in chat.items()
+                                                   if not k.endswith("_transfer_params")}, content
                 else:
-                    assert b"prefill-7" in content, (stream, key, content)
-    finally:
-        await stop_all(gw, vllm)
+                    assert content.count(b"data: ") == 4 and content.endswith(b"data: [DONE]\n\n"), content
+            else:
+                assert b"prefill-7" in content, (stream, key, content)
 
 
 async def message_batch_results(http, gw, requests) -> bytes:
@@ -1449,37 +1465,49 @@ async def test_a_message_batchs_results_name_a_model_listed_by_a_path_as_it_is_l
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_managed_keys_background_response_read_again_carries_no_transfer_params(reactor, http, tmp_path):
+async def test_a_managed_keys_background_response_read_again_carries_no_transfer_params(http, salted):
     """A managed key's background response goes without C{kv_transfer_params} and C{ec_transfer_params} where its
     create did, however it is read again from its instance: retrieved while it runs (refreshed there), cancelled
     (the instance's answer), its events replayed (C{stream=true}); the master key's and an own-salt key's keep them
     (their creates do). Before, each of these carried them as vLLM has them."""
-    vllm = await start_fake(reactor)
-    gw = await start_gateway(reactor, {"VLLM_BASE_URL": vllm.base_url, "GOMODEL_MASTER_KEY": MASTER,
-                                       "GOMODEL_DATA_DIR": str(tmp_path)})
-    kv = {"do_remote_decode": False, "remote_engine_id": "prefill-7", "remote_port": 5600}
-    try:
-        managed, own = await new_key(http, gw), await new_key(http, gw, own_cache_salt=True)
-        for key in (managed, own, MASTER):
-            response, content = await call(http, gw, "/v1/responses", {"model": MODEL, "input": "hi",
-                                                                        "background": True}, key=key)
-            assert response.code == 200, content
-            response_id = json.loads(content)["id"]
-            vllm.stored_responses[response_id]["kv_transfer_params"] = kv  # (as its instance has it now)
-            response, content = await call(http, gw, "/v1/responses", {"model": MODEL, "input": "hi",
-                                                                        "background": True, "stream": True}, key=key)
-            assert response.code == 200 and b"prefill-7" not in content, content
-            streamed = [json.loads(line[len(b"data: "):])["response"]["id"] for line in content.split(b"\n")
-                        if line.startswith(b"data: ") and b'"response.created"' in line][0]
-            kept = vllm.event_store[streamed]
-            kept[-1] = kept[-1].replace(b'"background"', b'"kv_transfer_params": ' + json.dumps(kv).encode()
-                                        + b', "background"', 1)
-            assert b"prefill-7" in kept[-1], kept  # (its instance's events, as kept there)
-            read = [(await call(http, gw, f"/v1/responses/{response_id}", key=key, method="GET"))[1],
-                    (await call(http, gw, f"/v1/responses/{streamed}?stream=true", key=key, method="GET"))[1],
-                    (await call(http, gw, f"/v1/responses/{response_id}/cancel", key=key))[1],
-                    (await call(http, gw, f"/v1/responses/{response_id}", key=key, method="GET"))[1]]
-            for number, content in enumerate(read):
-                assert b"resp" in content and (b"prefill-7" in content) is (key != managed), (key, number, content)
-    finally:
-        await stop_all(gw, vllm)
+    gw, vllm, managed, own = salted
+    for key in (managed, own, MASTER):
+        response, content = await call(http, gw, "/v1/responses", {"model": MODEL, "input": "hi",
+                                                                    "background": True}, key=key)
+        assert response.code == 200, content
+        response_id = json.loads(content)["id"]
+        vllm.stored_responses[response_id]["kv_transfer_params"] = PREFILL  # (as its instance has it now)
+        response, content = await call(http, gw, "/v1/responses", {"model": MODEL, "input": "hi",
+                                                                    "background": True, "stream": True}, key=key)
+        assert response.code == 200 and b"prefill-7" not in content, content
+        streamed = created_id(content)
+        with_transfers_kept(vllm, streamed, PREFILL)  # (its instance's events, as kept there)
+        read = [(await call(http, gw, f"/v1/responses/{response_id}", key=key, method="GET"))[1],
+                (await call(http, gw, f"/v1/responses/{streamed}?stream=true", key=key, method="GET"))[1],
+                (await call(http, gw, f"/v1/responses/{response_id}/cancel", key=key))[1],
+                (await call(http, gw, f"/v1/responses/{response_id}", key=key, method="GET"))[1]]
+        for number, content in enumerate(read):
+            assert b"resp" in content and (b"prefill-7" in content) is (key != managed), (key, number, content)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_managed_keys_stored_response_read_through_the_passthrough_carries_no_transfer_params(http, salted):
+    """A managed key reading again through C{/p/} a response of its tenant's (C{responses/{id}}: retrieved, its
+    events replayed, cancelled), whose create went without C{kv_transfer_params} and C{ec_transfer_params}, gets it
+    without them too, as on C{/v1/responses/{id}}, the rest as its instance has it; the master key's and an
+    own-salt key's reads keep them. Before, such a read (whose body is none: nothing salted) carried them."""
+    gw, vllm, managed, own = salted
+    for key in (managed, own, MASTER):
+        response, content = await call(http, gw, "/v1/responses", {"model": MODEL, "input": "hi",
+                                                                    "background": True, "stream": True}, key=key)
+        assert response.code == 200 and b"prefill-7" not in content, content
+        response_id = created_id(content)
+        vllm.stored_responses[response_id].update(status="in_progress", kv_transfer_params=PREFILL)
+        with_transfers_kept(vllm, response_id, PREFILL)
+        read = [(await call(http, gw, f"/p/vllm/v1/responses/{response_id}", key=key, method="GET"))[1],
+                (await call(http, gw, f"/p/vllm/v1/responses/{response_id}?stream=true", key=key,
+                            method="GET"))[1],
+                (await call(http, gw, f"/p/vllm/v1/responses/{response_id}/cancel", key=key))[1]]
+        for number, content in enumerate(read):
+            assert response_id.encode() in content, (key, number, content)
+            assert (b"prefill-7" in content) is (key != managed), (key, number, content)

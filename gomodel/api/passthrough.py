@@ -162,7 +162,10 @@ class Passthrough:
         if principal is not None and not principal.master:
             await self._owned(principal, request.method, target.bare, body)
             if body is not None and provider.type in SALTED_PROVIDER_TYPES:
-                body = self._keyed(body, ctx, provider, route)
+                body = self._keyed(body, principal, provider, route)
+            # (its answer goes without transfer fields where its requests do (L{gomodel.proxy.transfers}): one its
+            # body went without, and what it reads again, a stored response of its tenant's, as on /v1)
+            ctx.transfers_dropped = self._salts is not None and self._salts.strips(principal, provider)
         elif body is not None and self._responses is not None and (
                 _B_PREVIOUS in body or _B_REQUEST_ID in body or _B_ESCAPE in body):
             await self._continues_kept(principal, route, body)
@@ -178,7 +181,7 @@ class Passthrough:
                             vet=partial(_vet, request, ctx, provider, request.path.split(b"/", 3)[2], endpoint, query),
                             limited=route not in COUNTING_ROUTES)
         call.shown = response_shown if call.ends is RESPONSES_END else _SHOWN.get(route, answer_shown)
-        if ctx.transfers_dropped:  # (its request went without them: so does its answer, L{gomodel.proxy.transfers})
+        if ctx.transfers_dropped:  # (its key's requests go without them: so does its answer)
             call.shown, call.rewrite = partial(_without_transfers_shown, shown=call.shown), without_transfers
         return await self._exchange.relay(request, ctx, provider, call)
 
@@ -259,12 +262,11 @@ class Passthrough:
                 "gateway, which its instance still holds: /v1/responses continues it without that turn.",
                 param="previous_response_id", code="previous_response_not_found")
 
-    def _keyed(self, body, ctx, provider, route):
-        """C{body} (raw) with a managed key's (C{ctx.principal}'s) C{cache_salt} and C{priority} set as on C{/v1}
+    def _keyed(self, body, principal, provider, route):
+        """C{body} (raw) with a managed key's C{cache_salt} and C{priority} set as on C{/v1}
         (L{gomodel.api.inference.target}; a key without a priority, the body's no sooner than the default:
         L{key_priority}), where C{route} takes them (on L{PRIORITY_ROUTES}, its priority alone) and C{body} is a
-        JSON object; else as it is. Where it goes without its transfer fields, C{ctx.transfers_dropped} says so
-        (its answer goes without them too).
+        JSON object; else as it is.
 
         @raise InvalidRequest: C{route} takes them and C{body} is no JSON the gateway reads (vLLM's parser reads
             more: a BOM before it, a NaN, UTF-16), which would reach vLLM without them; or a C{priority} in it
@@ -280,9 +282,9 @@ class Passthrough:
         if fields.__class__ is not dict:
             return body
         if provider.priority_scheduling and route != "messages":
-            key_priority(ctx.principal, fields)
-        if salted and self._salts is not None and self._salts.apply(ctx.principal, provider, fields):
-            ctx.transfers_dropped = True
+            key_priority(principal, fields)
+        if salted and self._salts is not None:
+            self._salts.apply(principal, provider, fields)
         return jsonutil.dumps(fields)
 
     def _check(self, target):
