@@ -20,7 +20,7 @@ import time
 from gomodel import jsonutil
 from gomodel.anthropic.file_sources import walk_blocks
 from gomodel.anthropic.translate import has_tool_changes
-from gomodel.api.messages import prefilled, translates
+from gomodel.api.messages import translates
 
 
 def conversation(n, document=False):
@@ -100,10 +100,16 @@ def _old_has_documents(body) -> bool:
 
 
 
+def _old_prefilled(body) -> bool:
+    messages = body.get("messages")
+    return isinstance(messages, list) and bool(messages) and isinstance(messages[-1], dict) \
+        and messages[-1].get("role") == "assistant"
+
+
 def before(body, data):
     """What create did before: file_blocks, then translates (stop sequences, has_documents, prefill, tool changes)."""
     files = _old_file_blocks(body)
-    return files, bool(body.get("stop_sequences")) or _old_has_documents(body) or prefilled(body) \
+    return files, bool(body.get("stop_sequences")) or _old_has_documents(body) or _old_prefilled(body) \
         or has_tool_changes(body)
 
 

@@ -212,8 +212,8 @@ async def test_the_list_restricted_to_ids_answers_those_files_only(http, gw, cli
 
 def test_one_walk_finds_file_sources_and_the_blocks_that_go_translated():
     # One walk of a conversation's blocks finds all three (create used to walk them twice): the file sources, in a
-    # message and in a tool result, whether a document or search result (anywhere) sends it translated, and the
-    # tool results that say their tool failed (is_error: their text says so natively too).
+    # message and in a tool result, whether a document or search result (anywhere) or a prefill sends it
+    # translated, and the tool results that say their tool failed (is_error: their text says so natively too).
     named = {"type": "image", "source": {"type": "file", "file_id": "file_1"}}
     inner = {"type": "document", "source": {"type": "file", "file_id": "file_2"}}
     messages = [{"role": "user", "content": "Hi."},
@@ -232,7 +232,7 @@ def test_one_walk_finds_file_sources_and_the_blocks_that_go_translated():
     # a system message's tool change (Claude Code's when an MCP server connects) sends it translated too, in the
     # same walk (before, has_tool_changes walked the messages again); a user's is no tool change
     change = {"type": "tool_addition", "tool_name": "f"}
-    assert walk_blocks({"messages": [{"role": "system", "content": [change]}, *messages[:2]]}, files=False) == (
+    assert walk_blocks({"messages": [{"role": "system", "content": [change]}, *messages[:1]]}, files=False) == (
         [], True, [])
     assert walk_blocks({"messages": [{"role": "user", "content": [change]}]}) == ([], False, [])
     # a user message of nothing but empty text sends it translated (where it is Anthropic's 400); an empty text
@@ -242,11 +242,19 @@ def test_one_walk_finds_file_sources_and_the_blocks_that_go_translated():
     for message in ({"role": "user", "content": [empty, {"type": "text", "text": "Hi."}]},
                     {"role": "user", "content": [{"type": "text", "text": "Hi."}, empty]},
                     {"role": "assistant", "content": [empty]}):
-        assert walk_blocks({"messages": [message]}) == ([], False, []), message
+        assert walk_blocks({"messages": [message, *messages[:1]]}) == ([], False, []), message
     # so does an empty user message ("", []: Anthropic's other 400), not the assistant's
     for content in ("", []):
         assert walk_blocks({"messages": [{"role": "user", "content": content}]}) == ([], True, [])
-        assert walk_blocks({"messages": [{"role": "assistant", "content": content}]}) == ([], False, [])
+        assert walk_blocks({"messages": [{"role": "assistant", "content": content}, *messages[:1]]}) == (
+            [], False, [])
+    # and a prefill (the last message the assistant's: its answer continues it), found before the walk, which then
+    # looks only for file sources and failed tool results
+    assert walk_blocks({"messages": messages[:2]}, files=False) == ([], True, [])
+    assert walk_blocks({"messages": [*messages[:1], {"role": "assistant", "content": [empty]}]}) == ([], True, [])
+    assert walk_blocks({"messages": [*messages, {"role": "assistant", "content": "I"}]}) == (
+        [("messages.2.content.0.content.0", inner), ("messages.2.content.2", named)], True, [])
+    assert walk_blocks({"messages": []}) == ([], False, [])
     failed = {"type": "tool_result", "tool_use_id": "t1", "content": [inner], "is_error": True}
     results = [{"type": "tool_result", "tool_use_id": "t0", "is_error": False}, failed]
     assert walk_blocks({"messages": messages[:2] + [{"role": "user", "content": results}]}, files=False) == (

@@ -42,21 +42,27 @@ _LOOKED_AT = ("document", "search_result", "image")  # (a tuple: a type may be u
 
 def walk_blocks(body, files=True) -> tuple:
     """C{(found, translated, errored)} of the Messages request C{body}, in one walk of its blocks: L{file_blocks}'
-    list (with C{files}; else C{[]}), whether a message or a tool result in one holds a block of
+    list (with C{files}; else C{[]}), whether its last message is the assistant's (a prefill, which the answer
+    continues: vLLM's Messages API, 0.32, closes it as a finished turn and answers in a new one; translated, its
+    chat completion continues it, C{continue_final_message}), a message or a tool result in one holds a block of
     L{TRANSLATED_BLOCKS}, a system message a tool change (L{gomodel.anthropic.translate.TOOL_CHANGES}), or a
     user message is empty (L{gomodel.anthropic.translate.empty_user_content}: C{""}, C{[]}, or nothing but empty
     text blocks, looked for only where it is falsy or its first block is empty text: the translation refuses it
     as Anthropic does, vLLM's Messages API would take it) (what a vLLM gets translated,
-    L{gomodel.api.messages.translates}), and the
+    L{gomodel.api.messages.translates}; once it is known, the walk looks no more for it), and the
     C{(message, block)} indexes of the C{tool_result} blocks whose C{is_error} is true
     (L{gomodel.anthropic.translate.with_tool_errors}).
 
     (No scan of the body's bytes for those words first: on a long Claude Code conversation, 200 messages in
     82 kB, scanning for them took longer than this walk: bench/messages_blocks.py.)
     """
-    found, translated, errored = [], False, []
+    found, errored = [], []
     messages = body.get("messages")
-    for i, message in enumerate(messages if isinstance(messages, list) else ()):
+    if not isinstance(messages, list):
+        return found, False, errored
+    last = messages[-1] if messages else None
+    translated = isinstance(last, dict) and last.get("role") == "assistant"  # (a prefill)
+    for i, message in enumerate(messages):
         content = message.get("content") if isinstance(message, dict) else None
         if not content:  # ("", []: an empty user message is Anthropic's 400, translated)
             translated = translated or empty_user_content(content) and message.get("role") == "user"

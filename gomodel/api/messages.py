@@ -205,8 +205,8 @@ class MessagesRoutes:
         # A priority (the key's, X-Request-Priority) reaches a vLLM that schedules by it only translated: vLLM's
         # Messages API has no priority field (its own translation to chat drops it).
         prioritised = vet_priority(request, ctx, routes)
-        # (whether it must go translated matters only where a target could take it natively: a vLLM)
-        translating = any(route.provider.type in NATIVE_TYPES for route in routes) and translates(body, walked)
+        # (whether it must go translated matters only where a target could take it natively: L{native_for})
+        translating = translates(body, walked)
         while True:
             first, fallbacks, native = self._targets(routes, prioritised=prioritised, translating=translating)
             upstream = first.provider
@@ -256,8 +256,7 @@ class MessagesRoutes:
             raise errors.NotSupported(
                 f"count_tokens is not available for '{model}': its provider '{planned[0].provider.name}' "
                 f"({planned[0].provider.type}) has no tokenizer the gateway can ask, and the gateway does not guess.")
-        # (stop sequences count the same either way)
-        translating = walked or prefilled(body)
+        translating = walked  # (stop sequences count the same either way)
         while True:
             first, fallbacks, native = self._targets(routes, counting=True, translating=translating)
             upstream = first.provider
@@ -451,7 +450,9 @@ class MessagesRoutes:
 def translates(body, walked=None) -> bool:
     """Whether the Messages request C{body} goes to a vLLM translated, never natively: it has stop sequences (its
     chat completion names the sequence that ended the answer; its Messages API before vllm#45807 says C{end_turn}
-    and drops it, and a vLLM's version is not known here), a prefill (L{prefilled}), a C{document} or
+    and drops it, and a vLLM's version is not known here), a prefill (its last message the assistant's: vLLM's
+    Messages API, 0.32, closes it as a finished turn and answers in a new one; translated, its chat completion
+    continues it, C{continue_final_message}), a C{document} or
     C{search_result} block (L{gomodel.anthropic.file_sources.TRANSLATED_BLOCKS}), a system message's tool changes
     (vLLM 0.32 resolves them, one without that support refuses them; the translation resolves them as 0.32 does),
     or an empty user message (C{""}, C{[]}, or nothing but empty text blocks: vLLM takes it, or drops the blocks
@@ -461,20 +462,12 @@ def translates(body, walked=None) -> bool:
     reaches the model as its text and image parts, a search result as its text, and a document that cannot (a PDF)
     is the gateway's 400 saying so.
 
-    @param walked: whether C{body} holds such a block or tool change, as L{walk_blocks} found; None: walk it here.
+    @param walked: whether C{body} has a prefill, such a block, tool change or empty user message, as
+        L{walk_blocks} found; None: walk it here.
     """
-    if body.get("stop_sequences") or prefilled(body):
+    if body.get("stop_sequences"):
         return True
     return walk_blocks(body, files=False)[1] if walked is None else walked
-
-
-def prefilled(body) -> bool:
-    """Whether the last message of C{body} is the assistant's, a prefill that the answer continues. vLLM's Messages
-    API (0.32) closes it as a finished turn and answers in a new one; translated, its chat completion continues
-    it (C{continue_final_message})."""
-    messages = body.get("messages")
-    return isinstance(messages, list) and bool(messages) and isinstance(messages[-1], dict) \
-        and messages[-1].get("role") == "assistant"
 
 
 def chat_for(provider, chat: dict, extras: dict, passed: dict) -> dict:
