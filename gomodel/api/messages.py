@@ -408,6 +408,8 @@ class MessagesRoutes:
         reached the same way (natively, or translated), and which way that is."""
         first, *others = routes
         native = self.native_for(first, counting, prioritised, translating)
+        if not others:  # (the usual: one target)
+            return first, others, native
         return first, [route for route in others
                        if self.native_for(route, counting, prioritised, translating) == native], native
 
