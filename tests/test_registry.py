@@ -5,6 +5,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
 from gomodel.errors import InvalidRequest, ModelNotFound, UpstreamUnreachable
+from gomodel.proxy.renamed import model_named
 from gomodel.routing.health import ReplicaMonitor
 from gomodel.routing.pool import Replica, ReplicaPool
 from gomodel.routing.registry import ModelRegistry
@@ -122,6 +123,19 @@ def test_a_model_listed_by_a_path_is_known_by_its_last_part():
         assert route(registry, selector) == (a, "/srv/models/Llama-3.1-8B"), selector
     assert route(registry, "vllm/X") == (a, "X") and route(registry, "/srv/other/X") == (a, "/srv/other/X")
     assert registry.model("Llama-3.1-8B")["id"] == "vllm/Llama-3.1-8B"
+    monitor.stopService()
+
+
+def test_the_rewrite_of_a_model_listed_by_a_path_is_made_once_per_pool():
+    """Each answer of a model listed by a path is written with its public id by the pool's own L{ModelNamed}, made
+    as the pool learns the model's name (before: one made per answer); none for a model listed by its id."""
+    a = StubProvider("vllm", models=["/srv/models/Llama-3.1-8B", "X"])
+    clock, registry, monitor = started(a)
+    pool = registry.resolve("vllm/Llama-3.1-8B").provider
+    named = model_named(pool, "/srv/models/Llama-3.1-8B")
+    assert named is model_named(pool, "/srv/models/Llama-3.1-8B")
+    assert named(b'{"model": "/srv/models/Llama-3.1-8B"}') == b'{"model": "Llama-3.1-8B"}'
+    assert model_named(pool, "X") is None
     monitor.stopService()
 
 

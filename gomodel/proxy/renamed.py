@@ -21,9 +21,9 @@ class ModelNamed:
 
 
 def model_named(upstream, upstream_id):
-    """The L{ModelNamed} for C{upstream_id} at C{upstream} (a pool), or None where it lists the model by its id."""
-    public = upstream.renamed.get(upstream_id)
-    return None if public is None else ModelNamed(upstream_id, public)
+    """The L{ModelNamed} for C{upstream_id} at C{upstream} (a pool: its own, made once as it learned the name,
+    L{gomodel.routing.pool.ReplicaPool.rename}), or None where it lists the model by its id."""
+    return upstream.named.get(upstream_id)
 
 
 def model_renamed(upstream, response) -> bool:

@@ -84,6 +84,7 @@ from twisted.logger import Logger
 from gomodel.errors import InvalidRequest, ModelNotFound, NoReadyReplica, ReplicasBusy, whole_seconds
 from gomodel.routing.selectors import qualified
 from gomodel.addresses import ModelPath, marks
+from gomodel.proxy.renamed import ModelNamed
 
 LOADING, READY, DOWN, STALLED = "loading", "ready", "down", "stalled"
 RETRY_AFTER = 1  # seconds a client is told to wait for a busy pool (a not-ready one: L{ReplicaPool._ready_in})
@@ -518,6 +519,7 @@ class ReplicaPool:
         # upstream id -> public id of each model it lists by a path (set by the registry, L{gomodel.routing.registry
         # .ModelRegistry._names}): its answers name it by the public id (L{gomodel.proxy.renamed})
         self.renamed = {}
+        self.named = {}  # upstream id -> the L{ModelNamed} its answers are written with (L{rename})
         self._clock = clock
         self._strategy = strategy
         self._drawn = strategy in ("round_robin", "random")  # (not scored by load: L{_choose}'s one test for them)
@@ -571,6 +573,7 @@ class ReplicaPool:
         L{gomodel.routing.registry.ModelRegistry._names}): in its answers (L{gomodel.proxy.renamed}), and where an
         error or header names the path, which is hidden as its addresses are (L{gomodel.addresses.ModelPath})."""
         self.renamed = renamed
+        self.named = {path: ModelNamed(path, public) for path, public in renamed.items()}
         kept = tuple(h for h in self.hidden if h.__class__ is not ModelPath)
         paths = tuple(ModelPath(path, public) for path, public in renamed.items())
         if paths or len(kept) != len(self.hidden):
