@@ -1202,10 +1202,27 @@ def test_the_output_a_parsed_body_asks_for_is_what_its_bytes_ask_for():
                  b'{"m":[{"max_tokens":9,"b":"{"}],"max_tokens":16}', b'{"max_tokens":16,"n":4}',
                  b'{"max_tokens":16,"n":2,"best_of":3}', b'{"messages":[{"content":"x","n":9}],"max_tokens":16}',
                  b'{"max_tokens":16,"n":true}', b'{"n":4}', b'{"max_tokens":16,"n":null,"best_of":5000}',
-                 b'{"max_tokens":true,"max_completion_tokens":-1,"max_output_tokens":8,"n":0}'):
+                 b'{"max_tokens":true,"max_completion_tokens":-1,"max_output_tokens":8,"n":0}',
+                 b'{"max_tokens":5.0}', b'{"max_tokens":5.5,"max_completion_tokens":7}', b'{"max_tokens":1e3,"n":2.0}',
+                 b'{"max_tokens":16,"n":1.5}', b'{"max_tokens":1e30}', b'{"max_tokens":123456789012345678901}'):
         fields = jsonutil.loads(body)
         assert asked_tokens(fields) == (requested_tokens(jsonutil.dumps(fields)) or 0), body
+        assert asked_tokens(fields) == (requested_tokens(body) or 0), body
     assert estimate(b"") == 0
+
+
+def test_an_integral_float_asks_for_as_many_tokens_as_its_int():
+    """vLLM's C{max_tokens} (and C{n}, C{best_of}) is an int read by pydantic's lax mode: C{5.0} is taken as 5 and
+    generates 5 tokens, C{5.5} is refused (a 400). The estimate counts what vLLM will generate: an integral float as
+    its int (before, a parsed body's C{5.0} reserved no output, where the bytes' scan had reserved 5), a fraction as
+    no count (the next such field is read, as for a null)."""
+    for body, asked in ((b'{"max_tokens":5.0}', 5), (b'{"max_tokens": 5.0, "messages": []}', 5),
+                        (b'{"max_tokens":5.5}', None), (b'{"max_tokens":5.5,"max_completion_tokens":7}', 7),
+                        (b'{"max_tokens":1e3}', 1000), (b'{"max_tokens":16,"n":2.0}', 32),
+                        (b'{"max_tokens":16,"best_of":3.0,"n":1}', 48), (b'{"max_tokens":16,"n":1.5}', 16),
+                        (b'{"max_tokens":-5.0}', None), (b'{"max_tokens":1e30}', None)):
+        assert requested_tokens(body) == asked, body
+        assert asked_tokens(jsonutil.loads(body)) == (asked or 0), body
 
 
 def test_read_says_what_windows_and_slots_hold_and_takes_nothing(limiter, counters, clock):

@@ -5,7 +5,7 @@ import re
 
 from gomodel import jsonutil
 
-_MAX_TOKENS = re.compile(rb'"max_(?:completion_|output_)?tokens"\s*:\s*(\d{1,18})')
+_MAX_TOKENS = re.compile(rb'"max_(?:completion_|output_)?tokens"\s*:\s*(\d[\d.eE+-]*)')  # (its number, whole)
 _MAX_FIELDS = frozenset(("max_tokens", "max_completion_tokens", "max_output_tokens"))
 
 TOKEN_TYPES = ("input", "output", "cached", "reasoning")
@@ -147,8 +147,17 @@ def asked_tokens(fields: dict):
 
 def _most_sequences(n, best_of) -> int:
     """The larger of a body's C{n} and C{best_of} that is a count of sequences (L{_MAX_SEQUENCES}), else 1."""
-    counts = [value for value in (n, best_of) if value.__class__ is int and 1 <= value <= _MAX_SEQUENCES]
+    counts = [count for count in map(_asked_count, (n, best_of))
+              if count is not None and 1 <= count <= _MAX_SEQUENCES]
     return max(counts, default=1)
+
+
+def _asked_count(value):
+    """A body's C{value} as vLLM reads an int field (pydantic's lax mode): an int, or a float with no fraction as its
+    int (C{5.0} generates 5 tokens; C{5.5} is refused), from 0 up to 10**18; else None (a bool is no count)."""
+    if value.__class__ is float and value.is_integer():
+        value = int(value)
+    return value if value.__class__ is int and 0 <= value < 10**18 else None
 
 
 def _sequences(body) -> int:
@@ -172,22 +181,34 @@ def _asked(body, start):
     found = _MAX_TOKENS.search(body, start)
     if found is None:
         return None
-    if _own(body, found.start(), found.end()):
-        return int(found[1])
+    number = found[1]
+    if number.isdigit() and len(number) <= 18 and _own(body, found.start(), found.end()):
+        return int(number)
     try:
         parsed = jsonutil.loads(body)
     except (jsonutil.JSONError, ValueError, TypeError):
-        return int(found[1])
+        return _number(number)
     if parsed.__class__ is not dict:
-        return int(found[1])
+        return _number(number)
     return _first_max(parsed)
 
 
+def _number(text: bytes):
+    """The count (L{_asked_count}) a number's JSON C{text} writes, or None."""
+    try:
+        return _asked_count(jsonutil.loads(text))
+    except (jsonutil.JSONError, ValueError, TypeError):
+        return None
+
+
 def _first_max(fields):
-    """The first of a parsed body's C{fields} named as L{_MAX_FIELDS} whose value is a count, or None."""
+    """The first of a parsed body's C{fields} named as L{_MAX_FIELDS} whose value is a count (L{_asked_count}), or
+    None."""
     for name, value in fields.items():
-        if name in _MAX_FIELDS and value.__class__ is int and 0 <= value < 10**18:
-            return value
+        if name in _MAX_FIELDS:
+            count = _asked_count(value)
+            if count is not None:
+                return count
     return None
 
 
