@@ -478,6 +478,55 @@ def test_what_a_scope_spent_on_postgresql_is_read_from_day_sums_not_each_row_of_
         assert read <= 2 * 200 + 2 * 30, read
 
 
+def _generic_rows_read(conn, statement, args) -> int:
+    """L{_rows_read} of C{statement}'s generic plan: the one PostgreSQL may keep for a statement psycopg prepared
+    (after its 5th run), planned without its arguments' values."""
+    from psycopg import sql
+
+    numbered = statement.split("%s")
+    prepared = numbered[0] + "".join(f"${i}{part}" for i, part in enumerate(numbered[1:], 1))
+    conn.execute("SET plan_cache_mode = force_generic_plan")
+    types = [{float: "float8", int: "int8", str: "text", list: "text[]"}[arg.__class__] for arg in args]
+    conn.execute(f"PREPARE spent ({', '.join(types)}) AS {prepared}")
+    try:
+        values = ", ".join(sql.Literal(arg).as_string(conn) for arg in args)
+        return _rows_read(conn, f"EXECUTE spent ({values})", None)
+    finally:
+        conn.execute("DEALLOCATE spent")
+        conn.execute("RESET plan_cache_mode")
+
+
+# Other paths' rows: one a day each, by paths that begin as /team's children do but are not under /team.
+OTHERS = [row(f"o{d}-{i}", FIRST_DAY + d * DAY + 7, user_path=path, total_tokens=1000, total_cost=1.0)
+          for d in range(30) for i, path in enumerate([f"/org/u{i}" for i in range(300)]
+                                                      + ["/team-x", "/team0", "/team.b", "/tea", "/teamb"])]
+
+
+@pytest.mark.parametrize("since", [FIRST_DAY, FIRST_DAY + 10.5 * DAY])
+def test_what_a_path_spent_on_postgresql_is_read_from_its_own_range_of_the_day_sums(pg_database, since):
+    """A path scope's days are read from its range of usage_days' path index, as its statement runs prepared (a
+    generic plan): C{starts_with(user_path, $n)} can use the index only with a constant, so every day sum of every
+    path was read (35-100 ms a budget of a path, every second, with thousands of paths). Those of paths beside it
+    (C{/team-x}, C{/team0}: no child of C{/team}) are never counted."""
+    import psycopg
+
+    from gomodel.store.postgresql.migrations import migrate
+    from gomodel.store.postgresql.usage import PostgreSQLUsageStore as Store
+    from tests import postgres
+
+    with psycopg.connect(postgres.url(pg_database), autocommit=True) as conn:
+        migrate(conn)
+        Store._add(conn, MONTH + OTHERS)
+        conn.execute("ANALYZE")
+        later = sum(1 for r in MONTH if r[1] >= since) // 2
+        for scope, share in (("path:/team/a", 1), ("path:/team", 2), ("path:/team/", 2)):
+            recorded = _Recorded(conn)
+            assert Store._spent(recorded, scope, since) == (later * share, later * share * 0.25), scope
+            read = sum(_generic_rows_read(conn, statement, args) for statement, args in recorded.statements)
+            # (a day of each key's rows and of the others', the scope's days' sums)
+            assert read <= 2 * 200 + len(OTHERS) // 30 + 2 * 30, (scope, read)
+
+
 def test_the_day_sums_on_postgresql_hold_every_row_written_before_them_by_an_older_gateway_and_deleted(pg_database):
     """The day sums are kept by the database, in the transaction that writes or deletes the rows: those written
     before the migration, by an older gateway during a rolling upgrade (its INSERTs), by this one's COPY, and those

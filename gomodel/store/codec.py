@@ -151,6 +151,20 @@ def usage_columns(columns) -> str:
     return ", ".join(f"{OUTCOME} AS outcome" if column == "outcome" else column for column in columns)
 
 
+def path_range_clause(mark: str) -> str:
+    """The clause of a path and every path under it, its arguments L{path_range}'s, each written as C{mark}: a range
+    of a C{user_path} index whose order is the bytes' (SQLite's; PostgreSQL's in the C collation, usage_days'), a
+    prepared statement's generic plan included (PostgreSQL's C{starts_with} uses one only with a constant)."""
+    return f"(user_path = {mark} OR (user_path >= {mark} AND user_path < {mark}))"
+
+
+def path_range(path) -> list:
+    """L{path_range_clause}'s arguments: C{path}, and the range of those under it (those starting with C{/a/} are
+    from C{/a/} to C{/a0}: C{0} follows C{/})."""
+    below = path.rstrip("/") + "/"
+    return [path, below, below[:-1] + "0"]
+
+
 def usage_where(start, end, filters, clauses, mark, below):
     """The C{WHERE} clauses and their arguments of a usage window C{[start, end)} and C{filters}
     (L{gomodel.store.interfaces.IUsageStore.log}'s), in one SQL dialect.

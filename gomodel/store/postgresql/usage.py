@@ -9,7 +9,8 @@ from zope.interface import implementer
 
 from gomodel.errors import RowsRejected
 from gomodel.store.codec import (ERROR_KINDS, LOG_ORDER, OUTCOME, REFUSED_TOTAL, SEARCHED, SUMMARY_KINDS, log_after,
-                                 series_bucket, spent_many, split_errors, usage_columns, usage_where)
+                                 path_range, path_range_clause, series_bucket, spent_many, split_errors, usage_columns,
+                                 usage_where)
 from gomodel.store.interfaces import IUsageStore
 from gomodel.store.postgresql.database import in_batches
 from gomodel.store.records import USAGE_FIELDS as COLUMNS, USAGE_TOTALS
@@ -26,13 +27,18 @@ _MARK = ("WITH old AS (DELETE FROM usage_writes WHERE written_at < extract(epoch
          "INSERT INTO usage_writes (request_id, timestamp, rows, written_at) "
          "VALUES (%s, %s, %s, extract(epoch FROM now()))")
 _BELOW = "(user_path = %s OR starts_with(user_path, %s))"  # a path and everything under it
+# The same of usage_days, whose user_path is in the C collation: the range its path index reads (starts_with, whose
+# prefix a prepared statement's generic plan does not know, read every day sum of every path: 35-100 ms a budget of a
+# path among thousands, every second).
+_DAYS_BELOW = path_range_clause("%s")
 # What a budget scope spent since a time: the whole UTC days after it from their sums (usage_days, kept by the
 # database: migration 22), the rows of the day it falls in (a reset's, a period of seconds') from the rows, each row
-# in the day floor(timestamp / 86400) in both. Formatted with the scope's clause and, for the keys, their grouping.
+# in the day floor(timestamp / 86400) in both. Formatted with the scope's clause of each table and, for the keys,
+# their grouping.
 _SPENT = ("SELECT {key}COALESCE(SUM(total_tokens), 0)::bigint, COALESCE(SUM(total_cost), 0) FROM ("
           "SELECT auth_key_id, total_tokens, total_cost FROM usage WHERE timestamp >= %s AND timestamp < %s "
           "AND floor(timestamp / 86400) < %s AND {where} UNION ALL "
-          "SELECT auth_key_id, total_tokens, total_cost FROM usage_days WHERE day >= %s AND {where}) AS t{group}")
+          "SELECT auth_key_id, total_tokens, total_cost FROM usage_days WHERE day >= %s AND {days}) AS t{group}")
 _DAY = 86400
 # The log's search: the request id, the model or the provider (type or name) holding the text, in any case.
 _SEARCH = "(" + " OR ".join(f"{column} ILIKE %s ESCAPE '\\'" for column in SEARCHED) + ")"
@@ -182,13 +188,17 @@ class PostgreSQLUsageStore:
         kind, _, name = scope.partition(":")
         if kind == "key":
             where, args = "auth_key_id = %s", [name]
+            days, days_args = where, args
         elif kind == "path" and name == "/":  # (every path, and the managed keys without one: see IUsageStore)
             where, args = "(user_path IS NOT NULL OR auth_key_id IS NOT NULL)", []
+            days, days_args = where, args
         elif kind == "path":
-            where, args = _BELOW, [name, name.rstrip("/") + "/"]
+            where, args = _BELOW, _below(name)
+            days, days_args = _DAYS_BELOW, path_range(name)
         else:
             return 0, 0.0
-        row = conn.execute(_SPENT.format(key="", where=where, group=""), _spent_args(since, args)).fetchone()
+        row = conn.execute(_SPENT.format(key="", where=where, days=days, group=""),
+                           _spent_args(since, args, days_args)).fetchone()
         return row[0], row[1]
 
     def spent_many(self, pairs):
@@ -198,8 +208,9 @@ class PostgreSQLUsageStore:
     @staticmethod
     def _keys_spent(conn, ids, since) -> dict:
         return {row[0]: (row[1], row[2]) for row in conn.execute(
-            _SPENT.format(key="auth_key_id, ", where="auth_key_id = ANY(%s)", group=" GROUP BY auth_key_id"),
-            _spent_args(since, [ids]))}
+            _SPENT.format(key="auth_key_id, ", where="auth_key_id = ANY(%s)", days="auth_key_id = ANY(%s)",
+                          group=" GROUP BY auth_key_id"),
+            _spent_args(since, [ids], [ids]))}
 
     def delete_before(self, timestamp):
         return Deferred.fromCoroutine(in_batches(self._db.run, self._delete_batch, timestamp))
@@ -215,10 +226,11 @@ def _where(start, end, filters):
     return usage_where(start, end, filters, _FILTERS, "%s", _below)
 
 
-def _spent_args(since, args) -> tuple:
-    """C{_SPENT}'s arguments: the rows from C{since} to the end of its day, the days' sums after, of C{args}' scope."""
+def _spent_args(since, args, days_args) -> tuple:
+    """C{_SPENT}'s arguments: the rows from C{since} to the end of its day, of C{args}' scope, the days' sums after,
+    of C{days_args}'."""
     day = math.ceil(since / _DAY)
-    return (since, day * _DAY, day, *args, day, *args)
+    return (since, day * _DAY, day, *args, day, *days_args)
 
 
 def _below(path) -> list:

@@ -6,7 +6,8 @@ from collections import OrderedDict
 from zope.interface import implementer
 
 from gomodel.store.codec import (ERROR_KINDS, LOG_ORDER, OUTCOME, REFUSED_TOTAL, SEARCHED, SUMMARY_KINDS, log_after,
-                                 series_bucket, spent_many, split_errors, usage_columns, usage_where)
+                                 path_range, path_range_clause, series_bucket, spent_many, split_errors, usage_columns,
+                                 usage_where)
 from gomodel.store.interfaces import IUsageStore
 from gomodel.store.records import USAGE_FIELDS as COLUMNS, USAGE_TOTALS
 
@@ -17,7 +18,7 @@ _SEARCH = "(" + " OR ".join(f"{column} LIKE ? ESCAPE '\\'" for column in SEARCHE
 _FILTERS = {"model": "model = ?", "provider": "(provider = ? OR provider_name = ?)", "status": "status_code = ?",
             "outcome": f"{OUTCOME} = ?",
             "search": _SEARCH, "key": "auth_key_id = ?", "keyless": "auth_key_id IS NULL",
-            "user_path": "(user_path = ? OR (user_path >= ? AND user_path < ?))"}  # (_below's arguments)
+            "user_path": path_range_clause("?")}
 # The sums of budget scopes read last (L{SQLiteUsageStore.spent}) kept, at most, to read only the rows written since.
 SUMS_KEPT = 4096
 
@@ -114,7 +115,7 @@ class SQLiteUsageStore:
         elif kind == "path" and name == "/":  # (every path, and the managed keys without one: see IUsageStore)
             where, args = "(user_path IS NOT NULL OR auth_key_id IS NOT NULL)", []
         elif kind == "path":
-            where, args = _FILTERS["user_path"], _below(name)
+            where, args = _FILTERS["user_path"], path_range(name)
         else:
             return 0, 0.0
         conn = self._db.conn()
@@ -182,14 +183,7 @@ _PERCENTILES = ("SELECT k, rn, n, v FROM (SELECT k, v, ROW_NUMBER() OVER (PARTIT
 
 def _where(start, end, filters):
     """The C{WHERE} clauses and their arguments of a window and C{filters} (L{IUsageStore.log}'s)."""
-    return usage_where(start, end, filters, _FILTERS, "?", _below)
-
-
-def _below(path) -> list:
-    """The arguments of the C{user_path} clause: the path and everything under it, a range of the C{usage_path}
-    index (in SQLite's binary order those starting with C{/a/} are from C{/a/} to C{/a0}: C{0} follows C{/})."""
-    below = path.rstrip("/") + "/"
-    return [path, below, below[:-1] + "0"]
+    return usage_where(start, end, filters, _FILTERS, "?", path_range)
 
 
 def _totals(row) -> dict:
