@@ -1151,6 +1151,8 @@ async def test_input_tokens_are_counted_by_vllms_tokenizer_with_a_follow_ups_sto
         # (before: 405 "allowed: DELETE, GET, HEAD", as if input_tokens were a response's id)
         for body, status, code in (({"model": MODEL, "input": "x", "previous_response_id": "resp_nobody"}, 400,
                                     "previous_response_not_found"),
+                                   ({"model": MODEL, "input": "x", "include": ["nope"]}, 400, "invalid_value"),
+                                   ({"model": MODEL, "input": "x", "include": "nope"}, 400, "invalid_type"),
                                    ({"model": "openai/" + UPSTREAM, "input": "x"}, 501, "not_supported")):
             response = await http.post(gw.url + "/v1/responses/input_tokens", data=json.dumps(body).encode())
             error = jsonutil.loads(await treq.content(response))["error"]

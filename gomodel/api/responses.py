@@ -230,10 +230,11 @@ class ResponsesRoute:
         see L{Exchange.relay} for what this returns.
 
         @raise gomodel.errors.NotSupported: no provider of the model has such a tokenizer (it is never guessed).
-        @raise gomodel.errors.InvalidRequest: a follow-up its create would refuse (L{_previous}: one of a response
-            nobody holds, or of a background response not over).
+        @raise gomodel.errors.InvalidRequest: an C{include} or a follow-up its create would refuse (L{checked_include};
+            L{_previous}: one of a response nobody holds, or of a background response not over).
         """
-        previous = await self._previous(body, ctx)  # (refused as its create would be)
+        checked_include(body.get("include"))  # (refused as its create would be, its previous response too)
+        previous = await self._previous(body, ctx)
         planned = plan_model(self._registry, body, principal=ctx.principal)
         routes = [route for route in planned if route.provider.type == "vllm"]
         first = routes[0] if routes else planned[0]

@@ -103,9 +103,9 @@ def native_kept_nowhere(provider_type: str, body: dict):
 
 
 def request_to_chat(body: dict, bound: str = "max_tokens") -> dict:
-    """The chat-completions body for a Responses request C{body} (model already rewritten), its
-    C{max_output_tokens} as C{bound} (C{max_completion_tokens} for a provider whose reasoning models refuse
-    C{max_tokens}, OpenAI's)."""
+    """The chat-completions body for a Responses request C{body} (model already rewritten; its C{include} checked
+    by its route, before any upstream: L{checked_include}), its C{max_output_tokens} as C{bound}
+    (C{max_completion_tokens} for a provider whose reasoning models refuse C{max_tokens}, OpenAI's)."""
     if body.get("previous_response_id"):  # (not stored by the gateway; this provider has no Responses API to know it)
         raise unknown_previous(body["previous_response_id"])
     kept_nowhere(body, "it has no Responses API to hold")
@@ -141,8 +141,7 @@ def request_to_chat(body: dict, bound: str = "max_tokens") -> dict:
     effort = (body.get("reasoning") or {}).get("effort") if isinstance(body.get("reasoning"), dict) else None
     if effort:
         chat["reasoning_effort"] = effort
-    include = checked_include(body.get("include"))
-    if body.get("top_logprobs") or "message.output_text.logprobs" in include:
+    if body.get("top_logprobs") or "message.output_text.logprobs" in (body.get("include") or ()):
         chat["logprobs"] = True
         if body.get("top_logprobs"):
             chat["top_logprobs"] = body["top_logprobs"]
