@@ -16,7 +16,7 @@ from twisted.web.http_headers import Headers
 import gomodel
 from gomodel.config import Timeouts
 from gomodel.http.context import RequestContext
-from gomodel.proxy.exchange import DONE_END, RESPONSES_END, Exchange, UpstreamCall, _GatheredBody, usage_of
+from gomodel.proxy.exchange import DONE_END, RESPONSES_END, Exchange, _GatheredBody, upstream_call, usage_of
 from gomodel.proxy.relay import END_LINGER
 from gomodel.proxy.sse import ChatStreamObserver
 from tests.support import copy_counting_bytes, ready_pool, start_fake, start_gateway
@@ -148,7 +148,7 @@ def test_fetch_reads_the_whole_answer_of_any_status():
 
     clock = Clock()
     pool = ready_pool(Upstream(), clock)
-    d = Deferred.fromCoroutine(Exchange(clock, Timeouts()).fetch(b"id", pool, UpstreamCall("/x")))
+    d = Deferred.fromCoroutine(Exchange(clock, Timeouts()).fetch(b"id", pool, upstream_call("/x")))
     fetched = d.result
     assert (fetched.response.code, fetched.body) == (503, b'{"error":"busy"}')
     assert (fetched.upstream, fetched.model) == (pool, None)
@@ -333,13 +333,13 @@ def test_usage_of_reads_cohere_billed_units_or_tokens_where_there_is_no_usage():
 
 
 def test_every_upstream_call_names_all_but_its_path_and_body():
-    """L{UpstreamCall}'s parameters after C{body} are not keyword-only (for its cost, see its C{__init__}), so the
+    """L{upstream_call}'s parameters after C{body} are not keyword-only (for its cost, see its docstring), so the
     rule that callers name them is kept here: no call passes more than C{path} and C{body} by position."""
     root = pathlib.Path(gomodel.__file__).parent
     positional = []
     for source in root.rglob("*.py"):
         for node in ast.walk(ast.parse(source.read_text(), str(source))):
-            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("UpstreamCall", "_ReplayCall")
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "upstream_call"
                     and len(node.args) > 2):
                 positional.append(f"{source.relative_to(root)}:{node.lineno}")
     assert positional == []

@@ -15,7 +15,7 @@ from gomodel.api.uploads import Form
 from gomodel.errors import AmbiguousModel, InvalidRequest, ModelAccessDenied, ModelNotFound, NotSupported, shown
 from gomodel.http.bodies import json_body, stream_options, streams, whole_number
 from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM, X_REQUEST_PRIORITY, request_header
-from gomodel.proxy.exchange import UpstreamCall, UsageTap
+from gomodel.proxy.exchange import UsageTap, upstream_call
 from gomodel.proxy.sse import ChatStreamObserver
 from gomodel.routing.affinity import affinity_key
 from gomodel.routing.registry import ready_first
@@ -102,13 +102,13 @@ class InferenceRoutes:
         if upstream.type in OPENAI_TYPES:
             for_openai(body)
         if observer is None:
-            call = UpstreamCall(path, jsonutil.dumps(body), model=ctx.upstream_model, affinity=affinity,
-                                fallbacks=fallbacks, rebody=again, asked=asked_tokens(body))
+            call = upstream_call(path, jsonutil.dumps(body), model=ctx.upstream_model, affinity=affinity,
+                                 fallbacks=fallbacks, rebody=again, asked=asked_tokens(body))
             return await self._exchange.relay(request, ctx, upstream, call)
         # (an upstream that ignores "stream" answers whole: the client still gets the stream's events)
-        call = UpstreamCall(path, jsonutil.dumps(body), observer=observer, transform=observer.whole,
-                            model=ctx.upstream_model, affinity=affinity, fallbacks=fallbacks, rebody=again,
-                            asked=asked_tokens(body))
+        call = upstream_call(path, jsonutil.dumps(body), observer=observer, transform=observer.whole,
+                             model=ctx.upstream_model, affinity=affinity, fallbacks=fallbacks, rebody=again,
+                             asked=asked_tokens(body))
         answer = await self._exchange.relay(request, ctx, upstream, call)
         if answer is not None:
             request.responseHeaders.put(CONTENT_TYPE, EVENT_STREAM)
@@ -144,8 +144,8 @@ class InferenceRoutes:
         again = fallback_bodies(request, ctx, self._salts, body, fallbacks) if fallbacks else None
         target(request, ctx, self._salts, upstream, body)
         sent = jsonutil.dumps(body)
-        call = UpstreamCall(path, sent, native=native, model=ctx.upstream_model, fallbacks=fallbacks, rebody=again,
-                            counted=None if counted_of is None else counted_of(sent))
+        call = upstream_call(path, sent, native=native, model=ctx.upstream_model, fallbacks=fallbacks, rebody=again,
+                             counted=None if counted_of is None else counted_of(sent))
         return await self._exchange.relay(request, ctx, upstream, call)
 
     async def transcriptions(self, request, ctx):
@@ -175,9 +175,9 @@ class InferenceRoutes:
         again = partial(_reformed, form, stream) if fallbacks else None
         # (its tokens estimated from its text prompt: the audio is no text, bytes / 4 of it nothing like its tokens)
         counted = jsonutil.dumps({"prompt": form.field("prompt") or ""})
-        call = UpstreamCall(path, _reformed(form, stream, body["model"], upstream), content_type=form.content_type,
-                            observe=observe, model=ctx.upstream_model, fallbacks=fallbacks, rebody=again,
-                            counted=counted)
+        call = upstream_call(path, _reformed(form, stream, body["model"], upstream), content_type=form.content_type,
+                             observe=observe, model=ctx.upstream_model, fallbacks=fallbacks, rebody=again,
+                             counted=counted)
         return await self._exchange.relay(request, ctx, upstream, call)
 
     async def speech(self, request, ctx):
@@ -190,8 +190,8 @@ class InferenceRoutes:
         ctx.asked_stream = stream = body.get("stream_format") == "sse"
         upstream, fallbacks = self.route(ctx, body)
         observe = _tapped if stream else None
-        call = UpstreamCall("/audio/speech", jsonutil.dumps(body), observe=observe, model=ctx.upstream_model,
-                            fallbacks=fallbacks, rebody=rebody(body) if fallbacks else None)
+        call = upstream_call("/audio/speech", jsonutil.dumps(body), observe=observe, model=ctx.upstream_model,
+                             fallbacks=fallbacks, rebody=rebody(body) if fallbacks else None)
         return await self._exchange.relay(request, ctx, upstream, call)
 
     async def responses(self, request, ctx):

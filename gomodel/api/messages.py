@@ -62,7 +62,7 @@ from gomodel.api.inference import plan_model, rebody, retargeted, target, unsatu
 from gomodel.http import render
 from gomodel.http.bodies import json_body, query_arg, query_limit, streams
 from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM, ProtocolHeaders
-from gomodel.proxy.exchange import ERROR_BODY_LIMIT, UpstreamCall, fails_over
+from gomodel.proxy.exchange import ERROR_BODY_LIMIT, fails_over, upstream_call
 from gomodel.routing.affinity import affinity_key
 from gomodel.translate.call_ids import SHORT_ID_TYPES, fit_call_ids, fit_tool_names, long_names
 from gomodel.translate.openai_body import OPENAI_TYPES
@@ -290,10 +290,10 @@ class MessagesRoutes:
         # vLLM's Messages take cache_salt (not priority)
         if self._salts is not None and path == "/messages" and self._salts.apply(ctx.principal, upstream, body):
             ctx.transfers_dropped = True
-        call = UpstreamCall(path, jsonutil.dumps(body), observer=observer, transform=whole,
-                            vet=vet, model=ctx.upstream_model, affinity=affinity, headers=headers,
-                            fallbacks=fallbacks, rebody=rebody(body) if fallbacks else None,
-                            limited=path == "/messages", asked=asked_tokens(body))  # (a count: no limits)
+        call = upstream_call(path, jsonutil.dumps(body), observer=observer, transform=whole,
+                             vet=vet, model=ctx.upstream_model, affinity=affinity, headers=headers,
+                             fallbacks=fallbacks, rebody=rebody(body) if fallbacks else None,
+                             limited=path == "/messages", asked=asked_tokens(body))  # (a count: no limits)
         try:
             answer = await self._exchange.relay(request, ctx, upstream, call)
         except errors.UpstreamError as e:
@@ -347,12 +347,12 @@ class MessagesRoutes:
                                         hide=lambda message: self._without_address(ctx, message),
                                         omit_thinking=omit, keepalive=self._keepalive,
                                         names=names, stops=stops) if stream else None
-        call = UpstreamCall("/chat/completions", jsonutil.dumps(sent), model=ctx.upstream_model, observer=observer,
-                            transform=lambda answer: whole(answer, ctx.upstream_model, omit, names, stops),
-                            affinity=affinity,
-                            fallbacks=fallbacks,
-                            rebody=retargeted(request, ctx, self._salts, made) if fallbacks else None,
-                            asked=asked_tokens(sent))
+        call = upstream_call("/chat/completions", jsonutil.dumps(sent), model=ctx.upstream_model, observer=observer,
+                             transform=lambda answer: whole(answer, ctx.upstream_model, omit, names, stops),
+                             affinity=affinity,
+                             fallbacks=fallbacks,
+                             rebody=retargeted(request, ctx, self._salts, made) if fallbacks else None,
+                             asked=asked_tokens(sent))
         try:
             answer = await self._exchange.relay(request, ctx, upstream, call)
         except errors.UpstreamError as e:
@@ -372,9 +372,9 @@ class MessagesRoutes:
         def answer(raw):
             return jsonutil.dumps(count_tokens_answer(jsonutil.loads(raw)))
 
-        call = UpstreamCall("tokenize", jsonutil.dumps(tokenize), native=True, model=ctx.upstream_model,
-                            transform=answer, fallbacks=fallbacks, rebody=rebody(tokenize) if fallbacks else None,
-                            limited=False)
+        call = upstream_call("tokenize", jsonutil.dumps(tokenize), native=True, model=ctx.upstream_model,
+                             transform=answer, fallbacks=fallbacks, rebody=rebody(tokenize) if fallbacks else None,
+                             limited=False)
         try:
             return await self._exchange.relay(request, ctx, upstream, call)
         except errors.UpstreamError as e:

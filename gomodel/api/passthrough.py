@@ -24,7 +24,7 @@ from gomodel.http import render
 from gomodel.http.bodies import not_json, whole_number
 from gomodel.http.context import PASSTHROUGH
 from gomodel.http.headers import HOP_BY_HOP, REQUEST_ID, X_REQUEST_ID, X_UPSTREAM_REQUEST_ID, connection_tokens
-from gomodel.proxy.exchange import DONE_END, MESSAGES_END, RESPONSES_END, UpstreamCall, answer_shown, response_shown
+from gomodel.proxy.exchange import DONE_END, MESSAGES_END, RESPONSES_END, answer_shown, response_shown, upstream_call
 from gomodel.proxy.transfers import without_transfers
 from gomodel.responses_history import continued, no_chosen_id, unknown_previous, unknown_response
 
@@ -174,12 +174,12 @@ class Passthrough:
             ctx.route(provider, model, model)
         secret = _presented(request)
         query = _upstream_query(request.uri.partition(b"#")[0].partition(b"?")[2], secret)
-        call = UpstreamCall(endpoint, body, method=request.method, native=True, query=query,
-                            headers=_upstream_headers(request, secret),
-                            content_type=None, raw=True, ends=_stream_end(route), model=model,
-                            pin=_pinned_replica(request), counted=_counted(request, body, route),
-                            vet=partial(_vet, request, ctx, provider, request.path.split(b"/", 3)[2], endpoint, query),
-                            limited=route not in COUNTING_ROUTES)
+        call = upstream_call(endpoint, body, method=request.method, native=True, query=query,
+                             headers=_upstream_headers(request, secret),
+                             content_type=None, raw=True, ends=_stream_end(route), model=model,
+                             pin=_pinned_replica(request), counted=_counted(request, body, route),
+                             vet=partial(_vet, request, ctx, provider, request.path.split(b"/", 3)[2], endpoint, query),
+                             limited=route not in COUNTING_ROUTES)
         call.shown = response_shown if call.ends is RESPONSES_END else _SHOWN.get(route, answer_shown)
         if ctx.transfers_dropped:  # (its key's requests go without them: so does its answer)
             call.shown, call.rewrite = partial(_without_transfers_shown, shown=call.shown), without_transfers

@@ -28,7 +28,7 @@ from gomodel.http.bodies import boolean, json_answer, page, query_arg, query_lim
 from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM
 from gomodel.http.render import RESPONSES
 from gomodel.ids import new_id
-from gomodel.proxy.exchange import UpstreamCall, fails_over
+from gomodel.proxy.exchange import fails_over, upstream_call
 from gomodel.proxy.renamed import model_named, model_renamed
 from gomodel.proxy.transfers import dropped, without_transfers
 from gomodel.proxy.sse import ResponsesStreamObserver, SSEFramer, event_object
@@ -204,7 +204,7 @@ class ResponsesRoute:
             observer = ChatToResponsesStream(echo, self._clock, partial(without_address, upstream=provider))
             # (an upstream that ignores "stream" answers whole: its answer becomes the stream's events)
             try:
-                result = await self._exchange.relay(request, ctx, provider, UpstreamCall(
+                result = await self._exchange.relay(request, ctx, provider, upstream_call(
                     "/chat/completions", chat, observer=observer, transform=observer.whole, model=body["model"],
                     prefer=prefer, affinity=affinity))
             except CancelledError:
@@ -219,8 +219,8 @@ class ResponsesRoute:
         now = int(self._clock.seconds())
         # (a stream nobody asked for, from an upstream that streams anyway, is gathered into one chat
         # completion first: L{gomodel.proxy.gather})
-        call = UpstreamCall("/chat/completions", chat, model=body["model"], prefer=prefer, affinity=affinity,
-                            transform=lambda answer: turn.keep_body(chat_to_response(answer, echo, now), False))
+        call = upstream_call("/chat/completions", chat, model=body["model"], prefer=prefer, affinity=affinity,
+                             transform=lambda answer: turn.keep_body(chat_to_response(answer, echo, now), False))
         return await self._exchange.relay(request, ctx, provider, call)
 
     async def input_tokens(self, request, ctx, body):
@@ -249,8 +249,8 @@ class ResponsesRoute:
         tokenize = {"model": first.upstream_model, "messages": chat["messages"], "add_generation_prompt": True}
         if chat.get("tools"):
             tokenize["tools"] = chat["tools"]
-        call = UpstreamCall("tokenize", jsonutil.dumps(tokenize), native=True, model=first.upstream_model,
-                            transform=_input_tokens, limited=False)
+        call = upstream_call("tokenize", jsonutil.dumps(tokenize), native=True, model=first.upstream_model,
+                             transform=_input_tokens, limited=False)
         return await self._exchange.relay(request, ctx, first.provider, call)
 
     async def _native(self, request, ctx, provider, body, stream, turn, prefer, affinity, explicit=False):
@@ -279,9 +279,9 @@ class ResponsesRoute:
             else:
                 observer = ResponsesStreamObserver(hide)
             # (an upstream that ignores "stream" answers whole: its response becomes the stream's events)
-            call = UpstreamCall("/responses", jsonutil.dumps(body), observer=observer, vet=vet, model=body["model"],
-                                transform=partial(_streamed, observer), prefer=prefer, affinity=affinity,
-                                counted=counted, asked=None if counted else asked_tokens(body))
+            call = upstream_call("/responses", jsonutil.dumps(body), observer=observer, vet=vet, model=body["model"],
+                                 transform=partial(_streamed, observer), prefer=prefer, affinity=affinity,
+                                 counted=counted, asked=None if counted else asked_tokens(body))
             left = None  # whether the client left, once the stream is over; None: it failed before it began
             if background:
                 ctx.hold()  # (completed once its reservation's fate is known, below)
@@ -329,8 +329,8 @@ class ResponsesRoute:
         transform = partial(error_hidden, provider, transform)
         if body.get("background") is True and self._gate is not None:
             transform = partial(_queued, partial(self._gate.reservation_stays, ctx), transform)
-        call = UpstreamCall("/responses", jsonutil.dumps(body), transform=transform,
-                            vet=vet, model=body["model"], prefer=prefer, affinity=affinity, asked=asked_tokens(body))
+        call = upstream_call("/responses", jsonutil.dumps(body), transform=transform,
+                             vet=vet, model=body["model"], prefer=prefer, affinity=affinity, asked=asked_tokens(body))
         return await self._exchange.relay(request, ctx, provider, call)
 
     async def _not_found(self, provider, upstream, body):
@@ -503,9 +503,10 @@ class ResponsesRoute:
 
         query = b"stream=true" if after is None else b"stream=true&starting_after=" + after.encode("ascii")
         observer = _Replayed(partial(without_address, upstream=provider), include)
-        call = _ReplayCall(f"/responses/{response_id}", method=b"GET", query=query, vet=vet, limited=False,
-                           observer=observer,
-                           transform=partial(_no_events, response_id), pin=record.get("replica"))
+        call = upstream_call(f"/responses/{response_id}", method=b"GET", query=query, vet=vet, limited=False,
+                             observer=observer,
+                             transform=partial(_no_events, response_id), pin=record.get("replica"))
+        call.blames = False  # (vLLM's stream of a response it keeps no events of breaks off at once: no failure)
         call.rewrite = self._named(provider, record)  # (its events named as it was kept, as clients know it)
         try:
             return await self._exchange.relay(request, ctx, provider, call)
@@ -614,7 +615,7 @@ class ResponsesRoute:
             elif upstream.code == 400:
                 await self._concluded(provider, upstream, record, ctx)
 
-        call = UpstreamCall(f"/responses/{response_id}/cancel", transform=kept, vet=vet, pin=record.get("replica"))
+        call = upstream_call(f"/responses/{response_id}/cancel", transform=kept, vet=vet, pin=record.get("replica"))
         try:
             return await self._exchange.relay(request, ctx, provider, call)
         except _Concluded as over:
@@ -747,7 +748,7 @@ class ResponsesRoute:
         keeps responses in memory) will never finish: it is C{failed}. One that follows another names it, as its
         create's answer did, though its instance was sent the conversation explicitly (L{relink})."""
         response_id = record["id"]
-        call = UpstreamCall(f"/responses/{response_id}", method=b"GET", pin=record.get("replica"))
+        call = upstream_call(f"/responses/{response_id}", method=b"GET", pin=record.get("replica"))
         try:
             fetched = await self._exchange.fetch(request_id, provider, call, trace)
             if fetched.response.code == 404 and _names(fetched.body, response_id):
@@ -811,13 +812,6 @@ def _no_events(response_id, answer: bytes):
     @raise gomodel.errors.InvalidRequest: always.
     """
     raise _not_replayed(response_id, "its provider answered the response, not its events")
-
-
-class _ReplayCall(UpstreamCall):
-    """A replay's call (L{ResponsesRoute._replay}): its breaking off before any event is no failure of its
-    replica (vLLM's stream of a response it keeps no events of breaks off at once)."""
-
-    blames = False
 
 
 class _Replayed(ResponsesStreamObserver):

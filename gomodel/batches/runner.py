@@ -73,7 +73,7 @@ from gomodel.api.messages import MAX_COMPLETION_TYPES
 from gomodel.http.context import CLIENT_GONE, CLIENT_GONE_STATUS
 from gomodel.http.headers import is_event_stream
 from gomodel.proxy import gather as gathered
-from gomodel.proxy.exchange import UpstreamCall, usage_of
+from gomodel.proxy.exchange import upstream_call, usage_of
 from gomodel.proxy.renamed import model_named, model_renamed
 from gomodel.proxy.sse import StreamIncomplete
 from gomodel.proxy.transfers import without_transfers
@@ -666,8 +666,8 @@ class BatchRunner(Service):
             if reserved is None:
                 return
         slot = _Slot(job, self.semaphore, sem)
-        call = UpstreamCall(sent, first, model=route.upstream_model, prefer=prefer, fallbacks=fallbacks,
-                            rebody=rebody if fallbacks else None)
+        call = upstream_call(sent, first, model=route.upstream_model, prefer=prefer, fallbacks=fallbacks,
+                             rebody=rebody if fallbacks else None)
         kept = payload if path == "/responses" and self._responses is not None and payload.get("store") is not False \
             else None
         d = Deferred.fromCoroutine(self._line(job, path, line, custom_id, route.provider, call, slot, answer, again,
@@ -885,8 +885,8 @@ class BatchRunner(Service):
         if outcome.status != 404 or not names_previous(outcome.body, previous_id):
             return None
         body = await with_history(self._responses, payload, previous)
-        call = UpstreamCall("/responses", self._body_for(principal, body, route.upstream_model, route.provider),
-                            model=route.upstream_model)
+        call = upstream_call("/responses", self._body_for(principal, body, route.upstream_model, route.provider),
+                             model=route.upstream_model)
         return call, partial(_relinked, previous_id)
 
     async def _responses_again(self, payload, previous, route, principal, explicitly, fallbacks, prefer, outcome):
@@ -960,9 +960,9 @@ class BatchRunner(Service):
                 return "/responses", self._body_for(principal, payload, model, provider)  # its own body, natively)
             return as_chat(model, provider)
 
-        call = UpstreamCall("/chat/completions", as_chat(route.upstream_model, route.provider),
-                            model=route.upstream_model, prefer=prefer, fallbacks=fallbacks,
-                            rebody=rebody if fallbacks else None)
+        call = upstream_call("/chat/completions", as_chat(route.upstream_model, route.provider),
+                             model=route.upstream_model, prefer=prefer, fallbacks=fallbacks,
+                             rebody=rebody if fallbacks else None)
         now = int(self._clock.seconds())
         return call, partial(_chat_response, echo, now)
 
@@ -976,8 +976,8 @@ class BatchRunner(Service):
                                                                      self._body_for)
         if sent == "/messages":  # (a fallback said so: the first target is still asked natively)
             return None
-        call = UpstreamCall(sent, first, model=route.upstream_model, fallbacks=fallbacks,
-                            rebody=rebody if fallbacks else None)
+        call = upstream_call(sent, first, model=route.upstream_model, fallbacks=fallbacks,
+                             rebody=rebody if fallbacks else None)
         return call, answer
 
     def _account(self, job, path, answer, request_id, reserved=None):

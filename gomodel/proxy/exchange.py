@@ -82,7 +82,7 @@ def fails_over(error) -> bool:
 
 
 class UpstreamCall:
-    """One request to send upstream, and how its answer is to be relayed.
+    """One request to send upstream, and how its answer is to be relayed (made by L{upstream_call}).
 
     @ivar path: an OpenAI API path (C{"/chat/completions"}), or with
         C{native} a provider-native one (see L{gomodel.interfaces.IUpstream.url}).
@@ -125,44 +125,54 @@ class UpstreamCall:
         (Messages' C{count_tokens}, Responses' C{input_tokens}, vLLM's C{tokenize}) generates nothing: it takes
         only a slot of its key's caps on requests in flight.
     @cvar blames: whether an answer that breaks off counts as its replica's failure (a replay of events its
-        instance may keep none of breaks off though the replica is well: a subclass's C{False}).
+        instance may keep none of breaks off though the replica is well: its call says C{False}).
     """
 
     blames = True
     shown = None
     rewrite = None
 
-    def __init__(self, path, body=None, method=b"POST", native=False, query=b"", headers=None,
-                 content_type=b"application/json", observer=None, transform=None, raw=False, ends=None, vet=None,
-                 model=None, affinity=None, prefer=None, pin=None, fallbacks=(), rebody=None, counted=None,
-                 observe=None, limited=True, asked=None):
-        """Given C{path} and C{body} by position, the rest by keyword (every caller does; they are not marked
-        keyword-only, C{*}: CPython 3.11 fills each keyword-only default a call leaves out with a dict lookup, and
-        a request's call leaves out some fifteen, about 2,000 instructions; positional ones come from a tuple)."""
-        # (one store each, not a dict assigned to __dict__: such an instance keeps a dict of its own, which
-        # CPython reads and writes slower than the inline values stores give it; more than the bytecodes saved)
-        self.limited = limited
-        self.method = method
-        self.path = path
-        self.body = body
-        self.counted = body if counted is None else counted
-        self.asked = asked
-        self.native = native
-        self.query = query
-        self.headers = headers
-        self.content_type = content_type
-        self.observer = observer
-        self.observe = observe
-        self.transform = transform
-        self.raw = raw
-        self.ends = ends
-        self.vet = vet
-        self.model = model
-        self.affinity = affinity
-        self.prefer = prefer
-        self.pin = pin
-        self.fallbacks = fallbacks
-        self.rebody = rebody
+
+_new = object.__new__
+
+
+def upstream_call(path, body=None, method=b"POST", native=False, query=b"", headers=None,
+                  content_type=b"application/json", observer=None, transform=None, raw=False, ends=None, vet=None,
+                  model=None, affinity=None, prefer=None, pin=None, fallbacks=(), rebody=None, counted=None,
+                  observe=None, limited=True, asked=None) -> UpstreamCall:
+    """An L{UpstreamCall} to C{path} with C{body} (its other fields by keyword: every caller names them).
+
+    A function, not the class's C{__init__}: CPython 3.11 hands a class call's keywords to C{__init__} in a dict
+    it makes and takes apart again, about 2,500 instructions a call more than a function's call. They are not
+    marked keyword-only (C{*}) either: CPython 3.11 fills each keyword-only default a call leaves out with a dict
+    lookup, and a request's call leaves out some fifteen, about 2,000 instructions; positional ones come from a
+    tuple."""
+    # (one store each, not a dict assigned to __dict__: such an instance keeps a dict of its own, which
+    # CPython reads and writes slower than the inline values stores give it; more than the bytecodes saved)
+    call = _new(UpstreamCall)
+    call.limited = limited
+    call.method = method
+    call.path = path
+    call.body = body
+    call.counted = body if counted is None else counted
+    call.asked = asked
+    call.native = native
+    call.query = query
+    call.headers = headers
+    call.content_type = content_type
+    call.observer = observer
+    call.observe = observe
+    call.transform = transform
+    call.raw = raw
+    call.ends = ends
+    call.vet = vet
+    call.model = model
+    call.affinity = affinity
+    call.prefer = prefer
+    call.pin = pin
+    call.fallbacks = fallbacks
+    call.rebody = rebody
+    return call
 
 
 class Fetched:
