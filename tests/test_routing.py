@@ -2017,6 +2017,23 @@ def test_the_fewest_in_flight_per_weight_take_turns_among_those_tied():
         assert chosen == ([1, 1, 1, 1] if weights[1] == 2.0 and weights[0] == 1 else [1, 3, 1, 3]), (weights, chosen)
 
 
+def test_replicas_tied_on_their_counts_take_turns_in_their_order():
+    """Every weight 1 (the counts themselves are the scores): the tied take turns in the pool's order, whether a few
+    of them tie (the third in turn too) or all of them (an idle pool)."""
+    clock = Clock()
+    for counts, turns in (((2, 0, 1, 0, 0), [1, 3, 4, 1, 3, 4, 1]), ((0, 0, 0, 0), [0, 1, 2, 3, 0, 1, 2])):
+        replicas = [Replica(i, _Server(), f"http://r{i}/v1", clock) for i in range(len(counts))]
+        for replica, in_flight in zip(replicas, counts):
+            replica.models, replica.state, replica.in_flight = None, READY, in_flight
+        pool = ReplicaPool("vllm", "vllm", replicas, clock)
+        chosen = []
+        for _ in turns:
+            replica = pool.take(None)
+            chosen.append(replica.index)
+            pool.release(replica)
+        assert chosen == turns, (counts, chosen)
+
+
 def test_a_replica_whose_metrics_scrapes_fail_is_unanswered_once_its_requests_wait_past_the_stall_timeout():
     """A vLLM whose /metrics answered, then fails (a hung engine's scrape timing out): no scrape shows its progress
     any more, so it is judged by its answers as one without /metrics is (README: "a vLLM whose scrapes fail or are

@@ -927,11 +927,16 @@ class ReplicaPool:
                     return free[scores.index(best)]
                 if not self._unweighted:
                     return self._turn(free, scores, best, ties)
-                # L{_turn} where the scores are the counts: sorted by count (stable, in C), the tied come first in
-                # their order, as L{_turn} picks them out (an idle pool's all of them)
-                replica = sorted(free, key=_in_flight)[self._next % ties]
+                # L{_turn} where the scores are the counts, inline: the next in turn of the tied, in their order (an
+                # idle pool's all of them); found by index in C, not sorted (about 3 k instructions with 4 replicas)
+                turn = self._next % ties
                 self._next += 1
-                return replica
+                if ties == len(free):
+                    return free[turn]
+                at = scores.index(best)
+                for _ in range(turn):
+                    at = scores.index(best, at + 1)
+                return free[at]
             return self._lowest(free, scores, affinity)
         now = self._clock.seconds()
         max_age = self._load_max_age
