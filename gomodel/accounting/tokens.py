@@ -204,6 +204,8 @@ def _number(text: bytes):
 def _first_max(fields):
     """The first of a parsed body's C{fields} named as L{_MAX_FIELDS} whose value is a count (L{_asked_count}), or
     None."""
+    if fields.keys().isdisjoint(_MAX_FIELDS):  # (most bodies send none: one look in C, not one per field)
+        return None
     for name, value in fields.items():
         if name in _MAX_FIELDS:
             count = _asked_count(value)
