@@ -58,12 +58,13 @@ class Lane:
         self._header_plan = header_plan
         self._buckets = []
         for i, b in enumerate(prepared.buckets):
-            cell = counters.cell(b.name, b.capacity, b.refill)  # (under this capacity: see its L{moved})
-            # Its capacity as a float, as the levels are: comparing a float with an integer of 2**30
-            # or more (a tpm above about a billion) converts the integer every time. A shown
-            # bucket's last level and its two lines: a level as the last (a bucket full before each
-            # request, as limits far above the load keep it) is written as they were.
-            self._buckets.append((cell, float(b.capacity), b.refill, b.tokens, shown.get(i), [None, b""]))
+            # Its capacity as a float, as the levels are, and so the cell's it makes (which L{finish} reads):
+            # comparing a float with an integer of 2**30 or more (a tpm above about a billion) converts the
+            # integer every time. A shown bucket's last level and its two lines: a level as the last (a bucket
+            # full before each request, as limits far above the load keep it) is written as they were.
+            capacity = float(b.capacity)
+            cell = counters.cell(b.name, capacity, b.refill)  # (under this capacity: see its L{moved})
+            self._buckets.append((cell, capacity, b.refill, b.tokens, shown.get(i), [None, b""]))
         self._token_buckets = [(cell, refill) for cell, _, refill, tokens, _, _ in self._buckets if tokens]
         # its concurrency slots' cells and limits (L{gomodel.limits.counters.LocalCounters.slot_cell}):
         # a request's lease is this list, freed by L{finish} in place
