@@ -253,7 +253,9 @@ class Gate(Periodic):
             lane = self._key_lanes.get(principal)
             if lane is not None:
                 body = call.counted
-                asked = _asked(call)
+                asked = call.asked
+                if asked is None:  # (its route read none from a body it parsed: L{_asked})
+                    asked = _asked(call)
                 tokens = len(body) // 4 + asked if body else 0  # (L{estimate}, inline)
                 if lane.costed:
                     admission = lane.admit(tokens, self._limiter.clock.seconds(), request.responseHeaders,
