@@ -1067,6 +1067,25 @@ def test_a_lanes_header_lines_are_the_general_paths_for_every_level(clock, limit
         assert _level_now(ours, bucket, clock) == pytest.approx(_level_now(theirs, bucket, clock))
 
 
+def test_a_lanes_header_lines_after_a_refusal_are_the_levels_it_stores(clock):
+    """A refusal after a shown bucket's lines were written for a level it then gave back: the next request that
+    stores that level shows it, as the general path does (the lines it joined are not the ones before)."""
+    from gomodel.http.headers import AnswerHeaders
+    from gomodel.limits.lanes import Lane
+
+    scopes = [("key:k", RateLimit(rpm=10, tpm=40))]
+    ours, theirs = LocalCounters(clock), LocalCounters(clock)
+    limiter, general = Limiter(ours, clock), Limiter(theirs, clock)
+    prepared = limiter.prepare(scopes)
+    lane = Lane(scopes, limiter, prepared, None, prepared.header_plan("key:k"))
+    assert lane.admit(9, clock.seconds(), AnswerHeaders()) is not None
+    general.admit_now(scopes, 9, headers_for="key:k")
+    assert lane.admit(35, clock.seconds(), AnswerHeaders()) is None  # the token bucket refuses: nothing taken
+    headers = AnswerHeaders()
+    assert lane.admit(0, clock.seconds(), headers) is not None  # the request bucket at the refused one's level
+    assert headers.lines == general.admit_now(scopes, 0, headers_for="key:k").header_lines()
+
+
 def test_a_lane_refused_a_concurrency_slot_gives_back_what_its_buckets_gave(clock, counters):
     from gomodel.http.headers import AnswerHeaders
     from gomodel.limits.lanes import Lane

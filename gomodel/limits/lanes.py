@@ -31,8 +31,8 @@ class Lane:
     """
 
     __slots__ = ("scopes", "_clock", "_counters", "_epoch", "_first", "_until", "_prepared", "_buckets",
-                 "_token_buckets", "_slots", "_slot", "_slot_limit", "_budgets", "_sums", "_header_plan", "costed",
-                 "budgets")
+                 "_token_buckets", "_slots", "_slot", "_slot_limit", "_budgets", "_sums", "_header_plan",
+                 "_shown_lines", "_lines", "costed", "budgets")
 
     def __init__(self, scopes, limiter, prepared, current, header_plan):
         """
@@ -57,14 +57,21 @@ class Lane:
             header_plan = ()
         self._header_plan = header_plan
         self._buckets = []
+        self._shown_lines = []  # each shown bucket's two lines, in order
+        self._lines = b""  # those joined
         for i, b in enumerate(prepared.buckets):
             # Its capacity as a float, as the levels are, and so the cell's it makes (which L{finish} reads):
             # comparing a float with an integer of 2**30 or more (a tpm above about a billion) converts the
-            # integer every time. A shown bucket's last level and its two lines: a level as the last (a bucket
-            # full before each request, as limits far above the load keep it) is written as they were.
+            # integer every time. A shown bucket's last level and where its lines are in L{_shown_lines}: a
+            # level as the last (a bucket full before each request, as limits far above the load keep it)
+            # leaves them as they were, and their join too.
             capacity = float(b.capacity)
             cell = counters.cell(b.name, capacity, b.refill)  # (under this capacity: see its L{moved})
-            self._buckets.append((cell, capacity, b.refill, b.tokens, shown.get(i), [None, b""]))
+            last = None
+            if i in shown:
+                last = [None, len(self._shown_lines)]
+                self._shown_lines.append(b"")
+            self._buckets.append((cell, capacity, b.refill, b.tokens, shown.get(i), last))
         self._token_buckets = [(cell, refill) for cell, _, refill, tokens, _, _ in self._buckets if tokens]
         # its concurrency slots' cells and limits (L{gomodel.limits.counters.LocalCounters.slot_cell}):
         # a request's lease is this list, freed by L{finish} in place
@@ -106,7 +113,7 @@ class Lane:
         for cell, max_tokens, max_cost in self._budgets:  # (L{gomodel.limits.budgets._Current.spent})
             if cell[0] >= max_tokens or cell[1] >= max_cost:
                 return None
-        lines = b""
+        written = False  # (whether a shown bucket's lines were written anew)
         for cell, capacity, refill, by_tokens, shown, last in self._buckets:  # each taken from as it is looked at
             at = cell[1]
             if now < at:  # the wall clock stepped back since it was stored (L{stepped_back})
@@ -121,12 +128,13 @@ class Lane:
                 return None
             cell[0] = level
             cell[1] = now
-            if shown is not None:  # as L{header_lines} writes them (%d floors a level, here never below 0)
-                if level != last[0]:
-                    reset_ms = ceil((capacity - level) / refill * 1000 - 1e-6)
-                    last[0] = level
-                    last[1] = shown % (level, RESETS_MS[reset_ms] if reset_ms < 1000 else reset_text(reset_ms))
-                lines += last[1]
+            # a shown bucket's lines, as L{header_lines} writes them (%d floors a level, here never below 0)
+            if shown is not None and level != last[0]:
+                reset_ms = ceil((capacity - level) / refill * 1000 - 1e-6)
+                last[0] = level
+                self._shown_lines[last[1]] = shown % (level, RESETS_MS[reset_ms] if reset_ms < 1000
+                                                      else reset_text(reset_ms))
+                written = True
         cell = self._slot  # the counters count this process's slots
         if cell is not None:  # its one slot
             if cell[0] >= self._slot_limit:
@@ -153,6 +161,9 @@ class Lane:
         counters.ops_left -= 1  # (L{gomodel.limits.counters.LocalCounters.tick}, inline)
         if not counters.ops_left:
             counters.sweep(now)
+        if written:
+            self._lines = b"".join(self._shown_lines)
+        lines = self._lines
         if self._header_plan:
             lines = header_lines(self._header_plan, self._prepared.buckets, [b[0][0] for b in self._buckets])
         if lines:
@@ -161,7 +172,10 @@ class Lane:
 
     def _give_back(self, refused, tokens):
         """A refused admission: give back what it took of the buckets before C{refused} (the
-        cell that refused; None: all), as they were when it came (their refill to then stays)."""
+        cell that refused; None: all), as they were when it came (their refill to then stays). The lines of
+        the shown buckets it wrote, for levels it gives back, are joined as they are (L{admit} joins them
+        only where it wrote some: the level of its next request may be the one it wrote them for)."""
+        self._lines = b"".join(self._shown_lines)
         for cell, _, _, by_tokens, _, _ in self._buckets:
             if cell is refused:
                 return
