@@ -47,6 +47,14 @@
 # COUNTER_SCRIPT names another counter script taking the same arguments; BYTECODES_LINES=1 adds the count per
 # source line ("lines" in that file: where a function's count goes).
 #
+# UNTIMED=1 leaves out of the count what the reactor's timers run (calls below ReactorBase.runUntilCurrent: metrics
+# flushes, sweeps, key refreshes, as bench/bytecodes.py's untimed_per_request) and the other threads (the store's,
+# which run its jobs by the second: key and budget refreshes): work by the second, whose share of a window grows with
+# its wall time, so that on a busy machine the same tree's count moved by 10-25 k a request between runs (at CONC=10;
+# about 1-3 k with UNTIMED=1). The gateway then runs under bench/untimed.py, which starts and stops callgrind's
+# instrumentation itself (SIGUSR1, SIGUSR2) and leaves each runUntilCurrent out of the collection (through a tiny C
+# library made with cc from valgrind's callgrind.h); callgrind counts each thread apart, and the main one is summed.
+#
 # FEAT=1: everything on (four mock replicas, the access log, a managed key with a rate limit, a
 # concurrency limit, a model allowlist and a daily budget: bench/run.sh's gomodel-features key);
 # otherwise one replica, the master key, access log off; ACCESS_LOG=true/false overrides the access
@@ -75,8 +83,15 @@ for checkout in "$@"; do
     rm -f "/tmp/gomodel-bytecodes-$name.json"; COUNTER=("$PY" "${COUNTER_SCRIPT:-$ROOT/bench/bytecodes.py}" "/tmp/gomodel-bytecodes-$name.json")
   else
     SIM=(); [ "${CACHE:-0}" = 1 ] && SIM=(--cache-sim=yes --branch-sim=yes ${CACHE_LL:+--LL=$CACHE_LL})
-    COUNTER=(valgrind --tool=callgrind "${SIM[@]}" --instr-atstart=no --callgrind-out-file="$W/$name.cg" "$PY" -c
-      'from gomodel.cli import main; main()')
+    RUNNER=(-c 'from gomodel.cli import main; main()')
+    if [ "${UNTIMED:-0}" = 1 ]; then
+      [ -f "$W/cgcontrol.so" ] || printf '%s\n' '#include <valgrind/callgrind.h>' \
+        'void cg_start(void) { CALLGRIND_START_INSTRUMENTATION; }' 'void cg_stop(void) { CALLGRIND_STOP_INSTRUMENTATION; }' \
+        'void cg_toggle(void) { CALLGRIND_TOGGLE_COLLECT; }' | cc -shared -fPIC -O2 -x c -o "$W/cgcontrol.so" -
+      RUNNER=("$ROOT/bench/untimed.py" "$W/cgcontrol.so")
+      SIM+=(--separate-threads=yes)  # (the main thread's count alone is summed: its files end in -01)
+    fi
+    COUNTER=(valgrind --tool=callgrind "${SIM[@]}" --instr-atstart=no --callgrind-out-file="$W/$name.cg" "$PY" "${RUNNER[@]}")
   fi
   (cd "$W" && exec env PYTHONPATH="$checkout" VLLM_BASE_URL="$URLS" GOMODEL_MASTER_KEY=mk GOMODEL_DATA_DIR="$W/$name.d" \
     GOMODEL_ACCESS_LOG=$LOG REPLICA_HEALTH_INTERVAL=1h REPLICA_METRICS_INTERVAL=0 USAGE_FLUSH_INTERVAL=1h HTTP_POOL_IDLE_TIMEOUT=1h \
@@ -105,16 +120,20 @@ print("BYTECODES %s FEAT=%s STREAM=%s requests=%d bytecodes_per_request=%d untim
     kill "$GPID" 2>/dev/null || true
     continue
   fi
-  callgrind_control -i on "$GPID" > /dev/null
-  send "$N"
-  callgrind_control -i off "$GPID" > /dev/null
+  if [ "${UNTIMED:-0}" = 1 ]; then
+    kill -USR1 "$GPID"; sleep 1; send "$N"; kill -USR2 "$GPID"; sleep 1  # (bench/untimed.py: once out of its timers)
+  else
+    callgrind_control -i on "$GPID" > /dev/null
+    send "$N"
+    callgrind_control -i off "$GPID" > /dev/null
+  fi
   callgrind_control -d "$GPID" > /dev/null
   for _ in $(seq 20); do grep -qh "^totals:" "$W/$name.cg"* 2>/dev/null && break; sleep 0.5; done
-  total=$(grep -h "^totals:" "$W/$name.cg"* | awk '{s += $2} END {print s}')
+  total=$(grep -h "^totals:" "$W/$name.cg"*${UNTIMED:+-01} | awk '{s += $2} END {print s}')
   [ -n "${KEEP:-}" ] && cp "$W/$name.cg"* "$KEEP/"
-  echo "INSTR $name FEAT=$FEAT STREAM=${STREAM:-0} WORKLOAD=${WORKLOAD:-chat} requests=$N instructions_per_request=$((total / N))"
+  echo "INSTR $name FEAT=$FEAT STREAM=${STREAM:-0} WORKLOAD=${WORKLOAD:-chat} requests=$N instructions_per_request=$((total / N))${UNTIMED:+ untimed=$UNTIMED}"
   if [ "${CACHE:-0}" = 1 ]; then  # events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw Bc Bcm Bi Bim
-    grep -h "^totals:" "$W/$name.cg"* | awk -v n="$N" -v name="$name" '{for (i = 2; i <= 14; i++) t[i] += $i}
+    grep -h "^totals:" "$W/$name.cg"*${UNTIMED:+-01} | awk -v n="$N" -v name="$name" '{for (i = 2; i <= 14; i++) t[i] += $i}
       END {printf "CACHE %s I1_misses=%d D1_misses=%d LL_instruction_misses=%d LL_data_misses=%d branches=%d mispredicted=%d indirect=%d mispredicted_indirect=%d (per request)\n",
         name, t[5] / n, (t[6] + t[7]) / n, t[8] / n, (t[9] + t[10]) / n, (t[11] + t[13]) / n, t[12] / n, t[13] / n, t[14] / n}'
   fi
