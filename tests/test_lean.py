@@ -1216,3 +1216,32 @@ def test_the_admin_routes_import_werkzeug_without_its_http_module(tmp_path, eage
     assert found == {"loaded": ["werkzeug.http", "werkzeug.sansio.http"] if eager else [],
                      "header": 'attachment; filename="a b.txt"', "set": '"a b", c', "chunked": None, "length": 12,
                      "real": "module", "date": 1970}
+
+
+def test_the_request_paths_functions_read_no_attribute_of_a_type_or_of_io():
+    """CPython 3.11 specializes no read of a type's attribute (C{bytes.join}, C{chain.from_iterable}: the generic path,
+    some 400 instructions each) nor, here, of the io module's: the functions every relayed request runs take a built-in
+    type's such names looked up once, at import (a class of Python's read on a rare branch, an error's, is left be)."""
+    import builtins
+    import dis
+    import types
+
+    from gomodel._twistedcompat import keep_headers
+    from gomodel.http.channel import GatewayChannel
+    from gomodel.http.headers import copy_response_headers, media_type
+    from gomodel.http.site import GatewayRequest
+
+    hot = [GatewayChannel.on_headers_complete, GatewayChannel.writeHeaders, GatewayChannel.write, keep_headers,
+           copy_response_headers, media_type, GatewayRequest.gotLength, GatewayRequest.write,
+           GatewayRequest.handleContentChunk, GatewayRequest.process]
+    HEAPTYPE = 1 << 9  # (Py_TPFLAGS_HEAPTYPE: a class made in Python; a built-in type has it not)
+    found = []
+    for f in hot:
+        instructions = list(dis.get_instructions(f))
+        for load, read in zip(instructions, instructions[1:]):
+            if load.opname == "LOAD_GLOBAL" and read.opname == "LOAD_ATTR":
+                owner = f.__globals__.get(load.argval, getattr(builtins, load.argval, None))
+                built_in = isinstance(owner, type) and not owner.__flags__ & HEAPTYPE
+                if built_in or (isinstance(owner, types.ModuleType) and owner.__name__ == "io"):
+                    found.append(f"{f.__qualname__}: {load.argval}.{read.argval}")
+    assert found == []

@@ -7,6 +7,9 @@ from twisted.web.http_headers import Headers
 from gomodel._twistedcompat import header_name, plain_headers
 from gomodel.limits.limiter import RATE_LIMIT_HEADERS
 
+# (looked up once: CPython 3.11 specializes no read of a type's attribute, some 400 instructions each)
+_chain = chain.from_iterable
+
 # RFC 9110 7.6.1 connection-specific headers, plus the old proxy ones.
 HOP_BY_HOP = frozenset((
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection",
@@ -122,7 +125,7 @@ def copy_response_headers(upstream_response, request, keep_length=False, hidden=
     kept = plain_headers(target)
     source = plain_headers(headers)
     # (one search of all the values for the usual answer, which names none; each header's only where one does)
-    if hidden is not None and hidden.search(b"\n".join(chain.from_iterable(source.values()))) is not None:
+    if hidden is not None and hidden.search(b"\n".join(_chain(source.values()))) is not None:
         source = _not_naming(source, hidden)
     for name, values in source.items():
         lower = name.lower()

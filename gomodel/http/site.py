@@ -7,7 +7,7 @@ an upload's body goes to its sink as it arrives, and any other body is
 buffered up to the limit.
 """
 
-import io
+from io import BytesIO
 import re
 from functools import partial
 
@@ -28,7 +28,7 @@ from gomodel.http.headers import (CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, DATE
 from gomodel.ids import random_hex_bytes
 
 
-class _Discard(io.BytesIO):
+class _Discard(BytesIO):
     """A request body sink that keeps nothing (for bodies over the limit)."""
 
     def write(self, data):
@@ -290,7 +290,7 @@ class GatewayRequest(_twistedcompat.EndingRequest):
         # that up, and makes and drops an AttributeError for every request); a body it keeps in memory made
         # here, without its two frames (twisted.web.http's _getContentFile: a test checks the limit)
         if length is not None and length < IN_MEMORY_BODY:
-            self.content = io.BytesIO()
+            self.content = BytesIO()  # (a name of its own: CPython 3.11 specializes no read of the io module's)
         else:
             HTTPRequest.gotLength(self, length)
 
