@@ -680,9 +680,14 @@ def test_other_transports_are_left_as_they_are():
 # -- the swept pool ----------------------------------------------------------------------------------
 
 class _Cached:
-    """A pooled connection as the pool sees one."""
+    """A pooled connection as the pool sees one (its state as HTTP11ClientProtocol keeps it: C{_state}, read by its
+    C{state} property)."""
 
-    state = "QUIESCENT"
+    _state = "QUIESCENT"
+
+    @property
+    def state(self):
+        return self._state
 
     def __init__(self):
         self.closed = False
@@ -722,7 +727,7 @@ def test_a_swept_pool_keeps_no_timer_and_closes_idle_connections_within_the_time
     pool._putConnection("k", new)
     assert pool.cached("k") is new and pool.cached("k") is None  # as getConnection takes it, without a Deferred
     gone = _Cached()
-    gone.state = "CONNECTION_LOST"
+    gone._state = "CONNECTION_LOST"
     pool._putConnection("k", new)
     pool._connections["k"].insert(0, gone)  # lost while cached: skipped, as getConnection skips it
     pool._timeouts[gone] = pool._timeouts[new]
@@ -730,6 +735,24 @@ def test_a_swept_pool_keeps_no_timer_and_closes_idle_connections_within_the_time
     pool._putConnection("k", new)
     pool.closeCachedConnections()
     assert new.closed and not pool._timeouts
+
+
+def test_a_swept_pool_reads_a_connections_state_without_its_property():
+    """SweptPool puts back and takes each upstream connection reading its C{_state}, which Twisted's C{state} property
+    returns (a Python frame, and a read CPython 3.11 leaves unspecialized, twice a request)."""
+    from twisted.internet.task import Clock
+
+    assert _newclient.HTTP11ClientProtocol.state.fget(_Cached()) == "QUIESCENT"  # (Twisted's property: its _state)
+
+    class Unread(_Cached):
+        @property
+        def state(self):
+            raise AssertionError("read through the property")
+
+    pool = _twistedcompat.SweptPool(Clock())
+    connection = Unread()
+    pool._putConnection("k", connection)
+    assert pool.cached("k") is connection and pool.cached("k") is None
 
 
 @pytest.mark.parametrize("kind", ["EndingRequest", "GatewayRequest"])
