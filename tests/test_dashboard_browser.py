@@ -140,6 +140,16 @@ class Browser:
         self.driver.get(f"{self.root}/admin/dashboard#/{page}")
         self.wait(lambda d: self.all(f"#page-{page}"), f"the {page} page")
 
+    def reload_holding(self, key):
+        """The page loaded again, C{key} kept as the one signed in with from before its own scripts run (kept in the
+        page shown, a request that page sends on its own with C{key} could be refused first and sign out)."""
+        script = f"sessionStorage.setItem('gomodel.dashboard.key', {json.dumps(key)});"
+        added = self.driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": script})
+        try:
+            self.driver.refresh()
+        finally:
+            self.driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", added)
+
     def click(self, css):
         """Click the first match; again if the page re-rendered it in between."""
         from selenium.common.exceptions import StaleElementReferenceException
@@ -335,8 +345,7 @@ async def test_sign_in_keeps_the_key_in_session_storage_and_a_401_signs_out(env)
         # and awaited, so that none is logged after the browser's log is read).
         counting = b.driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": FETCHES_IN_FLIGHT})
         try:
-            b.js("sessionStorage.setItem('gomodel.dashboard.key', 'stale')")
-            b.driver.refresh()
+            b.reload_holding("stale")
             b.wait_text("#signin-message", lambda t: "Signed out" in t and "Invalid API key" in t, "the sign-out")
             b.wait(lambda d: b.js("return window.__fetching") == 0, "the stale key's requests all answered")
         finally:
@@ -373,8 +382,7 @@ async def test_a_page_signed_out_by_a_401_asks_nothing_more_and_keeps_the_401s_r
         b.go("usage")
         counting = b.driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": KEYLESS_FETCHES})
         try:
-            b.js("sessionStorage.setItem('gomodel.dashboard.key', 'stale')")
-            b.driver.refresh()
+            b.reload_holding("stale")
             b.wait_text("#signin-message", lambda t: "Signed out" in t, "the sign-out")
             assert b.js("return window.__keyless") == 0
             assert "Invalid API key" in b.text_of("#signin-message")
@@ -415,8 +423,7 @@ async def test_a_late_401_for_a_key_signed_out_of_does_not_sign_out_the_key_sign
         b.sign_in()
         holding = b.driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": HOLD_STALE_ANSWERS})
         try:
-            b.js("sessionStorage.setItem('gomodel.dashboard.key', 'stale')")
-            b.driver.refresh()
+            b.reload_holding("stale")
             b.wait(lambda d: b.js("return window.__held.length") >= 2, "the overview's two stale requests")
             b.js("window.__held.shift()()")  # the first 401: signed out
             b.wait_text("#signin-message", lambda t: "Signed out" in t, "the sign-out")
