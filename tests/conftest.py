@@ -60,7 +60,10 @@ from treq.client import HTTPClient  # noqa: E402
 from twisted.web.client import Agent, HTTPConnectionPool  # noqa: E402
 
 from tests.support import AccessRecords, openai_client, start_fake, start_gateway  # noqa: E402
-from tests.utc_day import pytest_configure, pytest_runtest_protocol  # noqa: E402,F401 (the utc_day mark's hooks)
+
+# The utc_day mark's hooks; GOMODEL_REQUIRE_VLLM's and pytest-xdist's scheduling (here, where xdist's controlling
+# process, which collects nothing, loads them).
+pytest_plugins = ["tests.utc_day", "tests.integration.required", "tests.scheduling"]
 
 
 @pytest_twisted.async_yield_fixture()

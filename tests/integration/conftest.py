@@ -6,7 +6,9 @@ read here (path: $GOMODEL_IT_ENV, default /tmp/gomodel-vllm-run/vllm.env).
 - Every test in this folder carries the C{integration} marker.
 - Without the env file, or when a vLLM server does not answer /health, every test here is
   SKIPPED with the reason: a plain C{pytest} on a machine without vLLM never fails.
-- With GOMODEL_REQUIRE_VLLM=1 (CI), any skipped integration test fails the session.
+- With GOMODEL_REQUIRE_VLLM=1 (CI), any skipped integration test fails the session (tests/integration/required.py).
+- Under pytest-xdist they all run on one worker, in order (tests/scheduling.py): they share the four servers,
+  and the last ones restart them.
 """
 
 import os
@@ -20,7 +22,6 @@ from tests.integration.support import (
     EXPECTED_MODEL_IDS,
     TWISTD,
     bearer,
-    env_flag,
     gateway_env,
     read_env_file,
     request,
@@ -36,7 +37,7 @@ ENV_KEYS = ("GOMODEL_IT_CHAT_URL", "GOMODEL_IT_CHAT_KEY_URL", "GOMODEL_IT_CHAT_K
             "GOMODEL_IT_EMBED_URL", "GOMODEL_IT_RERANK_URL")
 GATEWAY_START_TIMEOUT = 60.0
 
-_state = {"probe": None, "skipped": [], "gateway": None, "nodeids": set()}
+_state = {"probe": None, "gateway": None}
 
 
 def _ours(path):
@@ -94,18 +95,11 @@ def pytest_collection_modifyitems(config, items):
         return
     for item in ours:
         item.add_marker(pytest.mark.integration)
-        _state["nodeids"].add(item.nodeid)
     vllm, reason = _probe()
     if vllm is None:
         skip = pytest.mark.skip(reason=f"integration: {reason}")
         for item in ours:
             item.add_marker(skip)
-
-
-def pytest_runtest_logreport(report):
-    if report.skipped and report.nodeid in _state["nodeids"] and not hasattr(report, "wasxfail"):
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        _state["skipped"].append((report.nodeid, reason))
 
 
 @pytest.hookimpl(wrapper=True)
@@ -115,24 +109,6 @@ def pytest_runtest_makereport(item, call):
     if report.failed and gw is not None and _ours(item.path):
         report.sections.append(("gateway log (last 40 lines)", tail(gw.log_path, 40)))
     return report
-
-
-def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    skipped = _state["skipped"]
-    if skipped and env_flag("GOMODEL_REQUIRE_VLLM"):
-        tr = terminalreporter
-        tr.section("GOMODEL_REQUIRE_VLLM=1: integration tests were skipped", sep="=", red=True, bold=True)
-        reasons = {}
-        for nodeid, reason in skipped:
-            reasons.setdefault(reason, []).append(nodeid)
-        for reason, nodeids in reasons.items():
-            tr.write_line(f"{len(nodeids)} skipped: {reason}", red=True)
-        tr.write_line("The session fails: CI requires the real vLLM suite to run.", red=True)
-
-
-def pytest_sessionfinish(session, exitstatus):
-    if _state["skipped"] and env_flag("GOMODEL_REQUIRE_VLLM") and session.exitstatus == 0:
-        session.exitstatus = 1
 
 
 # --------------------------------------------------------------------------- fixtures
