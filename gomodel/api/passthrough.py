@@ -25,7 +25,6 @@ from gomodel.http.bodies import not_json, whole_number
 from gomodel.http.context import PASSTHROUGH
 from gomodel.http.headers import HOP_BY_HOP, REQUEST_ID, X_REQUEST_ID, X_UPSTREAM_REQUEST_ID, connection_tokens
 from gomodel.proxy.exchange import DONE_END, MESSAGES_END, RESPONSES_END, answer_shown, response_shown, upstream_call
-from gomodel.proxy.transfers import without_transfers
 from gomodel.responses_history import continued, no_chosen_id, unknown_previous, unknown_response
 
 PASSTHROUGH_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
@@ -181,8 +180,6 @@ class Passthrough:
                              vet=partial(_vet, request, ctx, provider, request.path.split(b"/", 3)[2], endpoint, query),
                              limited=route not in COUNTING_ROUTES)
         call.shown = response_shown if call.ends is RESPONSES_END else _SHOWN.get(route, answer_shown)
-        if ctx.transfers_dropped:  # (its key's requests go without them: so does its answer)
-            call.shown, call.rewrite = partial(_without_transfers_shown, shown=call.shown), without_transfers
         return await self._exchange.relay(request, ctx, provider, call)
 
     async def _owned(self, principal, method, endpoint, body):
@@ -453,12 +450,6 @@ def _json_shown(body: bytes, upstream, cut) -> bytes:
     except jsonutil.JSONError:
         return answer_shown(body, upstream)
     return answer_shown(jsonutil.dumps(value) if cut(value) else body, upstream)
-
-
-def _without_transfers_shown(body: bytes, upstream, shown) -> bytes:
-    """C{body}, a passthrough's whole 2xx JSON answer to a request that went without its transfer fields, without
-    theirs (L{without_transfers}), then as C{shown} (its route's L{UpstreamCall.shown}) gives it."""
-    return shown(without_transfers(body), upstream)
 
 
 def _rooted(listing) -> bool:

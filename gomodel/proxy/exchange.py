@@ -326,8 +326,10 @@ class Exchange:
                 if body is not None:
                     return self._shown(request, ctx, upstream, response, call, body)
             ends = call.ends if events and response.code == 200 and request.method != b"HEAD" else None
-            return await self._relay_raw(request, ctx, upstream, response, events, call.counted, ends,
-                                         call.rewrite if events else None)
+            rewrite = call.rewrite if events else None
+            if events and ctx.transfers_dropped and upstream.type in SALTED_PROVIDER_TYPES:
+                rewrite = rewriting(rewrite, without_transfers)  # (its request went without them, as _shown's)
+            return await self._relay_raw(request, ctx, upstream, response, events, call.counted, ends, rewrite)
         if response.code >= 400:
             raise await self._error(upstream, response)
         if not 200 <= response.code < 300:
@@ -397,14 +399,15 @@ class Exchange:
         return answer
 
     def _shown(self, request, ctx, upstream, response, call, body):
-        """A passthrough's whole 2xx JSON answer as its C{shown} gives it; one the upstream compressed (a proxy's
-        gzip) searched uncompressed, and relayed so where that changed it (else as it came, as one in a coding the
-        gateway cannot read does)."""
+        """A passthrough's whole 2xx JSON answer as its C{shown} gives it, without transfer fields where its request
+        went without them (L{gomodel.proxy.transfers}); one the upstream compressed (a proxy's gzip) searched
+        uncompressed, and relayed so where that changed it (else as it came, as one in a coding the gateway cannot
+        read does)."""
         codings = response.headers.getRawHeaders(b"content-encoding")
         if codings is None:
-            return self._whole(request, ctx, upstream, response, call, call.shown(body, upstream))
+            return self._whole(request, ctx, upstream, response, call, _passed_shown(ctx, upstream, call, body))
         plain = uncoded(body, codings, ERROR_BODY_LIMIT)
-        shown = plain if plain is None else call.shown(plain, upstream)
+        shown = plain if plain is None else _passed_shown(ctx, upstream, call, plain)
         if shown is plain:
             return self._whole(request, ctx, upstream, response, call, body)
         answer = self._whole(request, ctx, upstream, response, call, shown)
@@ -1006,6 +1009,14 @@ def _error_type(error) -> str:
     if isinstance(error, CancelledError):
         return "cancelled"
     return getattr(error, "code", None) or type(error).__name__
+
+
+def _passed_shown(ctx, upstream, call, body: bytes) -> bytes:
+    """What a passthrough's client gets of C{body}, its whole 2xx JSON answer: without transfer fields where its
+    request went without them (L{without_transfers}), then as its call's C{shown} gives it."""
+    if ctx.transfers_dropped and upstream.type in SALTED_PROVIDER_TYPES:
+        body = without_transfers(body)
+    return call.shown(body, upstream)
 
 
 def _stream_rewrite(ctx, upstream, rewrite):
