@@ -1,4 +1,4 @@
-"""How pytest-xdist deals the suite to its workers (pytest.ini: C{-n 4 --dist loadgroup}).
+"""How pytest-xdist deals the suite to its workers under C{-n 4 --dist loadgroup} (pytest.ini says why not by default).
 
 Tests go one by one to whichever worker is free, except one group that one worker runs whole, in order: the real-vLLM
 suite (its four servers are shared, its last tests restart them), then the browser's module (one gateway and one
