@@ -3,8 +3,9 @@
 Tests go one by one to whichever worker is free, except one group that one worker runs whole, in order: the real-vLLM
 suite (its four servers are shared, its last tests restart them), then the browser's module (one gateway and one
 Chromium for all its tests). They share a worker so that the vLLM servers' CPU inference never runs beside Chromium
-(in CI, beside it, a page's live update took over 20 s: the browser's waits timed out). Named by path: xdist's own C{xdist_group} mark renames a test's node id,
-which pytest 9 no longer lets a plugin do, so the controlling process (which collects nothing) could not see it.
+(in CI, beside it, a page's live update took over 20 s: the browser's waits timed out). Named by path: xdist's own
+C{xdist_group} mark renames a test's node id, which pytest 9 no longer lets a plugin do, so the controlling process
+(which collects nothing) could not see it.
 """
 
 from xdist.scheduler import LoadGroupScheduling
