@@ -62,8 +62,8 @@ from twisted.web.client import Agent, HTTPConnectionPool  # noqa: E402
 from tests.support import AccessRecords, openai_client, start_fake, start_gateway  # noqa: E402
 
 # The utc_day mark's hooks; GOMODEL_REQUIRE_VLLM's and pytest-xdist's scheduling (here, where xdist's controlling
-# process, which collects nothing, loads them).
-pytest_plugins = ["tests.utc_day", "tests.integration.required", "tests.scheduling"]
+# process, which collects nothing, loads them); pytester for tests/test_scheduling.py.
+pytest_plugins = ["pytester", "tests.utc_day", "tests.integration.required", "tests.scheduling"]
 
 
 @pytest_twisted.async_yield_fixture()
