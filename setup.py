@@ -64,9 +64,9 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-twisted>=1.14",
-            # pytest-xdist: `-n 4 --dist loadgroup` runs the suite in four worker processes (not the default:
-            # pytest.ini); it mostly waits on sockets, subprocesses and PostgreSQL, and in one process takes about
-            # 9 minutes on two cores.
+            # pytest-xdist: pytest.ini's `-n 4 --dist loadgroup` runs the suite in four worker processes; it mostly
+            # waits on sockets, subprocesses and PostgreSQL, and in one process (`-n 0`) takes about 9 minutes on
+            # two cores.
             "pytest-xdist>=3.5,<4",
             # The tests' own HTTP client. The gateway sends every upstream request, its own model
             # lists and probes included, through its relay client (gomodel/upstream/client.py).
