@@ -1,11 +1,12 @@
 """How pytest-xdist deals the suite to its workers under pytest.ini's C{-n 4 --dist loadgroup}.
 
-Tests go one by one to whichever worker is free, except one group, L{HELD}, kept for a quiet stage: the real-vLLM
-suite (its four servers are shared, its last tests restart them), then the browser's module (one gateway and one
-Chromium for all its tests). Once every other test has ended, one worker runs the group whole, in order, and the
-other workers are shut down: the vLLM servers' CPU inference and its timing bounds (a disconnect test's abort before
-half of the tokens) have nothing beside them, Chromium never has the inference beside it (in CI, beside it, a page's
-live update took over 20 s). Named by path: xdist's own C{xdist_group} mark renames a test's node id, which pytest 9
+Tests go one by one to whichever worker is free, except two groups that one worker runs whole, in order: the browser's
+module (one gateway and one Chromium for all its tests), and L{HELD}, the real-vLLM suite (its four servers are shared,
+its last tests restart them), kept for a quiet stage. Once every other test has ended, the browser's too, one worker
+runs L{HELD} and the other workers are shut down: the vLLM servers' CPU inference and its timing bounds (a disconnect
+test's abort before half of the tokens: it came late in one of three CI runs beside the other workers) have nothing
+beside them, and Chromium never has the inference beside it (in CI, beside it, a page's live update took over 20 s).
+Named by path: xdist's own C{xdist_group} mark renames a test's node id, which pytest 9
 no longer lets a plugin do, so the controlling process (which collects nothing) could not see it.
 
 Built on xdist 3's C{LoadScopeScheduling} (setup.py pins C{<4}), relying on its private parts: C{workqueue} (an
@@ -17,11 +18,11 @@ worker's crash and a new worker's collection) and C{remove_node} (a worker's end
 
 from xdist.scheduler import LoadGroupScheduling
 
-HELD = "vllm-then-chromium"
+HELD = "vllm"
 
 GROUPS = {
     "tests/integration/": HELD,
-    "tests/test_dashboard_browser.py::": HELD,
+    "tests/test_dashboard_browser.py::": "chromium",
 }
 
 

@@ -1,7 +1,7 @@
 """tests/scheduling.py in real pytest-xdist sessions (pytester, one subprocess each, three workers).
 
-A project shaped like this one: eight other tests, the held group's paths (three in C{tests/integration/}, then the
-browser's module). Its conftest writes each test's start and end, on the worker, to one file: the order of its lines
+A project shaped like this one: eight other tests, the browser's module (two tests, a group run whole on one worker)
+and the held group (three tests in C{tests/integration/}). Its conftest writes each test's start and end, on the worker, to one file: the order of its lines
 is the order of the events, whichever worker wrote them.
 """
 
@@ -54,7 +54,7 @@ def test_{name}(i):
 """
 
 HELD = [f"tests/integration/test_vllm.py::test_vllm[{i}]" for i in range(3)]
-HELD.append("tests/test_dashboard_browser.py::test_browser[0]")
+BROWSER = [f"tests/test_dashboard_browser.py::test_browser[{i}]" for i in range(2)]
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def project(pytester, monkeypatch):
     pytester.makeconftest(CONFTEST)
     for path, name, count in [("tests/test_one.py", "one", 4), ("tests/zz/test_two.py", "two", 4),
                               ("tests/integration/test_vllm.py", "vllm", 3),
-                              ("tests/test_dashboard_browser.py", "browser", 1)]:
+                              ("tests/test_dashboard_browser.py", "browser", 2)]:
         (pytester.path / path).parent.mkdir(parents=True, exist_ok=True)
         (pytester.path / path).write_text(TESTS.format(name=name, count=count))
     # Only xdist and the scheduler (not every installed plugin: the run takes half the time); this repository's
@@ -86,7 +86,7 @@ def project(pytester, monkeypatch):
 
 
 def _held(nodeid):
-    return any(nodeid.startswith(prefix) for prefix in GROUPS)
+    return nodeid.startswith("tests/integration/")
 
 
 def _assert_quiet_stage(events):
@@ -100,24 +100,25 @@ def _assert_quiet_stage(events):
 def test_the_held_group_runs_whole_on_one_worker_after_every_other_test_has_ended(project):
     result, events = project()
 
-    result.assert_outcomes(passed=12)
+    result.assert_outcomes(passed=13)
     _assert_quiet_stage(events)
-    held = [(event, nodeid, worker) for event, nodeid, worker in events if _held(nodeid)]
-    assert [nodeid for event, nodeid, _ in held if event == "start"] == HELD
-    assert len({worker for _, _, worker in held}) == 1
+    for group in (HELD, BROWSER):
+        runs = [(event, nodeid, worker) for event, nodeid, worker in events if nodeid in group]
+        assert [nodeid for event, nodeid, _ in runs if event == "start"] == group
+        assert len({worker for _, _, worker in runs}) == 1
 
 
 def test_a_session_of_the_held_group_alone_runs_it(project):
     result, events = project("tests/integration")
 
     result.assert_outcomes(passed=3)
-    assert [nodeid for event, nodeid, _ in events if event == "start"] == HELD[:3]
+    assert [nodeid for event, nodeid, _ in events if event == "start"] == HELD
 
 
 def test_a_session_without_the_held_group_runs_the_others(project):
-    result, events = project("--ignore=tests/integration", "--deselect", HELD[3])
+    result, events = project("--ignore=tests/integration")
 
-    result.assert_outcomes(passed=8)
+    result.assert_outcomes(passed=10)
     assert not [nodeid for _, nodeid, _ in events if _held(nodeid)]
 
 
@@ -137,5 +138,5 @@ def test_a_crashed_worker_is_replaced_and_the_session_ends(project, crash):
 
     assert result.ret == 1
     result.stdout.fnmatch_lines(["*replacing crashed worker*", "*crashed while running*"])
-    result.assert_outcomes(passed=12, failed=1)
+    result.assert_outcomes(passed=13, failed=1)
     _assert_quiet_stage(events)
