@@ -29,16 +29,16 @@ _MARK = ("WITH old AS (DELETE FROM usage_writes WHERE written_at < extract(epoch
 _BELOW = "(user_path = %s OR starts_with(user_path, %s))"  # a path and everything under it
 # The same of usage_days, whose user_path is in the C collation: the range its path index reads (starts_with, whose
 # prefix a prepared statement's generic plan does not know, read every day sum of every path: 35-100 ms a budget of a
-# path among thousands, every second).
+# path among thousands, every second). A path's own form reads its own day sums instead (usage_path_days).
 _DAYS_BELOW = path_range_clause("%s")
-# What a budget scope spent since a time: the whole UTC days after it from their sums (usage_days, kept by the
-# database: migration 22), the rows of the day it falls in (a reset's, a period of seconds') from the rows, each row
-# in the day floor(timestamp / 86400) in both. Formatted with the scope's clause of each table and, for the keys,
-# their grouping.
+# What a budget scope spent since a time: the whole UTC days after it from their sums (a key's in usage_days, a
+# path's in usage_path_days: kept by the database, migrations 22 and 23), the rows of the day it falls in (a
+# reset's, a period of seconds') from the rows, each row in the day floor(timestamp / 86400) in both. Formatted with
+# the scope's clause of the rows, its table of day sums and clause there and, for the keys, their grouping.
 _SPENT = ("SELECT {key}COALESCE(SUM(total_tokens), 0)::bigint, COALESCE(SUM(total_cost), 0) FROM ("
-          "SELECT auth_key_id, total_tokens, total_cost FROM usage WHERE timestamp >= %s AND timestamp < %s "
+          "SELECT {key}total_tokens, total_cost FROM usage WHERE timestamp >= %s AND timestamp < %s "
           "AND floor(timestamp / 86400) < %s AND {where} UNION ALL "
-          "SELECT auth_key_id, total_tokens, total_cost FROM usage_days WHERE day >= %s AND {days}) AS t{group}")
+          "SELECT {key}total_tokens, total_cost FROM {table} WHERE day >= %s AND {days}) AS t{group}")
 _DAY = 86400
 # The log's search: the request id, the model or the provider (type or name) holding the text, in any case.
 _SEARCH = "(" + " OR ".join(f"{column} ILIKE %s ESCAPE '\\'" for column in SEARCHED) + ")"
@@ -186,18 +186,19 @@ class PostgreSQLUsageStore:
     @staticmethod
     def _spent(conn, scope, since):
         kind, _, name = scope.partition(":")
+        table, days, days_args = "usage_path_days", "path = %s", [name]  # (a path's, however many are below it)
         if kind == "key":
             where, args = "auth_key_id = %s", [name]
-            days, days_args = where, args
+            table, days = "usage_days", where
         elif kind == "path" and name == "/":  # (every path, and the managed keys without one: see IUsageStore)
             where, args = "(user_path IS NOT NULL OR auth_key_id IS NOT NULL)", []
-            days, days_args = where, args
         elif kind == "path":
             where, args = _BELOW, _below(name)
-            days, days_args = _DAYS_BELOW, path_range(name)
+            if not name or name.endswith("/"):  # (not a path's own form: /a/ is /a's children, not /a's sums)
+                table, days, days_args = "usage_days", _DAYS_BELOW, path_range(name)
         else:
             return 0, 0.0
-        row = conn.execute(_SPENT.format(key="", where=where, days=days, group=""),
+        row = conn.execute(_SPENT.format(key="", where=where, table=table, days=days, group=""),
                            _spent_args(since, args, days_args)).fetchone()
         return row[0], row[1]
 
@@ -208,8 +209,8 @@ class PostgreSQLUsageStore:
     @staticmethod
     def _keys_spent(conn, ids, since) -> dict:
         return {row[0]: (row[1], row[2]) for row in conn.execute(
-            _SPENT.format(key="auth_key_id, ", where="auth_key_id = ANY(%s)", days="auth_key_id = ANY(%s)",
-                          group=" GROUP BY auth_key_id"),
+            _SPENT.format(key="auth_key_id, ", where="auth_key_id = ANY(%s)", table="usage_days",
+                          days="auth_key_id = ANY(%s)", group=" GROUP BY auth_key_id"),
             _spent_args(since, [ids], [ids]))}
 
     def delete_before(self, timestamp):
