@@ -20,6 +20,8 @@ import statistics
 import sys
 import time
 
+import psycopg
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
@@ -87,28 +89,38 @@ def timed(reads, call):
     return statistics.median(times), times[int(0.9 * (len(times) - 1))]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def ledger(conn, children, days, first) -> int:
+    """Migrate the database of C{conn} and write C{days} days from C{first} of one record a day for each of
+    C{children} paths under C{/team}, each its own key; returns its schema version."""
+    migrate(conn)
+    rows = [record(f"r{d}-{c}", first + d * DAY + c, f"k_{c}", f"/team/c{c}")
+            for d in range(days) for c in range(children)]
+    for at in range(0, len(rows), 10000):
+        Store._add(conn, rows[at:at + 10000])
+    conn.execute("ANALYZE")  # (no VACUUM: the day sums, updated by every flush, are seldom all visible)
+    return conn.execute("SELECT version FROM schema_version").fetchone()[0]
+
+
+def arguments(doc):
+    """A parser of a bench of C{doc}, with the ledger's C{--children} and C{--days}."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--children", type=int, default=2000)
     parser.add_argument("--days", type=int, default=30)
+    return parser
+
+
+def main():
+    parser = arguments(__doc__)
     parser.add_argument("--reads", type=int, default=40)
     parser.add_argument("--flushes", type=int, default=100)
     options = parser.parse_args()
-    import psycopg
-
-    postgres.require = lambda: None
     name = postgres.create_database()
     try:
         with psycopg.connect(postgres.url(name), autocommit=True) as conn:
-            migrate(conn)
-            version = conn.execute("SELECT version FROM schema_version").fetchone()[0]
-            rows = [record(f"r{d}-{c}", FIRST_DAY + d * DAY + c, f"k_{c}", f"/team/c{c}")
-                    for d in range(options.days) for c in range(options.children)]
-            for at in range(0, len(rows), 10000):
-                Store._add(conn, rows[at:at + 10000])
-            conn.execute("ANALYZE")  # (no VACUUM: the day sums, updated by every flush, are seldom all visible)
+            version = ledger(conn, options.children, options.days, FIRST_DAY)
             end = FIRST_DAY + options.days * DAY
-            print(f"schema {version}: {options.children} children of /team, {options.days} days, {len(rows)} records")
+            print(f"schema {version}: {options.children} children of /team, {options.days} days, "
+                  f"{options.children * options.days} records")
             print(f"{'scope':<16} {'since':<10} {'median ms':>9} {'p90 ms':>7} {'buffers':>8} {'rows':>7}")
             for scope in ("path:/team", "path:/team/c7", "key:k_7", "path:/"):
                 for label, since in (("month", FIRST_DAY), ("reset", end - DAY * 1.5)):

@@ -12,7 +12,6 @@ C{--seconds}. Prints the CPU time that the database's processes serving the gate
 PostgreSQL on this machine), and the requests' p50 and p99 latency.
 """
 
-import argparse
 import json
 import os
 import statistics
@@ -26,17 +25,13 @@ sys.path.insert(0, os.path.join(REPO, "bench"))
 
 import psycopg  # noqa: E402
 
-from gomodel.store.postgresql.migrations import migrate  # noqa: E402
-from gomodel.store.postgresql.usage import PostgreSQLUsageStore as Store  # noqa: E402
-from path_budget import backend_cpu, record  # noqa: E402
+from path_budget import DAY, arguments, backend_cpu, ledger  # noqa: E402
 from scaleout import MASTER, MODEL, call, start_fake, start_gateway, stop  # noqa: E402
 from tests import postgres  # noqa: E402
 
-DAY = 86400
 
-
-def database_cpu(name) -> float:
-    """The CPU seconds of the database's processes serving database C{name} now (their sessions)."""
+def database_cpu(name) -> tuple:
+    """The CPU seconds of the database's processes serving database C{name} now (its sessions), and their ids."""
     pids = [pid for pid, in postgres.admin("SELECT pid FROM pg_stat_activity WHERE datname = %s", (name,))]
     total = 0.0
     for pid in pids:
@@ -48,27 +43,17 @@ def database_cpu(name) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--children", type=int, default=2000)
-    parser.add_argument("--days", type=int, default=30)
+    parser = arguments(__doc__)
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--rate", type=float, default=5)
     options = parser.parse_args()
-    postgres.require = lambda: None
     name = postgres.create_database()
     workdir = tempfile.mkdtemp(prefix="path-budget-")
     fake, base_url = start_fake()
     gateway = None
     try:
         with psycopg.connect(postgres.url(name), autocommit=True) as conn:
-            migrate(conn)
-            version = conn.execute("SELECT version FROM schema_version").fetchone()[0]
-            first = (int(time.time()) // DAY - options.days) * DAY
-            rows = [record(f"r{d}-{c}", first + d * DAY + c, f"k_{c}", f"/team/c{c}")
-                    for d in range(options.days) for c in range(options.children)]
-            for at in range(0, len(rows), 10000):
-                Store._add(conn, rows[at:at + 10000])
-            conn.execute("ANALYZE")
+            version = ledger(conn, options.children, options.days, (int(time.time()) // DAY - options.days) * DAY)
         gateway, port = start_gateway({"VLLM_BASE_URL": base_url, "GOMODEL_MASTER_KEY": MASTER,
                                        "STORAGE_TYPE": "postgresql", "POSTGRES_URL": postgres.url(name),
                                        "GOMODEL_DATA_DIR": workdir, "GOMODEL_ACCESS_LOG": "false",
