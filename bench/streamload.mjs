@@ -37,12 +37,24 @@
 //
 // TTFT (`ttft_*`) is the time to the first content token; `ttfd_*` the time to
 // the first `data:` line of any event (what GoModel's loadgen calls TTFT).
+//
+// It is lean, as its own CPU and queueing show up in every target's TTFT: raw
+// `net` sockets (one keep-alive connection per concurrent stream) read by a
+// minimal HTTP/1.1 response reader (status line, Content-Length, chunked or
+// read-to-close bodies, 1xx skipped), and a stream's events are parsed as they
+// arrive only up to its first content token (the TTFT moment); the rest of the
+// body is kept as raw bytes and parsed and checked, event by event and with the
+// same checks, once the response has ended.
 
-import http from 'node:http';
+import net from 'node:net';
+import { StringDecoder } from 'node:string_decoder';
 import { performance } from 'node:perf_hooks';
 
 const cfg = JSON.parse(process.argv[2]);
 const u = new URL(cfg.url);
+if (u.protocol !== 'http:') throw new Error('streamload: only http:// URLs, not ' + cfg.url);
+const host = u.hostname.replace(/^\[|\]$/g, '');
+const port = +u.port || 80;
 const conc = cfg.concurrency || 1;
 const warmupMs = (cfg.warmup_s ?? 3) * 1000;
 const durationMs = (cfg.duration_s ?? 10) * 1000;
@@ -53,9 +65,14 @@ const fixedCount = cfg.count || 0;
 const maxWallMs = (cfg.max_wall_s ?? 0) * 1000;
 const expectUsage = !!cfg.expect_usage;
 const body = Buffer.from(cfg.body);
-const agent = new http.Agent({ keepAlive: true, maxSockets: conc, maxFreeSockets: conc });
-const headers = Object.assign({ 'content-type': 'application/json', 'content-length': body.length, accept: 'text/event-stream' }, cfg.headers || {});
-const reqOpts = { agent, host: u.hostname, port: u.port, path: u.pathname + u.search, method: 'POST', headers };
+// The request, as bytes once: header names lower-cased (cfg.headers override the defaults).
+const reqHeaders = { host: u.host, 'content-type': 'application/json', accept: 'text/event-stream', connection: 'keep-alive' };
+for (const [k, v] of Object.entries(cfg.headers || {})) reqHeaders[k.toLowerCase()] = String(v);
+reqHeaders['content-length'] = String(body.length);
+const REQUEST = Buffer.concat([
+  Buffer.from('POST ' + u.pathname + u.search + ' HTTP/1.1\r\n' +
+              Object.entries(reqHeaders).map(([k, v]) => k + ': ' + v + '\r\n').join('') + '\r\n', 'latin1'),
+  body]);
 
 let phase = 'warmup';
 let ws = 0, we = 0;
@@ -155,21 +172,37 @@ function onEvent(st, ev) {
   }
 }
 
-function feed(st, chunk) {
-  let p = st.pending + chunk;
-  if (p.indexOf('\r') >= 0) p = p.replace(/\r\n?/g, '\n');
-  let i;
-  while ((i = p.indexOf('\n\n')) >= 0) {
-    const ev = p.slice(0, i);
-    p = p.slice(i + 2);
-    if (ev.length) onEvent(st, ev);
+// Split decoded text into events (CR LF and CR end lines too, as the SSE spec
+// says) and hand each to onEvent; `live` stops once the first content token
+// (or an error) has been seen. Returns the text after the last complete event.
+function events(st, s, live) {
+  if (s.indexOf('\r') >= 0) {
+    // a CR at the very end may be the first half of a CR LF: kept for the next piece
+    const tail = live && s.endsWith('\r') ? '\r' : '';
+    s = (tail ? s.slice(0, -1) : s).replace(/\r\n?/g, '\n') + tail;
   }
-  st.pending = p;
+  let from = 0, i;
+  while ((i = s.indexOf('\n\n', from)) >= 0) {
+    if (i > from) onEvent(st, s.slice(from, i));
+    from = i + 2;
+    if (live && (st.ttft >= 0 || st.err)) { st.live = false; break; }
+  }
+  return from ? s.slice(from) : s;
+}
+
+// Body bytes as they arrive: parsed at once until the TTFT moment, kept raw after.
+function take(st, p) {
+  if (st.live) st.pending = events(st, st.pending + st.dec.write(p), true);
+  else if (!st.err && (st.status === 200 || st.restLen < 300)) { st.rest.push(p); st.restLen += p.length; }
 }
 
 function check(st) {
   if (st.err) return;
-  if (st.pending.trim().length) onEvent(st, st.pending.trim());
+  const rest = st.rest.length === 1 ? st.rest[0] : Buffer.concat(st.rest);
+  if (st.status !== 200) return fail(st, 'status ' + st.status + ': ' + (st.pending + st.dec.write(rest)).slice(0, 200));
+  const tail = events(st, st.pending + st.dec.write(rest) + st.dec.end(), false).trim();
+  if (st.err) return;
+  if (tail.length) onEvent(st, tail);
   if (!expectTexts.includes(st.text)) return fail(st, (kind === 'responses' ? 'delta ' : '') + 'text mismatch: got ' + JSON.stringify(st.text.slice(0, 120)));
   if (st.text !== expectTexts[0]) st.altText = true;
   if (kind === 'chat') {
@@ -221,34 +254,127 @@ function done(st) {
   if (st.err) setTimeout(one, 1); else one();
 }
 
+// Connections: one per concurrent stream, kept alive and reused (LIFO) while
+// the server keeps them open. `c.st` is the stream in flight, null when idle.
+const LENGTH = 1, CHUNKED = 2, CLOSE = 3;        // how the body ends
+const SIZE = 0, DATA_END = 1, TRAILER = 2;       // chunked: which line comes next
+const conns = new Set();
+const idle = [];
+
+function connect() {
+  const sock = net.connect({ host, port, noDelay: true });
+  const c = { sock, st: null, head: true, hbuf: null, keepAlive: true, mode: CLOSE, left: 0, cs: SIZE, line: '', dec: new StringDecoder('utf8') };
+  sock.setTimeout(timeoutMs);
+  sock.on('data', (d) => onData(c, d));
+  sock.on('end', () => { if (c.st && !c.head && c.mode === CLOSE) ended(c, 0); });
+  sock.on('timeout', () => { if (c.st) fail(c.st, 'timeout after ' + timeoutMs + ' ms'); sock.destroy(); });
+  sock.on('error', (e) => { if (c.st) fail(c.st, (c.head ? 'request error: ' : 'response error: ') + e.message); });
+  sock.on('close', () => {
+    conns.delete(c);
+    const i = idle.indexOf(c);
+    if (i >= 0) idle.splice(i, 1);
+    const st = c.st;
+    if (st) { c.st = null; fail(st, c.head ? 'connection closed before the response' : 'connection closed mid-stream'); done(st); }
+  });
+  conns.add(c);
+  return c;
+}
+
+function onData(c, d) {
+  const st = c.st;
+  if (!st) { c.sock.destroy(); return; } // bytes while no request is outstanding
+  if (c.head) {
+    if (c.hbuf) { d = Buffer.concat([c.hbuf, d]); c.hbuf = null; }
+    while (c.head) {
+      const he = d.indexOf('\r\n\r\n');
+      if (he < 0) {
+        if (d.length > 65536) { fail(st, 'response head over 64 KiB'); c.sock.destroy(); } else c.hbuf = d;
+        return;
+      }
+      if (!head(c, st, d.toString('latin1', 0, he))) { c.sock.destroy(); return; }
+      d = d.subarray(he + 4);
+    }
+    if (c.mode === LENGTH && c.left === 0) { ended(c, d.length); return; }
+    if (!d.length) return;
+  }
+  if (c.mode === CHUNKED) chunked(c, st, d);
+  else if (c.mode === CLOSE) take(st, d);
+  else if (d.length < c.left) { c.left -= d.length; take(st, d); }
+  else { const n = c.left; c.left = 0; take(st, d.length === n ? d : d.subarray(0, n)); ended(c, d.length - n); }
+}
+
+// The response head (status line and headers, without the blank line). A 1xx
+// (100 Continue) is skipped: the real head follows. False on a bad status line.
+function head(c, st, h) {
+  const m = /^HTTP\/1\.([01]) (\d\d\d)/.exec(h);
+  if (!m) { fail(st, 'bad status line: ' + JSON.stringify(h.slice(0, 80))); return false; }
+  const status = +m[2];
+  if (status < 200) return true;
+  h = h.toLowerCase();
+  c.head = false;
+  st.status = status;
+  st.live = status === 200;
+  c.keepAlive = m[1] === '1' ? !/\r\nconnection:[^\r]*close/.test(h) : /\r\nconnection:[^\r]*keep-alive/.test(h);
+  const cl = /\r\ncontent-length: *(\d+)/.exec(h);
+  if (/\r\ntransfer-encoding:[^\r]*chunked/.test(h)) { c.mode = CHUNKED; c.cs = SIZE; c.line = ''; c.left = 0; }
+  else if (cl || status === 204 || status === 304) { c.mode = LENGTH; c.left = cl ? +cl[1] : 0; }
+  else { c.mode = CLOSE; c.keepAlive = false; }
+  return true;
+}
+
+// A chunked body: chunk data to take(), size lines, the CR LF after each chunk,
+// and the trailer up to its blank line (the end of the response).
+function chunked(c, st, d) {
+  const n = d.length;
+  let i = 0;
+  while (i < n) {
+    if (c.left > 0) {
+      const e = Math.min(n, i + c.left);
+      take(st, i === 0 && e === n ? d : d.subarray(i, e));
+      c.left -= e - i;
+      i = e;
+      if (c.left === 0) c.cs = DATA_END;
+      continue;
+    }
+    const nl = d.indexOf(10, i);
+    if (nl < 0) { c.line += d.toString('latin1', i, n); if (c.line.length > 4096) { fail(st, 'chunk line too long'); c.sock.destroy(); } return; }
+    let line = c.line + d.toString('latin1', i, nl);
+    c.line = '';
+    i = nl + 1;
+    if (line.endsWith('\r')) line = line.slice(0, -1);
+    if (c.cs === SIZE) {
+      if (!/^[0-9a-fA-F]+(;|[ \t]|$)/.test(line)) { fail(st, 'bad chunk size line: ' + JSON.stringify(line.slice(0, 40))); c.sock.destroy(); return; }
+      c.left = parseInt(line, 16);
+      if (c.left === 0) c.cs = TRAILER;
+    } else if (c.cs === DATA_END) {
+      if (line) { fail(st, 'chunk longer than its size'); c.sock.destroy(); return; }
+      c.cs = SIZE;
+    } else if (!line) {
+      ended(c, n - i);
+      return;
+    }
+  }
+}
+
+// The response has ended (`extra` bytes came after it: a protocol error).
+function ended(c, extra) {
+  const st = c.st;
+  c.st = null;
+  c.head = true;
+  if (extra) { fail(st, extra + ' bytes after the end of the response'); c.keepAlive = false; }
+  if (c.keepAlive && !st.err && !c.sock.destroyed) idle.push(c); else c.sock.destroy();
+  done(st);
+}
+
 let issued = 0;
-const live = new Set();
 function one() {
   if (phase === 'drain' || (cfg.once && issued > 0)) return;
   issued++;
   inflight++;
-  const st = { t0: performance.now(), ttft: -1, ttfd: -1, capped: false, altText: false, text: '', content: 0, events: 0, finish: false, usage: false, terminal: false, completed: false, doneMarker: false, noEventLine: false, created: false, finalText: null, err: null, pending: '', finished: false };
-  const req = http.request(reqOpts, (res) => {
-    res.setEncoding('utf8');
-    if (res.statusCode !== 200) {
-      let b = '';
-      res.on('data', (c) => { if (b.length < 300) b += c; });
-      res.on('end', () => { fail(st, 'status ' + res.statusCode + ': ' + b.slice(0, 200)); done(st); });
-      res.on('error', (e) => { fail(st, 'status ' + res.statusCode + ' then ' + e.message); done(st); });
-      return;
-    }
-    res.on('data', (c) => feed(st, c));
-    res.on('end', () => done(st));
-    res.on('aborted', () => { fail(st, 'response aborted mid-stream'); });
-    res.on('error', (e) => { fail(st, 'response error: ' + e.message); done(st); });
-    res.on('close', () => { if (!res.complete) fail(st, 'connection closed mid-stream'); done(st); });
-  });
-  live.add(req);
-  req.on('close', () => live.delete(req));
-  req.setTimeout(timeoutMs, () => { fail(st, 'timeout after ' + timeoutMs + ' ms'); req.destroy(); });
-  req.st = st;
-  req.on('error', (e) => { fail(st, 'request error: ' + e.message); done(st); });
-  req.end(body);
+  const c = idle.length ? idle.pop() : connect();
+  c.dec.end();
+  c.st = { t0: performance.now(), ttft: -1, ttfd: -1, capped: false, altText: false, text: '', content: 0, events: 0, finish: false, usage: false, terminal: false, completed: false, doneMarker: false, noEventLine: false, created: false, finalText: null, err: null, pending: '', finished: false, status: 0, live: false, rest: [], restLen: 0, dec: c.dec };
+  c.sock.write(REQUEST);
 }
 
 function pct(a, p) {
@@ -291,8 +417,8 @@ function endWindow() {
   phase = 'drain';
   process.stdout.write('WINDOW_END\n');
   if (inflight === 0) { finish(); return; }
-  for (const req of live) { req.st.capped = true; req.destroy(); }
-  setTimeout(() => { agent.destroy(); finish(); }, 1000).unref();
+  for (const c of conns) if (c.st) { c.st.capped = true; c.sock.destroy(); }
+  setTimeout(finish, 1000).unref();
 }
 
 if (fixedCount) {
@@ -322,7 +448,7 @@ setTimeout(() => {
     if (inflight === 0) finish();
     // streams still running after the window are not counted; give them a
     // moment to end cleanly, then stop
-    setTimeout(() => { agent.destroy(); finish(); }, Math.min(timeoutMs, 5000)).unref();
+    setTimeout(finish, Math.min(timeoutMs, 5000)).unref();
   }, durationMs);
 }, warmupMs);
 }
