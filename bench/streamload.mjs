@@ -11,7 +11,8 @@
 //   expect_text_alt: ["another acceptable text", ...],   // optional
 //   expect_usage: true,            // chat: a usage chunk must arrive
 //   concurrency: 64, warmup_s: 3, duration_s: 10, timeout_s: 30,
-//   count: 8000, max_wall_s: 10    // optional: fixed-count mode (below)
+//   count: 8000, max_wall_s: 10,   // optional: fixed-count mode (below)
+//   defer_checks: true             // fixed-count mode: check after the window (below)
 // }
 //
 // `concurrency` streams run at once, each starting again as soon as it ends,
@@ -34,6 +35,9 @@
 // counted. "WINDOW_START" is printed before the first starts and "WINDOW_END"
 // once the last has ended, or when `max_wall_s` has passed (then no new stream
 // starts, those in flight are cut and counted as `capped`, not as errors).
+// There each stream's checks wait until the window has closed (see below), so
+// that their CPU stays out of the target's figures; `defer_checks: false`
+// checks each stream as it ends, as time-boxed mode does.
 //
 // TTFT (`ttft_*`) is the time to the first content token; `ttfd_*` the time to
 // the first `data:` line of any event (what GoModel's loadgen calls TTFT).
@@ -44,10 +48,11 @@
 // read-to-close bodies, 1xx skipped), and a stream's events are parsed as they
 // arrive only up to its first content token (the TTFT moment); the rest of the
 // body is kept as raw bytes and parsed and checked, event by event and with the
-// same checks, once the response has ended.
+// same checks, once the response has ended (fixed-count mode: once the window
+// has closed, while the bytes kept stay under 512 MiB; the streams after that
+// are checked as they end).
 
 import net from 'node:net';
-import { StringDecoder } from 'node:string_decoder';
 import { performance } from 'node:perf_hooks';
 
 const cfg = JSON.parse(process.argv[2]);
@@ -190,17 +195,39 @@ function events(st, s, live) {
   return from ? s.slice(from) : s;
 }
 
-// Body bytes as they arrive: parsed at once until the TTFT moment, kept raw after.
+// Body bytes as they arrive: decoded and parsed at once until the TTFT moment
+// (a UTF-8 character cut at the end of a piece waits in `rest` for the next),
+// kept raw after.
 function take(st, p) {
-  if (st.live) st.pending = events(st, st.pending + st.dec.write(p), true);
-  else if (!st.err && (st.status === 200 || st.restLen < 300)) { st.rest.push(p); st.restLen += p.length; }
+  if (st.live) {
+    if (st.rest.length) { p = Buffer.concat([st.rest.pop(), p]); st.restLen = 0; }
+    const n = wholeChars(p);
+    if (n < p.length) { st.rest.push(p.subarray(n)); st.restLen = p.length - n; }
+    st.pending = events(st, st.pending + p.toString('utf8', 0, n), true);
+  } else if (!st.err && (st.status === 200 || st.restLen < 300)) {
+    st.rest.push(p);
+    st.restLen += p.length;
+  }
+}
+
+// The length of the longest start of `p` that does not end inside a UTF-8 character.
+function wholeChars(p) {
+  let i = p.length - 1;
+  while (i > p.length - 4 && i > 0 && (p[i] & 0xc0) === 0x80) i--; // continuation bytes
+  const b = p[i];
+  if (!(b >= 0xc0)) return p.length;
+  return p.length - i >= (b >= 0xf0 ? 4 : b >= 0xe0 ? 3 : 2) ? p.length : i;
+}
+
+// The rest of the body, as text (once the response has ended).
+function restText(st) {
+  return st.rest.length ? (st.rest.length === 1 ? st.rest[0] : Buffer.concat(st.rest)).toString() : '';
 }
 
 function check(st) {
   if (st.err) return;
-  const rest = st.rest.length === 1 ? st.rest[0] : Buffer.concat(st.rest);
-  if (st.status !== 200) return fail(st, 'status ' + st.status + ': ' + (st.pending + st.dec.write(rest)).slice(0, 200));
-  const tail = events(st, st.pending + st.dec.write(rest) + st.dec.end(), false).trim();
+  if (st.status !== 200) return fail(st, 'status ' + st.status + ': ' + restText(st).slice(0, 200));
+  const tail = events(st, st.pending + restText(st), false).trim();
   if (st.err) return;
   if (tail.length) onEvent(st, tail);
   if (!expectTexts.includes(st.text)) return fail(st, (kind === 'responses' ? 'delta ' : '') + 'text mismatch: got ' + JSON.stringify(st.text.slice(0, 120)));
@@ -223,28 +250,21 @@ function check(st) {
   }
 }
 
+// Fixed-count mode parses and checks the rest of each stream once the window
+// has closed (its CPU then stays out of the target's measurement), while the
+// raw bytes kept stay under DEFER_BYTES; `defer_checks: false` checks at once.
+const DEFER_BYTES = 512 << 20;
+const deferChecks = fixedCount > 0 && cfg.defer_checks !== false;
+const deferred = [];
+let deferredBytes = 0;
+
 function done(st) {
   if (st.finished) return;
   st.finished = true;
   inflight--;
-  const t1 = performance.now();
-  check(st);
-  const inWindow = phase !== 'warmup' && t1 >= ws && (we === 0 || t1 <= we);
-  if (st.capped) {
-    capped++;
-  } else if (st.err) {
-    if (inWindow) errors++; else errorsOutside++;
-    if (samples.length < 5) samples.push(st.err);
-  } else if (inWindow) {
-    ok++;
-    lat.push(t1 - st.t0);
-    ttft.push(st.ttft);
-    ttfd.push(st.ttfd);
-    contentEvents += st.content;
-    if (st.altText) altTexts++;
-    if (st.doneMarker) doneMarkers++;
-    if (st.noEventLine) noEventLines++;
-  }
+  st.t1 = performance.now();
+  st.inWindow = phase !== 'warmup' && st.t1 >= ws && (we === 0 || st.t1 <= we);
+  if (deferChecks && !st.err && deferredBytes < DEFER_BYTES) { deferred.push(st); deferredBytes += st.restLen; } else tally(st);
   if (phase === 'drain') { if (inflight === 0) finish(); return; }
   if (fixedCount) {
     if (issued < fixedCount) one();
@@ -252,6 +272,26 @@ function done(st) {
     return;
   }
   if (st.err) setTimeout(one, 1); else one();
+}
+
+// Check a stream that has ended and count it.
+function tally(st) {
+  check(st);
+  if (st.capped) {
+    capped++;
+  } else if (st.err) {
+    if (st.inWindow) errors++; else errorsOutside++;
+    if (samples.length < 5) samples.push(st.err);
+  } else if (st.inWindow) {
+    ok++;
+    lat.push(st.t1 - st.t0);
+    ttft.push(st.ttft);
+    ttfd.push(st.ttfd);
+    contentEvents += st.content;
+    if (st.altText) altTexts++;
+    if (st.doneMarker) doneMarkers++;
+    if (st.noEventLine) noEventLines++;
+  }
 }
 
 // Connections: one per concurrent stream, kept alive and reused (LIFO) while
@@ -263,7 +303,7 @@ const idle = [];
 
 function connect() {
   const sock = net.connect({ host, port, noDelay: true });
-  const c = { sock, st: null, head: true, hbuf: null, keepAlive: true, mode: CLOSE, left: 0, cs: SIZE, line: '', dec: new StringDecoder('utf8') };
+  const c = { sock, st: null, head: true, hbuf: null, keepAlive: true, mode: CLOSE, left: 0, cs: SIZE, line: '' };
   sock.setTimeout(timeoutMs);
   sock.on('data', (d) => onData(c, d));
   sock.on('end', () => { if (c.st && !c.head && c.mode === CLOSE) ended(c, 0); });
@@ -372,8 +412,7 @@ function one() {
   issued++;
   inflight++;
   const c = idle.length ? idle.pop() : connect();
-  c.dec.end();
-  c.st = { t0: performance.now(), ttft: -1, ttfd: -1, capped: false, altText: false, text: '', content: 0, events: 0, finish: false, usage: false, terminal: false, completed: false, doneMarker: false, noEventLine: false, created: false, finalText: null, err: null, pending: '', finished: false, status: 0, live: false, rest: [], restLen: 0, dec: c.dec };
+  c.st = { t0: performance.now(), ttft: -1, ttfd: -1, capped: false, altText: false, text: '', content: 0, events: 0, finish: false, usage: false, terminal: false, completed: false, doneMarker: false, noEventLine: false, created: false, finalText: null, err: null, pending: '', finished: false, status: 0, live: false, rest: [], restLen: 0 };
   c.sock.write(REQUEST);
 }
 
@@ -388,6 +427,7 @@ let finished = false;
 function finish() {
   if (finished) return;
   finished = true;
+  for (const st of deferred) tally(st);
   const L = Float64Array.from(lat).sort();
   const T = Float64Array.from(ttft).sort();
   const D = Float64Array.from(ttfd).sort();
