@@ -298,6 +298,8 @@ function tally(st) {
 // the server keeps them open. `c.st` is the stream in flight, null when idle.
 const LENGTH = 1, CHUNKED = 2, CLOSE = 3;        // how the body ends
 const SIZE = 0, DATA_END = 1, TRAILER = 2;       // chunked: which line comes next
+const HEX = new Int8Array(256).fill(-1);          // a hex digit's value by its byte
+for (let k = 0; k < 16; k++) HEX['0123456789abcdef'.charCodeAt(k)] = HEX['0123456789ABCDEF'.charCodeAt(k)] = k;
 const conns = new Set();
 const idle = [];
 
@@ -376,6 +378,13 @@ function chunked(c, st, d) {
       if (c.left === 0) c.cs = DATA_END;
       continue;
     }
+    if (c.line === '' && c.cs === DATA_END && d[i] === 13 && d[i + 1] === 10) { i += 2; c.cs = SIZE; continue; }
+    if (c.line === '' && c.cs === SIZE) { // the usual size line, whole here: up to 8 hex digits, CR LF
+      let v = 0, j = i, h;
+      while (j - i < 8 && (h = HEX[d[j]]) >= 0) { v = v * 16 + h; j++; }
+      if (j > i && d[j] === 13 && d[j + 1] === 10) { i = j + 2; c.left = v; if (v === 0) c.cs = TRAILER; continue; }
+    }
+    // any other line (or one cut by the end of `d`), as text
     const nl = d.indexOf(10, i);
     if (nl < 0) { c.line += d.toString('latin1', i, n); if (c.line.length > 4096) { fail(st, 'chunk line too long'); c.sock.destroy(); } return; }
     let line = c.line + d.toString('latin1', i, nl);
