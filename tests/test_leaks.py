@@ -412,6 +412,32 @@ async def test_a_failed_responses_error_never_shows_the_upstreams_address(http, 
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_responses_answer_is_relayed_as_it_came_unless_its_error_names_the_upstream(http, two):
+    """A response object answered whole, stored or not, reaches its client byte for byte where its C{error} is null
+    (its output naming the upstream's address, its JSON spaced as the upstream wrote it); one whose error names the
+    address, written with C{\\u} escapes or as it is, shows the provider's name there, and only there."""
+    gw, vllm, other = two
+    host = addresses(vllm)[2]
+    fine = {"id": "resp_fine1", "object": "response", "created_at": 1700000000, "status": "completed", "model": BARE,
+            "output": [{"type": "message", "content": [{"type": "output_text", "text": f"ask {host}"}]}],
+            "error": None, "usage": None}
+    escaped = "".join(f"\\u{ord(c):04x}" for c in host)
+    for store in (True, False):
+        written = json.dumps(dict(fine, id=f"resp_fine{store}"), indent=1)
+        response, content = await call(http, gw, "/v1/responses", {"model": MODEL, "input": "hi", "store": store,
+                                                                   "fake_status": 200, "fake_body": written})
+        assert response.code == 200 and content == written.encode(), content
+        for said in (host, escaped):
+            failed = json.dumps(dict(fine, id=f"resp_failed{store}{len(said)}", status="failed", error={
+                "code": "server_error", "message": "engine at HOST died", "param": None})).replace("HOST", said)
+            response, content = await call(http, gw, "/v1/responses", {"model": MODEL, "input": "hi", "store": store,
+                                                                       "fake_status": 200, "fake_body": failed})
+            shown = json.loads(content)
+            assert response.code == 200 and shown["error"]["message"] == "engine at vllm died", content
+            assert shown["output"] == fine["output"], content
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_doubled_v1_is_classed_as_the_route_it_reaches(http, two):
     """C{/p/vllm/v1/v1/chat/completions} reaches vLLM's C{/v1/chat/completions} (one C{v1/} goes, the other is
     the server's own): a managed key's body there carries its tenant's C{cache_salt}, as on C{/p/vllm/v1/...}
