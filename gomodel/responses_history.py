@@ -306,16 +306,21 @@ def error_hidden(upstream, then, answer: bytes) -> bytes:
     response's) without the upstream's addresses where it names one (L{error_shown}), passed on to C{then} (or None).
     An answer whose error names none (the usual one: null) is relayed as it came. It is parsed to know that: a search
     of the whole answer for every form of an address (L{gomodel.addresses.marks}) cost more (with the mock's 1 kB
-    answer, 57 k instructions more a request: bench/instructions.sh), and one with a C{\\u} escape was parsed besides."""
+    answer, 57 k instructions more a request: bench/instructions.sh); one with a C{\\u} escape was parsed besides."""
     if upstream.hidden_pattern is not None:
         try:
             response = jsonutil.loads(answer)
         except jsonutil.JSONError:
             response = None
-        without = error_shown(response, upstream)
-        if without is not response:
-            answer = jsonutil.dumps(without)
+        answer = answer_shown(response, answer, upstream)[1]
     return answer if then is None else then(answer)
+
+
+def answer_shown(response, answer: bytes, upstream) -> tuple:
+    """C{(response, answer)}: C{response}, a response object (or anything) parsed from C{answer}, its JSON bytes, and
+    those, with its error without C{upstream}'s addresses (L{error_shown}): both new where that changed it."""
+    without = error_shown(response, upstream) if upstream.hidden_pattern is not None else response
+    return (response, answer) if without is response else (without, jsonutil.dumps(without))
 
 
 def relink(previous_id, then, answer: bytes) -> bytes:

@@ -32,10 +32,10 @@ from gomodel.proxy.exchange import fails_over, upstream_call
 from gomodel.proxy.renamed import model_named, model_renamed
 from gomodel.proxy.transfers import dropped, without_transfers
 from gomodel.proxy.sse import ResponsesStreamObserver, SSEFramer, event_object
-from gomodel.responses_history import (as_listed, as_retrieved, checked_previous_id, continued, cut_short,
-                                      error_hidden, error_shown, events_as_retrieved, no_chosen_id, normalise_input,
-                                      relink, swept_for, unfinished_previous, unknown_previous, unknown_response,
-                                      with_history, with_references)
+from gomodel.responses_history import (answer_shown, as_listed, as_retrieved, checked_previous_id, continued,
+                                      cut_short, error_hidden, error_shown, events_as_retrieved, no_chosen_id,
+                                      normalise_input, relink, swept_for, unfinished_previous, unknown_previous,
+                                      unknown_response, with_history, with_references)
 from gomodel.responses_partial import PartialStream
 from gomodel.routing.affinity import affinity_key
 from gomodel.translate.call_ids import SHORT_ID_TYPES, fit_call_ids
@@ -323,10 +323,9 @@ class ResponsesRoute:
                         ctx.release()
                 elif turn.stored:
                     turn.keep(_final(observer.response, observer.began, left, observer.error))
-        transform = turn.keep_body if turn.stored else None
+        transform = partial(turn.keep_body, upstream=provider)  # (its error without the upstream's addresses)
         if explicit:
             transform = partial(relink, turn.previous_id, transform)
-        transform = partial(error_hidden, provider, transform)
         if body.get("background") is True and self._gate is not None:
             transform = partial(_queued, partial(self._gate.reservation_stays, ctx), transform)
         call = upstream_call("/responses", jsonutil.dumps(body), transform=transform,
@@ -931,16 +930,19 @@ class _Turn:
             self._route._update(self.began, response)
         self._route.watch.unhold(self.began["id"], response is not None)
 
-    def keep_body(self, answer: bytes, relayed=True) -> bytes:
+    def keep_body(self, answer: bytes, relayed=True, upstream=None) -> bytes:
         """Keep the response C{answer} (its JSON bytes, returned as they are) when it is to be stored.
         With C{relayed} (the upstream's own answer), its usage, parsed here anyway, is noted on the
-        request context (see L{gomodel.proxy.exchange.UpstreamCall.transform})."""
+        request context (see L{gomodel.proxy.exchange.UpstreamCall.transform}); with C{upstream} (a provider's
+        pool), its error is kept and returned without that upstream's addresses (L{error_hidden}'s, one parse)."""
         if not self.stored:
-            return answer
+            return answer if upstream is None else error_hidden(upstream, None, answer)
         try:
             response = jsonutil.loads(answer)
         except jsonutil.JSONError:
             return answer
+        if upstream is not None:
+            response, answer = answer_shown(response, answer, upstream)
         if relayed and response.__class__ is dict:
             usage = response.get("usage")
             if usage.__class__ is dict:
