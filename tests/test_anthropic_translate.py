@@ -16,8 +16,10 @@ from zope.interface.verify import verifyObject
 from gomodel import jsonutil
 from gomodel.anthropic.translate import (NO_STOP_REASON, PING, ChatToMessagesStream, MessagesStreamObserver,
                                          chat_to_events_bytes, chat_to_message, chat_to_message_bytes,
-                                         count_tokens_answer, count_tokens_request, messages_to_chat,
-                                         openai_error_to_anthropic, vllm_fields, without_vllm_fields)
+                                         check_options, check_sampling, check_tool_choice_and_metadata,
+                                         count_tokens_answer, count_tokens_request, messages_to_chat, omits_thinking,
+                                         openai_error_to_anthropic, refuse_server_side, vllm_fields,
+                                         without_vllm_fields)
 from gomodel.errors import BadUpstreamResponse, InvalidRequest
 from gomodel.interfaces import IStreamObserver
 from gomodel.proxy.sse import StreamIncomplete
@@ -1311,3 +1313,49 @@ def test_stop_sequences_past_four_are_watched_for_in_a_stream():
                                 stops=["END"])
     events = events_of(out)
     assert _texts(events) == "Ends with EN" and events[-2][1]["delta"]["stop_reason"] == "end_turn"
+
+
+class _Reads(dict):
+    """A body that notes the fields read from it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read = set()
+
+    def get(self, name, default=None):
+        self.read.add(name)
+        return super().get(name, default)
+
+    def __getitem__(self, name):
+        self.read.add(name)
+        return super().__getitem__(name)
+
+    def __contains__(self, name):
+        self.read.add(name)
+        return super().__contains__(name)
+
+
+def test_check_options_reads_what_its_checks_read_and_fails_as_they_do():
+    """L{check_options} skips its checks for a body that sends none of its fields: given such a body, each reads
+    nothing but those fields (a check that read another would be skipped for a body sending only that), and a body
+    with any fails as its checks do, in their order, or says whether it omits thinking."""
+    from gomodel.anthropic.translate import _CHECKED_FIELDS
+    full = {"temperature": 0.5, "top_p": 0.5, "tools": [{"name": "f", "input_schema": {}}], "mcp_servers": [],
+            "container": None, "metadata": {"user_id": "u"}, "tool_choice": {"type": "tool", "name": "f"},
+            "thinking": {"type": "enabled", "budget_tokens": 1024, "display": "omitted"}}
+    assert set(full) == _CHECKED_FIELDS
+    others = {"model": "m", "max_tokens": 5, "system": [{"type": "text", "text": "s"}], "stop_sequences": ["x"],
+              "messages": [{"role": "user", "content": "hi"}], "top_k": 5, "stream": True, "service_tier": "auto"}
+    for check in (check_sampling, refuse_server_side, check_tool_choice_and_metadata, omits_thinking):
+        body = _Reads(others)
+        check(body)
+        assert body.read <= _CHECKED_FIELDS, (check.__name__, body.read - _CHECKED_FIELDS)
+    assert check_options({"model": "m", "max_tokens": 5, "messages": []}) is False
+    assert check_options(full) is True and check_options(dict(full, thinking={"type": "disabled"})) is False
+    for bad, said in (({"temperature": 2, "tools": [{"type": "web_search_20250305"}]}, "temperature: "),
+                      ({"tools": [{"type": "web_search_20250305"}], "tool_choice": {"type": "nope"}}, "tools.0: "),
+                      ({"tool_choice": {"type": "any"}, "thinking": {"display": "x"}}, "tool_choice: "),
+                      ({"metadata": 1}, "metadata: "), ({"thinking": {"display": "x"}}, "thinking.display: ")):
+        with pytest.raises(InvalidRequest) as raised:
+            check_options(bad)
+        assert raised.value.message.startswith(said), raised.value.message

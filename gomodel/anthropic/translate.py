@@ -161,6 +161,26 @@ def check_sampling(body: dict):
             raise InvalidRequest(f"{name}: Input should be less than or equal to 1", param=name)
 
 
+# The fields L{check_options}' checks read: a body that sends none of them passes them all.
+_CHECKED_FIELDS = frozenset((*_SAMPLING, "tools", "mcp_servers", "container", "metadata", "tool_choice", "thinking"))
+
+
+def check_options(body: dict) -> bool:
+    """Check the optional fields of a Messages create C{body} (natively too): L{check_sampling},
+    L{refuse_server_side}, L{check_tool_choice_and_metadata}, in that order; a body that sends none of their fields
+    (most) passes them in one look.
+
+    @return: whether it asks for its thinking blocks without their text (L{omits_thinking}).
+    @raise InvalidRequest: as the first of those that fails, or L{omits_thinking}.
+    """
+    if body.keys().isdisjoint(_CHECKED_FIELDS):
+        return False
+    check_sampling(body)
+    refuse_server_side(body)
+    check_tool_choice_and_metadata(body)
+    return omits_thinking(body)
+
+
 def check_tool_choice_and_metadata(body: dict):
     """Refuse a Messages request C{body} whose C{tool_choice} is none of Anthropic's (L{_tool_choice}), asks for a
     tool (C{any}, C{tool}) where it has none, or names a tool that its tools (as its tool changes leave them,

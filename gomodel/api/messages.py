@@ -52,10 +52,10 @@ from gomodel.anthropic.file_sources import walk_blocks
 from gomodel.anthropic.files import wants_anthropic_files
 from gomodel.anthropic.translate import (ANTHROPIC_ERROR_TYPES, ChatToMessagesStream,
                                          MessagesStreamObserver, chat_to_events_bytes, chat_to_message_bytes,
-                                         check_sampling, check_tool_choice_and_metadata,
+                                         check_options, check_tool_choice_and_metadata,
                                          checked_max_tokens, checked_messages, count_tokens_answer,
                                          count_tokens_request, is_anthropic_error, message_events_bytes,
-                                         messages_to_chat, native_body, native_message_bytes, omits_thinking,
+                                         messages_to_chat, native_body, native_message_bytes,
                                          openai_error_to_anthropic, passed_fields, refuse_server_side, unsent_stops,
                                          vllm_fields, with_tool_errors, without_vllm_fields)
 from gomodel.api.inference import plan_model, rebody, retargeted, target, unsaturated, vet_priority
@@ -198,10 +198,9 @@ class MessagesRoutes:
                                               ctx.principal))
         checked_max_tokens(body)  # (natively too: Anthropic's words, not vLLM's; the model's errors first)
         checked_messages(body)  # (natively too: vLLM's Messages API takes none)
-        check_sampling(body)  # (natively too: vLLM samples with what it is sent)
-        refuse_server_side(body)  # (natively too: vLLM drops them unread)
-        check_tool_choice_and_metadata(body)  # (natively too: vLLM's words, or dropped unread)
-        omit = omits_thinking(body)  # (thinking.display "omitted": its blocks without their text, either way)
+        # (natively too: vLLM samples with what it is sent, drops server tools and metadata unread, refuses a tool
+        # choice in its own words; thinking.display "omitted": its blocks without their text, either way)
+        omit = check_options(body)
         # A priority (the key's, X-Request-Priority) reaches a vLLM that schedules by it only translated: vLLM's
         # Messages API has no priority field (its own translation to chat drops it).
         prioritised = vet_priority(request, ctx, routes)
