@@ -1005,6 +1005,20 @@ def test_native_stream_is_relayed_untouched_and_observed():
     assert observer.usage == {"input_tokens": 7, "output_tokens": 2, "cache_read_input_tokens": 16}
 
 
+def test_whole_events_are_named_where_each_begins_with_its_event_line():
+    """The native stream's quick way (L{_named}: only the watched events cut out) is for whole events that each
+    begin with their C{event:} line; any other (a C{data:} line first, a comment) takes the way of every event."""
+    from gomodel.anthropic.translate import _named
+    stream = b"".join(NATIVE)
+    assert _named(stream) and _named(NATIVE[0]) and not _named(b"")
+    for unnamed in (b"data: {}\n\n", b": keep-alive\n\n", b"id: 1\ndata: {}\n\n"):
+        assert not _named(NATIVE[0] + unnamed + NATIVE[1])
+        for events in (unnamed + stream, stream + unnamed):
+            assert not _named(events), events
+            observer = MessagesStreamObserver()
+            assert observer.feed(events) == events and observer.events == 2 and observer.done
+
+
 def test_native_stream_without_message_stop_is_incomplete():
     observer = MessagesStreamObserver()
     observer.feed(b"".join(NATIVE[:-1]))
