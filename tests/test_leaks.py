@@ -1517,6 +1517,29 @@ async def test_a_managed_keys_background_response_read_again_carries_no_transfer
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_managed_keys_stored_response_is_kept_without_transfer_fields_however_written(http, salted):
+    """A managed key's Responses object (its request went without transfer fields) is kept without them: one that
+    says null, one that names them, one that names them with C{\\u} escapes in the field's name; one without any
+    is kept as it came."""
+    gw, vllm, managed, own = salted
+    usage = {"input_tokens": 1, "output_tokens": 1, "total_tokens": 2}
+    made = {"object": "response", "created_at": 1, "status": "completed", "model": BARE, "usage": usage,
+            "output": [{"type": "message", "content": [{"type": "output_text", "text": "kv_transfer_params: mine"}]}]}
+    named = json.dumps(PREFILL)
+    for number, fields in enumerate(("", '"kv_transfer_params": null, ', f'"kv_transfer_params": {named}, ',
+                                     f'"ec_transfer_params": null, "kv\\u005ftransfer_params": {named}, ')):
+        response_id = f"resp_kept{number}"
+        answer = "{" + fields + json.dumps(dict(made, id=response_id))[1:]
+        response, content = await call(http, gw, "/v1/responses", {"model": MODEL, "input": "hi", "fake_status": 200,
+                                                                    "fake_body": answer}, key=managed)
+        assert response.code == 200 and json.loads(content)["id"] == response_id, content
+        response, content = await call(http, gw, f"/v1/responses/{response_id}", key=managed, method="GET")
+        kept = json.loads(content)
+        assert response.code == 200 and not any(name.endswith("_transfer_params") for name in kept), content
+        assert {name: kept[name] for name in made} == made, content
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_managed_keys_stored_response_read_through_the_passthrough_carries_no_transfer_params(http, salted):
     """A managed key reading again through C{/p/} a response of its tenant's (C{responses/{id}}: retrieved, its
     events replayed, cancelled), whose create went without C{kv_transfer_params} and C{ec_transfer_params}, gets it

@@ -30,7 +30,7 @@ from gomodel.http.render import RESPONSES
 from gomodel.ids import new_id
 from gomodel.proxy.exchange import fails_over, upstream_call
 from gomodel.proxy.renamed import model_named, model_renamed
-from gomodel.proxy.transfers import dropped, without_transfers
+from gomodel.proxy.transfers import dropped, may_name_transfers, without_transfers
 from gomodel.proxy.sse import ResponsesStreamObserver, SSEFramer, event_object
 from gomodel.responses_history import (answer_shown, as_listed, as_retrieved, checked_previous_id, continued,
                                       cut_short, error_hidden, error_shown, events_as_retrieved, no_chosen_id,
@@ -415,7 +415,8 @@ class ResponsesRoute:
             return None
         if model_renamed(provider, response):  # (a model it lists by a path: kept as clients know it)
             response_json = None
-        if ctx.transfers_dropped and provider.type in SALTED_PROVIDER_TYPES and dropped(response):
+        if (ctx.transfers_dropped and provider.type in SALTED_PROVIDER_TYPES and may_name_transfers(response_json)
+                and dropped(response)):
             response_json = None  # (its answer went without them: L{gomodel.proxy.transfers})
         record = {"id": response_id, "provider": provider.name, "replica": replica,
                   "created_at": int(self._clock.seconds()), "previous_response_id": previous_id,

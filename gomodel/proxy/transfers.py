@@ -32,6 +32,13 @@ def without_transfers(data: bytes) -> bytes:
     return b"\n".join(lines)
 
 
+def may_name_transfers(data) -> bool:
+    """Whether C{data}, JSON bytes (None: none at hand), may name a transfer field, null too (what it parses into may
+    have one for L{dropped} to take out): it holds a member's name ending as theirs does, or a C{\\u} escape (a
+    name written with them); False where it surely names none (one search in C: L{dropped} walks every object)."""
+    return data is None or data.find(_MARK) >= 0 or data.find(b"\\u") >= 0
+
+
 def dropped(value) -> bool:
     """Take the transfer fields out of C{value} (parsed JSON: each object's, at any depth); whether it had any."""
     if value.__class__ is dict:
