@@ -1,5 +1,7 @@
 """Rate limits and budgets on the local counters, on a fake clock; GoModel's configuration forms."""
 
+import itertools
+import random
 from datetime import datetime, timezone
 
 import orjson
@@ -9,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from gomodel import jsonutil
-from gomodel.accounting.tokens import asked_tokens, requested_tokens
+from gomodel.accounting.tokens import _asked_count, asked_tokens, requested_tokens
 from gomodel.errors import BudgetExceeded, RateLimitExceeded, whole_seconds
 from gomodel.limits.budgets import SEED_RETRY, BudgetBook
 from gomodel.limits.counters import LocalCounters
@@ -1242,6 +1244,47 @@ def test_an_integral_float_asks_for_as_many_tokens_as_its_int():
                         (b'{"max_tokens":-5.0}', None), (b'{"max_tokens":1e30}', None)):
         assert requested_tokens(body) == asked, body
         assert asked_tokens(jsonutil.loads(body)) == (asked or 0), body
+
+
+def test_a_string_or_bool_asks_for_the_tokens_vllm_reads_from_it():
+    """vLLM's pydantic lax mode also reads an int field's numeric string (C{"5"}, C{" 5 "}, C{"5.0"}, C{"1_000"}) and
+    a bool (C{true} is 1) as that int, and generates as many tokens: the estimate counts them so (before, none: a
+    C{"max_tokens": "100000"} reserved no output); a string vLLM refuses (C{"5."}, C{"1e3"}, C{"five"}) is no count,
+    the next such field read, as for a null."""
+    for body, asked in ((b'{"max_tokens":"100000"}', 100000), (b'{"max_tokens":" +64 ","messages":[]}', 64),
+                        (b'{"max_completion_tokens":"5.00"}', 5), (b'{"max_output_tokens":"1_000"}', 1000),
+                        (b'{"max_tokens":"007"}', 7), (b'{"max_tokens":true}', 1), (b'{"max_tokens":false}', 0),
+                        (b'{"max_tokens":"16","n":"3"}', 48), (b'{"max_tokens":16,"n":true}', 16),
+                        (b'{"max_tokens":"5.","max_completion_tokens":7}', 7), (b'{"max_tokens":"1e3"}', None),
+                        (b'{"max_tokens":"five"}', None), (b'{"max_tokens":"-5"}', None), (b'{"max_tokens":""}', None),
+                        (b'{"max_tokens":"\\u0665"}', None), (b'{"max_tokens":"1' + b'0' * 18 + b'"}', None),
+                        (b'{"messages":[{"max_tokens":9}],"max_tokens":"12"}', 12),
+                        (b'{"max_tokens":"12","messages":[{"max_tokens":9}]}', 12)):
+        assert requested_tokens(body) == asked, body
+        assert asked_tokens(jsonutil.loads(body)) == (asked or 0), body
+
+
+def test_the_count_of_a_value_is_the_int_pydantic_reads_from_it():
+    """Every value vLLM's request models take for an int field counts as the int pydantic's lax mode reads from it (and
+    no value they refuse counts): strings cut from those its parser cleans (signs, zeros, points, underscores,
+    whitespace), against pydantic itself."""
+    TypeAdapter = pytest.importorskip("pydantic").TypeAdapter
+    read = TypeAdapter(int).validate_python
+
+    def vllm(value):
+        try:
+            count = read(value)
+        except ValueError:  # (pydantic's ValidationError)
+            return None
+        return count if 0 <= count < 10**18 else None
+
+    pieces = ("0", "0", "1", "9", "_", ".", "+", "-", " ", "\t", "\n", "e", "x", "\xa0", "\u2003", "\x1c", "\u0665")
+    values = ["".join(picked) for size in range(5) for picked in itertools.product(pieces[:9], repeat=size)]
+    values += ["".join(random.Random(seed).choices(pieces, k=8)) for seed in range(20000)]
+    values += ["0" * 5000 + "5", "1" * 4301, " " * 100 + "12", "999999999999999999", "1000000000000000000",
+               5, 5.0, 5.5, -0.0, 1e18, 9.3e18, float("inf"), float("nan"), True, False, None, [], {}]
+    for value in values:
+        assert _asked_count(value) == vllm(value), value
 
 
 def test_read_says_what_windows_and_slots_hold_and_takes_nothing(limiter, counters, clock):

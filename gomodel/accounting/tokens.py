@@ -5,7 +5,8 @@ import re
 
 from gomodel import jsonutil
 
-_MAX_TOKENS = re.compile(rb'"max_(?:completion_|output_)?tokens"\s*:\s*(\d[\d.eE+-]*)')  # (its number, whole)
+# (its value's number, whole; none where the value is no number: a string, a bool, null)
+_MAX_TOKENS = re.compile(rb'"max_(?:completion_|output_)?tokens"\s*:\s*(\d[\d.eE+-]*)?')
 _MAX_FIELDS = frozenset(("max_tokens", "max_completion_tokens", "max_output_tokens"))
 
 TOKEN_TYPES = ("input", "output", "cached", "reasoning")
@@ -153,11 +154,88 @@ def _most_sequences(n, best_of) -> int:
 
 
 def _asked_count(value):
-    """A body's C{value} as vLLM reads an int field (pydantic's lax mode): an int, or a float with no fraction as its
-    int (C{5.0} generates 5 tokens; C{5.5} is refused), from 0 up to 10**18; else None (a bool is no count)."""
-    if value.__class__ is float and value.is_integer():
-        value = int(value)
+    """A body's C{value} as vLLM reads an int field (pydantic's lax mode, L{_lax_int}: C{5}, C{5.0}, C{"5"} and
+    C{true} generate as many tokens as their int; C{5.5} and C{"five"} are refused), from 0 up to 10**18; else None."""
+    if value.__class__ is not int:  # (most bodies: an int)
+        value = _lax_int(value)
     return value if value.__class__ is int and 0 <= value < 10**18 else None
+
+
+def _lax_int(value):
+    """The int pydantic's lax mode reads from a JSON C{value} that is no int (vLLM's request models: an int field
+    takes a float with no fraction, a bool and a string of an int, L{_text_int}), or None where it refuses it."""
+    kind = value.__class__
+    if kind is float:
+        return int(value) if value.is_integer() else None
+    if kind is bool:
+        return int(value)
+    if kind is str:
+        return _text_int(value)
+    return None
+
+
+_JSON_INT = re.compile(r"-?(?:0|[1-9][0-9]*)")
+# The whitespace Rust's C{str::trim} strips (Unicode's White_Space; not Python's C{str.strip}, which strips more).
+_TRIMMED = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a" \
+           "\u2028\u2029\u202f\u205f\u3000"
+
+
+def _text_int(text):
+    """The int pydantic reads from a string C{text} in lax mode, or None where it refuses it: pydantic-core's
+    C{str_as_int}, step by step (its C{clean_int_str}): a JSON int as it is, else trimmed, one sign, leading
+    zeros (and underscores among them) dropped, a fraction of zeros alone dropped, single underscores between
+    digits dropped, and what is left a JSON int. So C{" +5 "}, C{"05"}, C{"5.0"} and C{"1_000"} are ints;
+    C{"5."}, C{"1e3"}, C{"0x10"} and other scripts' digits are not."""
+    if _JSON_INT.fullmatch(text):
+        return _json_int(text)
+    cleaned = text.strip(_TRIMMED)
+    if cleaned[:1] == "+":
+        cleaned = cleaned[1:]
+        if cleaned[:1] == "-":
+            return None
+    negative = cleaned[:1] == "-"
+    if negative:
+        cleaned = cleaned[1:]
+        if cleaned[:1] in ("-", "+"):
+            return None
+    cleaned = _without_leading_zeros(cleaned)
+    if cleaned is None:
+        return None
+    point = cleaned.find(".")
+    if 0 <= point < len(cleaned) - 1 and not cleaned[point + 1:].strip("0"):
+        cleaned = cleaned[:point]
+    if "_" in cleaned and cleaned[0] != "_" and cleaned[-1] != "_" and "__" not in cleaned:
+        cleaned = cleaned.replace("_", "")
+    elif len(cleaned) == len(text):  # (nothing cleaned: as refused as it came)
+        return None
+    if negative:
+        cleaned = "-" + cleaned
+    return _json_int(cleaned) if _JSON_INT.fullmatch(cleaned) else None
+
+
+def _json_int(text):
+    """The int of a JSON int's C{text}, or None past Python's 4300 digits (pydantic's bound too)."""
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _without_leading_zeros(text):
+    """C{text} from its first digit other than 0 (zeros and underscores before it dropped; the last zero kept
+    before a point, or alone), as pydantic-core's C{strip_leading_zeros}; None where it starts with no digit nor
+    minus."""
+    if text[:1] != "0":
+        return text if text[:1] in _SIGNIFICANT else None
+    rest = text.lstrip("0_")
+    if not rest:
+        return text[-1]
+    if rest[0] in _SIGNIFICANT:
+        return rest
+    return text[-len(rest) - 1:] if rest[0] == "." else None
+
+
+_SIGNIFICANT = frozenset("123456789-")
 
 
 def _sequences(body) -> int:
@@ -182,7 +260,7 @@ def _asked(body, start):
     if found is None:
         return None
     number = found[1]
-    if number.isdigit() and len(number) <= 18 and _own(body, found.start(), found.end()):
+    if number is not None and number.isdigit() and len(number) <= 18 and _own(body, found.start(), found.end()):
         return int(number)
     try:
         parsed = jsonutil.loads(body)
@@ -194,7 +272,9 @@ def _asked(body, start):
 
 
 def _number(text: bytes):
-    """The count (L{_asked_count}) a number's JSON C{text} writes, or None."""
+    """The count (L{_asked_count}) a number's JSON C{text} writes, or None (None for none)."""
+    if text is None:
+        return None
     try:
         return _asked_count(jsonutil.loads(text))
     except (jsonutil.JSONError, ValueError, TypeError):
