@@ -2463,28 +2463,28 @@ async def test_a_providers_configured_most_stop_sequences_are_what_it_is_sent(re
 
 
 @pytest_twisted.ensureDeferred
-async def test_an_empty_text_block_beside_tool_results_is_dropped_and_one_alone_is_anthropics_400(openai_gw, fake):
-    """Claude Code at times sends an empty text block after its tool results. Translated, it is dropped, the tool
-    results kept (before: an empty user message after them, which a chat template renders as an empty turn); a
-    user message of nothing but empty text is Anthropic's own 400 ("text content blocks must be non-empty"), and
-    an empty one its other, before anything goes upstream."""
+async def test_an_empty_text_block_anywhere_is_anthropics_400_translated(openai_gw, fake):
+    """An empty text block in a message's content is Anthropic's own 400 ("text content blocks must be
+    non-empty"), alone or beside other blocks (Claude Code's after its tool results at times), in a user's message
+    or the assistant's, before anything goes upstream (before, one beside others was dropped, the rest sent on);
+    and an empty message its other."""
     call = {"type": "tool_use", "id": "toolu_1", "name": "read", "input": {"path": "a.txt"}}
     messages = [{"role": "user", "content": "Read a.txt."}, {"role": "assistant", "content": [call]},
                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "ok"},
-                                             {"type": "text", "text": ""}]}]
+                                             {"type": "text", "text": "Go on."}]}]
     client = sdk(openai_gw)
     try:
         await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, messages=messages)
-        sent = fake.last_request().body["messages"]
-        assert sent[-1] == {"role": "tool", "tool_call_id": "toolu_1", "content": "ok"} and len(sent) == 3
-        messages[-1]["content"].append({"type": "text", "text": "Go on."})
-        await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, messages=messages)
         assert fake.last_request().body["messages"][-1] == {"role": "user", "content": "Go on."}
         before = len(fake.forwarded())
-        for content in ([{"type": "text", "text": ""}], [{"type": "text", "text": ""}] * 2):
+        empty = {"type": "text", "text": ""}
+        for sent in ([{"role": "user", "content": [empty]}], [{"role": "user", "content": [empty] * 2}],
+                     messages[:2] + [{"role": "user", "content": messages[2]["content"][:1] + [empty]}],
+                     messages[:2] + [{"role": "user", "content": [empty] + messages[2]["content"]}],
+                     messages[:1] + [{"role": "assistant", "content": [empty, call]}] + messages[2:],
+                     messages + [{"role": "assistant", "content": [empty]}]):
             with pytest.raises(anthropic.BadRequestError) as caught:
-                await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8,
-                                messages=[{"role": "user", "content": content}])
+                await in_thread(client.messages.create, model=OPENAI_MODEL, max_tokens=8, messages=sent)
             assert caught.value.body["error"] == {"type": "invalid_request_error",
                                                   "message": "messages: text content blocks must be non-empty"}
         # An empty user message, "" or [], is Anthropic's other 400 (before: sent on as an empty user message).
@@ -2501,31 +2501,33 @@ async def test_an_empty_text_block_beside_tool_results_is_dropped_and_one_alone_
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_user_message_of_nothing_but_empty_text_is_anthropics_400_natively_too(http, gw, fake, client):
-    """A create (plain or streamed) or a count_tokens for a vLLM whose user message is nothing but empty text
-    blocks is Anthropic's 400 ("text content blocks must be non-empty") before any upstream, as translated
-    already was; before, it went to vLLM natively, whose Messages API drops an empty text block and generated
-    from what was left. An empty text block beside others, or in the assistant's message, still goes natively."""
+async def test_an_empty_text_block_is_anthropics_400_natively_too(http, gw, fake, client):
+    """A create (plain or streamed) or a count_tokens for a vLLM with an empty text block in a message's content,
+    alone, beside others or in the assistant's message, is Anthropic's 400 ("text content blocks must be
+    non-empty") before any upstream, as translated; before, one beside others, or the assistant's, went to vLLM
+    natively, whose Messages API drops an empty text block and generates from what is left. A text that is
+    there, and an assistant's empty string (a prefill's), are no empty block."""
     before = len(fake.forwarded())
     said = {"type": "error", "error": {"type": "invalid_request_error",
                                        "message": "messages: text content blocks must be non-empty"}}
-    for content in ([{"type": "text", "text": ""}], [{"type": "text", "text": ""}] * 2):
-        messages = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
-                    {"role": "user", "content": content}]
-        with pytest.raises(anthropic.BadRequestError) as caught:
-            await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=messages)
-        assert caught.value.body == said
-        for path, sent in (("/v1/messages", {"model": MODEL, "max_tokens": 8, "messages": messages, "stream": True}),
-                           ("/v1/messages/count_tokens", {"model": MODEL, "messages": messages})):
-            response, answer = await post(http, gw.url + path, sent)
-            assert response.code == 400 and json.loads(answer) == said, (path, answer)
+    empty, hi = {"type": "text", "text": ""}, {"type": "text", "text": "Hi."}
+    for content in ([empty], [empty] * 2, [empty, hi], [hi, empty]):
+        for messages in ([{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+                          {"role": "user", "content": content}],
+                         [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": content},
+                          {"role": "user", "content": "Again."}]):
+            with pytest.raises(anthropic.BadRequestError) as caught:
+                await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=messages)
+            assert caught.value.body == said
+            for path, sent in (("/v1/messages", {"model": MODEL, "max_tokens": 8, "messages": messages,
+                                                 "stream": True}),
+                               ("/v1/messages/count_tokens", {"model": MODEL, "messages": messages})):
+                response, answer = await post(http, gw.url + path, sent)
+                assert response.code == 400 and json.loads(answer) == said, (path, answer)
     assert len(fake.forwarded()) == before
-    empty = {"type": "text", "text": ""}
-    for messages in ([{"role": "user", "content": [empty, {"type": "text", "text": "Hi."}]}],
-                     [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": [empty]},
-                      {"role": "user", "content": "Again."}]):
-        await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=messages)
-        assert fake.last_request().path == b"/v1/messages" and fake.last_request().body["messages"] == messages
+    messages = [{"role": "user", "content": [hi, {"type": "text", "text": " "}]}]
+    await in_thread(client.messages.create, model=MODEL, max_tokens=8, messages=messages)
+    assert fake.last_request().path == b"/v1/messages" and fake.last_request().body["messages"] == messages
 
 
 @pytest_twisted.ensureDeferred

@@ -235,13 +235,16 @@ def test_one_walk_finds_file_sources_and_the_blocks_that_go_translated():
     assert walk_blocks({"messages": [{"role": "system", "content": [change]}, *messages[:1]]}, files=False) == (
         [], True, [])
     assert walk_blocks({"messages": [{"role": "user", "content": [change]}]}) == ([], False, [])
-    # a user message of nothing but empty text sends it translated (where it is Anthropic's 400); an empty text
-    # block beside others, or the assistant's, does not
+    # an empty text block sends it translated (where it is Anthropic's 400), alone, beside others or the
+    # assistant's (before, only a user message of nothing but empty text); a system message's is left out there
     empty = {"type": "text", "text": ""}
-    assert walk_blocks({"messages": [{"role": "user", "content": [empty, empty]}]}) == ([], True, [])
-    for message in ({"role": "user", "content": [empty, {"type": "text", "text": "Hi."}]},
+    for message in ({"role": "user", "content": [empty, empty]},
+                    {"role": "user", "content": [empty, {"type": "text", "text": "Hi."}]},
                     {"role": "user", "content": [{"type": "text", "text": "Hi."}, empty]},
                     {"role": "assistant", "content": [empty]}):
+        assert walk_blocks({"messages": [message, *messages[:1]]}) == ([], True, []), message
+    for message in ({"role": "system", "content": [empty]},
+                    {"role": "user", "content": [{"type": "text", "text": " "}, {"type": "text"}]}):
         assert walk_blocks({"messages": [message, *messages[:1]]}) == ([], False, []), message
     # so does an empty user message ("", []: Anthropic's other 400), not the assistant's
     for content in ("", []):

@@ -45,10 +45,10 @@ def walk_blocks(body, files=True) -> tuple:
     list (with C{files}; else C{[]}), whether its last message is the assistant's (a prefill, which the answer
     continues: vLLM's Messages API, 0.32, closes it as a finished turn and answers in a new one; translated, its
     chat completion continues it, C{continue_final_message}), a message or a tool result in one holds a block of
-    L{TRANSLATED_BLOCKS}, a system message a tool change (L{gomodel.anthropic.translate.TOOL_CHANGES}), or a
-    user message is empty (L{gomodel.anthropic.translate.empty_user_content}: C{""}, C{[]}, or nothing but empty
-    text blocks, looked for only where it is falsy or its first block is empty text: the translation refuses it
-    as Anthropic does, vLLM's Messages API would take it) (what a vLLM gets translated,
+    L{TRANSLATED_BLOCKS}, a system message a tool change (L{gomodel.anthropic.translate.TOOL_CHANGES}), a
+    user message is empty (L{gomodel.anthropic.translate.empty_user_content}: C{""}, C{[]}), or a message's
+    content holds an empty text block (the translation refuses both as Anthropic does; vLLM's Messages API would
+    take an empty message, and drop an empty block, generating from the rest) (what a vLLM gets translated,
     L{gomodel.api.messages.translates}; once it is known, the walk looks no more for it), and the
     C{(message, block)} indexes of the C{tool_result} blocks whose C{is_error} is true
     (L{gomodel.anthropic.translate.with_tool_errors}).
@@ -71,7 +71,10 @@ def walk_blocks(body, files=True) -> tuple:
             continue
         for j, block in enumerate(content):
             kind = block.get("type") if isinstance(block, dict) else None
-            if kind in _LOOKED_AT:
+            if kind == "text":  # (the most blocks: looked at first; a system message's texts, empty left out there)
+                if block.get("text") == "":
+                    translated = translated or message.get("role") != "system"
+            elif kind in _LOOKED_AT:
                 translated = translated or kind in TRANSLATED_BLOCKS
                 if files and _names_file(block):
                     found.append((f"messages.{i}.content.{j}", block))
@@ -88,8 +91,6 @@ def walk_blocks(body, files=True) -> tuple:
                             found.append((f"messages.{i}.content.{j}.content.{k}", item))
             elif kind in TOOL_CHANGES:
                 translated = translated or message.get("role") == "system"
-            elif not j and block.get("text") == "" and message.get("role") == "user":  # (its type checked there)
-                translated = translated or empty_user_content(content)
     return found, translated, errored
 
 

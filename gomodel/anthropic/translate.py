@@ -529,7 +529,11 @@ def _text(block, where) -> str:
 
 
 def _blocks(content, where) -> list:
-    """C{content} as a list of block objects (a string is one text block)."""
+    """C{content} as a list of block objects (a string is one text block).
+
+    @raise InvalidRequest: it is no string nor list of blocks, or a block is an empty text block (Anthropic's 400,
+        word for word: Claude Code sends one after its tool results at times; vLLM's Messages API drops it).
+    """
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
     if not isinstance(content, list):
@@ -539,6 +543,8 @@ def _blocks(content, where) -> list:
         if not isinstance(block, dict) or not isinstance(block.get("type"), str):
             raise InvalidRequest(f"{where}.content.{i}: Input should be a content block with a type",
                                  param=f"{where}.content.{i}")
+        if block.get("text") == "" and block["type"] == "text":
+            raise InvalidRequest("messages: text content blocks must be non-empty", param=f"{where}.content.{i}")
     return content
 
 
@@ -682,26 +688,20 @@ def _parts_content(parts):
 def _user_messages(content, where) -> list:
     """A user turn: its tool results first (as C{tool} messages, which must follow the assistant's
     calls), then the rest of its content, and any images the tool results held, as one user message.
-    An empty text block is left out (Claude Code sends one after tool results at times; vLLM's Messages API
-    drops it too).
 
-    @raise InvalidRequest: the turn is nothing but empty text, or empty (C{""}, C{[]}): Anthropic's own 400s,
-        word for word.
+    @raise InvalidRequest: the turn is empty (C{""}, C{[]}), or holds an empty text block (L{_blocks}):
+        Anthropic's own 400s, word for word.
     """
     if empty_user_content(content):
-        if not content:
-            raise InvalidRequest(f"{where}: all messages must have non-empty content except for the optional "
-                                 "final assistant message", param=f"{where}.content")
-        raise InvalidRequest("messages: text content blocks must be non-empty", param=f"{where}.content")
+        raise InvalidRequest(f"{where}: all messages must have non-empty content except for the optional "
+                             "final assistant message", param=f"{where}.content")
     tools, parts, tool_images = [], [], []
     blocks = _blocks(content, where)
     for i, block in enumerate(blocks):
         at = f"{where}.content.{i}"
         kind = block["type"]
         if kind == "text":
-            text = _text(block, at)
-            if text:
-                parts.append({"type": "text", "text": text})
+            parts.append({"type": "text", "text": _text(block, at)})
         elif kind == "image":
             parts.append(_image_url(block, at))
         elif kind == "document":
@@ -721,15 +721,10 @@ def _user_messages(content, where) -> list:
 
 
 def empty_user_content(content) -> bool:
-    """Whether C{content}, a user message's, is what Anthropic refuses as empty (L{_user_messages} says which of
-    its two 400s): C{""} or C{[]} ("all messages must have non-empty content ..."), or nothing but empty text
-    blocks ("text content blocks must be non-empty"). vLLM's Messages API takes an empty message, and drops each
-    empty text block and generates from what is left (such a request goes to it translated:
-    L{gomodel.anthropic.file_sources.walk_blocks})."""
-    if isinstance(content, str):
-        return not content
-    return isinstance(content, list) and all(
-        isinstance(block, dict) and block.get("type") == "text" and block.get("text") == "" for block in content)
+    """Whether C{content}, a user message's, is what Anthropic refuses as empty (L{_user_messages}' 400, "all
+    messages must have non-empty content ..."): C{""} or C{[]}. vLLM's Messages API takes it (such a request goes
+    to it translated: L{gomodel.anthropic.file_sources.walk_blocks})."""
+    return (content.__class__ is str or content.__class__ is list) and not content
 
 
 def _tool_result(block, where):
