@@ -11,6 +11,8 @@ import treq
 from twisted.web.http_headers import Headers
 
 from gomodel.anthropic.file_sources import walk_blocks
+from gomodel.anthropic.translate import check_tool_choice_and_metadata
+from gomodel.errors import InvalidRequest
 from tests.fakes.vllm import CHAT_MODEL
 from tests.support import in_thread, start_gateway
 
@@ -208,6 +210,31 @@ async def test_the_list_restricted_to_ids_answers_those_files_only(http, gw, cli
     many = "&".join(f"ids[]=file-{n}" for n in range(101))
     response = await http.get(f"{gw.url}/v1/files?{many}", headers=anthropic_headers())
     assert response.code == 400
+
+
+def test_a_tool_choice_is_checked_without_a_second_walk_where_the_one_walk_found_no_tool_change():
+    """A create's tool choice that asks for a tool (C{any}, C{tool}) is checked against the tools as the system
+    messages' tool changes leave them; where the route's one walk of the blocks (L{walk_blocks}) found nothing it
+    sends translated, so no tool change, the messages are not walked again for them (before, they were)."""
+    class Walks(list):
+        walks = 0
+
+        def __iter__(self):
+            Walks.walks += 1
+            return super().__iter__()
+
+    tools = [{"name": "f", "input_schema": {"type": "object"}}]
+    for choice in ({"type": "any"}, {"type": "tool", "name": "f"}):
+        body = {"tools": tools, "tool_choice": choice, "messages": Walks([{"role": "user", "content": "Hi."}] * 3)}
+        Walks.walks = 0
+        check_tool_choice_and_metadata(body, walk_blocks(body, files=False)[1])
+        assert Walks.walks == 1
+        check_tool_choice_and_metadata(body)  # (no walk said: looked for)
+        assert Walks.walks == 2
+    removal = {"role": "system", "content": [{"type": "tool_removal", "tool": {"type": "tool_reference", "name": "f"}}]}
+    body = {"tools": tools, "tool_choice": {"type": "any"}, "messages": [{"role": "user", "content": "Hi."}, removal]}
+    with pytest.raises(InvalidRequest, match="may only be specified while providing tools"):
+        check_tool_choice_and_metadata(body, walk_blocks(body, files=False)[1])
 
 
 def test_one_walk_finds_file_sources_and_the_blocks_that_go_translated():

@@ -48,10 +48,10 @@ class MessagesLines:
         refuse_server_side(payload)
         checked_messages(payload)  # (natively too, as online)
         check_sampling(payload)
-        check_tool_choice_and_metadata(payload)
+        _, walked, errored = walk_blocks(payload, files=False)
+        check_tool_choice_and_metadata(payload, walked)
         omit = omits_thinking(payload)  # (thinking.display "omitted": its thinking blocks without their text)
         prioritised = principal is not None and principal.priority is not None
-        _, walked, errored = walk_blocks(payload, files=False)
         translating = translates(payload, walked)
         native = self._messages.native_for(route, prioritised=prioritised, translating=translating)
         fallbacks = [r for r in fallbacks

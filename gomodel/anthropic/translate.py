@@ -165,11 +165,12 @@ def check_sampling(body: dict):
 _CHECKED_FIELDS = frozenset((*_SAMPLING, "tools", "mcp_servers", "container", "metadata", "tool_choice", "thinking"))
 
 
-def check_options(body: dict) -> bool:
+def check_options(body: dict, walked=None) -> bool:
     """Check the optional fields of a Messages create C{body} (natively too): L{check_sampling},
     L{refuse_server_side}, L{check_tool_choice_and_metadata}, in that order; a body that sends none of their fields
     (most) passes them in one look.
 
+    @param walked: as L{check_tool_choice_and_metadata}'s.
     @return: whether it asks for its thinking blocks without their text (L{omits_thinking}).
     @raise InvalidRequest: as the first of those that fails, or L{omits_thinking}.
     """
@@ -177,17 +178,20 @@ def check_options(body: dict) -> bool:
         return False
     check_sampling(body)
     refuse_server_side(body)
-    check_tool_choice_and_metadata(body)
+    check_tool_choice_and_metadata(body, walked)
     return omits_thinking(body)
 
 
-def check_tool_choice_and_metadata(body: dict):
+def check_tool_choice_and_metadata(body: dict, walked=None):
     """Refuse a Messages request C{body} whose C{tool_choice} is none of Anthropic's (L{_tool_choice}), asks for a
     tool (C{any}, C{tool}) where it has none, or names a tool that its tools (as its tool changes leave them,
     L{_resolved_tools}) do not declare, or whose C{metadata} is no object or its C{user_id} no string (null is
     none), as Anthropic does (natively too: vLLM refuses the tool choices in its own words, or takes C{any} without
     tools, and drops the metadata unread, as a translation did; translated, C{any} went as C{required}).
 
+    @param walked: what L{gomodel.anthropic.file_sources.walk_blocks} found (its second value) where the route
+        walked C{body}'s blocks: False says no system message holds a tool change, so its tools are C{tools} as
+        sent, the messages not walked again; None: looked for here.
     @raise InvalidRequest: either, naming the field.
     """
     metadata = body.get("metadata")
@@ -202,7 +206,7 @@ def check_tool_choice_and_metadata(body: dict):
     kind = _tool_choice(choice)["tool_choice"]
     if kind in ("auto", "none"):
         return
-    tools = _resolved_tools(body)
+    tools = body.get("tools") if walked is False else _resolved_tools(body)
     if not tools:
         raise InvalidRequest(f"tool_choice: tool_choice of type {quoted(choice['type'])} may only be specified while "
                              "providing tools", param="tool_choice")

@@ -200,7 +200,7 @@ class MessagesRoutes:
         checked_messages(body)  # (natively too: vLLM's Messages API takes none)
         # (natively too: vLLM samples with what it is sent, drops server tools and metadata unread, refuses a tool
         # choice in its own words; thinking.display "omitted": its blocks without their text, either way)
-        omit = check_options(body)
+        omit = check_options(body, walked)
         # A priority (the key's, X-Request-Priority) reaches a vLLM that schedules by it only translated: vLLM's
         # Messages API has no priority field (its own translation to chat drops it).
         prioritised = vet_priority(request, ctx, routes)
@@ -246,7 +246,7 @@ class MessagesRoutes:
         planned = plan_model(self._registry, body, principal=ctx.principal)
         refuse_server_side(body)  # (as a create: counted natively, vLLM drops them unread)
         checked_messages(body)  # (as a create)
-        check_tool_choice_and_metadata(body)  # (as a create: vLLM's words natively, unread by /tokenize)
+        check_tool_choice_and_metadata(body, walked)  # (as a create: vLLM's words natively, unread by /tokenize)
         # Only vLLM has a tokenizer the gateway can ask.
         routes = self._unsaturated([route for route in planned if route.provider.type in NATIVE_TYPES])
         if not routes:
