@@ -1447,6 +1447,67 @@ async def test_a_managed_keys_passthrough_answers_carry_no_transfer_params_where
                 assert b"prefill-7" in content, (stream, key, content)
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_managed_keys_passthrough_answer_too_large_to_hold_goes_with_its_transfer_params_null(http, salted):
+    """A managed key's passthrough JSON answer that the gateway does not read whole (past 1 MiB, or of unknown length:
+    relayed as it comes) goes with the values of its transfer fields as null, read as they pass (nothing held back
+    but a key's copy), the rest byte for byte; the master key's keeps them. Before, such an answer carried them as
+    vLLM sent them."""
+    gw, vllm, managed, _ = salted
+    usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+    chat = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": BARE, "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": 'x"kv_transfer_params": {' * 60000},
+         "finish_reason": "stop"}], "usage": usage, "kv_transfer_params": PREFILL,
+        "ec_transfer_params": {"remote_engine_id": "encoder-3"}}
+    answer = json.dumps(chat)
+    nulled = json.dumps(dict(chat, kv_transfer_params=None, ec_transfer_params=None)).encode()
+    small = json.dumps(dict(chat, choices=[]))
+    small_nulled = json.dumps(dict(chat, choices=[], kv_transfer_params=None, ec_transfer_params=None)).encode()
+    assert len(answer) > 1024 * 1024
+    raw = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n{small}"
+    body = {"model": BARE, "messages": [{"role": "user", "content": "hi"}]}
+    for steer, sent, shown in (({"fake_status": 200, "fake_body": answer}, answer.encode(), nulled),  # (past 1 MiB)
+                               ({"fake_raw": raw}, small.encode(), small_nulled)):  # (of no length)
+        for key in (managed, MASTER):
+            vllm.steer = steer
+            response, content = await call(http, gw, "/p/vllm/v1/chat/completions", body, key=key)
+            assert response.code == 200, content[:200]
+            assert content == (shown if key == managed else sent), (steer.keys(), key == managed, content[-300:])
+
+
+def test_a_json_answer_read_as_it_passes_has_its_transfer_fields_null_however_it_is_cut():
+    """L{NulledTransfers}: a JSON object's top-level transfer fields (escaped too) have their values written null,
+    whatever they hold (strings with quotes and braces, nested lists), however the answer comes cut into pieces; a
+    field nested deeper, one in a string, a longer key, and an answer that is no object go as they came."""
+    from gomodel.proxy.transfers import NulledTransfers
+
+    kv = {"remote_host": "10.9.8.7", "x": [1, {"y": "}]\"\\"}], "s": 'a"b'}
+    escaped = "".join("\\u%04x" % ord(c) for c in "kv_transfer_params")
+    cases = [
+        ({"id": "c", "kv_transfer_params": kv, "choices": [{"m": {"kv_transfer_params": 1}}],
+          "ec_transfer_params": 'e"c'}, None),
+        ({"kv_transfer_params": 123, "a": "kv_transfer_params"}, None),
+        ({"a": [1], "kv_transfer_params": -1.5e3}, None),
+        ({"b": {"kv_transfer_params": 2}, "ec_transfer_params": True, "c": "\\"}, None),
+        ({"x" * 200: 1, "kv_transfer_params": [1, [2]]}, None)]
+    documents = [(json.dumps(value).encode(), dict(value, **{k: None for k in value if k.endswith("_transfer_params")}))
+                 for value, _ in cases]
+    documents += [(b' {\n "' + escaped.encode() + b'" : {"h": [1]} , "ec_transfer_params":null, "z":[]}\n ',
+                   {"kv_transfer_params": None, "ec_transfer_params": None, "z": []}),
+                  (b'{"' + escaped.encode() + b'X": 7}', {"kv_transfer_paramsX": 7})]
+    for document, expected in documents:
+        for size in range(1, len(document) + 1):
+            nulled = NulledTransfers()
+            written = b"".join(nulled(document[at:at + size]) for at in range(0, len(document), size))
+            assert json.loads(written) == expected, (document, size, written)
+            assert b"10.9.8.7" not in written
+    for document in (b'["kv_transfer_params", {"kv_transfer_params": 1}]', b'"kv_transfer_params"',
+                     b'no JSON {"kv_transfer_params": 1}'):
+        for size in (1, 2, len(document)):
+            nulled = NulledTransfers()
+            assert b"".join(nulled(document[at:at + size]) for at in range(0, len(document), size)) == document
+
+
 async def message_batch_results(http, gw, requests) -> bytes:
     """The results (JSONL) of a message batch of C{requests}, made with the master key, once it has ended."""
     response, content = await call(http, gw, "/v1/messages/batches", {"requests": requests})

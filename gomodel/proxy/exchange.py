@@ -50,7 +50,7 @@ from gomodel.interfaces import IStreamObserver
 from gomodel.proxy import gather as gathered
 from gomodel.proxy.relay import END_LINGER, ClientStalled, StreamRelay, StreamTooLong, UpstreamIdle
 from gomodel.proxy.renamed import model_named, rewriting
-from gomodel.proxy.transfers import without_transfers
+from gomodel.proxy.transfers import NulledTransfers, without_transfers
 from gomodel.proxy.sse import (MAX_EVENT_BYTES, RESPONSE_END_TYPES, SSEFramer, StreamIncomplete, error_in,
                                event_around, event_kind, event_object, events_end, failure_in)
 from gomodel.routing.pool import HOLD_MAX
@@ -318,17 +318,21 @@ class Exchange:
                 # (an event stream's too; one too large to search is no answer: L{_raw_error})
                 return await self._raw_error(request, ctx, upstream, response, call)
             events = is_event_stream(response.headers)
+            answer = not events and 200 <= response.code < 300 and request.method != b"HEAD" and media_type(
+                response.headers).endswith(b"json")  # (a JSON answer)
             if events:
                 ctx.stream = True
-            elif (call.shown is not None and 200 <= response.code < 300 and request.method != b"HEAD"
-                  and upstream.hidden_pattern is not None and media_type(response.headers).endswith(b"json")):
+            elif answer and call.shown is not None and upstream.hidden_pattern is not None:
                 body = await self._small(upstream, response)  # (one too large to hold goes as it comes)
                 if body is not None:
                     return self._shown(request, ctx, upstream, response, call, body)
             ends = call.ends if events and response.code == 200 and request.method != b"HEAD" else None
             rewrite = call.rewrite if events else None
-            if events and ctx.transfers_dropped and upstream.type in SALTED_PROVIDER_TYPES:
-                rewrite = rewriting(rewrite, without_transfers)  # (its request went without them, as _shown's)
+            if ctx.transfers_dropped and upstream.type in SALTED_PROVIDER_TYPES:  # (its request went without them)
+                if events:
+                    rewrite = rewriting(rewrite, without_transfers)  # (as _shown's)
+                elif answer and response.headers.getRawHeaders(b"content-encoding") is None:
+                    rewrite = NulledTransfers()  # (too large to hold, or of unknown length: read as it passes)
             return await self._relay_raw(request, ctx, upstream, response, events, call.counted, ends, rewrite)
         if response.code >= 400:
             raise await self._error(upstream, response)
@@ -770,19 +774,20 @@ class Exchange:
         return body
 
     def _relay_raw(self, request, ctx, upstream, response, events=False, body=None, ends=None, rewrite=None):
-        """Relay C{response} (an event stream with C{events}) byte for byte, its length kept, its usage read
+        """Relay C{response} (an event stream with C{events}) byte for byte, its length kept (but where C{rewrite}
+        writes it: a JSON answer's, L{NulledTransfers}), its usage read
         from the end of what went by, or from its C{metadata} header (L{_relay_stream}'s answer); an event
         stream goes event by event (L{UsageTap}) without its length, its in-band error noted (and written
         without the upstream's address), and is broken off where it ends inside an event or without its end
-        (C{ends}, a L{StreamEnd}, where it has one), however its body ended; its events written by C{rewrite}
-        where it is one (a passthrough's call's: L{UpstreamCall.rewrite})."""
+        (C{ends}, a L{StreamEnd}, where it has one), however its body ended; its events (or its pieces) written by
+        C{rewrite} where it is one (a passthrough's call's: L{UpstreamCall.rewrite})."""
         tap = None
         if ctx.recorded or events:
             tap = UsageTap(events, ends, upstream if events and upstream.hidden_pattern is not None else None)
             if ctx.recorded:
                 ctx.usage, ctx.estimated = binary_usage(response, body)
-        return self._relay_stream(request, ctx, upstream, response, tap, events, body, keep_length=not events,
-                                  rewrite=rewrite)
+        return self._relay_stream(request, ctx, upstream, response, tap, events, body,
+                                  keep_length=not events and rewrite is None, rewrite=rewrite)
 
     async def _relay_stream(self, request, ctx, upstream, response, observer, events, body=None, keep_length=False,
                             rewrite=None):
