@@ -45,11 +45,20 @@ class PathGroupScheduling(LoadGroupScheduling):
         super()._assign_work_unit(node)
 
     def _reschedule(self, node):
-        """xdist's while other units are left; then L{_stage}, whichever worker's event called it."""
-        if len(self.workqueue) == 1 and HELD in self.workqueue:
-            self._stage()
-        else:
+        """xdist's, but a worker is sent units until it holds more than two tests (xdist sends one a test's end, and
+        a worker runs its last test only once it is sent more or told to stop: a crashed worker's replacement, alone
+        once the others were shut down for L{_stage}, waited forever on one); then, once L{HELD} is all that is
+        left, L{_stage}, whichever worker's event called it."""
+        if not self._held_alone():
             super()._reschedule(node)
+            while (self.workqueue and not self._held_alone() and not node.shutting_down
+                   and self._pending_of(self.assigned_work[node]) <= 2):
+                self._assign_work_unit(node)
+        if self._held_alone():
+            self._stage()
+
+    def _held_alone(self):
+        return len(self.workqueue) == 1 and HELD in self.workqueue
 
     def _stage(self):
         """Only L{HELD} is left: keep one worker, shut the others down (each ends its tests, then exits: a worker
