@@ -312,11 +312,11 @@ def error_hidden(upstream, then, answer: bytes) -> bytes:
             response = jsonutil.loads(answer)
         except jsonutil.JSONError:
             response = None
-        answer = answer_shown(response, answer, upstream)[1]
+        answer = error_shown_with_bytes(response, answer, upstream)[1]
     return answer if then is None else then(answer)
 
 
-def answer_shown(response, answer: bytes, upstream) -> tuple:
+def error_shown_with_bytes(response, answer: bytes, upstream) -> tuple:
     """C{(response, answer)}: C{response}, a response object (or anything) parsed from C{answer}, its JSON bytes, and
     those, with its error without C{upstream}'s addresses (L{error_shown}): both new where that changed it."""
     without = error_shown(response, upstream) if upstream.hidden_pattern is not None else response

@@ -32,10 +32,10 @@ from gomodel.proxy.exchange import fails_over, upstream_call
 from gomodel.proxy.renamed import model_named, model_renamed
 from gomodel.proxy.transfers import dropped, may_name_transfers, without_transfers
 from gomodel.proxy.sse import ResponsesStreamObserver, SSEFramer, event_object
-from gomodel.responses_history import (answer_shown, as_listed, as_retrieved, checked_previous_id, continued,
-                                      cut_short, error_hidden, error_shown, events_as_retrieved, no_chosen_id,
-                                      normalise_input, relink, swept_for, unfinished_previous, unknown_previous,
-                                      unknown_response, with_history, with_references)
+from gomodel.responses_history import (as_listed, as_retrieved, checked_previous_id, continued, cut_short,
+                                      error_hidden, error_shown, error_shown_with_bytes, events_as_retrieved,
+                                      no_chosen_id, normalise_input, relink, swept_for, unfinished_previous,
+                                      unknown_previous, unknown_response, with_history, with_references)
 from gomodel.responses_partial import PartialStream
 from gomodel.routing.affinity import affinity_key
 from gomodel.translate.call_ids import SHORT_ID_TYPES, fit_call_ids
@@ -943,7 +943,7 @@ class _Turn:
         except jsonutil.JSONError:
             return answer
         if upstream is not None:
-            response, answer = answer_shown(response, answer, upstream)
+            response, answer = error_shown_with_bytes(response, answer, upstream)
         if relayed and response.__class__ is dict:
             usage = response.get("usage")
             if usage.__class__ is dict:
