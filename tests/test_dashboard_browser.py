@@ -31,6 +31,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import pytest_twisted
 import treq
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
 from tests.fakes.fleet import FakeFleet
@@ -55,6 +56,8 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--window-size=1280,800", "--lang=en-US")
 WAIT = 20.0
+# What a refreshed page says while its last read is unanswered at the next one's time (dom.js WAITING).
+WAITING = "Not updated: waiting for the gateway's answer"
 
 pytestmark = pytest.mark.skipif(
     not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
@@ -2022,12 +2025,14 @@ async def test_the_copy_button_copies_a_new_secret_over_plain_http(env, tmp_path
 
 
 @asynccontextmanager
-async def _own_gateway(reactor, tmp_path, key, env=None):
-    """A gateway of its own (C{env} added to its settings) in front of one fake replica, and a browser for it
-    presenting C{key}: C{(gw, browser)}; both closed after."""
+async def _own_gateway(reactor, tmp_path, key, env=None, fleet=None):
+    """A gateway of its own (C{env} added to its settings) in front of C{fleet} (a started L{FakeFleet} the caller
+    stops), else of one fake replica, and a browser for it presenting C{key}: C{(gw, browser)}; both closed after."""
     from tests.support import start_gateway
 
-    fleet = await FakeFleet(reactor, 1).start()
+    own = fleet is None
+    if own:
+        fleet = await FakeFleet(reactor, 1).start()
     gw = browser = None
     try:
         gw = await start_gateway(reactor, {"VLLM_BASE_URL": fleet.env_value, "GOMODEL_DATA_DIR": str(tmp_path),
@@ -2039,7 +2044,8 @@ async def _own_gateway(reactor, tmp_path, key, env=None):
             await in_thread(browser.close)
         if gw is not None:
             await gw.service.stopService()
-        await fleet.stop()
+        if own:
+            await fleet.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -2380,7 +2386,30 @@ async def test_a_message_batch_older_than_a_batch_not_yet_loaded_waits_for_load_
         await in_thread(page)
 
 
+# (a script run before the page's own: the page's timers 25 times as fast, and how many times it fetched each path,
+# in window.__asked)
+FAST_TIMERS_AND_FETCHES_ASKED = """window.__asked = {};
+const timerOfThePage = window.setInterval;
+window.setInterval = (f, ms, ...args) => timerOfThePage(f, ms / 25, ...args);
+const askOfThePage = window.fetch;
+window.fetch = function (url, ...args) {
+  const path = String(url).split("?")[0];
+  window.__asked[path] = (window.__asked[path] || 0) + 1;
+  return askOfThePage.call(this, url, ...args);
+};"""
+
+
 # -- on a PostgreSQL store that goes away (a gateway and a browser of their own) -----------------
+
+
+async def _replica_down_shown(browser, fleet):
+    """The overview's replicas card (2 / 2 shown) follows C{fleet}'s second replica going down; it is up again after."""
+    await fleet[1].refuse()
+    try:
+        await in_thread(browser.wait_text, "#card-replicas .card-value", lambda t: t == "1 / 2",
+                        "the replicas card following a replica down")
+    finally:
+        await fleet[1].accept()
 
 
 @pytest_twisted.ensureDeferred
@@ -2412,12 +2441,7 @@ async def test_the_overview_shows_the_replicas_live_while_the_database_is_down(r
             browser.wait_text("#card-replicas .card-value", lambda t: t == "2 / 2", "the replicas card")
 
         await in_thread(opened)
-        await fleet[1].refuse()
-        try:
-            await in_thread(browser.wait_text, "#card-replicas .card-value", lambda t: t == "1 / 2",
-                            "the replicas card following a replica down")
-        finally:
-            await fleet[1].accept()
+        await _replica_down_shown(browser, fleet)
         entries, violations = await in_thread(browser.logs)
         assert not violations and all("503" in e["message"] for e in entries), entries
     finally:
@@ -2431,18 +2455,82 @@ async def test_the_overview_shows_the_replicas_live_while_the_database_is_down(r
         logged_errors.flush(StorageUnavailable)
 
 
+# -- with a usage call the store holds (a gateway and a browser of their own) -------------------
+
+
+class _HeldTimeseries:
+    """A gateway's usage store whose C{timeseries} waits until L{release} (a database slow to answer: up to the
+    PostgreSQL pool's 5 s timeout, say); the rest is the store's own."""
+
+    def __init__(self, usage):
+        self._usage = usage
+        self.waiting = []  # a Deferred for each call held; None once released
+
+    def __getattr__(self, name):
+        return getattr(self._usage, name)
+
+    def timeseries(self, *args):
+        if self.waiting is None:
+            return self._usage.timeseries(*args)
+        held = Deferred()
+        self.waiting.append(held)
+        return held.addCallback(lambda _: self._usage.timeseries(*args))
+
+    def release(self):
+        """Let the calls held go on, and every call from now on at once."""
+        waiting, self.waiting = self.waiting, None
+        for held in waiting:
+            held.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_overview_draws_the_replicas_while_its_usage_call_is_on_its_way(reactor, tmp_path):
+    """Each of the overview's calls is drawn as it answers: while its usage call waits on the store, the replicas
+    card is drawn and follows a replica going down, the page says it waits for an answer, and no second usage call
+    is sent; once the store answers, the usage cards are drawn and the page is live (before, the two calls were
+    awaited together: with the database away, the replicas card waited up to the pool's 5 s every refresh)."""
+    master = "gm-dash-" + secrets.token_urlsafe(16)
+    fleet = await FakeFleet(reactor, 2).start()
+    settings = {"GOMODEL_MASTER_KEY": master, "REPLICA_HEALTH_INTERVAL": "300ms", "REPLICA_FAILURE_THRESHOLD": "1"}
+    try:
+        async with _own_gateway(reactor, tmp_path, master, settings, fleet) as (gw, browser):
+            store = gw.service.store
+            store.usage = held = _HeldTimeseries(store.usage)  # (before the admin API is made, at its first call)
+
+            def opened():
+                browser.driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                                               {"source": FAST_TIMERS_AND_FETCHES_ASKED})
+                browser.sign_in()
+                browser.wait_text("#card-replicas .card-value", lambda t: t == "2 / 2", "the replicas card")
+
+            await in_thread(opened)
+            await _replica_down_shown(browser, fleet)
+            assert len(held.waiting) == 1
+            assert await in_thread(browser.js, "return window.__asked['/admin/api/v1/usage/timeseries']") == 1
+            assert await in_thread(browser.all, "#card-requests") == []
+            assert await in_thread(browser.text_of, "#overview-live") == WAITING
+            held.release()
+
+            def answered():
+                browser.wait_text("#card-requests .card-value", lambda t: t == "0", "the usage cards")
+                browser.wait_text("#overview-live", lambda t: t.startswith("Live"), "the overview live")
+                browser.assert_clean()
+
+            await in_thread(answered)
+    finally:
+        await fleet.stop()
+
+
 # -- with the usage ledger off (a gateway and a browser of their own) -----------------------------
 
-# (a script run before the page's own: the page's timers 25 times as fast, and how many times it fetched each path,
-# in window.__asked)
-FAST_TIMERS_AND_FETCHES_ASKED = """window.__asked = {};
-const timerOfThePage = window.setInterval;
-window.setInterval = (f, ms, ...args) => timerOfThePage(f, ms / 25, ...args);
-const askOfThePage = window.fetch;
+# (a script run before the page's own: the answers of its usage/timeseries fetches held in window.__usageHeld, each
+# given to the page when the test calls it)
+HOLD_USAGE_ANSWERS = """window.__usageHeld = [];
+const fetchUnheld = window.fetch;
 window.fetch = function (url, ...args) {
-  const path = String(url).split("?")[0];
-  window.__asked[path] = (window.__asked[path] || 0) + 1;
-  return askOfThePage.call(this, url, ...args);
+  const answer = fetchUnheld.call(this, url, ...args);
+  if (!String(url).includes("/usage/timeseries")) return answer;
+  return new Promise((resolve, reject) => window.__usageHeld.push(() => answer.then(resolve, reject)));
 };"""
 
 
@@ -2450,10 +2538,12 @@ window.fetch = function (url, ...args) {
 async def test_with_usage_off_the_overview_says_so_once_and_stops_asking(reactor, tmp_path):
     """With C{USAGE_ENABLED=false} the overview learns from the first 404 C{usage_disabled} that the ledger is off,
     says so plainly (no usage cards, no empty charts) and asks only for the replicas from then on (before, it asked
-    for the usage every refresh, a 404 in the console each time, and showed the 404's message as an error)."""
+    for the usage every refresh, a 404 in the console each time, and showed the 404's message as an error), also
+    when that 404 comes after a refresh or two (asked for again meanwhile, the usage is not asked again once off)."""
     master = "gm-dash-" + secrets.token_urlsafe(16)
     async with _own_gateway(reactor, tmp_path, master, {"GOMODEL_MASTER_KEY": master, "USAGE_ENABLED": "false"}) \
             as (_, browser):
+        asked = "return window.__asked['/admin/api/v1/providers/status'] || 0"
 
         def overview():
             browser.driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
@@ -2461,10 +2551,12 @@ async def test_with_usage_off_the_overview_says_so_once_and_stops_asking(reactor
             browser.sign_in()
             browser.wait_text("#overview-messages", lambda t: "usage ledger is off" in t, "the overview's first read")
             browser.logs()  # (its 404)
-            browser.driver.refresh()  # the overview again, counted from its start
+            browser.driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": HOLD_USAGE_ANSWERS})
+            browser.driver.refresh()  # the overview again, counted from its start, its usage call's answer held
+            browser.wait(lambda d: browser.js(asked) >= 3, "two refreshes while the usage call is on its way")
+            released = browser.js(f"window.__usageHeld.forEach((answer) => answer()); {asked}")
             browser.wait_text("#overview-messages", lambda t: "usage ledger is off" in t, "the ledger said off")
-            browser.wait(lambda d: browser.js("return window.__asked['/admin/api/v1/providers/status'] || 0") >= 4,
-                         "three refreshes after the first")
+            browser.wait(lambda d: browser.js(asked) >= released + 3, "three refreshes after its answer")
             assert browser.js("return window.__asked['/admin/api/v1/usage/timeseries']") == 1
             assert browser.texts("#overview-messages .note-error") == []
             assert browser.text_of("#card-replicas .card-value") == "1 / 1"
