@@ -2569,6 +2569,62 @@ async def test_with_usage_off_the_overview_says_so_once_and_stops_asking(reactor
         await in_thread(overview)
 
 
+# -- on a phone, in each state the overview goes through (a gateway and a browser of their own) ---------------
+
+# (a script run before the page's own: what each ResizeObserver sees held in window.__resizesHeld, each given to it when
+# the test calls it: the charts stay at the size they were drawn at, as for the frame or two after a screen's width
+# changed in which Chart.js has not yet resized them)
+HOLD_RESIZES = """window.__resizesHeld = [];
+const ResizeObserverOfThePage = window.ResizeObserver;
+window.ResizeObserver = class extends ResizeObserverOfThePage {
+  constructor(seen) {
+    super((...args) => window.__resizesHeld.push(() => seen(...args)));
+  }
+};"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_overview_fits_a_phone_in_each_state_before_its_charts_are_resized(reactor, tmp_path):
+    """The overview opened wide and then shown on a 390 px screen fits it before its charts are resized to it (Chart.js
+    does so a frame or two later), with the replicas card alone while the usage call is on its way, then said late
+    ("Not updated"), and with every card (before, a chart drawn at the wide page's 3-column width made the page 401 px
+    wide: test_every_page_fits_a_phone failed when it measured the page in those frames)."""
+    master = "gm-dash-" + secrets.token_urlsafe(16)
+    async with _own_gateway(reactor, tmp_path, master, {"GOMODEL_MASTER_KEY": master}) as (_, browser):
+        width = "return document.documentElement.scrollWidth"
+        # the charts still at the wide page's size: each wider than its box
+        unresized = ("return [...document.querySelectorAll('.chart-box')]"
+                     ".every((box) => box.querySelector('canvas').offsetWidth > box.clientWidth)")
+
+        def overview():
+            for script in (FAST_TIMERS_AND_FETCHES_ASKED, HOLD_USAGE_ANSWERS, HOLD_RESIZES):
+                browser.driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": script})
+            browser.sign_in()  # (the overview, at the browser's 1280 px)
+            browser.wait_text("#card-replicas .card-value", lambda t: t == "1 / 1", "the replicas card")
+            browser.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                                           {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True})
+            try:
+                assert browser.js("return window.__usageHeld.length") == 1
+                assert browser.js(unresized)
+                assert browser.js(width) <= 390, "the replicas card alone"
+                browser.wait_text("#overview-live", lambda t: t == WAITING, "the usage call said late")
+                assert browser.js(width) <= 390, "the usage call said late"
+                browser.js("window.__usageHeld.forEach((answer) => answer())")  # (the next usage call is held again)
+                browser.wait(lambda d: browser.all("#card-requests"), "the usage cards")
+                assert browser.js(unresized)
+                assert browser.js(width) <= 390, "every card"
+                browser.js("window.__resizesHeld.forEach((seen) => seen())")
+                browser.wait(lambda d: not browser.js("return [...document.querySelectorAll('.chart-box')]"
+                                                      ".some((box) => box.querySelector('canvas').offsetWidth"
+                                                      " > box.clientWidth)"), "the charts resized")
+                assert browser.js(width) <= 390, "the charts resized"
+            finally:
+                browser.driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+            browser.assert_clean()
+
+        await in_thread(overview)
+
+
 @pytest_twisted.ensureDeferred
 async def test_with_usage_off_the_usage_page_says_so_instead_of_empty_tables(reactor, tmp_path):
     """With C{USAGE_ENABLED=false} the usage page says plainly that the ledger is off and how to turn it on, with no
