@@ -182,6 +182,8 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     # list); Klein's, every other, are built at the first request for one (gomodel.api.lazy).
     inference = InferenceRoutes(gateway.registry, exchange, responses, salts, gateway.gate)
     plain = PlainRoutes(gateway.registry)
+    if config.auth.admin_endpoints:  # (a fleet's readiness check and key provisioning, served without Klein)
+        plain.serve_admin(reactor, partial(_keys, store, gateway.keys, reactor, book))
     # The dashboard is a page over the admin API: served only with it.
     dashboard = config.auth.admin_ui and config.auth.admin_endpoints
     routes = LazyRoutes(lambda: _klein_app(config, reactor, gateway, store, book, plain, responses, exchange,
@@ -316,7 +318,7 @@ def _klein_app(config, reactor, gateway, store, book, plain, responses, exchange
                         keys=LazyAPI(keys), budgets=LazyAPI(budgets) if book is not None else None)
 
     def keys():
-        from gomodel.api.keys import KeysAPI
+        from gomodel.api.key_routes import KeysAPI
 
         return KeysAPI(store.keys, gateway.keys, reactor, book)
 
@@ -349,6 +351,13 @@ def _klein_app(config, reactor, gateway, store, book, plain, responses, exchange
                       message_batches=LazyAPI(message_batches),
                       dashboard=Dashboard(open_gateway=not config.auth.master_key) if dashboard else None,
                       self_usage=SelfUsage(gateway.usage, gateway.gate, reactor))
+
+
+def _keys(store, ring, clock, book):
+    """The admin API's keys' handlers without their Klein routes (L{gomodel.api.keys.Keys}, imported now)."""
+    from gomodel.api.keys import Keys
+
+    return Keys(store.keys, ring, clock, book)
 
 
 def _store(settings, reactor, shared):

@@ -20,7 +20,7 @@ from gomodel.api.lazy import LazyRoutes
 from gomodel.periodic import Repeating
 from tests.fakes.vllm import CHAT_MODEL
 from tests.rawclient import connect
-from tests.support import with_timeout
+from tests.support import start_gateway, with_timeout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLAIN_UPSTREAM = {"VLLM_BASE_URL": "http://127.0.0.1:9/v1"}
@@ -888,11 +888,108 @@ async def test_plain_routes_answer_as_kleins_routes_do_and_load_no_klein(reactor
     assert plain == klein
 
 
+_MASTER = b"master-k"
+
+
+async def _raw(reactor, port, head, body=b""):
+    """The answer's status line, headers (but its date, request id and length) and body, to C{head} (with the
+    master key and C{body}) on a new connection."""
+    client = await connect(reactor, port, head + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: "
+                           b"Bearer " + _MASTER + b"\r\nContent-Type: application/json\r\nContent-Length: "
+                           + str(len(body)).encode() + b"\r\n\r\n" + body)
+    await with_timeout(reactor, client.lost, 10)
+    head, _, body = bytes(client.received).partition(b"\r\n\r\n")
+    lines = [line for line in head.split(b"\r\n")
+             if not line.lower().startswith((b"date:", b"x-request-id:", b"content-length:"))]
+    return lines, body
+
+
+def _status_shown(body):
+    """A providers' status without what the clock moves (a load report's age)."""
+    found = json.loads(body)
+    for provider in found["providers"]:
+        for replica in provider["replicas"]:
+            replica.pop("load_age_s")
+    return found
+
+
+def _key_shown(body):
+    """A made key without what is its own (its id, secret and times)."""
+    return {name: value for name, value in json.loads(body).items()
+            if name not in ("id", "value", "redacted_value", "created_at", "updated_at")}
+
+
+@pytest.mark.parametrize("budgets", ["true", "false"])
+@pytest_twisted.ensureDeferred
+async def test_a_fleets_readiness_check_and_key_provisioning_load_no_klein_and_answer_as_kleins_routes_do(
+        reactor, fake, tmp_path, budgets):
+    """C{GET /admin/api/v1/providers/status} and C{POST /admin/api/v1/auth-keys}, as a fleet sends them, are served
+    by the front (L{gomodel.api.plain}): no Klein routes are built; their other spellings (a trailing slash, a
+    query) go to Klein's, which answer the same."""
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": _MASTER.decode(),
+                                       "GOMODEL_DATA_DIR": str(tmp_path), "BUDGETS_ENABLED": budgets})
+    try:
+        routes = gw.service.site.resource._routes
+        key = json.dumps({"name": "fleet", "user_path": "/fleet", "rpm": 100, "models": ["vllm/"],
+                          "budgets": [{"period": "daily", "max_tokens": 1000}] if budgets == "true" else []}).encode()
+        bad = json.dumps({"name": "fleet", "rpm": 0}).encode()
+        status = b"GET /admin/api/v1/providers/status"
+        plain = [await _raw(reactor, gw.port, status), await _raw(reactor, gw.port, b"HEAD /admin/api/v1/providers/status"),
+                 await _raw(reactor, gw.port, b"POST /admin/api/v1/auth-keys", key),
+                 await _raw(reactor, gw.port, b"POST /admin/api/v1/auth-keys", bad),
+                 await _raw(reactor, gw.port, b"POST /admin/api/v1/auth-keys", b"{not json")]
+        assert routes._app is None  # none of them needed Klein
+        klein = [await _raw(reactor, gw.port, status + b"/"),
+                 await _raw(reactor, gw.port, b"HEAD /admin/api/v1/providers/status/"),
+                 await _raw(reactor, gw.port, b"POST /admin/api/v1/auth-keys/", key),
+                 await _raw(reactor, gw.port, b"POST /admin/api/v1/auth-keys/", bad),
+                 await _raw(reactor, gw.port, b"POST /admin/api/v1/auth-keys?a=1", b"{not json")]
+        assert routes._app is not None
+        assert [lines for lines, _ in plain] == [lines for lines, _ in klein]
+        assert [lines[0] for lines, _ in plain] == [b"HTTP/1.1 200 OK"] * 2 + [b"HTTP/1.1 201 Created"] + [
+            b"HTTP/1.1 400 Bad Request"] * 2
+        assert _status_shown(plain[0][1]) == _status_shown(klein[0][1])
+        assert plain[1][1] == klein[1][1] == b""
+        assert _key_shown(plain[2][1]) == _key_shown(klein[2][1])
+        assert plain[3:] == klein[3:]
+        # the key made without Klein is in the store and usable at once
+        made = json.loads(plain[2][1])
+        lines, body = await _raw(reactor, gw.port, f"GET /admin/api/v1/auth-keys/{made['id']}".encode())
+        assert lines[0] == b"HTTP/1.1 200 OK" and json.loads(body)["name"] == "fleet"
+        assert gw.service.keys.find(made["value"].encode()) is not None
+        # a repeated argument is Klein's 400 (the admin routes take single values)
+        lines, _ = await _raw(reactor, gw.port, status + b"?a=1&a=2")
+        assert lines[0] == b"HTTP/1.1 400 Bad Request"
+    finally:
+        await gw.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_admin_calls_served_without_klein_are_klein_s_404_with_the_admin_api_off(reactor, fake, tmp_path):
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": _MASTER.decode(),
+                                       "GOMODEL_DATA_DIR": str(tmp_path), "ADMIN_ENDPOINTS_ENABLED": "false"})
+    try:
+        for head in (b"GET /admin/api/v1/providers/status", b"POST /admin/api/v1/auth-keys"):
+            lines, _ = await _raw(reactor, gw.port, head, b"{}")
+            assert lines[0] == b"HTTP/1.1 404 Not Found"
+    finally:
+        await gw.service.stopService()
+
+
+def test_the_admin_calls_served_without_klein_import_none_of_it(tmp_path):
+    """The handlers the front serves a fleet's admin calls with (L{gomodel.api.status}, L{gomodel.api.keys})
+    import neither Klein nor werkzeug."""
+    shown = _built_in_child(tmp_path, dict(PLAIN_UPSTREAM, GOMODEL_MASTER_KEY="k"), "", (
+        "import gomodel.api.keys, gomodel.api.status\n"
+        "print(json.dumps(sorted(name for name in sys.modules if name.split('.')[0] in ('klein', 'werkzeug'))))"))
+    assert json.loads(shown) == []
+
+
 def test_klein_routes_are_built_without_the_apis_they_mount(tmp_path):
     """The first request for Klein's routes imports none of the APIs they mount (each at the first request for it:
     L{test_each_mounted_api_is_made_at_the_first_request_for_it})."""
     mounted = ["gomodel.anthropic.batches", "gomodel.api.admin", "gomodel.api.batches", "gomodel.api.budgets",
-               "gomodel.api.files", "gomodel.api.keys"]
+               "gomodel.api.files", "gomodel.api.keys", "gomodel.api.key_routes"]
     shown = _built_in_child(tmp_path, PLAIN_UPSTREAM, "", (
         "import gc\n"
         "from gomodel.api.lazy import LazyRoutes\n"

@@ -166,7 +166,7 @@ def served_routes():
     from gomodel.api.budgets import BudgetsAPI
     from gomodel.api.files import FilesAPI
     from gomodel.api.inference import InferenceRoutes
-    from gomodel.api.keys import KeysAPI
+    from gomodel.api.key_routes import KeysAPI
     from gomodel.api.messages import MessagesRoutes
     from gomodel.config import Config
 

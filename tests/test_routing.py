@@ -478,7 +478,7 @@ def test_a_replica_whose_requests_fail_while_its_health_passes_is_held_out_then_
     time; the trial's success gives it full traffic, its failure takes it down again for twice as long.
     A failed probe (it was really down) lifts the hold."""
     from gomodel.accounting.metrics import ReplicaCollector
-    from gomodel.api.admin import _replica
+    from gomodel.api.status import _replica
     from gomodel.routing.pool import HOLD_MAX
 
     clock = Clock()

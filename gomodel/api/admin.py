@@ -11,6 +11,7 @@ from klein import Klein
 
 from gomodel.api.fields import user_path
 from gomodel.api.self_usage import usage_fields
+from gomodel.api.status import providers_status
 from gomodel.api.windows import DAY, day, local, seconds_of, time_zone, window
 from gomodel.errors import InvalidRequest, NotFound, shown
 from gomodel.http.bodies import json_answer, json_body, mounted, query_arg, query_int, query_limit
@@ -49,7 +50,7 @@ class AdminAPI:
         @param registry: the L{gomodel.routing.registry.ModelRegistry} (its providers' pools).
         @param monitor: the L{gomodel.routing.health.ReplicaMonitor}.
         @param usage: the L{gomodel.store.interfaces.IUsageStore}, or None (C{USAGE_ENABLED=false}).
-        @param keys: the L{gomodel.api.keys.KeysAPI} mounted at C{auth-keys} (made at the first request for it:
+        @param keys: the L{gomodel.api.key_routes.KeysAPI} mounted at C{auth-keys} (made at the first request for it:
             L{gomodel.api.lazy.LazyAPI}).
         @param budgets: an API mounted at C{budgets} (see L{gomodel.api.budgets}), or None
             (C{BUDGETS_ENABLED=false}).
@@ -84,8 +85,7 @@ class AdminAPI:
 
     @app.route("/providers/status", methods=["GET"])
     def providers_status(self, request):
-        now = self._clock.seconds()
-        return json_answer(request, {"providers": [self._provider(pool, now) for pool in self._registry.providers]})
+        return providers_status(self._registry, self._clock, request)
 
     @app.route("/models", methods=["GET"])
     def models(self, request):
@@ -242,34 +242,6 @@ class AdminAPI:
         if self._usage is None:
             raise NotFound("The usage ledger is off (USAGE_ENABLED=false).", code="usage_disabled")
         return self._usage
-
-    def _provider(self, pool, now):
-        inventory = self._registry.inventory(pool)
-        return {"name": pool.name, "type": pool.type, "models": sorted(inventory or ()),
-                "ready_replicas": sum(1 for r in pool.replicas if r.ready),
-                "replicas": [_replica(r, now, pool.load_max_age) for r in pool.replicas]}
-
-
-def _replica(replica, now, max_age) -> dict:
-    """A replica's status; its load report is C{load_stale} past C{max_age} seconds (the router's, which no
-    longer uses it: a replica down, or its C{/metrics} not answering, keeps its last one)."""
-    load = replica.load
-    return {
-        "index": replica.index, "base_url": replica.base_url, "state": replica.state,
-        "in_flight": replica.in_flight, "served": replica.served,
-        "max_concurrency": replica.max_concurrency or None, "weight": replica.weight,
-        "waiting": None if load is None else load.waiting,
-        "running": None if load is None else load.running,
-        "kv_cache_usage": None if load is None else load.kv_cache_usage,
-        "load_age_s": None if replica.load_at is None else round(now - replica.load_at, 3),
-        "load_stale": replica.load_at is not None and now - replica.load_at > max_age,
-        "batch_size": replica.slots, "pace_s": None if replica.pace is None else round(replica.pace, 3),
-        "models": sorted(replica.models) if replica.models is not None else None,
-        "consecutive_failures": replica.failures, "last_error": replica.last_error,
-        "last_state_change": replica.changed_at, "held_until": replica.held_until, "trial": replica.trial,
-        "busy_until": replica.busy_until if replica.busy_until is not None and replica.busy_until > now else None,
-        "check_failed": replica.doubted, "unanswered": replica.unanswered,
-    }
 
 
 def _log_cursor(request):

@@ -4,6 +4,9 @@ A key is created with its secret shown once (C{value}); afterwards only its
 redacted form (C{sk_gom_...abcd}) is ever shown. Times are ISO 8601 UTC
 strings, as GoModel answers; C{expires_at} is accepted as ISO 8601 or Unix
 seconds.
+
+The handlers here import no Klein: its routes are L{gomodel.api.key_routes}, and the front serves a key's creation
+(C{POST /admin/api/v1/auth-keys}, what a fleet's provisioning sends) with them itself (L{gomodel.api.plain}).
 """
 
 import math
@@ -11,14 +14,11 @@ import re
 import uuid
 from datetime import datetime, timezone
 
-from klein import Klein
-
 from gomodel.api.fields import CONTROL as _CONTROL, invalid_field as _bad, iso, user_path
 from gomodel.auth.keys import hash_secret, new_secret, redact
 from gomodel.batches.validation import check_metadata
 from gomodel.errors import Conflict, InvalidRequest, NotFound, quoted, shown
 from gomodel.http.bodies import json_answer, json_body, page, query_arg, query_limit
-from gomodel.http.render import install as install_error_handlers
 from gomodel.limits.gate import key_budgets
 from gomodel.limits.specs import COUNT_MAX, PERIOD_FORMS, BadPeriod, budget_period, counted_window, is_cost, is_count
 
@@ -39,13 +39,10 @@ KEY_FIELDS = frozenset(("name", "description", "user_path", "expires_at", "model
                         "max_concurrency", "budgets", "priority", "metadata", "own_cache_salt"))
 
 
-class KeysAPI:
-    """C{POST|GET /auth-keys}, C{GET|PATCH /auth-keys/{id}}, C{POST /auth-keys/{id}/deactivate},
-    C{POST /auth-keys/{id}/rotate}, C{POST /auth-keys/{id}/budgets/reset}."""
-
-    app = Klein()
-    app.url_map.strict_slashes = False
-    app.url_map.merge_slashes = False  # a doubled slash is a 404, never a redirect (before any route)
+class Keys:
+    """The handlers of C{POST|GET /auth-keys}, C{GET|PATCH /auth-keys/{id}}, C{POST /auth-keys/{id}/deactivate},
+    C{POST /auth-keys/{id}/rotate}, C{POST /auth-keys/{id}/budgets/reset}: each a coroutine function of the request
+    (and the key's id) returning the answer's body."""
 
     def __init__(self, store, ring, clock, book=None):
         """
@@ -59,7 +56,6 @@ class KeysAPI:
         self._clock = clock
         self._book = book
 
-    @app.route("/", methods=["POST"])
     async def create(self, request):
         fields = key_fields(json_body(request), self._clock.seconds(), creating=True)
         secret = new_secret()
@@ -70,7 +66,6 @@ class KeysAPI:
         request.setResponseCode(201)
         return json_answer(request, dict((await self._views([record]))[0], value=secret))  # (as a GET shows it)
 
-    @app.route("/", methods=["GET"])
     async def list(self, request):
         """Every key, oldest first; with C{limit} (1 to L{LIST_LIMIT_MAX}) a page of them, after the key
         C{after} names (the last page's C{last_id}), as OpenAI's lists page."""
@@ -83,11 +78,9 @@ class KeysAPI:
         records, has_more = found
         return json_answer(request, page(await self._views(records), has_more))
 
-    @app.route("/<key_id>", methods=["GET"])
     async def get(self, request, key_id):
         return json_answer(request, (await self._views([await self._record(key_id)]))[0])
 
-    @app.route("/<key_id>", methods=["PATCH", "PUT"])
     async def update(self, request, key_id):
         changes = key_fields(json_body(request), self._clock.seconds(), creating=False)
         if changes.get("budgets"):  # (read and written in one transaction: a reset meanwhile is kept)
@@ -100,7 +93,6 @@ class KeysAPI:
         self._ring.merge([record])
         return json_answer(request, (await self._views([record]))[0])
 
-    @app.route("/<key_id>/deactivate", methods=["POST"])
     async def deactivate(self, request, key_id):
         """Deactivate the key (again: as it is). It takes no field: a body with one is a 400 naming it."""
         body = json_body(request) if request.content.seek(0, 2) else {}
@@ -114,7 +106,6 @@ class KeysAPI:
         self._ring.merge([record])
         return json_answer(request, (await self._views([record]))[0])
 
-    @app.route("/<key_id>/rotate", methods=["POST"])
     async def rotate(self, request, key_id):
         """Give the key a new secret (its C{value}, shown this once), the key kept as it is (its id, what it made,
         its limits, budgets and usage): the old secret is refused at once here, on every process within about a
@@ -135,7 +126,6 @@ class KeysAPI:
         self._ring.merge([record])
         return json_answer(request, dict((await self._views([record]))[0], value=secret))
 
-    @app.route("/<key_id>/budgets/reset", methods=["POST"])
     async def reset_budgets(self, request, key_id):
         """Reset the key's own budgets (C{{"period"}}: that one; no body or no period: every one): what each
         spent in its period counts from now, on every process once it reads the keys (within about a second).
@@ -395,5 +385,3 @@ def _optional_text(body, name, limit):
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
-
-install_error_handlers(KeysAPI.app)

@@ -1,7 +1,7 @@
 """The Klein routes, built at the first request that needs them.
 
-A gateway that serves inference, health checks and the model list (the front
-serves those itself) never imports Klein, werkzeug, the admin, files and
+A gateway that serves inference, health checks, the model list and a fleet's
+two admin calls (the front serves those itself: L{gomodel.api.plain}) never imports Klein, werkzeug, the admin, files and
 batches APIs or the dashboard's assets: about 4 MiB of every process and
 0.1 s of its start. The first request for any other route builds them (a
 one-time pause of 0.1-0.2 s); from then on this resource hands requests

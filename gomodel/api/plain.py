@@ -1,4 +1,5 @@
-"""The routes every deployment polls, served by the front without Klein: the health checks and the model list.
+"""The routes every deployment polls, served by the front without Klein: the health checks and the model list,
+and the two admin calls a fleet makes of every gateway.
 
 C{GET}/C{HEAD} of C{/health}, C{/health/ready}, C{/v1/models} and
 C{/v1/models/<id>}. Load balancers, orchestrators and clients ask for them
@@ -6,16 +7,25 @@ from the first second; served here, they never load Klein, which a gateway
 then imports only for its other routes (L{gomodel.api.app.GatewayApp}, whose
 routes for these paths call the same handlers, and answer the paths' other
 spellings: a trailing slash, another method).
+
+With the admin API on, C{GET}/C{HEAD /admin/api/v1/providers/status} (a fleet's readiness check) and
+C{POST /admin/api/v1/auth-keys} (its provisioning of a key), spelled so and without a query, are served
+here too, by the admin API's own handlers (L{gomodel.api.status}, L{gomodel.api.keys}): Klein and werkzeug's
+routing, about 1.5 MiB of the process, are loaded only by the admin API's other routes.
 """
+
+from functools import partial
 
 from gomodel import errors, jsonutil
 from gomodel.api.inference import admitted, qualified, resolve_model, shown_targets, unambiguous
 from gomodel.api.messages import anthropic_model, anthropic_models_page, wants_anthropic
+from gomodel.api.status import providers_status
 from gomodel.http import render
 from gomodel.http.bodies import json_answer
 
 _HEALTH = jsonutil.dumps({"status": "ok"})
 _MODEL_PREFIX = b"/v1/models/"
+_ADMIN = b"/admin/api/v1/"
 
 
 class PlainRoutes:
@@ -26,13 +36,27 @@ class PlainRoutes:
     def __init__(self, registry):
         self._registry = registry
         self._exact = {b"/health": self.health, b"/health/ready": self.ready, b"/v1/models": self.list_models}
+        self._admin = {}  # (method, path) -> handler: none while the admin API is off (Klein's 404)
+        self._make_keys = self._keys = None
+
+    def serve_admin(self, clock, make_keys):
+        """Serve the admin API's providers' status and a key's creation (see the module).
+
+        @param make_keys: returns the L{gomodel.api.keys.Keys} (imported and made at the first creation).
+        """
+        status = partial(providers_status, self._registry, clock)
+        self._admin = {(b"GET", _ADMIN + b"providers/status"): status, (b"HEAD", _ADMIN + b"providers/status"): status,
+                       (b"POST", _ADMIN + b"auth-keys"): self.create_key}
+        self._make_keys = make_keys
 
     def find(self, request):
-        """The handler of C{request} (a function of it returning the body), or None when it is not
-        a C{GET} or C{HEAD} of one of these routes, spelled as here."""
+        """The handler of C{request} (a function of it returning the body, or a coroutine of the body: a key's
+        creation), or None when it is not one of these routes, spelled as here."""
+        path = request.path
+        if path.startswith(_ADMIN):  # (Klein's routing decides any query: the admin routes refuse a repeated one)
+            return self._admin.get((request.method, path)) if b"?" not in request.uri else None
         if request.method not in (b"GET", b"HEAD"):
             return None
-        path = request.path
         handler = self._exact.get(path)
         if handler is not None:
             return handler
@@ -46,6 +70,12 @@ class PlainRoutes:
                     return None
                 return lambda request: self.retrieve_model(request, model_id)
         return None
+
+    def create_key(self, request):
+        """The admin API's C{POST /admin/api/v1/auth-keys}: a coroutine firing with the answer's body."""
+        if self._keys is None:
+            self._keys = self._make_keys()
+        return self._keys.create(request)
 
     def health(self, request) -> bytes:
         return json_answer(request, _HEALTH)

@@ -10,6 +10,7 @@ response is over.
 """
 
 from functools import partial
+from types import CoroutineType
 
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -33,7 +34,7 @@ class FrontResource(Resource):
         @param routes: the resource serving every other route (Klein's).
         @param plain: a function of a request returning the handler of one of the routes served
             without Klein (L{gomodel.api.plain.PlainRoutes.find}: a function of the request
-            returning the body), or None for any other request.
+            returning the body, or a coroutine of it), or None for any other request.
         @param sinks: callables of a completed L{RequestContext} (the access log, metrics, ...).
         @param bare_sinks: those of a request no limit or budget applies to (the master key's unattributed, an open
             gateway's: no principal C{limited}), where they are fewer (the limits' settling has nothing to do);
@@ -116,6 +117,11 @@ class FrontResource(Resource):
                     body = plain(request)
                 except Exception:
                     body = render.fail(request, Failure())
+                if body.__class__ is CoroutineType:  # (an admin call's: run as an exact route's, cancelled if it ends)
+                    handling = Handling(_answer, request)
+                    request.ending = partial(_ended, request, ctx, handling)
+                    handling.start(body)
+                    return NOT_DONE_YET
                 write_answer(body, request)
                 return NOT_DONE_YET
             ctx.endpoint = request.path.decode("ascii")
