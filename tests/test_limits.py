@@ -844,6 +844,7 @@ def test_user_paths_are_normalised_like_gomodels():
 
 class _Call:
     model = "m"
+    path = "/chat/completions"
     asked = None  # (read from its bytes)
 
     def __init__(self, max_tokens, limited=True):
@@ -1212,6 +1213,54 @@ def test_what_a_request_reserves_is_its_prompt_bytes_over_four_and_the_output_it
     assert estimate(body) == len(body) // 4 + 100
 
 
+def test_the_output_a_route_asks_for_is_the_field_vllm_reads_there():
+    """vLLM 0.32 reads one output field per route: chat's C{max_completion_tokens}, else its C{max_tokens} (before,
+    the first one sent: C{{"max_tokens":7,"max_completion_tokens":9}} reserved 7 where vLLM may generate 9);
+    completions' C{max_tokens}; the Responses API's C{max_output_tokens}; Messages' C{max_tokens}: any other field
+    is no field of that route, ignored. C{n} asks for sequences on chat and completions only, and C{best_of} on
+    none (vLLM 0.32's completions has none: before, it multiplied). A path no route's reads the first one sent."""
+    nested = b'{"messages":[{"content":[{"type":"tool_use","input":{"max_completion_tokens":900000}}]}]'
+    for body, path, asked in (
+            (b'{"max_tokens":7,"max_completion_tokens":9}', "/chat/completions", 9),
+            (b'{"max_tokens":7,"max_completion_tokens":9}', "v1/chat/completions", 9),  # (a passthrough's)
+            (b'{"max_completion_tokens":9,"max_tokens":7}', "/chat/completions", 9),
+            (b'{"max_completion_tokens":null,"max_tokens":7}', "/chat/completions", 7),
+            (b'{"max_completion_tokens":"7","max_tokens":9}', "/chat/completions", 7),
+            (b'{"max_output_tokens":9,"max_tokens":7}', "/chat/completions", 7),
+            (nested + b',"max_tokens":16}', "/chat/completions", 16),
+            (nested + b',"max_completion_tokens":16,"max_tokens":9}', "/chat/completions", 16),
+            (b'{"max_completion_tokens":9,"max_tokens":7}', "/completions", 7),
+            (b'{"max_completion_tokens":9}', "/completions", None),
+            (b'{"max_tokens":7,"max_output_tokens":9}', "/responses", 9),
+            (b'{"max_tokens":7}', "/responses", None),
+            (b'{"max_output_tokens":9,"max_tokens":7}', "/messages", 7),
+            (b'{"max_completion_tokens":9,"max_tokens":7}', "v1/messages", 7),
+            (b'{"max_completion_tokens":9,"max_tokens":7}', "generate", 9),
+            (b'{"max_completion_tokens":9,"max_tokens":7}', None, 9),
+            (b'{"max_tokens":16,"n":4}', "/chat/completions", 64),
+            (b'{"max_tokens":16,"n":4}', "/completions", 64),
+            (b'{"max_tokens":16,"best_of":4}', "/completions", 16),
+            (b'{"max_tokens":16,"n":2,"best_of":4}', "/completions", 32),
+            (b'{"max_tokens":16,"best_of":4}', None, 16),
+            (b'{"max_output_tokens":16,"n":4}', "/responses", 16),
+            (b'{"max_tokens":16,"n":4}', "/messages", 16)):
+        assert requested_tokens(body, path) == asked, (body, path)
+        assert asked_tokens(jsonutil.loads(body), path) == (asked or 0), (body, path)
+    body = b'{"max_tokens":7,"max_completion_tokens":9,"messages":[]}'
+    assert estimate(body, "/chat/completions") == len(body) // 4 + 9
+    assert estimate(body, "/completions") == len(body) // 4 + 7
+
+
+def test_a_batch_line_reserves_the_field_vllm_reads_at_the_path_it_is_sent_to(clock, counters):
+    """A batch line reserves from its key's budgets what its body asks for at the path it is sent to, as online
+    (L{test_the_output_a_route_asks_for_is_the_field_vllm_reads_there}): a chat line's C{max_completion_tokens}
+    over its C{max_tokens}, a completion line's C{max_tokens} (before, the first one sent at either)."""
+    gate, key = _gate(counters, clock), _key(budgets=[{"period": "daily", "max_tokens": 100000}])
+    body = b'{"model":"m","prompt":"hi","max_tokens":7,"max_completion_tokens":900}'
+    assert fired(gate.reserve_line(key, "vllm/m", body, "/chat/completions")).tokens == len(body) // 4 + 900
+    assert fired(gate.reserve_line(key, "vllm/m", body, "/completions")).tokens == len(body) // 4 + 7
+
+
 def test_the_output_a_parsed_body_asks_for_is_what_its_bytes_ask_for():
     """A route that parsed the body it sends reads the output it asks for from its fields (L{asked_tokens}, the
     call's C{asked}): the same count as L{requested_tokens} of the bytes it dumps them to, 0 for none."""
@@ -1233,14 +1282,14 @@ def test_the_output_a_parsed_body_asks_for_is_what_its_bytes_ask_for():
 
 
 def test_an_integral_float_asks_for_as_many_tokens_as_its_int():
-    """vLLM's C{max_tokens} (and C{n}, C{best_of}) is an int read by pydantic's lax mode: C{5.0} is taken as 5 and
+    """vLLM's C{max_tokens} (and C{n}) is an int read by pydantic's lax mode: C{5.0} is taken as 5 and
     generates 5 tokens, C{5.5} is refused (a 400). The estimate counts what vLLM will generate: an integral float as
     its int (before, a parsed body's C{5.0} reserved no output, where the bytes' scan had reserved 5), a fraction as
     no count (the next such field is read, as for a null)."""
     for body, asked in ((b'{"max_tokens":5.0}', 5), (b'{"max_tokens": 5.0, "messages": []}', 5),
                         (b'{"max_tokens":5.5}', None), (b'{"max_tokens":5.5,"max_completion_tokens":7}', 7),
                         (b'{"max_tokens":1e3}', 1000), (b'{"max_tokens":16,"n":2.0}', 32),
-                        (b'{"max_tokens":16,"best_of":3.0,"n":1}', 48), (b'{"max_tokens":16,"n":1.5}', 16),
+                        (b'{"max_tokens":16,"best_of":3.0,"n":1}', 16), (b'{"max_tokens":16,"n":1.5}', 16),
                         (b'{"max_tokens":-5.0}', None), (b'{"max_tokens":1e30}', None)):
         assert requested_tokens(body) == asked, body
         assert asked_tokens(jsonutil.loads(body)) == (asked or 0), body

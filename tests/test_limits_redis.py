@@ -672,7 +672,8 @@ async def test_a_token_count_takes_only_a_slot_of_its_keys_caps_on_requests_in_f
     async def admit(limited):
         ctx = SimpleNamespace(principal=key, admission=None, budgets=None, usage=None, replica=0, provider="vllm",
                               upstream_model="m")
-        call = SimpleNamespace(model="m", counted=b'{"max_tokens":5}', limited=limited, asked=None)
+        call = SimpleNamespace(model="m", path="/chat/completions", counted=b'{"max_tokens":5}', limited=limited,
+                               asked=None)
         await gate.admit(SimpleNamespace(responseHeaders=AnswerHeaders()), ctx, SimpleNamespace(name="vllm"), call)
         return ctx
 
@@ -989,7 +990,8 @@ async def test_requests_admitted_at_once_on_two_processes_cannot_overshoot_a_bud
     async def admit(gate):
         ctx = SimpleNamespace(principal=key, admission=None, budgets=None, usage=None, replica=0, provider="vllm",
                               upstream_model="m", started=clock.seconds())
-        call = SimpleNamespace(model="m", counted=b'{"model":"vllm/m","messages":[],"max_tokens":8}', limited=True, asked=None)
+        call = SimpleNamespace(model="m", path="/chat/completions", limited=True, asked=None,
+                               counted=b'{"model":"vllm/m","messages":[],"max_tokens":8}')
         await gate.admit(SimpleNamespace(responseHeaders=AnswerHeaders()), ctx, SimpleNamespace(name="vllm"), call)
         ctx.gate = gate  # (a request is settled by the process that admitted it)
         return ctx

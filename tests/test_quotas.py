@@ -259,6 +259,33 @@ async def test_tpm_reserves_max_tokens_and_settles_with_the_real_usage(http, gw)
 
 
 @pytest_twisted.ensureDeferred
+async def test_tpm_reserves_the_max_tokens_field_vllm_reads_on_each_route(http, gw):
+    """Each route reserves the output field vLLM 0.32 generates by there: chat's C{max_completion_tokens} over its
+    C{max_tokens} (before, the first one sent: C{max_tokens: 100} before C{max_completion_tokens: 5000} reserved 100
+    where vLLM may generate 5000), completions' C{max_tokens} (vLLM's completions has no C{max_completion_tokens},
+    nor C{best_of}: both ignored, reserved as none), the Responses API's C{max_output_tokens} (and no C{n}: it has
+    none), online and through C{/p/}."""
+    key = await new_key(http, gw, tpm=1000)
+    headers = {"authorization": f"Bearer {key['value']}", "content-type": "application/json"}
+    hi = [{"role": "user", "content": "hi"}]
+
+    async def code(path, **body):
+        body["model"] = MODEL.split("/", 1)[1] if path.startswith("/p/") else MODEL  # (a passthrough: its own name)
+        response = await http.post(gw.url + path, data=json.dumps(body).encode(), headers=headers)
+        await treq.content(response)
+        return response.code
+
+    for path in ("/v1/chat/completions", "/p/vllm/v1/chat/completions"):
+        assert await code(path, messages=hi, max_tokens=100, max_completion_tokens=5000) == 429  # too large
+        assert await code(path, messages=hi, max_completion_tokens=100, max_tokens=5000) == 200
+        assert await code(path, messages=hi, max_completion_tokens=None, max_tokens=5000) == 429
+    assert await code("/v1/completions", prompt="hi", max_completion_tokens=5000, max_tokens=100, best_of=20) == 200
+    assert await code("/v1/completions", prompt="hi", max_tokens=100, n=20) == 429
+    assert await code("/v1/responses", input="hi", max_tokens=5000, max_output_tokens=100, n=20) == 200
+    assert await code("/v1/responses", input="hi", max_output_tokens=5000) == 429
+
+
+@pytest_twisted.ensureDeferred
 async def test_max_concurrency_refuses_while_a_request_is_in_flight(reactor, http, gw, fake):
     key = await new_key(http, gw, max_concurrency=1)
     client = openai_client(gw, key["value"])

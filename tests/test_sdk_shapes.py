@@ -130,7 +130,7 @@ async def test_a_conversation_translated_for_an_openai_provider_sends_call_ids_i
 
 @pytest_twisted.ensureDeferred
 async def test_a_chat_asking_for_several_choices_reserves_each_ones_output(reactor, fake):
-    """A chat asking for C{n} choices (or a completion for C{best_of}) may generate C{max_tokens} for each: a token
+    """A chat or a completion asking for C{n} choices may generate C{max_tokens} for each: a token
     limit reserves that many (OpenAI counts C{n * max_tokens} too), so one that cannot fit is refused at once, not
     let through to generate past the limit. Before, one choice's C{max_tokens} was reserved, whatever C{n}."""
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "SET_PROVIDER_RATE_LIMIT_VLLM": "tpm=300"})
@@ -143,8 +143,7 @@ async def test_a_chat_asking_for_several_choices_reserves_each_ones_output(react
                             max_completion_tokens=100)
         assert refused.value.code == "rate_limit_exceeded" and "Request too large" in refused.value.message
         with pytest.raises(openai.RateLimitError):
-            await in_thread(sdk.completions.create, model="vllm/" + CHAT_MODEL, prompt="hi", max_tokens=100,
-                            best_of=4)
+            await in_thread(sdk.completions.create, model="vllm/" + CHAT_MODEL, prompt="hi", max_tokens=100, n=4)
         assert len(fake.forwarded()) == sent
         answer = await in_thread(sdk.chat.completions.create, model="vllm/" + CHAT_MODEL, messages=hi, n=2,
                                  max_completion_tokens=100)
@@ -157,7 +156,7 @@ def test_the_output_reserved_counts_the_bodys_own_sequences():
     from gomodel.accounting.tokens import requested_tokens
 
     assert requested_tokens(b'{"max_tokens":16,"n":4}') == 64
-    assert requested_tokens(b'{"max_tokens":16,"n":2,"best_of":3}') == 48  # (completions: the best 2 of 3 made)
+    assert requested_tokens(b'{"max_tokens":16,"n":2,"best_of":3}') == 32  # (vLLM 0.32's completions: no best_of)
     assert requested_tokens(b'{"messages":[{"content":"x","n":9}],"max_tokens":16}') == 16  # (not the body's own)
     assert requested_tokens(b'{"max_tokens":16,"n":true}') == 16 and requested_tokens(b'{"n":4}') is None
     assert requested_tokens(b'{"max_tokens":16,"n":null,"content":"say \\"n\\""}') == 16

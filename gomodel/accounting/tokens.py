@@ -8,6 +8,21 @@ from gomodel import jsonutil
 # (its value's number, whole; none where the value is no number: a string, a bool, null)
 _MAX_TOKENS = re.compile(rb'"max_(?:completion_|output_)?tokens"\s*:\s*(\d[\d.eE+-]*)?')
 _MAX_FIELDS = frozenset(("max_tokens", "max_completion_tokens", "max_output_tokens"))
+# Each such field alone, as L{_MAX_TOKENS}.
+_MAX_FIELD = {name: re.compile(rb'"%s"\s*:\s*(\d[\d.eE+-]*)?' % name.encode()) for name in _MAX_FIELDS}
+
+# What bounds the output of a request to a route, as vLLM 0.32's request models read its body: the fields that cap
+# each sequence's tokens, in the order they are read (the first that is a count wins: chat's
+# max_completion_tokens over its max_tokens; a field the route has not is ignored, as vLLM ignores unknown
+# fields), and whether its C{n} asks for that many sequences (Responses and Messages have no C{n}). No route
+# counts C{best_of}: vLLM 0.32's completions has none (it is ignored).
+_CHAT = (("max_completion_tokens", "max_tokens"), True)
+_ROUTES = {"chat/completions": _CHAT, "completions": (("max_tokens",), True),
+           "responses": (("max_output_tokens",), False), "messages": (("max_tokens",), False)}
+# (every spelling of a route's path: the routes' C{/chat/completions}, a passthrough's C{v1/chat/completions})
+_ROUTES = {prefix + route: rule for route, rule in _ROUTES.items() for prefix in ("", "/", "v1/", "/v1/")}
+# Any other path (a passthrough's own, none given): the first of the fields sent, each sequence of its C{n}.
+_ANY = (None, True)
 
 TOKEN_TYPES = ("input", "output", "cached", "reasoning")
 # The most tokens a count may say: no request's count comes near a trillion. A larger one (an upstream's
@@ -117,40 +132,45 @@ class Pricing:
         return input_cost, output_cost, input_cost + output_cost
 
 
-def requested_tokens(body):
-    """The output tokens a JSON request C{body} (bytes) asks for at most: its first C{max_tokens},
-    C{max_completion_tokens} or C{max_output_tokens} (the body's own, not one inside a message, a tool's
-    input or a schema) for each of the sequences it asks to generate (L{_sequences}: C{n}, C{best_of}), or None
-    when it sends none. Read without parsing the body where the first such field is the body's own (L{_own}) and
-    no C{n} nor C{best_of} is in it; else parsed (a body that is no JSON object: that field's number)."""
+def requested_tokens(body, path=None):
+    """The output tokens a JSON request C{body} (bytes) to C{path} (a route's, L{_ROUTES}: any other, or None, reads
+    its first C{max_tokens}, C{max_completion_tokens} or C{max_output_tokens}) asks for at most: the count of its
+    route's field vLLM reads (the body's own, not one inside a message, a tool's input or a schema) for each of
+    the sequences its C{n} asks to generate, or None when it sends none. Read without parsing the body where that
+    field is the body's own (L{_own}) and no C{n} is in it; else parsed (a body that is no JSON object: that
+    field's number)."""
     start = body.find(b'"max_') if body else -1  # most bodies send none: one scan in C, not the regex's
     if start < 0:
         return None
-    asked = _asked(body, start)
-    if asked is None or body.find(b'"n"') < 0 and body.find(b'"best_of"') < 0:  # (most bodies: one sequence)
+    names, sequences = _ROUTES.get(path, _ANY)
+    asked = _asked(body, start, names)
+    if asked is None or not sequences or body.find(b'"n"') < 0:  # (most bodies: one sequence)
         return asked
     return asked * _sequences(body)
 
 
-def asked_tokens(fields: dict):
-    """L{requested_tokens} of a request body already parsed, C{fields} (a dict, as sent: the body is its dump),
-    read from it without a scan of its bytes: the first of C{max_tokens}, C{max_completion_tokens} and
-    C{max_output_tokens} (in its order) that is a count, times the larger of its C{n} and C{best_of}; 0 where it
-    asks for none (L{gomodel.proxy.exchange.UpstreamCall}'s C{asked})."""
-    value = _first_max(fields)
+def asked_tokens(fields: dict, path=None):
+    """L{requested_tokens} of a request body to C{path} already parsed, C{fields} (a dict, as sent: the body is its
+    dump), read from it without a scan of its bytes; 0 where it asks for none
+    (L{gomodel.proxy.exchange.UpstreamCall}'s C{asked})."""
+    if fields.keys().isdisjoint(_MAX_FIELDS):  # (most bodies send none: one look in C, not one per field)
+        return 0
+    names, sequences = _ROUTES.get(path, _ANY)
+    value = _first_max(fields, names)
     if value is None:
         return 0
-    n, best_of = fields.get("n"), fields.get("best_of")
-    if n is None and best_of is None:  # (most bodies: one sequence)
+    if not sequences:
         return value
-    return value * _most_sequences(n, best_of)
+    n = fields.get("n")
+    if n is None:  # (most bodies: one sequence)
+        return value
+    return value * _sequence_count(n)
 
 
-def _most_sequences(n, best_of) -> int:
-    """The larger of a body's C{n} and C{best_of} that is a count of sequences (L{_MAX_SEQUENCES}), else 1."""
-    counts = [count for count in map(_asked_count, (n, best_of))
-              if count is not None and 1 <= count <= _MAX_SEQUENCES]
-    return max(counts, default=1)
+def _sequence_count(n) -> int:
+    """A body's C{n} where it is a count of sequences (L{_asked_count}, from 1 to L{_MAX_SEQUENCES}), else 1."""
+    count = _asked_count(n)
+    return count if count is not None and 1 <= count <= _MAX_SEQUENCES else 1
 
 
 def _asked_count(value):
@@ -239,24 +259,32 @@ _SIGNIFICANT = frozenset("123456789-")
 
 
 def _sequences(body) -> int:
-    """The sequences a JSON request C{body} has generated: its own C{n} (chat, completions: each a choice) or
-    C{best_of} (completions: the best C{n} of that many), the larger; 1 where it says neither (or no number)."""
+    """The sequences a JSON request C{body} has generated: its own C{n} (chat, completions: each a choice); 1 where
+    it says none (or no number)."""
     try:
         parsed = jsonutil.loads(body)
     except (jsonutil.JSONError, ValueError, TypeError):
         return 1
     if parsed.__class__ is not dict:
         return 1
-    return _most_sequences(parsed.get("n"), parsed.get("best_of"))
+    n = parsed.get("n")
+    return 1 if n is None else _sequence_count(n)
 
 
 # The most sequences one request is counted to generate (a larger C{n} is the upstream's to refuse).
 _MAX_SEQUENCES = 1024
 
 
-def _asked(body, start):
-    """The output tokens of one sequence of C{body} (L{requested_tokens}), whose first C{"max_} is at C{start}."""
-    found = _MAX_TOKENS.search(body, start)
+def _asked(body, start, names):
+    """The output tokens of one sequence of C{body} (L{requested_tokens}) from the first of its fields C{names} sent
+    (None: any of L{_MAX_FIELDS}), whose first C{"max_} is at C{start}."""
+    if names is None:
+        found = _MAX_TOKENS.search(body, start)
+    else:
+        for name in names:  # (a field named nowhere, its key in no object, is not the body's own)
+            found = _MAX_FIELD[name].search(body, start)
+            if found is not None:
+                break
     if found is None:
         return None
     number = found[1]
@@ -268,7 +296,7 @@ def _asked(body, start):
         return _number(number)
     if parsed.__class__ is not dict:
         return _number(number)
-    return _first_max(parsed)
+    return _first_max(parsed, names)
 
 
 def _number(text: bytes):
@@ -281,10 +309,16 @@ def _number(text: bytes):
         return None
 
 
-def _first_max(fields):
-    """The first of a parsed body's C{fields} named as L{_MAX_FIELDS} whose value is a count (L{_asked_count}), or
-    None."""
-    if fields.keys().isdisjoint(_MAX_FIELDS):  # (most bodies send none: one look in C, not one per field)
+def _first_max(fields, names=None):
+    """The first of a parsed body's C{fields} named in C{names} (in their order; None: any of L{_MAX_FIELDS}, in
+    the body's order) whose value is a count (L{_asked_count}), or None."""
+    if names is not None:
+        for name in names:
+            value = fields.get(name)
+            if value is not None:
+                value = _asked_count(value)
+                if value is not None:
+                    return value
         return None
     for name, value in fields.items():
         if name in _MAX_FIELDS:

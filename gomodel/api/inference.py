@@ -103,12 +103,12 @@ class InferenceRoutes:
             for_openai(body)
         if observer is None:
             call = upstream_call(path, jsonutil.dumps(body), model=ctx.upstream_model, affinity=affinity,
-                                 fallbacks=fallbacks, rebody=again, asked=asked_tokens(body))
+                                 fallbacks=fallbacks, rebody=again, asked=asked_tokens(body, path))
             return await self._exchange.relay(request, ctx, upstream, call)
         # (an upstream that ignores "stream" answers whole: the client still gets the stream's events)
         call = upstream_call(path, jsonutil.dumps(body), observer=observer, transform=observer.whole,
                              model=ctx.upstream_model, affinity=affinity, fallbacks=fallbacks, rebody=again,
-                             asked=asked_tokens(body))
+                             asked=asked_tokens(body, path))
         answer = await self._exchange.relay(request, ctx, upstream, call)
         if answer is not None:
             request.responseHeaders.put(CONTENT_TYPE, EVENT_STREAM)

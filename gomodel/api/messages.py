@@ -292,7 +292,7 @@ class MessagesRoutes:
         call = upstream_call(path, jsonutil.dumps(body), observer=observer, transform=whole,
                              vet=vet, model=ctx.upstream_model, affinity=affinity, headers=headers,
                              fallbacks=fallbacks, rebody=rebody(body) if fallbacks else None,
-                             limited=path == "/messages", asked=asked_tokens(body))  # (a count: no limits)
+                             limited=path == "/messages", asked=asked_tokens(body, path))  # (a count: no limits)
         try:
             answer = await self._exchange.relay(request, ctx, upstream, call)
         except errors.UpstreamError as e:
@@ -351,7 +351,7 @@ class MessagesRoutes:
                              affinity=affinity,
                              fallbacks=fallbacks,
                              rebody=retargeted(request, ctx, self._salts, made) if fallbacks else None,
-                             asked=asked_tokens(sent))
+                             asked=asked_tokens(sent, "/chat/completions"))
         try:
             answer = await self._exchange.relay(request, ctx, upstream, call)
         except errors.UpstreamError as e:

@@ -281,7 +281,7 @@ class ResponsesRoute:
             # (an upstream that ignores "stream" answers whole: its response becomes the stream's events)
             call = upstream_call("/responses", jsonutil.dumps(body), observer=observer, vet=vet, model=body["model"],
                                  transform=partial(_streamed, observer), prefer=prefer, affinity=affinity,
-                                 counted=counted, asked=None if counted else asked_tokens(body))
+                                 counted=counted, asked=None if counted else asked_tokens(body, "/responses"))
             left = None  # whether the client left, once the stream is over; None: it failed before it began
             if background:
                 ctx.hold()  # (completed once its reservation's fate is known, below)
@@ -329,7 +329,8 @@ class ResponsesRoute:
         if body.get("background") is True and self._gate is not None:
             transform = partial(_queued, partial(self._gate.reservation_stays, ctx), transform)
         call = upstream_call("/responses", jsonutil.dumps(body), transform=transform,
-                             vet=vet, model=body["model"], prefer=prefer, affinity=affinity, asked=asked_tokens(body))
+                             vet=vet, model=body["model"], prefer=prefer, affinity=affinity,
+                             asked=asked_tokens(body, "/responses"))
         return await self._exchange.relay(request, ctx, provider, call)
 
     async def _not_found(self, provider, upstream, body):

@@ -654,7 +654,7 @@ class BatchRunner(Service):
         reserved = None
         if self._gate is not None:
             try:
-                reserved = await self._reserve(job, sem, f"{route.provider.name}/{route.upstream_model}", first)
+                reserved = await self._reserve(job, sem, f"{route.provider.name}/{route.upstream_model}", first, sent)
             except GatewayError as e:
                 if isinstance(e, StorageUnavailable):
                     raise
@@ -692,11 +692,11 @@ class BatchRunner(Service):
         principal = job.principal = self._keys.by_id(principal.id) or principal
         return principal.active and (principal.expires_at is None or self._clock.seconds() < principal.expires_at)
 
-    async def _reserve(self, job, sem, model, body):
+    async def _reserve(self, job, sem, model, body, path):
         """Reserve the line's estimate from the budgets of the batch's key once the line holds its slot (C{sem},
         given back if refused), as an online request's admission does (L{gomodel.limits.gate.Gate.reserve_line}:
-        C{body} as sent to its first target, C{model}): a line that waited for its slot is refused by what the
-        lines before it spent, and those in flight reserved, meanwhile (before, lines sent at once were each
+        C{body} as sent to its first target, at C{path}, C{model}): a line that waited for its slot is refused by what
+        the lines before it spent, and those in flight reserved, meanwhile (before, lines sent at once were each
         checked, then charged: each saw the room left). A budget spent while lines of the batch are in flight is
         tried again once one of them ends (it gives back what it reserved and did not use), the slot given back
         meanwhile and taken again before (other batches' lines at the provider go on while it waits); spent with
@@ -707,7 +707,7 @@ class BatchRunner(Service):
         """
         while True:
             try:
-                reservation = await self._gate.reserve_line(job.principal, model, body)
+                reservation = await self._gate.reserve_line(job.principal, model, body, path)
             except BudgetExceeded:
                 sem.release()
                 if not job.lines:

@@ -526,10 +526,10 @@ class Gate(Periodic):
         if budgets:
             await self._book.check(budgets)
 
-    def reserve_line(self, principal, model, body):
+    def reserve_line(self, principal, model, body, path=None):
         """Reserve a batch line's estimate from the budgets of C{principal}, as an online request's admission does
-        (L{estimate} of the C{body} it is sent with, and that on C{model}'s price, qualified, for a cost budget):
-        lines sent at once count each other's reservations. Settled by L{charge}.
+        (L{estimate} of the C{body} it is sent with, to C{path}, and that on C{model}'s price, qualified, for a cost
+        budget): lines sent at once count each other's reservations. Settled by L{charge}.
 
         @return: a Deferred firing with the L{Reservation}, or None (no budgets); it fails with
             L{gomodel.errors.BudgetExceeded} when one is spent (nothing taken).
@@ -539,8 +539,8 @@ class Gate(Periodic):
             return succeed(None)
         cost = 0.0
         if self._pricing and model and body:  # (as L{_cost_estimate})
-            cost = self._pricing.costs(model, (len(body) // 4, requested_tokens(body) or 0, 0))[2] or 0.0
-        return self._book.reserve(budgets, estimate(body), cost)
+            cost = self._pricing.costs(model, (len(body) // 4, requested_tokens(body, path) or 0, 0))[2] or 0.0
+        return self._book.reserve(budgets, estimate(body, path), cost)
 
 
 def _admitted(admission, request, ctx):
@@ -584,13 +584,13 @@ def _asked(call) -> int:
     dropped, dearer than L{requested_tokens}' find)."""
     asked = call.asked
     if asked is None:
-        return requested_tokens(call.counted) or 0
+        return requested_tokens(call.counted, call.path) or 0
     return asked
 
 
-def estimate(body) -> int:
-    """Tokens to reserve for a request body: its bytes / 4 (the prompt) plus its C{max_tokens}
-    (or C{max_completion_tokens}, C{max_output_tokens}: the first one sent)."""
+def estimate(body, path=None) -> int:
+    """Tokens to reserve for a request body to C{path}: its bytes / 4 (the prompt) plus the output it asks for at
+    most (L{requested_tokens}: its route's C{max_tokens}, C{max_completion_tokens} or C{max_output_tokens})."""
     if not body:
         return 0
-    return len(body) // 4 + (requested_tokens(body) or 0)
+    return len(body) // 4 + (requested_tokens(body, path) or 0)

@@ -544,7 +544,7 @@ class Exchange:
                 if entering is not None:
                     await entering(pool)
             # a long answer is kept off clearly slower replicas (one replica: nothing to choose)
-            size = partial(requested_tokens, body) if len(pool.replicas) > 1 else None
+            size = partial(requested_tokens, body, path) if len(pool.replicas) > 1 else None
             if call.affinity is not None and call.pin is None:
                 recalling = pool.recall(call.affinity)  # a session this process has not seen: its shared pin
                 if recalling is not None:
