@@ -161,6 +161,31 @@ async def test_a_lines_user_message_of_nothing_but_empty_text_is_its_error_nativ
     assert {r.body["fake_marker"] for r in vllm.requests if r.path == b"/v1/messages"} == {"fine"}
 
 
+async def test_a_lines_blank_text_is_its_error_natively_too(setup):
+    """A line whose message's text blocks are all whitespace, with an empty text block in a tool result, or whose
+    system prompt holds an empty or blank text block is errored with Anthropic's words, natively as translated,
+    as online (L{tests.test_messages.test_blank_text_is_anthropics_400_natively_and_translated}); before, a native
+    one went to vLLM. The others run."""
+    from tests.test_messages import _blank_requests
+
+    gw, client, vllm, openai = setup
+    lines, said = [request("fine")], {}
+    for i, (system, messages, message) in enumerate(_blank_requests()):
+        if message is None:
+            continue
+        fields = {"messages": messages} if system is None else {"messages": messages, "system": system}
+        lines += [request(f"native-{i}", **fields), request(f"translated-{i}", model=TRANSLATED, **fields)]
+        said[f"native-{i}"] = said[f"translated-{i}"] = message
+    made = await in_thread(client.messages.batches.create, requests=lines)
+    await ended(gw, client, made.id)
+    got = await results(client, made.id)
+    assert got["fine"].type == "succeeded"
+    for custom_id, message in said.items():
+        assert got[custom_id].type == "errored" and got[custom_id].error.error.type == "invalid_request_error"
+        assert got[custom_id].error.error.message == message, custom_id
+    assert {r.body["fake_marker"] for r in vllm.requests if r.path == b"/v1/messages"} == {"fine"}
+
+
 async def test_a_lines_empty_user_message_is_its_error_natively_too(setup):
     """A line with an empty user message (C{""}, C{[]}) is errored with Anthropic's words ("messages.0: all
     messages must have non-empty content ...") natively as translated, as online; before, a native one went to

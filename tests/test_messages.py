@@ -2530,6 +2530,71 @@ async def test_an_empty_text_block_is_anthropics_400_natively_too(http, gw, fake
     assert fake.last_request().path == b"/v1/messages" and fake.last_request().body["messages"] == messages
 
 
+# Anthropic's 400s for blank text (invalid_request_error), each as its API words it: a message whose text blocks are
+# all whitespace (one beside a text that is more is taken), an empty text block in a tool result's content, and
+# in the system prompt's blocks an empty one, or nothing but whitespace.
+_BLANK = "messages: text content blocks must contain non-whitespace text"
+_EMPTY = "messages: text content blocks must be non-empty"
+_SYSTEM_EMPTY = "system: text content blocks must be non-empty"
+_SYSTEM_BLANK = "system: text content blocks must contain non-whitespace text"
+
+
+def _blank_requests():
+    """C{(system, messages, message)}: a Messages request's system prompt and messages, and Anthropic's 400 for it
+    (its message), or None where Anthropic takes it."""
+    call = {"type": "tool_use", "id": "toolu_1", "name": "read", "input": {"path": "a.txt"}}
+    blank, hi = {"type": "text", "text": " \n\t"}, {"type": "text", "text": "Hi."}
+
+    def result(content):
+        return {"type": "tool_result", "tool_use_id": "toolu_1", "content": content}
+
+    asked = [{"role": "user", "content": "Read a.txt."}, {"role": "assistant", "content": [hi, call]}]
+    return (
+        (None, [{"role": "user", "content": [blank]}], _BLANK),
+        (None, [{"role": "user", "content": [blank, {"type": "text", "text": "\u3000"}]}], _BLANK),
+        (None, [{"role": "user", "content": "  \n"}], _BLANK),
+        (None, [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": [blank, call]},
+                {"role": "user", "content": [result("ok")]}], _BLANK),
+        (None, asked + [{"role": "user", "content": [result([{"type": "text", "text": ""}])]}], _EMPTY),
+        (None, asked + [{"role": "user", "content": [result([hi, {"type": "text", "text": ""}])]}], _EMPTY),
+        ([{"type": "text", "text": ""}], [{"role": "user", "content": "Hi."}], _SYSTEM_EMPTY),
+        ([hi, {"type": "text", "text": ""}], [{"role": "user", "content": "Hi."}], _SYSTEM_EMPTY),
+        ([blank], [{"role": "user", "content": "Hi."}], _SYSTEM_BLANK),
+        ([blank, blank], [{"role": "user", "content": "Hi."}], _SYSTEM_BLANK),
+        # taken: a blank block beside a text that is more, a blank tool result (unverified: sent on)
+        ([hi, blank], [{"role": "user", "content": [hi, blank]}], None),
+        (None, asked + [{"role": "user", "content": [result([blank]), hi]}], None),
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_blank_text_is_anthropics_400_natively_and_translated(http, gw, openai_gw, fake):
+    """A message whose text blocks are all whitespace ("messages: text content blocks must contain non-whitespace
+    text"), an empty text block in a tool result's content ("... must be non-empty"), and a system prompt's empty
+    text block or one of nothing but whitespace ("system: text content blocks must ...") are Anthropic's own 400s:
+    a create (plain or streamed) and a count_tokens, for a vLLM (natively) or translated, get them before any
+    upstream is asked. Before, vLLM generated from them natively, and translated they went on (a system prompt's
+    empty block left out). A blank block beside a text that is more is taken, as Anthropic takes it."""
+    before = len(fake.forwarded())
+    for system, messages, message in _blank_requests():
+        fields = {"messages": messages} if system is None else {"messages": messages, "system": system}
+        for model in (MODEL, OPENAI_MODEL):
+            gateway = gw if model == MODEL else openai_gw
+            for path, sent in (("/v1/messages", dict(fields, model=model, max_tokens=8)),
+                               ("/v1/messages", dict(fields, model=model, max_tokens=8, stream=True)),
+                               ("/v1/messages/count_tokens", dict(fields, model=model))):
+                if message is None and (path != "/v1/messages" or model == OPENAI_MODEL):
+                    continue  # (taken: counted and translated as any other)
+                response, answer = await post(http, gateway.url + path, sent)
+                if message is None:
+                    assert response.code == 200, answer
+                    before = len(fake.forwarded())
+                    continue
+                assert response.code == 400 and json.loads(answer) == {
+                    "type": "error", "error": {"type": "invalid_request_error", "message": message}}, (sent, answer)
+    assert len(fake.forwarded()) == before
+
+
 @pytest_twisted.ensureDeferred
 async def test_an_empty_user_message_is_anthropics_400_natively_too(http, gw, fake, client):
     """A create (plain or streamed) or a count_tokens for a vLLM with an empty user message (C{""}, C{[]}) is

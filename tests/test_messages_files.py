@@ -273,6 +273,19 @@ def test_one_walk_finds_file_sources_and_the_blocks_that_go_translated():
     for message in ({"role": "system", "content": [empty]},
                     {"role": "user", "content": [{"type": "text", "text": " "}, {"type": "text"}]}):
         assert walk_blocks({"messages": [message, *messages[:1]]}) == ([], False, []), message
+    # so do a message's text blocks of nothing but whitespace, a user's string of it, an empty text block in a tool
+    # result, and a system prompt's empty or blank blocks (Anthropic's 400s); not a blank block beside a text
+    blank, hi = {"type": "text", "text": " \n"}, {"type": "text", "text": "Hi."}
+    result = {"type": "tool_result", "tool_use_id": "t1", "content": [hi, empty]}
+    for body in ({"messages": [{"role": "user", "content": [blank, blank]}]},
+                 {"messages": [{"role": "assistant", "content": [blank, messages[1]["content"][0]]}, *messages[:1]]},
+                 {"messages": [{"role": "user", "content": "\t"}]},
+                 {"messages": [{"role": "user", "content": [result]}]},
+                 {"system": [hi, empty], "messages": messages[:1]}, {"system": [blank], "messages": messages[:1]}):
+        assert walk_blocks(body) == ([], True, []), body
+    for body in ({"messages": [{"role": "user", "content": [blank, hi]}]},
+                 {"system": [blank, hi], "messages": messages[:1]}, {"system": " ", "messages": messages[:1]}):
+        assert walk_blocks(body) == ([], False, []), body
     # so does an empty user message ("", []: Anthropic's other 400), not the assistant's
     for content in ("", []):
         assert walk_blocks({"messages": [{"role": "user", "content": content}]}) == ([], True, [])

@@ -14,7 +14,7 @@ naming the block.
 import base64
 
 from gomodel.anthropic.files import mime_type
-from gomodel.anthropic.translate import TOOL_CHANGES, empty_user_content
+from gomodel.anthropic.translate import TOOL_CHANGES, blank_block, blank_system, empty_user_content
 from gomodel.auth.tenancy import visible
 from gomodel.errors import InvalidRequest, shown
 from gomodel.store.records import MESSAGE_BATCH_PURPOSE
@@ -46,9 +46,11 @@ def walk_blocks(body, files=True) -> tuple:
     continues: vLLM's Messages API, 0.32, closes it as a finished turn and answers in a new one; translated, its
     chat completion continues it, C{continue_final_message}), a message or a tool result in one holds a block of
     L{TRANSLATED_BLOCKS}, a system message a tool change (L{gomodel.anthropic.translate.TOOL_CHANGES}), a
-    user message is empty (L{gomodel.anthropic.translate.empty_user_content}: C{""}, C{[]}), or a message's
-    content holds an empty text block (the translation refuses both as Anthropic does; vLLM's Messages API would
-    take an empty message, and drop an empty block, generating from the rest) (what a vLLM gets translated,
+    user message is empty (L{gomodel.anthropic.translate.empty_user_content}: C{""}, C{[]}) or nothing but
+    whitespace, a message's content or a tool result's holds an empty text block, a message's text blocks are
+    nothing but whitespace (L{gomodel.anthropic.translate.blank_block}), or the system prompt's blocks are blank
+    (L{gomodel.anthropic.translate.blank_system}) (the translation refuses each as Anthropic does; vLLM's
+    Messages API would take them, dropping an empty block and generating from the rest) (what a vLLM gets translated,
     L{gomodel.api.messages.translates}; once it is known, the walk looks no more for it), and the
     C{(message, block)} indexes of the C{tool_result} blocks whose C{is_error} is true
     (L{gomodel.anthropic.translate.with_tool_errors}).
@@ -62,18 +64,25 @@ def walk_blocks(body, files=True) -> tuple:
         return found, False, errored
     last = messages[-1] if messages else None
     translated = isinstance(last, dict) and last.get("role") == "assistant"  # (a prefill)
+    system = body.get("system")
+    if system.__class__ is list:  # (most: a string, or none)
+        translated = translated or blank_system(system)
     for i, message in enumerate(messages):
         content = message.get("content") if isinstance(message, dict) else None
         if not content:  # ("", []: an empty user message is Anthropic's 400, translated)
             translated = translated or empty_user_content(content) and message.get("role") == "user"
             continue
         if not isinstance(content, list):
+            if content.__class__ is str and content.isspace():  # (a user's: Anthropic's 400, translated)
+                translated = translated or message.get("role") == "user"
             continue
         for j, block in enumerate(content):
             kind = block.get("type") if isinstance(block, dict) else None
             if kind == "text":  # (the most blocks: looked at first; a system message's texts, empty left out there)
-                if block.get("text") == "":
-                    translated = translated or message.get("role") != "system"
+                text = block.get("text")
+                if text == "" or text.__class__ is str and text.isspace():
+                    translated = translated or message.get("role") != "system" and (
+                        text == "" or blank_block(content) is not None)
             elif kind in _LOOKED_AT:
                 translated = translated or kind in TRANSLATED_BLOCKS
                 if files and _names_file(block):
@@ -85,7 +94,9 @@ def walk_blocks(body, files=True) -> tuple:
                     continue
                 for k, item in enumerate(block["content"]):
                     kind = item.get("type") if isinstance(item, dict) else None
-                    if kind in _LOOKED_AT:
+                    if kind == "text":
+                        translated = translated or item.get("text") == ""
+                    elif kind in _LOOKED_AT:
                         translated = translated or kind in TRANSLATED_BLOCKS
                         if files and _names_file(item):
                             found.append((f"messages.{i}.content.{j}.content.{k}", item))

@@ -516,6 +516,13 @@ def _system_texts(system, where, inline=False) -> list:
             raise InvalidRequest(f"{where}.{i}: system blocks must be text blocks", param=f"{where}.{i}")
         if block["text"] and not block["text"].startswith(_BILLING_HEADER):
             texts.append(block["text"])
+        elif not inline and not block["text"]:  # (a system message's, vLLM's role: left out, as before)
+            raise InvalidRequest("system: text content blocks must be non-empty", param=f"{where}.{i}")
+    if not inline:
+        blank = blank_block(system)
+        if blank is not None:
+            raise InvalidRequest("system: text content blocks must contain non-whitespace text",
+                                 param=f"{where}.{blank}")
     return texts
 
 
@@ -535,21 +542,61 @@ def _text(block, where) -> str:
 def _blocks(content, where) -> list:
     """C{content} as a list of block objects (a string is one text block).
 
-    @raise InvalidRequest: it is no string nor list of blocks, or a block is an empty text block (Anthropic's 400,
-        word for word: Claude Code sends one after its tool results at times; vLLM's Messages API drops it).
+    @raise InvalidRequest: it is no string nor list of blocks, or a block is an empty text block, or its text
+        blocks are nothing but whitespace (L{blank_block}) (Anthropic's 400s, word for word: Claude Code sends an
+        empty one after its tool results at times; vLLM's Messages API drops an empty one, and generates from a
+        blank one).
     """
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
     if not isinstance(content, list):
         raise InvalidRequest(f"{where}.content: Input should be a string or a list of content blocks",
                              param=f"{where}.content")
+    blank = False
     for i, block in enumerate(content):
         if not isinstance(block, dict) or not isinstance(block.get("type"), str):
             raise InvalidRequest(f"{where}.content.{i}: Input should be a content block with a type",
                                  param=f"{where}.content.{i}")
-        if block.get("text") == "" and block["type"] == "text":
-            raise InvalidRequest("messages: text content blocks must be non-empty", param=f"{where}.content.{i}")
+        if block["type"] == "text":
+            text = block.get("text")
+            if text == "":
+                raise InvalidRequest("messages: text content blocks must be non-empty", param=f"{where}.content.{i}")
+            blank = blank or text.__class__ is str and text.isspace()
+    if blank:  # (one at least: are they all?)
+        at = blank_block(content)
+        if at is not None:
+            raise InvalidRequest(_BLANK_TEXT, param=f"{where}.content.{at}")
     return content
+
+
+_BLANK_TEXT = "messages: text content blocks must contain non-whitespace text"
+
+
+def blank_block(blocks):
+    """The index of the first text block of C{blocks} (a message's content, or a system prompt's, a list) that is
+    nothing but whitespace where none of its text blocks has more, else None: Anthropic refuses such a message
+    ("text content blocks must contain non-whitespace text"), and takes a blank block beside a text that is more.
+    (An empty text block is neither: refused on its own; so is a text block whose text is no string, first.)"""
+    first = None
+    for i, block in enumerate(blocks):
+        if block.__class__ is dict and block.get("type") == "text":
+            text = block.get("text")
+            if text.__class__ is not str:
+                return None
+            if not text:
+                continue
+            if not text.isspace():
+                return None
+            if first is None:
+                first = i
+    return first
+
+
+def blank_system(system) -> bool:
+    """Whether a Messages request's C{system} (a list, as sent) is what L{_system_texts} refuses as blank: it holds an
+    empty text block, or its text blocks are nothing but whitespace (L{blank_block})."""
+    return any(block.__class__ is dict and block.get("text") == "" for block in system) or \
+        blank_block(system) is not None
 
 
 def _image_url(block, where) -> dict:
@@ -693,12 +740,14 @@ def _user_messages(content, where) -> list:
     """A user turn: its tool results first (as C{tool} messages, which must follow the assistant's
     calls), then the rest of its content, and any images the tool results held, as one user message.
 
-    @raise InvalidRequest: the turn is empty (C{""}, C{[]}), or holds an empty text block (L{_blocks}):
-        Anthropic's own 400s, word for word.
+    @raise InvalidRequest: the turn is empty (C{""}, C{[]}), a string of nothing but whitespace, or holds an empty
+        text block or blank ones (L{_blocks}): Anthropic's own 400s, word for word.
     """
     if empty_user_content(content):
         raise InvalidRequest(f"{where}: all messages must have non-empty content except for the optional "
                              "final assistant message", param=f"{where}.content")
+    if content.__class__ is str and content.isspace():
+        raise InvalidRequest(_BLANK_TEXT, param=f"{where}.content")
     tools, parts, tool_images = [], [], []
     blocks = _blocks(content, where)
     for i, block in enumerate(blocks):
@@ -745,7 +794,10 @@ def _tool_result(block, where):
             at = f"{where}.content.{i}"
             kind = item.get("type") if isinstance(item, dict) else None
             if kind == "text":
-                texts.append(_text(item, at))
+                text = _text(item, at)
+                if not text:  # (Anthropic's 400 there too; a blank one it takes)
+                    raise InvalidRequest("messages: text content blocks must be non-empty", param=at)
+                texts.append(text)
             elif kind == "image":
                 images.append(_image_url(item, at))
             elif kind == "document":
