@@ -186,6 +186,32 @@ async def test_a_lines_blank_text_is_its_error_natively_too(setup):
     assert {r.body["fake_marker"] for r in vllm.requests if r.path == b"/v1/messages"} == {"fine"}
 
 
+async def test_a_line_with_several_faults_is_told_the_one_an_online_create_is(setup):
+    """A line is checked as an online create is, in one order (L{gomodel.anthropic.translate.check_create}): of its
+    faults, its error names the one a create's 400 names, natively and translated (before, a line's server tool or
+    MCP connector was named before its empty messages or its sampling out of bounds, a create's after them)."""
+    gw, client, vllm, openai = setup
+    server = {"tools": [{"type": "web_search_20250305", "name": "web_search"}]}
+    mcp = {"mcp_servers": [{"type": "url", "url": "https://mcp.example/sse", "name": "m"}]}
+    faults = (dict(server, temperature=1.5), dict(server, messages=[]), dict(mcp, top_p=-1),
+              dict(mcp, messages=[], temperature=2))
+    lines, said = [request("fine")], {}
+    for i, params in enumerate(faults):
+        for model in (NATIVE, TRANSLATED):
+            with pytest.raises(anthropic.BadRequestError) as caught:
+                await in_thread(client.messages.create, model=model, max_tokens=16, messages=HELLO,
+                                extra_body=params)
+            custom_id = f"{i}-{'native' if model == NATIVE else 'translated'}"
+            said[custom_id] = caught.value.body["error"]["message"]
+            lines.append(request(custom_id, model=model, **params))
+    made = await in_thread(client.messages.batches.create, requests=lines)
+    await ended(gw, client, made.id)
+    got = await results(client, made.id)
+    assert got["fine"].type == "succeeded"
+    for custom_id, message in said.items():
+        assert got[custom_id].type == "errored" and got[custom_id].error.error.message == message, custom_id
+
+
 async def test_a_lines_empty_user_message_is_its_error_natively_too(setup):
     """A line with an empty user message (C{""}, C{[]}) is errored with Anthropic's words ("messages.0: all
     messages must have non-empty content ...") natively as translated, as online; before, a native one went to

@@ -3,10 +3,8 @@
 from functools import partial
 
 from gomodel.anthropic.file_sources import walk_blocks
-from gomodel.anthropic.translate import (chat_to_message_bytes, check_sampling,
-                                         check_tool_choice_and_metadata, checked_messages, messages_to_chat,
-                                         native_body, native_message_bytes, omits_thinking, passed_fields,
-                                         refuse_server_side, unsent_stops, vllm_fields)
+from gomodel.anthropic.translate import (chat_to_message_bytes, check_create, messages_to_chat, native_body,
+                                         native_message_bytes, passed_fields, unsent_stops, vllm_fields)
 from gomodel.api.messages import chat_for, translates
 from gomodel.translate.call_ids import long_names
 
@@ -41,16 +39,15 @@ class MessagesLines:
         @param body_for: C{body_for(principal, payload, model, provider)} -> the body for C{model} at
             C{provider}, with what that provider takes of C{principal} (the batch runner's).
         @return: C{answer(body, model)} -> a successful answer as a message (natively, L{native_answer}).
-        @raise gomodel.errors.InvalidRequest: C{payload} cannot be translated, or asks for Anthropic's server side
-            (L{refuse_server_side}), or has no message, sampling out of bounds, a tool choice naming no tool or a
-            user id no string (natively too): the line's error.
+        @raise gomodel.errors.InvalidRequest: C{payload} cannot be translated, or fails an online create's checks
+            in their order (L{gomodel.anthropic.translate.check_create}: no message, sampling out of bounds,
+            Anthropic's server side, a tool choice naming no tool or a user id no string), natively too: the
+            line's error.
         """
-        refuse_server_side(payload)
-        checked_messages(payload)  # (natively too, as online)
-        check_sampling(payload)
         _, walked, errored = walk_blocks(payload, files=False)
-        check_tool_choice_and_metadata(payload, walked)
-        omit = omits_thinking(payload)  # (thinking.display "omitted": its thinking blocks without their text)
+        # (natively too, in an online create's order: of several faults, the same named; thinking.display
+        # "omitted": its thinking blocks without their text)
+        omit = check_create(payload, walked)
         prioritised = principal is not None and principal.priority is not None
         translating = translates(payload, walked)
         native = self._messages.native_for(route, prioritised=prioritised, translating=translating)

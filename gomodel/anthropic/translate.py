@@ -165,6 +165,20 @@ def check_sampling(body: dict):
 _CHECKED_FIELDS = frozenset((*_SAMPLING, "tools", "mcp_servers", "container", "metadata", "tool_choice", "thinking"))
 
 
+def check_create(body: dict, walked=None) -> bool:
+    """Check a Messages create C{body} as Anthropic does before anything is sent (natively too), in one order for an
+    online create and a message batch's line, so that of several faults both name the same: its C{max_tokens}
+    (L{checked_max_tokens}), its C{messages} (L{checked_messages}), then its optional fields (L{check_options}).
+
+    @param walked: as L{check_tool_choice_and_metadata}'s.
+    @return: whether it asks for its thinking blocks without their text (L{omits_thinking}).
+    @raise InvalidRequest: as the first of those that fails.
+    """
+    checked_max_tokens(body)
+    checked_messages(body)
+    return check_options(body, walked)
+
+
 def check_options(body: dict, walked=None) -> bool:
     """Check the optional fields of a Messages create C{body} (natively too): L{check_sampling},
     L{refuse_server_side}, L{check_tool_choice_and_metadata}, in that order; a body that sends none of their fields

@@ -52,8 +52,8 @@ from gomodel.anthropic.file_sources import walk_blocks
 from gomodel.anthropic.files import wants_anthropic_files
 from gomodel.anthropic.translate import (ANTHROPIC_ERROR_TYPES, ChatToMessagesStream,
                                          MessagesStreamObserver, chat_to_events_bytes, chat_to_message_bytes,
-                                         check_options, check_tool_choice_and_metadata,
-                                         checked_max_tokens, checked_messages, count_tokens_answer,
+                                         check_create, check_tool_choice_and_metadata, checked_messages,
+                                         count_tokens_answer,
                                          count_tokens_request, is_anthropic_error, message_events_bytes,
                                          messages_to_chat, native_body, native_message_bytes,
                                          openai_error_to_anthropic, passed_fields, refuse_server_side, unsent_stops,
@@ -196,11 +196,10 @@ class MessagesRoutes:
         model = body.get("model")
         routes = self._unsaturated(plan_model(self._registry, body, lambda: affinity_key(request, body),
                                               ctx.principal))
-        checked_max_tokens(body)  # (natively too: Anthropic's words, not vLLM's; the model's errors first)
-        checked_messages(body)  # (natively too: vLLM's Messages API takes none)
-        # (natively too: vLLM samples with what it is sent, drops server tools and metadata unread, refuses a tool
+        # (natively too, the model's errors first: Anthropic's words for max_tokens, not vLLM's; vLLM's Messages API
+        # takes no messages, samples with what it is sent, drops server tools and metadata unread, refuses a tool
         # choice in its own words; thinking.display "omitted": its blocks without their text, either way)
-        omit = check_options(body, walked)
+        omit = check_create(body, walked)
         # A priority (the key's, X-Request-Priority) reaches a vLLM that schedules by it only translated: vLLM's
         # Messages API has no priority field (its own translation to chat drops it).
         prioritised = vet_priority(request, ctx, routes)
