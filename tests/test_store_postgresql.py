@@ -81,16 +81,55 @@ async def test_killed_connections_are_replaced_and_never_lent_again(reactor, pg_
         await store.stopService()
 
 
+async def statement_running(reactor, database, sql_prefix):
+    """Fires once a statement starting with C{sql_prefix} runs on C{database}."""
+    deadline = time.monotonic() + 10
+    while not postgres.query(database, "SELECT pid FROM pg_stat_activity WHERE query LIKE %s", (sql_prefix + "%",)):
+        assert time.monotonic() < deadline, "the statement never started"
+        await deferLater(reactor, 0.01, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_next_job_after_every_pooled_connection_is_killed_is_answered(reactor, pg_database):
+    """One job after another, as a client polling a batch's status asks. Before, psycopg_pool's own check of each
+    connection it lends slept between dead ones (1 s, 2 s, 4 s: its reconnection backoff) and gave up at the job's
+    wait for a connection: with four dead, the next job was a 503 after 5 s ("no database connection could be had
+    in time") on a healthy server, and with the store marked down by a statement cut meanwhile (a wait of 1 s) the
+    first dead one made it a 503 already."""
+    store = opened(reactor, pg_database, max_conns=4)
+    try:
+        await store.started()
+
+        async def pooled():  # every connection made and idle in the pool
+            await gatherResults([store._db.run(lambda conn: conn.execute("SELECT pg_sleep(0.05)")) for _ in range(4)])
+
+        await pooled()
+        assert postgres.kill_connections(pg_database) == 4
+        for _ in range(4):
+            await store.files.list()
+        assert store.problem is None
+
+        await pooled()
+        cut = store._db.run(lambda conn: conn.execute("SELECT pg_sleep(30)"))
+        await statement_running(reactor, pg_database, "SELECT pg_sleep(30")
+        postgres.kill_connections(pg_database)
+        with pytest.raises(StorageUnavailable):
+            await cut
+        assert store.problem is not None  # down until a statement succeeds: jobs wait 1 s for a connection
+        for _ in range(4):
+            await store.files.list()
+        assert store.problem is None
+    finally:
+        await store.stopService()
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_statement_cut_by_the_server_is_a_503_and_the_store_recovers(reactor, pg_database):
     store = opened(reactor, pg_database, max_conns=2)
     try:
         await store.started()
         statement = store._db.run(lambda conn: conn.execute("SELECT pg_sleep(30)"))
-        deadline = time.monotonic() + 10
-        while not postgres.query(pg_database, "SELECT pid FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%%'"):
-            assert time.monotonic() < deadline, "the statement never started"
-            await deferLater(reactor, 0.01, lambda: None)
+        await statement_running(reactor, pg_database, "SELECT pg_sleep")
         postgres.kill_connections(pg_database)
         with pytest.raises(StorageUnavailable) as raised:
             await statement
