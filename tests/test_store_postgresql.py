@@ -558,6 +558,23 @@ async def test_while_the_server_refuses_connections_requests_are_503s_without_wa
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_first_probe_after_the_server_accepts_connections_again_finds_the_store_back(reactor, pg_database):
+    """Before, the pool tried each lost connection again after 1 s, 3 s and 7 s (its doubling backoff), and the
+    probe waited 1 s for one: allowed again 5 s into the outage (its first request's 503), the store was still
+    down after the next probe, and answered again only some 2 s later (up to 4 s, by where the backoff was)."""
+    store = opened(reactor, pg_database, max_conns=2)
+    try:
+        await refused(store, pg_database)
+        postgres.admin(f"ALTER DATABASE {pg_database} ALLOW_CONNECTIONS true")
+        await store._db._check()  # the probe
+        assert store.problem is None
+        await store.files.list()
+    finally:
+        postgres.admin(f"ALTER DATABASE {pg_database} ALLOW_CONNECTIONS true")
+        await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_pools_own_warnings_of_a_server_gone_are_not_logged(reactor, pg_database, caplog):
     # psycopg_pool warned "error connecting in 'gomodel': connection to server at "127.0.0.1", port 5432
     # failed" on every reconnection attempt (twistd logged each as an error), naming the database's address.

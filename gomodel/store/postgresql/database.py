@@ -8,7 +8,7 @@ that broke (a restarted server, a killed backend) is closed, replaced by
 the pool, and the next tried at once. A failure to reach the server (C{OperationalError},
 C{InterfaceError}, a pool timeout) becomes L{StorageUnavailable} (a 503)
 and marks the store down until a statement succeeds again; a probe every
-few seconds notices the server's return without traffic. A job the server
+half second notices the server's return without traffic. A job the server
 rolled back for a conflict with concurrent ones (a deadlock, a serialization
 failure) is run again, up to L{CONFLICT_ATTEMPTS} times in all, and then
 is L{StorageConflict} (a 503 of its own): the store is not down.
@@ -48,11 +48,13 @@ DELETE_BATCH = 10000  # the most rows one statement of a retention sweep deletes
 CANCEL_TIMEOUT = 10.0  # seconds a cancel request may take (a stopped server answers none)
 DOWN_TIMEOUT = 1.0  # the same while the database is known to be down
 CONNECT_TIMEOUT = 5  # seconds, for each new connection
-PROBE_INTERVAL = 2.0
-# How long the pool retries to make one connection (backing off 1, 2, 4 s...) before it gives up. Left to
-# itself its backoff doubles for ever: after a ten-minute outage its next attempt would be minutes away. Once
-# it gave up, the probe's request for a connection starts it again from a 1 s backoff.
-RECONNECT_TIMEOUT = 8.0
+# While the store is down, the probe asks the pool for a connection this often (waiting DOWN_TIMEOUT for one;
+# it does nothing while the store is up), and the pool gives up a connection it failed to make after trying
+# again once, RECONNECT_TIMEOUT later: so it tries about every half second while anything waits, and the store
+# answers within about that of the server accepting connections again. (Its own backoff doubles for ever, 1 s,
+# 2 s, 4 s: with 8 s, the probe waited in vain for a connection next tried up to 4 s away.)
+PROBE_INTERVAL = 0.5
+RECONNECT_TIMEOUT = 0.5
 # A server that vanished without a word (its host lost its network, powered off, a firewall dropping the
 # connection) sends no reset: without these a statement on such a connection waits for the kernel's own
 # limits (about 15 minutes for a write, for ever for a read), holding a store thread and its request. Probes
@@ -112,7 +114,7 @@ class Database:
         """Start the threads, open the pool and migrate (retried until the server answers)."""
         from psycopg_pool import ConnectionPool
 
-        # The pool warns through the standard logging of every failed reconnection (each second or so while
+        # The pool warns through the standard logging of every failed reconnection (twice a second while
         # the server is down), naming its host and port, which twistd writes to its log as errors; this
         # store says once, without them, that the database is unavailable and when it is back.
         logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
@@ -120,7 +122,8 @@ class Database:
         self._cancels.start()
         self._pool = ConnectionPool(
             self._url, min_size=min(2, self.max_conns), max_size=self.max_conns, open=False,
-            kwargs={"autocommit": True, **self._options}, timeout=POOL_TIMEOUT, name="gomodel", reconnect_timeout=RECONNECT_TIMEOUT, configure=self._connected)
+            kwargs={"autocommit": True, **self._options}, timeout=POOL_TIMEOUT, name="gomodel",
+            reconnect_timeout=RECONNECT_TIMEOUT, configure=self._connected)
         self._probe = LoopingCall(self._check)
         self._probe.clock = self._reactor
         self._probe.start(PROBE_INTERVAL, now=False)
