@@ -6,10 +6,12 @@ its last tests restart them), kept for a quiet stage. Once every other test has 
 runs L{HELD} and the other workers are shut down: the vLLM servers' CPU inference and its timing bounds (a disconnect
 test's abort before half of the tokens: it came late in one of three CI runs beside the other workers) have nothing
 beside them, and Chromium never has the inference beside it (in CI, beside it, a page's live update took over 20 s).
-Two scale-out tests whose gateways must get their database back in time after its connections are killed or a host
-paused (their stores' pool waits, a batch's fencing) run in it too, after the vLLM suite: beside the other workers'
-load they failed in CI once and on a loaded machine more often. Named by path: xdist's own C{xdist_group} mark renames a test's node id, which pytest 9
-no longer lets a plugin do, so the controlling process (which collects nothing) could not see it.
+A scale-out test whose gateways must fence a paused host's batch in time (a lease's lapse, three twistd processes
+starting) runs in it too, after the vLLM suite: beside the other workers' load it hit its 20 s wait. (Its neighbour,
+whose gateway gets its database back after its connections are killed, ran here until its store's pool stopped
+waiting a second and more per dead connection.) Named by path: xdist's own C{xdist_group} mark renames a test's
+node id, which pytest 9 no longer lets a plugin do, so the controlling process (which collects nothing) could not see
+it.
 
 Built on xdist 3's C{LoadScopeScheduling} (setup.py pins C{<4}), relying on its private parts: C{workqueue} (an
 ordered dict, unit name -> C{{nodeid: ended}}, whose first unit C{_assign_work_unit} pops and sends),
@@ -24,7 +26,6 @@ HELD = "vllm"
 
 GROUPS = {
     "tests/integration/": HELD,
-    "tests/test_scaleout.py::test_database_connections_killed_mid_batch_lose_no_line_and_the_gateway_recovers": HELD,
     "tests/test_scaleout.py::test_a_paused_host_loses_its_batch_to_another_and_its_late_writes_are_fenced": HELD,
     "tests/test_dashboard_browser.py::": "chromium",
 }
