@@ -5,13 +5,14 @@ connection pool (C{POSTGRES_MAX_CONNS}), never on the reactor. Each job
 borrows one connection (autocommit; writes open their own transaction)
 and gives it back; each is checked before it is lent (L{_lent}), and one
 that broke (a restarted server, a killed backend) is closed, replaced by
-the pool, and the next tried at once. A failure to reach the server (C{OperationalError},
-C{InterfaceError}, a pool timeout) becomes L{StorageUnavailable} (a 503)
-and marks the store down until a statement succeeds again; a probe every
-half second notices the server's return without traffic. A job the server
-rolled back for a conflict with concurrent ones (a deadlock, a serialization
-failure) is run again, up to L{CONFLICT_ATTEMPTS} times in all, and then
-is L{StorageConflict} (a 503 of its own): the store is not down.
+the pool, and the next tried at once. A failure to reach the server
+(C{OperationalError}, C{InterfaceError}, a pool timeout) becomes
+L{StorageUnavailable} (a 503) and marks the store down until a statement
+succeeds again; a probe every half second notices the server's return
+without traffic. A job the server rolled back for a conflict with
+concurrent ones (a deadlock, a serialization failure) is run again, up to
+L{CONFLICT_ATTEMPTS} times in all, and then is L{StorageConflict} (a 503
+of its own): the store is not down.
 
 At start the schema is migrated (L{gomodel.store.postgresql.migrations})
 under a transaction-level advisory lock; while the server cannot be
