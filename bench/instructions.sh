@@ -11,7 +11,12 @@
 # ledger writes 1,000 rows at once, so with N up to 799 none is written. Idle upstream connections are
 # kept (HTTP_POOL_IDLE_TIMEOUT=1h), so that the pause between warm-up and window (2 s, and callgrind's
 # own start of counting) can never let the pool's sweep close them: a new connection inside the window
-# costs about 460 k instructions. A row costs about 56 k
+# costs about 460 k instructions. For the same reason the mock replicas keep theirs (--keepalive-timeout-s 3600,
+# not uvicorn's 5 s): with FEAT's four replicas the load strategy may leave one idle for PACE_REFRESH (30 s) when
+# the gateway's own delays under callgrind make its learned pace look clearly slower, and its connections, closed
+# by the mock meanwhile, were made again once it took requests (16 new upstream connections in one window, some
+# 25 k instructions a request: FEAT=1 counts of one tree were 502 k and 545 k; 488 k and 491 k with them kept).
+# A row costs about 56 k
 # instructions to write on SQLite (bench/results/2026-12-03-lean-features.md), not in the figure.
 #
 #   [N=300] [FEAT=1] [STREAM=1] [CONC=64] [COUNT=bytecodes] bash bench/instructions.sh CHECKOUT [CHECKOUT...]
@@ -72,7 +77,7 @@ trap 'kill $PIDS 2>/dev/null || true; rm -rf "$W"' EXIT
 port() { "$PY" -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 URLS=""; REPLICAS=${REPLICAS:-$([ "$FEAT" = 1 ] && echo 4 || echo 1)}; MANAGED_KEY=${MANAGED_KEY:-$FEAT}
 for i in $(seq $REPLICAS); do
-  P=$(port); node "$ROOT/bench/mock/mock.mjs" --port "$P" > "$W/mock$i.log" 2>&1 & PIDS="$PIDS $!"
+  P=$(port); node "$ROOT/bench/mock/mock.mjs" --port "$P" --keepalive-timeout-s 3600 > "$W/mock$i.log" 2>&1 & PIDS="$PIDS $!"
   URLS="$URLS${URLS:+,}http://127.0.0.1:$P/v1"
 done
 BODY='{"model":"vllm/meta-llama/Llama-3.1-8B-Instruct","messages":[{"role":"user","content":"hello"}]}'
