@@ -1109,7 +1109,8 @@ def test_the_request_paths_functions_make_no_closure_cell_per_call():
     from gomodel.upstream.openai_compatible import OpenAICompatibleProvider
     from gomodel.upstream.vllm import VLLMProvider
 
-    hot = [ReplicaPool._choose, ReplicaPool._pick, ReplicaPool._lowest, ReplicaPool._slower, ReplicaPool._candidates,
+    hot = [ReplicaPool._choose, ReplicaPool._pick, ReplicaPool._lowest, ReplicaPool._slower,
+           ReplicaPool._choose_paced, ReplicaPool._candidates,
            InferenceRoutes._completions, plan_model, StreamRelay.__init__, Gate.admit, Gate.completed,
            VLLMProvider.url, OpenAICompatibleProvider._header_lines, FrontResource.render, Handling._resume,
            OpenAICompatibleProvider.send, within, Limiter.admit, Limiter._answered,

@@ -1029,13 +1029,42 @@ class _ReferencePool(ReplicaPool):
                 if slowest is None or pace > slowest:
                     slowest = pace
         if fastest is not None and clearly_slower(slowest, fastest):
-            return self._choose_paced(free, scores, queued, batch, self._slower(free, fastest), now,
+            return self._paced_before(free, scores, queued, batch, self._slower_before(free, fastest), now,
                                       affinity, size)
         if not scores:  # every one would queue: where the wait is shortest (no warm cache is worth a longer one)
             return self._lowest(free, _waits(free, queued, batch, {}), None)
         if ties == 1 and affinity is None:
             return lowest
         return self._pick(list(scores), list(scores.values()), affinity, best, ties, lowest)
+
+
+    def _paced_before(self, free, scores, queued, batch, slower, now, affinity, size):
+        """L{ReplicaPool._choose_paced} as it was, its steps dicts made by comprehensions."""
+        prompt = {r: score for r, score in scores.items() if r not in slower or r.due(now)}
+        if prompt:
+            scores = prompt
+        elif size is not None and self._long(size()):
+            faster = [r for r in free if r not in slower]
+            if faster:
+                free, scores = faster, {}
+        scores = {r: score * slower.get(r, 1.0) for r, score in scores.items()}
+        if scores:
+            replica = self._lowest(list(scores), list(scores.values()), affinity)
+        else:
+            replica = self._lowest(free, _waits(free, queued, batch, slower), None)
+        if replica in slower:
+            replica.rare = True
+        return replica
+
+    @staticmethod
+    def _slower_before(free, fastest):
+        """L{ReplicaPool._slower} as it was: each replica's L{Replica.slowness}."""
+        slower = {}
+        for r in free:
+            times = r.slowness(fastest)
+            if times > 1.0:
+                slower[r] = times
+        return slower
 
 
 def _randomized_pools(seed):

@@ -971,8 +971,7 @@ class ReplicaPool:
                 if slowest is None or pace > slowest:
                     slowest = pace
         if fastest is not None and clearly_slower(slowest, fastest):
-            return self._choose_paced(free, scores, queued, batch, self._slower(free, fastest), now,
-                                      affinity, size)
+            return self._choose_paced(free, scores, queued, batch, fastest, now, affinity, size)
         if not self._alike and not batch and not self._reported:  # (the free ones' paces alike: is the envelope
             self._learned(None)                                      # holding a pace since gone? L{_by_count})
         if not scores:  # every one would queue: where the wait is shortest (no warm cache is worth a longer one)
@@ -996,21 +995,37 @@ class ReplicaPool:
         turns[best.index] -= total
         return best
 
-    def _choose_paced(self, free, scores, queued, batch, slower, now, affinity, size):
-        """L{_choose} where some replicas are clearly slower (C{slower}, L{_slower}): one takes only what no
-        faster one could start at once, and each of its requests counts as many times as it is slower."""
-        prompt = {r: score for r, score in scores.items() if r not in slower or r.due(now)}
+    def _choose_paced(self, free, scores, queued, batch, fastest, now, affinity, size):
+        """L{_choose} where some replicas are clearly slower than the pace C{fastest} (L{_slower}): one takes only
+        what no faster one could start at once, and each of its requests counts as many times as it is slower.
+
+        This runs for every request while one is (a chance one too: the gateway's own delays are in every pace), so
+        its steps are plain loops: no comprehension (each a closure over this call's locals, and a frame), no call
+        per replica."""
+        slower = self._slower(free, fastest) if fastest else {}  # (none is slower than a pace of 0)
+        # Those that can start it at once (not clearly slower, or due to learn their pace again), with their
+        # scores, each a slower one's times its slowness.
+        prompt, weighed = [], []
+        for r, score in scores.items():
+            times = slower.get(r)
+            if times is None:
+                prompt.append(r)
+                weighed.append(score)
+            elif r.due(now):
+                prompt.append(r)
+                weighed.append(score * times)
+        if not prompt:
+            if size is not None and self._long(size()):
+                # Only a clearly slower replica could start it: a long answer there is the tail of
+                # latency (a 3x slower replica makes 2 s 6 s), so it waits for a faster one.
+                faster = list(filterfalse(slower.__contains__, free))  # (in C: no closure cell of C{slower})
+                if faster:
+                    free, scores = faster, {}
+            for r, score in scores.items():
+                prompt.append(r)
+                weighed.append(score * slower.get(r, 1.0))
         if prompt:
-            scores = prompt
-        elif size is not None and self._long(size()):
-            # Only a clearly slower replica could start it: a long answer there is the tail of
-            # latency (a 3x slower replica makes 2 s 6 s), so it waits for a faster one.
-            faster = [r for r in free if r not in slower]
-            if faster:
-                free, scores = faster, {}
-        scores = {r: score * slower.get(r, 1.0) for r, score in scores.items()}
-        if scores:
-            replica = self._lowest(list(scores), list(scores.values()), affinity)
+            replica = self._lowest(prompt, weighed, affinity)
         else:
             replica = self._lowest(free, _waits(free, queued, batch, slower), None)
         if replica in slower:
@@ -1018,12 +1033,17 @@ class ReplicaPool:
         return replica
 
     def _slower(self, free, fastest) -> dict:
-        """Each clearly slower replica of C{free} than the pace C{fastest}: how many times slower."""
+        """Each clearly slower replica of C{free} than the pace C{fastest} (not 0): how many times slower
+        (L{Replica.slowness}, inline)."""
         slower = {}
+        least = SLOWER * fastest
         for r in free:  # (a loop: a comprehension here would make a closure cell on every call)
-            times = r.slowness(fastest)
-            if times > 1.0:
-                slower[r] = times
+            if r.timed == PACE_SAMPLES:  # (L{Replica.paced}; L{clearly_slower}, inline)
+                pace = r.pace
+                if pace > least and pace - fastest > PACE_NOISE:
+                    times = pace / fastest
+                    if times > 1.0:
+                        slower[r] = times
         return slower
 
     def _lowest(self, replicas, scores, affinity):
