@@ -153,6 +153,13 @@ async def test_database_work_never_runs_on_the_reactor_thread(store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_stores_connection_keeps_256_kib_of_page_cache(store):
+    # SQLite's default, 2 MiB, grew every process as the usage ledger grew (a budget's sums are read every second)
+    db = store._db
+    assert await db.run(lambda: db.conn().execute("PRAGMA cache_size").fetchone()[0]) == -256
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_write_nobody_waits_for_runs_in_order_and_a_failure_is_logged(store, logged_errors):
     db, ran = store._db, []
 
