@@ -36,17 +36,35 @@ def pytest_runtest_logstart(nodeid, location):
 
 def pytest_runtest_logfinish(nodeid, location):
     _record("end", nodeid)
+
+
+def pytest_testnodedown(node, error):
+    # (in the controlling process: a worker ended, every event of its tests already handed to the scheduler)
+    open(os.path.join(os.path.dirname(__file__), "ended-" + node.gateway.id), "w").close()
 """
 
-# A test named by FAIL fails; one named by CRASH ends its worker's process, once (xdist runs it again).
+# A test named by FAIL fails; one named by CRASH ends its worker's process, once (xdist runs it again); one named
+# by CRASH_ALONE does so once every other worker has ended (waiting at most a minute for them).
 TESTS = """
 import os
+import time
 
 import pytest
 
 
+def others_ended():
+    me, count = os.environ["PYTEST_XDIST_WORKER"], int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    return all(os.path.exists(f"ended-gw{{n}}") for n in range(count) if f"gw{{n}}" != me)
+
+
 @pytest.mark.parametrize("i", range({count}))
 def test_{name}(i):
+    if os.environ.get("CRASH_ALONE") == f"{name}-{{i}}" and not os.path.exists("crashed"):
+        deadline = time.monotonic() + 60
+        while not others_ended():
+            assert time.monotonic() < deadline, "the other workers never ended"
+            time.sleep(0.05)
+        os.environ["CRASH"] = f"{name}-{{i}}"
     if os.environ.get("CRASH") == f"{name}-{{i}}" and not os.path.exists("crashed"):
         open("crashed", "w").close()
         os._exit(1)
@@ -140,3 +158,19 @@ def test_a_crashed_worker_is_replaced_and_the_session_ends(project, crash):
     result.stdout.fnmatch_lines(["*replacing crashed worker*", "*crashed while running*"])
     result.assert_outcomes(passed=13, failed=1)
     _assert_quiet_stage(events)
+
+
+def test_a_worker_crashed_once_the_others_ended_for_the_held_group_is_replaced_and_the_session_ends(project):
+    """The worker kept for the quiet stage crashes in a test of the others, the held group already sent to it and
+    the other workers ended: its replacement, alone, is sent back what it had not run, the held group too, and runs
+    it all. (It was sent the crashed test alone, as xdist sends one unit, and waited forever: a worker runs its last
+    test only once it is sent more or told to stop.) The browser's group, the largest unit, goes to the first
+    worker, which the stage keeps; its last test crashes once the controlling process has had the two others end."""
+    result, events = project(CRASH_ALONE="browser-1")
+
+    result.stdout.fnmatch_lines(["*replacing crashed worker*", "*crashed while running*browser*"])
+    result.assert_outcomes(passed=13, failed=1)
+    _assert_quiet_stage(events)
+    crashed = [worker for event, nodeid, worker in events if event == "start" and nodeid == BROWSER[1]]
+    assert len(crashed) == 2 and crashed[0] != crashed[1]  # run again on the replacement
+    assert {worker for _, nodeid, worker in events if _held(nodeid)} == {crashed[1]}
