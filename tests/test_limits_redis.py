@@ -190,9 +190,10 @@ async def test_two_processes_share_one_limit_exactly(reactor, make):
         except RateLimitExceeded as e:
             refusals += 1
             assert "concurrent" in e.message
+            # The refusing process sees the cap reached, its own slots or not: asked at once, as routing asks
+            # (its view lasts a second of the clock; after the loop, on a loaded machine, it may have passed).
+            assert limiter.saturated("path:/team", scopes[0][1])
     assert (admitted, refusals) == (3, 13)
-    # Each process saw the cap reached, its own slots or not.
-    assert first.saturated("path:/team", scopes[0][1]) and second.saturated("path:/team", scopes[0][1])
     for admission in held:
         await admission.release()
     # Refusals by the concurrency cap gave their request back: 7 of the day's 10 are left, in all.
