@@ -574,7 +574,7 @@ def _blocks(content, where) -> list:
         if block["type"] == "text":
             text = block.get("text")
             if text == "":
-                raise InvalidRequest("messages: text content blocks must be non-empty", param=f"{where}.content.{i}")
+                raise InvalidRequest(_EMPTY_TEXT, param=f"{where}.content.{i}")
             blank = blank or text.__class__ is str and text.isspace()
     if blank:  # (one at least: are they all?)
         at = blank_block(content)
@@ -583,6 +583,8 @@ def _blocks(content, where) -> list:
     return content
 
 
+# Anthropic's words for a message's empty text block (a tool result's too) and for its blank ones.
+_EMPTY_TEXT = "messages: text content blocks must be non-empty"
 _BLANK_TEXT = "messages: text content blocks must contain non-whitespace text"
 
 
@@ -810,7 +812,7 @@ def _tool_result(block, where):
             if kind == "text":
                 text = _text(item, at)
                 if not text:  # (Anthropic's 400 there too; a blank one it takes)
-                    raise InvalidRequest("messages: text content blocks must be non-empty", param=at)
+                    raise InvalidRequest(_EMPTY_TEXT, param=at)
                 texts.append(text)
             elif kind == "image":
                 images.append(_image_url(item, at))
