@@ -841,6 +841,32 @@ async def test_a_job_asked_before_the_opening_is_cancelled_within_its_time_limit
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_job_past_its_time_limit_before_it_had_a_connection_never_runs(reactor, pg_database):
+    """A job whose time limit passed while it waited for a store thread or a connection (every one busy with a
+    statement that hung) is not run once one frees: its caller had its 503. Before, only a job already holding a
+    connection was cancelled; this one ran after, uncancelled, a write committed after its caller was told it failed
+    and a hung statement holding the thread for good (the job behind it 503 too)."""
+    store = opened(reactor, pg_database, max_conns=1, job_timeout=1.0)
+    ran = []
+
+    def late(conn):
+        ran.append(True)
+        conn.execute("SELECT pg_sleep(30)")
+
+    try:
+        await store.started()
+        hung = store._db.run(lambda conn: conn.execute("SELECT pg_sleep(30)"))
+        waiting = store._db.run(late)  # (the same time limit as the hung one, behind it for the only thread)
+        for asked in (hung, waiting):
+            with pytest.raises(StorageUnavailable):
+                await asked
+        assert await store._db.run(lambda conn: conn.execute("SELECT 1").fetchone()) == (1,)
+        assert ran == []
+    finally:
+        await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_gateway_whose_store_is_still_opening_is_not_ready(reactor, http, fake, pg_database):
     # Another host holds the migration lock (its migration is running): this gateway's store waits for it. Readiness
     # said 200 "degraded" (the store "down") meanwhile, so a load balancer sent it traffic it then refused

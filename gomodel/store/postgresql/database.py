@@ -303,8 +303,8 @@ class Database:
         if self.problem is None:
             self.log.warn("PostgreSQL store unavailable: {reason}", reason=reason)
             self.problem = reason
+        job.cancelled = True  # (one still waiting for a thread or a connection is then never run)
         if job.conn is not None and self._cancels.running:
-            job.cancelled = True
             self._cancels.run(job.cancel).addErrback(
                 lambda f: self.log.debug("cancelling a PostgreSQL statement failed: {reason}",
                                          reason=_reason(f.value)))
@@ -338,7 +338,10 @@ class Database:
                 raise StorageUnavailable.because(self.problem)
             # Known down: fail fast instead of queueing every request for the pool's whole timeout.
             with _lent(pool, POOL_TIMEOUT if self.problem is None else DOWN_TIMEOUT) as conn:
-                job.conn = conn
+                with job.lock:
+                    if job.cancelled:  # past its time limit while it waited: its caller had its 503
+                        raise StorageUnavailable.because("cancelled past the time limit")
+                    job.conn = conn
                 try:
                     result = _attempts(f, conn, args, job)
                 except psycopg.errors.ReadOnlySqlTransaction:
