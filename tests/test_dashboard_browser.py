@@ -117,8 +117,9 @@ class Browser:
             return WebDriverWait(self.driver, timeout, poll_frequency=0.1,
                                  ignored_exceptions=(StaleElementReferenceException,)).until(condition)
         except TimeoutException:
-            raise AssertionError(f"waited {timeout}s for {what}; the page shows: "
-                                 f"{(self.text_of('body') or '')[:2000]}") from None
+            entries, _ = self.logs()  # (what the page said meanwhile: a failed call, a script error)
+            raise AssertionError(f"waited {timeout}s for {what}; the page ({self.driver.current_url}) shows: "
+                                 f"{(self.text_of('body') or '')[:2000]!r}; its console: {entries}") from None
 
     def one(self, css):
         return self.driver.find_element("css selector", css)
