@@ -43,6 +43,7 @@ from gomodel.redis_client import connect as connect_redis
 from gomodel.responses_history import ResponseRetention
 from gomodel.routing.health import ReplicaMonitor
 from gomodel.routing.pins import SharedPins
+from gomodel.routing.lag import LoopLag
 from gomodel.routing.pool import Replica, ReplicaPool
 from gomodel.routing.registry import ModelRegistry
 from gomodel.listeners import ListenerService, PoolService, RedisService, listen_endpoint
@@ -123,6 +124,8 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
         refresh_interval=config.upstreams.models_refresh_interval, health_interval=routing.health_interval,
         metrics_interval=routing.metrics_interval, stall_timeout=routing.stall_timeout)
     gateway.monitor.setServiceParent(gateway)
+    if routing.strategy == "load":  # (its paces count only there: L{gomodel.routing.lag})
+        LoopLag(reactor, pools).setServiceParent(gateway)
     exchange = Exchange(reactor, config.upstreams.timeouts, max_attempts=routing.max_attempts, timers=timers)
     owner = process_owner()
     # (A worker is one of several whatever its configuration says: its command line has no --workers.)

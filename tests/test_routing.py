@@ -27,7 +27,7 @@ from gomodel import jsonutil
 from gomodel.errors import ReplicasBusy, UpstreamUnreachable
 from gomodel.routing import health
 from gomodel.routing.affinity import PREFIX_CHARS, affinity_key
-from gomodel.routing.pool import (DOWN, PACE_REFRESH, PACE_SAMPLES, RARE_WEIGHT, READY, SLOWER, STALLED, Replica,
+from gomodel.routing.pool import (DOWN, PACE_NOISE, PACE_REFRESH, PACE_SAMPLES, RARE_WEIGHT, READY, SLOWER, STALLED, Replica,
                                   ReplicaPool, _in_flight, _waits, clearly_slower)
 from gomodel.routing.vllm_metrics import LoadSample
 from gomodel.upstream.errors import upstream_error
@@ -759,6 +759,36 @@ def test_replicas_that_answer_in_milliseconds_count_alike_whatever_the_ratio_of_
     # the one with more in flight gets less, by load; counted clearly slower it would get its first
     # PACE_SAMPLES requests and nothing more
     assert min(got) >= 100, got
+
+
+def test_paces_apart_by_no_more_than_the_event_loops_delays_count_alike():
+    """A gateway whose event loop runs late (here each of its turns takes 0.15 s: the clock moves in such steps)
+    sees every duration it measures late by up to that: paces apart by a few such delays are its own, and a replica
+    keeps its share (before, one that happened to answer during a burst took only overflow for PACE_REFRESH s). A
+    replica clearly slower beyond them still takes only overflow; once the loop is prompt again, the pools are told
+    that its paces differ by PACE_NOISE's chance alone; a stopped probe sets no timer."""
+    from gomodel.routing.lag import PROBE_EVERY, LoopLag
+
+    clock = Clock()
+    service = [0.25, 0.25, 0.25, 0.4]  # 1.6 times, 0.15 s more: clearly slower by PACE_NOISE alone
+    *fast, slow = run_load(paced_pool(clock), clock, service, 600, every=0.15)
+    assert slow <= 2 * PACE_SAMPLES, (fast, slow)
+    pool = paced_pool(clock)
+    lag = LoopLag(clock, [pool, paced_pool(clock, 1)])
+    lag.startService()
+    try:
+        *fast, slow = run_load(pool, clock, service, 600, every=0.15)
+        assert [round(r.pace, 3) for r in pool.replicas] == service
+        assert pool.noise > 0.15, pool.noise
+        assert slow >= min(fast), (fast, slow)
+        *fast, slow = run_load(pool, clock, [0.25, 0.25, 0.25, 1.0], 600, every=0.15)  # four times: its own
+        assert slow <= 2 * PACE_SAMPLES, (fast, slow)
+        for _ in range(60):  # the loop prompt again: each probe on time
+            clock.advance(PROBE_EVERY)
+        assert lag.noise == pool.noise == PACE_NOISE
+    finally:
+        lag.stopService()
+    assert not clock.getDelayedCalls()
 
 
 def test_a_slow_replica_that_becomes_fast_regains_its_share():

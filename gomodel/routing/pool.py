@@ -104,10 +104,10 @@ SIZE_SAMPLES = 50  # a pool's mean max_tokens is the plain mean of the first one
 HOLD_MAX = 60.0  # seconds at most that a replica taken down by failed requests is held out (L{Replica.hold})
 
 
-def clearly_slower(pace, fastest) -> bool:
+def clearly_slower(pace, fastest, noise=PACE_NOISE) -> bool:
     """Whether C{pace} is clearly slower than the pace C{fastest}: over L{SLOWER} times it, and by more
-    than L{PACE_NOISE} seconds."""
-    return pace > SLOWER * fastest and pace - fastest > PACE_NOISE
+    than C{noise} seconds (L{PACE_NOISE}, more while the event loop runs late: L{gomodel.routing.lag})."""
+    return pace > SLOWER * fastest and pace - fastest > noise
 
 
 def _waits(free, queued, batch, slower) -> list:
@@ -268,10 +268,10 @@ class Replica:
         """Whether its pace is learned from enough requests to compare it with others'."""
         return self.timed == PACE_SAMPLES
 
-    def slowness(self, fastest) -> float:
-        """How many times slower than the pace C{fastest} it is when clearly so (L{clearly_slower}), else
-        1: replicas alike differ by chance, and count alike."""
-        if fastest and self.paced and clearly_slower(self.pace, fastest):
+    def slowness(self, fastest, noise=PACE_NOISE) -> float:
+        """How many times slower than the pace C{fastest} it is when clearly so (L{clearly_slower}, C{noise}
+        seconds of pace being noise), else 1: replicas alike differ by chance, and count alike."""
+        if fastest and self.paced and clearly_slower(self.pace, fastest, noise):
             return self.pace / fastest
         return 1.0
 
@@ -280,9 +280,9 @@ class Replica:
         has not been learned again for L{PACE_REFRESH} seconds."""
         return not self.in_flight and (self.timed_at is None or now - self.timed_at >= PACE_REFRESH)
 
-    def slower_than(self, other) -> bool:
-        """Whether it is clearly slower than C{other} (both paced)."""
-        return other.paced and self.slowness(other.pace) > 1.0
+    def slower_than(self, other, noise=PACE_NOISE) -> bool:
+        """Whether it is clearly slower than C{other} (both paced; C{noise}: L{slowness}'s)."""
+        return other.paced and self.slowness(other.pace, noise) > 1.0
 
     # -- what happens to it ------------------------------------------------------
 
@@ -548,6 +548,7 @@ class ReplicaPool:
         # (an envelope: L{release} only widens it, L{_choose} makes it tight) with whether those are
         # alike (none clearly slower).
         self._batch, self._reported, self._pace_low, self._pace_high, self._alike = 0, False, inf, -inf, True
+        self.noise = PACE_NOISE  # seconds of pace that are noise now (L{lagged})
         # whether L{_choose} scores by count alone as things stand (least_requests, or none of the above stands in
         # the way): one look a request rather than four; kept with them (L{_learned}, L{_widen})
         self._by_count = True
@@ -821,10 +822,16 @@ class ReplicaPool:
         self._batch, self._reported = batch, reported
         if high >= low:
             self._pace_low, self._pace_high = low, high
-            self._alike = not clearly_slower(high, low)
+            self._alike = not clearly_slower(high, low, self.noise)
         else:
             self._pace_low, self._pace_high, self._alike = inf, -inf, True
         self._by_count = self._strategy == "least_requests" or (not self._batch and not self._reported and self._alike)
+
+    def lagged(self, noise):
+        """The event loop's delays make C{noise} seconds of pace noise now (L{gomodel.routing.lag.LoopLag}): paces
+        that differ by no more count alike."""
+        self.noise = noise
+        self._learned(None)
 
     def _widen(self, pace):
         """A replica's learned pace moved outside the envelope: widen it to C{pace}."""
@@ -832,7 +839,7 @@ class ReplicaPool:
             self._pace_low = pace
         if pace > self._pace_high:
             self._pace_high = pace
-        alike = not clearly_slower(self._pace_high, self._pace_low)
+        alike = not clearly_slower(self._pace_high, self._pace_low, self.noise)
         if alike is not self._alike:
             self._alike = alike
             self._by_count = self._strategy == "least_requests" or (not self._batch and not self._reported and alike)
@@ -847,7 +854,7 @@ class ReplicaPool:
             if known is not None and known[0] == replica.index and (
                     pins is None or self._clock.seconds() - known[1] < pins.refresh_after):
                 table.move_to_end(affinity)
-            elif known is not None and replica.slower_than(self.replicas[known[0]]):
+            elif known is not None and replica.slower_than(self.replicas[known[0]], self.noise):
                 table.move_to_end(affinity)  # an overflow to a slower replica: the pin stays where it was
             else:  # a new or changed pin (or, shared, one to write again before it expires)
                 self._remember(affinity, replica.index)
@@ -970,7 +977,7 @@ class ReplicaPool:
                     fastest = pace
                 if slowest is None or pace > slowest:
                     slowest = pace
-        if fastest is not None and clearly_slower(slowest, fastest):
+        if fastest is not None and clearly_slower(slowest, fastest, self.noise):
             return self._choose_paced(free, scores, queued, batch, fastest, now, affinity, size)
         if not self._alike and not batch and not self._reported:  # (the free ones' paces alike: is the envelope
             self._learned(None)                                      # holding a pace since gone? L{_by_count})
@@ -1037,13 +1044,12 @@ class ReplicaPool:
         (L{Replica.slowness}, inline)."""
         slower = {}
         least = SLOWER * fastest
+        noise = self.noise
         for r in free:  # (a loop: a comprehension here would make a closure cell on every call)
             if r.timed == PACE_SAMPLES:  # (L{Replica.paced}; L{clearly_slower}, inline)
                 pace = r.pace
-                if pace > least and pace - fastest > PACE_NOISE:
-                    times = pace / fastest
-                    if times > 1.0:
-                        slower[r] = times
+                if pace > least and pace - fastest > noise:
+                    slower[r] = pace / fastest
         return slower
 
     def _lowest(self, replicas, scores, affinity):
