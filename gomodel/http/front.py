@@ -118,10 +118,7 @@ class FrontResource(Resource):
                 except Exception:
                     body = render.fail(request, Failure())
                 if body.__class__ is CoroutineType:  # (an admin call's: run as an exact route's, cancelled if it ends)
-                    handling = Handling(_answer, request)
-                    request.ending = partial(_ended, request, ctx, handling)
-                    handling.start(body)
-                    return NOT_DONE_YET
+                    return _handled(request, ctx, body)
                 write_answer(body, request)
                 return NOT_DONE_YET
             ctx.endpoint = request.path.decode("ascii")
@@ -129,11 +126,7 @@ class FrontResource(Resource):
                 f"Method {request.method.decode('ascii', 'replace')} is not allowed on "
                 f"{request.path.decode('ascii')} (allowed: POST).", headers={"Allow": "POST"}), ctx.dialect)
         ctx.endpoint = request.path.decode("ascii")
-        handling = Handling(_answer, request)
-        # A client that leaves cancels the handler, which closes the upstream connection.
-        request.ending = partial(_ended, request, ctx, handling)
-        handling.start(handler(request, ctx))
-        return NOT_DONE_YET
+        return _handled(request, ctx, handler(request, ctx))
 
     def answered_early(self, request_id, method, path, status, code=None, routed=False, principal=None):
         """Record a request answered before it came here (L{gomodel.http.site.GatewaySite.answered_early}: refused by
@@ -177,6 +170,15 @@ class FrontResource(Resource):
             return errors.RequestTooLarge(f"The request body is larger than the gateway's limit of "
                                           f"{request.body_limit} bytes ({request.limit_name}).")
         return None
+
+
+def _handled(request, ctx, coroutine):
+    """Run C{coroutine}, a route's handler, to answer C{request}; a client that leaves cancels it (which closes its
+    upstream connection)."""
+    handling = Handling(_answer, request)
+    request.ending = partial(_ended, request, ctx, handling)
+    handling.start(coroutine)
+    return NOT_DONE_YET
 
 
 def _answer(result, request):
