@@ -36,7 +36,8 @@ requests in flight, but the replica's reports count everyone's: the score
 takes the larger of the two. Each replica's pace is learned from what the
 gateway sees: a moving mean of the seconds its successful requests took,
 send to end. A replica clearly slower than the fastest candidate (over
-L{SLOWER} times its pace, and by more than L{PACE_NOISE} seconds) takes only
+L{SLOWER} times its pace, and by more than L{PACE_NOISE} seconds, more while
+the event loop runs late: L{gomodel.routing.lag}) takes only
 overflow: requests that no faster replica could start at once (each would
 wait in its queue, see below). With vLLM's batching a fast replica with a
 few more requests running still finishes each far sooner than a slow one
