@@ -256,6 +256,50 @@ async def test_a_responses_batch_lines_responses_are_kept_as_online_ones_are(htt
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_line_continues_no_response_of_a_team_its_key_joined_after_the_batch_started(reactor, fake, http,
+                                                                                             tmp_path):
+    """A batch's responses and output are its tenant's (the team its key was in when it made it), wherever the key
+    moved since: a line continues no stored response of the team the key moved to. Before, a key moved from team b
+    to team a while its batch ran continued team a's conversation into team b's output and stored responses, which
+    every member of team b read and continued."""
+    gateway = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": KEY,
+                                            "GOMODEL_DATA_DIR": str(tmp_path), "BATCH_CONCURRENCY_PER_PROVIDER": "1"})
+    keys, clients = {}, []
+    try:
+        for name, path in (("alice", "/team/a"), ("mover", "/team/b"), ("bob", "/team/b")):
+            made = await http.post(gateway.url + "/admin/api/v1/auth-keys", headers=AUTH,
+                                   data=json.dumps({"name": name, "user_path": path}).encode())
+            keys[name] = json.loads(await treq.content(made))
+            clients.append(openai_client(gateway, keys[name]["value"]))
+        alice, mover, bob = clients
+        plans = await in_thread(alice.responses.create, model=MODEL, input="team a's plans")
+        await gateway.service.store.responses.get(plans.id)  # (kept: stored once read)
+        lines = [{"custom_id": custom_id, "method": "POST", "url": "/v1/responses", "body": dict(body, model=MODEL)}
+                 for custom_id, body in (("first", {"input": "hi", "fake_hold": True}), ("waits", {"input": "hi"}),
+                                         ("next", {"input": "go on", "previous_response_id": plans.id}))]
+        batch = await start_batch(mover, lines, endpoint="/v1/responses")
+        await with_timeout(reactor, fake.when_held(1), 10)  # (the first line holds the provider's one slot: the next
+        # waits for it, and the last one is read once it got it)
+        moved = await http.patch(gateway.url + f"/admin/api/v1/auth-keys/{keys['mover']['id']}", headers=AUTH,
+                                 data=json.dumps({"user_path": "/team/a"}).encode())
+        assert moved.code == 200, await treq.content(moved)
+        fake.release_holds()
+        await gateway.service.batch_runner.settled(batch.id)
+        ended = await in_thread(bob.batches.retrieve, batch.id)  # (team b's batch, as it was made)
+        assert ended.request_counts.completed == 2, ended
+        errors = await file_lines(bob, ended.error_file_id)
+        assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [("next", "previous_response_not_found")]
+        sent = [json.dumps(r.body) for r in fake.forwarded(b"/v1/responses")]
+        assert sum("team a's plans" in body for body in sent) == 1  # (alice's own: none of the batch's went on)
+        # A batch it makes now is team a's: its line goes on with team a's plans, for team a.
+        again = await finished(gateway, mover, (await start_batch(mover, lines[2:], endpoint="/v1/responses")).id)
+        [line] = await file_lines(alice, again.output_file_id)
+        assert line["response"]["body"]["previous_response_id"] == plans.id
+    finally:
+        await stop_all(gateway, clients=clients)
+
+
+@pytest_twisted.ensureDeferred
 async def test_output_expires_after_gives_the_output_and_error_files_their_expiry(sdk, gw):
     lines = [chat_line("a"), chat_line("bad", fake_status=400, fake_body="{}")]
     created = await start_batch(sdk, lines, output_expires_after={"anchor": "created_at", "seconds": 7200})

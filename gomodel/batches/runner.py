@@ -588,7 +588,7 @@ class BatchRunner(Service):
                 checked_metadata(payload.get("metadata"))
                 native_kept_nowhere(route.provider.type, payload)
             if path == "/responses" and payload.get("previous_response_id") is not None:
-                previous = await self._previous(payload, job.principal)
+                previous = await self._previous(payload, job.principal, job.tenant)
                 if previous is not None and self._over is not None:  # (one still running: refused, as online)
                     previous = await self._over(previous, f"{job.batch_id}-{line}".encode("ascii"))
                 fallbacks = ()  # (the conversation is held where it was made: another target would refuse it)
@@ -754,10 +754,12 @@ class BatchRunner(Service):
             for_openai(body)
         return jsonutil.dumps(body)
 
-    async def _previous(self, payload, principal):
+    async def _previous(self, payload, principal, tenant):
         """The stored record of the response a line continues, or None (a master key's id the gateway does not
         hold goes upstream as it is). Like an online request, a managed key's line continues no response but
-        its tenant's stored ones (the upstream may hold another tenant's).
+        its tenant's stored ones (the upstream may hold another tenant's); and, the batch's answers being its
+        C{tenant}'s wherever its key moved since, none but that tenant's and the key's own (not those of a team
+        the key joined since: they would go on in its old team's output).
 
         @raise InvalidRequest: C{previous_response_id} is no response id (L{checked_previous_id}, as online), or names a
             response the key may not continue.
@@ -772,7 +774,11 @@ class BatchRunner(Service):
             if principal is None or principal.master:
                 return None
             raise unknown_previous(previous_id)
-        return await continued(self._responses, previous_id, principal)
+        record = await continued(self._responses, previous_id, principal)
+        if record is not None and tenant is not None and record.get("tenant") != tenant and (
+                principal is None or record.get("tenant") != f"key:{principal.id}"):
+            raise unknown_previous(previous_id)
+        return record
 
     def _track(self, job, d):
         job.lines.add(d)
