@@ -191,3 +191,37 @@ async def test_an_upstream_that_refuses_connections_is_an_anthropic_error(reacto
             assert dead.split("//")[1] not in error["message"]
     finally:
         await gateway.service.stopService()
+
+
+# (case, fields, the first fault's message) of bodies a create and a count_tokens both refuse, several faults in one
+SHARED_FAULTS = [
+    ("no message before a server side", {"messages": [], "mcp_servers": [{"type": "url", "url": "https://x"}]},
+     "messages: at least one message is required"),
+    ("no list before a server tool", {"messages": "hi", "tools": [{"type": "web_search_20250305", "name": "s"}]},
+     "messages: Input should be a valid list"),
+    ("a thinking display none of Anthropic's", {"thinking": {"type": "enabled", "budget_tokens": 1024,
+                                                              "display": "full"}},
+     "thinking.display: 'full' is not one of 'summarized', 'omitted'"),
+    ("a server side before a tool choice", {"container": "c", "tool_choice": {"type": "any"}},
+     "container: code execution containers (and their skills) are for Anthropic's code execution tool, one of the "
+     "server tools (web search, code execution, computer use...) are not supported by this provider"),
+]
+
+
+@pytest.mark.parametrize("model", [NATIVE, TRANSLATED], ids=["native", "translated"])
+@pytest.mark.parametrize("case, fields, said", SHARED_FAULTS, ids=[c[0] for c in SHARED_FAULTS])
+@pytest_twisted.ensureDeferred
+async def test_count_tokens_refuses_what_a_create_refuses_first_in_its_words(http, gw, fake, case, fields, said,
+                                                                             model):
+    """Of several faults in the fields a create and a count_tokens share, both name the same first, in one order
+    (L{gomodel.anthropic.translate.check_create}'s less max_tokens and sampling, which count_tokens has not), before
+    any upstream: natively, and for a provider without a tokenizer before its 501. Before, count_tokens looked at the
+    server side before the messages, and let a thinking display through (counted natively, or the 501)."""
+    before = len(fake.forwarded())
+    for path, sent in (("/v1/messages", dict({"model": model, "max_tokens": 1100, "messages": HI}, **fields)),
+                       ("/v1/messages/count_tokens", dict({"model": model, "messages": HI}, **fields))):
+        response = await http.post(gw.url + path, data=json.dumps(sent).encode(), headers=headers())
+        content = await treq.content(response)
+        assert response.code == 400, (path, content)
+        assert anthropic_error(content) == {"type": "invalid_request_error", "message": said}, path
+    assert len(fake.forwarded()) == before

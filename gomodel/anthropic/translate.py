@@ -179,8 +179,19 @@ def check_create(body: dict, walked=None) -> bool:
     return check_options(body, walked)
 
 
-def check_options(body: dict, walked=None) -> bool:
-    """Check the optional fields of a Messages create C{body} (natively too): L{check_sampling},
+def check_count(body: dict, walked=None):
+    """Check a Messages C{count_tokens} request C{body} as L{check_create} checks a create, in its order, less what
+    C{count_tokens} has not (C{max_tokens}, the sampling): so that of several faults both name the same first.
+
+    @param walked: as L{check_tool_choice_and_metadata}'s.
+    @raise InvalidRequest: as the first of those that fails.
+    """
+    checked_messages(body)
+    check_options(body, walked, sampling=False)
+
+
+def check_options(body: dict, walked=None, sampling=True) -> bool:
+    """Check the optional fields of a Messages create C{body} (natively too): L{check_sampling} (with C{sampling}),
     L{refuse_server_side}, L{check_tool_choice_and_metadata}, in that order; a body that sends none of their fields
     (most) passes them in one look.
 
@@ -190,7 +201,8 @@ def check_options(body: dict, walked=None) -> bool:
     """
     if body.keys().isdisjoint(_CHECKED_FIELDS):
         return False
-    check_sampling(body)
+    if sampling:
+        check_sampling(body)
     refuse_server_side(body)
     check_tool_choice_and_metadata(body, walked)
     return omits_thinking(body)

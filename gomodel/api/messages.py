@@ -52,11 +52,10 @@ from gomodel.anthropic.file_sources import walk_blocks
 from gomodel.anthropic.files import wants_anthropic_files
 from gomodel.anthropic.translate import (ANTHROPIC_ERROR_TYPES, ChatToMessagesStream,
                                          MessagesStreamObserver, chat_to_events_bytes, chat_to_message_bytes,
-                                         check_create, check_tool_choice_and_metadata, checked_messages,
-                                         count_tokens_answer,
-                                         count_tokens_request, is_anthropic_error, message_events_bytes,
+                                         check_count, check_create, count_tokens_answer, count_tokens_request,
+                                         is_anthropic_error, message_events_bytes,
                                          messages_to_chat, native_body, native_message_bytes,
-                                         openai_error_to_anthropic, passed_fields, refuse_server_side, unsent_stops,
+                                         openai_error_to_anthropic, passed_fields, unsent_stops,
                                          vllm_fields, with_tool_errors, without_vllm_fields)
 from gomodel.api.inference import plan_model, rebody, retargeted, target, unsaturated, vet_priority
 from gomodel.http import render
@@ -232,8 +231,8 @@ class MessagesRoutes:
         """The input tokens of a Messages request, C{{"input_tokens": N}}, as the provider's tokenizer counts them
         (for a virtual model: the first of its targets in the routing order whose provider has one).
 
-        @raise gomodel.errors.InvalidRequest: it asks for Anthropic's server side (L{refuse_server_side}) or has
-            a tool choice a create refuses (L{check_tool_choice_and_metadata}), or it is no C{count_tokens} request.
+        @raise gomodel.errors.InvalidRequest: a create would be refused for a field they share (L{check_count}), or it
+            is no C{count_tokens} request.
         @raise gomodel.errors.NotSupported: no provider of the model has a tokenizer the gateway can ask (and the
             request is one: else its L{gomodel.errors.InvalidRequest}).
         """
@@ -243,9 +242,9 @@ class MessagesRoutes:
             await self._files.resolve(files, ctx.principal)
         model = body.get("model")
         planned = plan_model(self._registry, body, principal=ctx.principal)
-        refuse_server_side(body)  # (as a create: counted natively, vLLM drops them unread)
-        checked_messages(body)  # (as a create)
-        check_tool_choice_and_metadata(body, walked)  # (as a create: vLLM's words natively, unread by /tokenize)
+        # (as a create, in its order: natively, vLLM would count a server side it drops unread, refuse a tool choice
+        # in its words; /tokenize reads neither)
+        check_count(body, walked)
         # Only vLLM has a tokenizer the gateway can ask.
         routes = self._unsaturated([route for route in planned if route.provider.type in NATIVE_TYPES])
         if not routes:
