@@ -2561,6 +2561,7 @@ def _blank_requests():
         ([hi, {"type": "text", "text": ""}], [{"role": "user", "content": "Hi."}], _SYSTEM_EMPTY),
         ([blank], [{"role": "user", "content": "Hi."}], _SYSTEM_BLANK),
         ([blank, blank], [{"role": "user", "content": "Hi."}], _SYSTEM_BLANK),
+        (" \n\t", [{"role": "user", "content": "Hi."}], _SYSTEM_BLANK),  # (a string is one text block)
         # taken: a blank block beside a text that is more, a blank tool result (unverified: sent on)
         ([hi, blank], [{"role": "user", "content": [hi, blank]}], None),
         (None, asked + [{"role": "user", "content": [result([blank]), hi]}], None),

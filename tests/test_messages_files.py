@@ -281,10 +281,11 @@ def test_one_walk_finds_file_sources_and_the_blocks_that_go_translated():
                  {"messages": [{"role": "assistant", "content": [blank, messages[1]["content"][0]]}, *messages[:1]]},
                  {"messages": [{"role": "user", "content": "\t"}]},
                  {"messages": [{"role": "user", "content": [result]}]},
-                 {"system": [hi, empty], "messages": messages[:1]}, {"system": [blank], "messages": messages[:1]}):
+                 {"system": [hi, empty], "messages": messages[:1]}, {"system": [blank], "messages": messages[:1]},
+                 {"system": " ", "messages": messages[:1]}):
         assert walk_blocks(body) == ([], True, []), body
     for body in ({"messages": [{"role": "user", "content": [blank, hi]}]},
-                 {"system": [blank, hi], "messages": messages[:1]}, {"system": " ", "messages": messages[:1]}):
+                 {"system": [blank, hi], "messages": messages[:1]}, {"system": "", "messages": messages[:1]}):
         assert walk_blocks(body) == ([], False, []), body
     # so does an empty user message ("", []: Anthropic's other 400), not the assistant's
     for content in ("", []):

@@ -48,11 +48,11 @@ def walk_blocks(body, files=True) -> tuple:
     L{TRANSLATED_BLOCKS}, a system message a tool change (L{gomodel.anthropic.translate.TOOL_CHANGES}), a
     user message is empty (L{gomodel.anthropic.translate.empty_user_content}: C{""}, C{[]}) or nothing but
     whitespace, a message's content or a tool result's holds an empty text block, a message's text blocks are
-    nothing but whitespace (L{gomodel.anthropic.translate.blank_block}), or the system prompt's blocks are blank
-    (L{gomodel.anthropic.translate.blank_system}) (the translation refuses each as Anthropic does; vLLM's
-    Messages API would take them, dropping an empty block and generating from the rest) (what a vLLM gets translated,
-    L{gomodel.api.messages.translates}; once it is known, the walk looks no more for it), and the
-    C{(message, block)} indexes of the C{tool_result} blocks whose C{is_error} is true
+    nothing but whitespace (L{gomodel.anthropic.translate.blank_block}), or the system prompt is blank (its blocks,
+    or a string of whitespace: L{gomodel.anthropic.translate.blank_system}) (the translation refuses each as
+    Anthropic does; vLLM's Messages API would take them, dropping an empty block and generating from the rest)
+    (what a vLLM gets translated, L{gomodel.api.messages.translates}; once it is known, the walk looks no more for
+    it), and the C{(message, block)} indexes of the C{tool_result} blocks whose C{is_error} is true
     (L{gomodel.anthropic.translate.with_tool_errors}).
 
     (No scan of the body's bytes for those words first: on a long Claude Code conversation, 200 messages in
@@ -65,7 +65,7 @@ def walk_blocks(body, files=True) -> tuple:
     last = messages[-1] if messages else None
     translated = isinstance(last, dict) and last.get("role") == "assistant"  # (a prefill)
     system = body.get("system")
-    if system.__class__ is list:  # (most: a string, or none)
+    if system is not None:
         translated = translated or blank_system(system)
     for i, message in enumerate(messages):
         content = message.get("content") if isinstance(message, dict) else None

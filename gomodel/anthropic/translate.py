@@ -526,11 +526,15 @@ def _system_texts(system, where, inline=False) -> list:
     """The texts of a system prompt (C{inline}: of a system message in C{messages}, whose tool changes are
     left out), the billing header left out.
 
-    @raise InvalidRequest: it is neither a string nor a list of text blocks (and, inline, tool changes).
+    @raise InvalidRequest: it is neither a string nor a list of text blocks (and, inline, tool changes), or (not
+        inline) a text block is empty or they are all whitespace, or it is a string of nothing but whitespace (one
+        text block to Anthropic: L{blank_system}) (Anthropic's 400s, word for word).
     """
     if system is None:
         return []
     if isinstance(system, str):
+        if not inline and system.isspace():
+            raise InvalidRequest(_SYSTEM_BLANK, param=where)
         return [system] if system else []
     if not isinstance(system, list):
         raise InvalidRequest(f"{where}: Input should be a string or a list of text blocks", param=where)
@@ -547,9 +551,11 @@ def _system_texts(system, where, inline=False) -> list:
     if not inline:
         blank = blank_block(system)
         if blank is not None:
-            raise InvalidRequest("system: text content blocks must contain non-whitespace text",
-                                 param=f"{where}.{blank}")
+            raise InvalidRequest(_SYSTEM_BLANK, param=f"{where}.{blank}")
     return texts
+
+
+_SYSTEM_BLANK = "system: text content blocks must contain non-whitespace text"
 
 
 def _text(block, where) -> str:
@@ -621,10 +627,13 @@ def blank_block(blocks):
 
 
 def blank_system(system) -> bool:
-    """Whether a Messages request's C{system} (a list, as sent) is what L{_system_texts} refuses as blank: it holds an
-    empty text block, or its text blocks are nothing but whitespace (L{blank_block})."""
-    return any(block.__class__ is dict and block.get("text") == "" for block in system) or \
-        blank_block(system) is not None
+    """Whether a Messages request's C{system} (as sent) is what L{_system_texts} refuses as blank: a list holding an
+    empty text block, or whose text blocks are nothing but whitespace (L{blank_block}); a string of nothing but
+    whitespace (Anthropic reads a string as one text block: the same 400; an empty string is none)."""
+    if system.__class__ is str:
+        return system.isspace()
+    return system.__class__ is list and (any(block.__class__ is dict and block.get("text") == "" for block in system)
+                                         or blank_block(system) is not None)
 
 
 def _image_url(block, where) -> dict:
