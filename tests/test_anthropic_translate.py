@@ -222,12 +222,14 @@ def test_a_tool_search_result_names_the_tools_it_found():
 
 def test_tool_results_alone_make_only_tool_messages():
     chat = messages_to_chat(request(messages=[
-        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}},
+                                          {"type": "tool_use", "id": "t2", "name": "f", "input": {}}]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1"},
                                      {"type": "tool_result", "tool_use_id": "t2", "is_error": True}]}]))
     assert chat["messages"] == [
         {"role": "assistant", "content": None,
-         "tool_calls": [{"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+         "tool_calls": [{"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+                        {"id": "t2", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
         {"role": "tool", "tool_call_id": "t1", "content": ""},
         {"role": "tool", "tool_call_id": "t2", "content": "Error"}]
 

@@ -186,6 +186,29 @@ async def test_a_lines_blank_text_is_its_error_natively_too(setup):
     assert {r.body["fake_marker"] for r in vllm.requests if r.path == b"/v1/messages"} == {"fine"}
 
 
+async def test_a_lines_unpaired_tool_calls_are_its_error_natively_too(setup):
+    """A line whose tool calls and results do not pair is errored with Anthropic's words, natively as translated, as
+    online (L{tests.test_messages.test_unpaired_tool_calls_and_results_are_anthropics_400_natively_and_translated});
+    before, a native one went to vLLM. The others run."""
+    from tests.test_messages import _unpaired_requests
+
+    gw, client, vllm, openai = setup
+    lines, said = [request("fine")], {}
+    for i, (messages, message) in enumerate(_unpaired_requests()):
+        if message is None:
+            continue
+        lines += [request(f"native-{i}", messages=messages),
+                  request(f"translated-{i}", model=TRANSLATED, messages=messages)]
+        said[f"native-{i}"] = said[f"translated-{i}"] = message
+    made = await in_thread(client.messages.batches.create, requests=lines)
+    await ended(gw, client, made.id)
+    got = await results(client, made.id)
+    assert got["fine"].type == "succeeded"
+    for custom_id, message in said.items():
+        assert got[custom_id].type == "errored" and got[custom_id].error.error.message == message, custom_id
+    assert {r.body["fake_marker"] for r in vllm.requests if r.path == b"/v1/messages"} == {"fine"}
+
+
 async def test_a_line_with_several_faults_is_told_the_one_an_online_create_is(setup):
     """A line is checked as an online create is, in one order (L{gomodel.anthropic.translate.check_create}): of its
     faults, its error names the one a create's 400 names, natively and translated (before, a line's server tool or

@@ -2348,7 +2348,8 @@ async def test_a_failed_tool_result_tells_a_native_vllm_it_failed(gw, fake, clie
     """vLLM's Messages API drops a C{tool_result}'s C{is_error}: the model never learned the tool failed. The
     gateway says it in the result's text, as the translated path does (C{Error: ...}); a result without the flag
     goes as the client sent it, and the client's body is not changed for a fallback reached the other way."""
-    call = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}
+    calls = [{"type": "tool_use", "id": f"toolu_{n}", "name": "get_weather", "input": {"city": "Paris"}}
+             for n in range(1, 6)]
     image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
     results = [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "timed out", "is_error": True},
                {"type": "tool_result", "tool_use_id": "toolu_2", "is_error": True},
@@ -2356,7 +2357,7 @@ async def test_a_failed_tool_result_tells_a_native_vllm_it_failed(gw, fake, clie
                 "content": [{"type": "text", "text": "no such city"}, {"type": "text", "text": "try again"}]},
                {"type": "tool_result", "tool_use_id": "toolu_4", "is_error": True, "content": [image]},
                {"type": "tool_result", "tool_use_id": "toolu_5", "content": "sunny", "is_error": False}]
-    messages = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": [call]},
+    messages = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": calls},
                 {"role": "user", "content": results}]
     await in_thread(client.messages.create, model=MODEL, max_tokens=8, tools=[WEATHER_TOOL], messages=messages)
     sent = fake.last_request()
@@ -2373,7 +2374,7 @@ async def test_a_failed_tool_result_tells_a_native_vllm_it_failed(gw, fake, clie
     assert sent.path == b"/v1/messages/count_tokens"
     assert sent.body["messages"][2]["content"][0]["content"] == "Error: timed out"
     # Without a failed result, the body goes as the client sent it.
-    ok = messages[:2] + [{"role": "user", "content": results[4:]}]
+    ok = [messages[0], {"role": "assistant", "content": calls[4:]}, {"role": "user", "content": results[4:]}]
     await in_thread(client.messages.create, model=MODEL, max_tokens=8, tools=[WEATHER_TOOL], messages=ok)
     assert fake.last_request().body["messages"] == ok
 
@@ -2589,6 +2590,74 @@ async def test_blank_text_is_anthropics_400_natively_and_translated(http, gw, op
                 response, answer = await post(http, gateway.url + path, sent)
                 if message is None:
                     assert response.code == 200, answer
+                    before = len(fake.forwarded())
+                    continue
+                assert response.code == 400 and json.loads(answer) == {
+                    "type": "error", "error": {"type": "invalid_request_error", "message": message}}, (sent, answer)
+    assert len(fake.forwarded()) == before
+
+
+_MISSING = ("messages.{}: `tool_use` ids were found without `tool_result` blocks immediately after: {}. Each "
+            "`tool_use` block must have a corresponding `tool_result` block in the next message.")
+_UNEXPECTED = ("messages.{}: unexpected `tool_use_id` found in `tool_result` blocks: {}. Each `tool_result` block "
+               "must have a corresponding `tool_use` block in the previous message.")
+
+
+def _unpaired_requests():
+    """C{(messages, message)}: conversations whose tool calls and results do not pair, and Anthropic's 400 (its
+    words) for each, or None where the gateway takes it."""
+    hi = {"type": "text", "text": "Hi."}
+
+    def call(n):
+        return {"type": "tool_use", "id": f"toolu_{n}", "name": "read", "input": {"path": "a.txt"}}
+
+    def result(n):
+        return {"type": "tool_result", "tool_use_id": f"toolu_{n}", "content": "ok"}
+
+    ask = {"role": "user", "content": "Read a.txt."}
+    return (
+        ([ask, {"role": "assistant", "content": [hi, call(1)]}, {"role": "user", "content": "Go on."}],
+         _MISSING.format(1, "toolu_1")),
+        ([ask, {"role": "assistant", "content": [call(1), call(2)]}, {"role": "user", "content": [result(2), hi]}],
+         _MISSING.format(1, "toolu_1")),
+        ([ask, {"role": "assistant", "content": [call(1), call(2)]}, {"role": "user", "content": [hi]}],
+         _MISSING.format(1, "toolu_1, toolu_2")),
+        ([ask, {"role": "assistant", "content": [call(1)]}, {"role": "user", "content": "Wait."},
+          {"role": "assistant", "content": "Done."}, {"role": "user", "content": [result(1)]}],
+         _MISSING.format(1, "toolu_1")),
+        ([ask, {"role": "assistant", "content": [call(1)]}, {"role": "user", "content": [result(1), result(9)]}],
+         _UNEXPECTED.format("2.content.1", "toolu_9")),
+        ([{"role": "user", "content": [result(1), hi]}], _UNEXPECTED.format("0.content.0", "toolu_1")),
+        ([ask, {"role": "assistant", "content": "Sure."}, {"role": "user", "content": [hi, result(1)]}],
+         _UNEXPECTED.format("2.content.1", "toolu_1")),
+        # taken: every call answered in the next message, in any order, beside text; consecutive messages of one
+        # role are one turn (Anthropic combines them), a system message between is passed over
+        ([ask, {"role": "assistant", "content": [call(1), call(2)]},
+          {"role": "user", "content": [result(2), result(1), hi]}], None),
+        ([ask, {"role": "assistant", "content": [hi, call(1)]}, {"role": "assistant", "content": [call(2)]},
+          {"role": "system", "content": "Be brief."}, {"role": "user", "content": [result(1)]},
+          {"role": "user", "content": [result(2)]}], None),
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_unpaired_tool_calls_and_results_are_anthropics_400_natively_and_translated(http, gw, openai_gw, fake):
+    """A tool call (C{tool_use}) whose result is not in the next message, and a tool result whose call is not in the
+    previous one, are Anthropic's 400s in its words, for a create (plain or streamed) and a count_tokens, for a vLLM
+    (natively) or translated, before any upstream. Before, vLLM generated from them natively (its chat template took
+    them as they came), and translated an OpenAI-compatible provider refused them in its own words."""
+    before = len(fake.forwarded())
+    for messages, message in _unpaired_requests():
+        for model in (MODEL, OPENAI_MODEL):
+            gateway = gw if model == MODEL else openai_gw
+            for path, sent in (("/v1/messages", {"model": model, "max_tokens": 8, "messages": messages}),
+                               ("/v1/messages", {"model": model, "max_tokens": 8, "messages": messages,
+                                                 "stream": True}),
+                               ("/v1/messages/count_tokens", {"model": model, "messages": messages})):
+                response, answer = await post(http, gateway.url + path, sent)
+                if message is None:
+                    assert response.code == (501 if model == OPENAI_MODEL and path.endswith("tokens") else 200), \
+                        answer
                     before = len(fake.forwarded())
                     continue
                 assert response.code == 400 and json.loads(answer) == {

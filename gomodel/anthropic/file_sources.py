@@ -48,9 +48,12 @@ def walk_blocks(body, files=True) -> tuple:
     L{TRANSLATED_BLOCKS}, a system message a tool change (L{gomodel.anthropic.translate.TOOL_CHANGES}), a
     user message is empty (L{gomodel.anthropic.translate.empty_user_content}: C{""}, C{[]}) or nothing but
     whitespace, a message's content or a tool result's holds an empty text block, a message's text blocks are
-    nothing but whitespace (L{gomodel.anthropic.translate.blank_block}), or the system prompt is blank (its blocks,
-    or a string of whitespace: L{gomodel.anthropic.translate.blank_system}) (the translation refuses each as
-    Anthropic does; vLLM's Messages API would take them, dropping an empty block and generating from the rest)
+    nothing but whitespace (L{gomodel.anthropic.translate.blank_block}), the system prompt is blank (its blocks,
+    or a string of whitespace: L{gomodel.anthropic.translate.blank_system}), or a tool call's result is not in the
+    next message or a result's call not in the one before (L{gomodel.anthropic.translate.tool_pair_fault}, looked
+    at more widely: a system message between is translated too, where the translation passes it over) (the
+    translation refuses each as Anthropic does; vLLM's Messages API would take them, dropping an empty block and
+    generating from the rest)
     (what a vLLM gets translated, L{gomodel.api.messages.translates}; once it is known, the walk looks no more for
     it), and the C{(message, block)} indexes of the C{tool_result} blocks whose C{is_error} is true
     (L{gomodel.anthropic.translate.with_tool_errors}).
@@ -67,13 +70,13 @@ def walk_blocks(body, files=True) -> tuple:
     system = body.get("system")
     if system is not None:
         translated = translated or blank_system(system)
+    called = {}  # tool_use id -> the index of its message, until a tool_result answers it
     for i, message in enumerate(messages):
         content = message.get("content") if isinstance(message, dict) else None
-        if not content:  # ("", []: an empty user message is Anthropic's 400, translated)
-            translated = translated or empty_user_content(content) and message.get("role") == "user"
-            continue
-        if not isinstance(content, list):
-            if content.__class__ is str and content.isspace():  # (a user's: Anthropic's 400, translated)
+        if not content or content.__class__ is not list:
+            if not content:  # ("", []: an empty user message is Anthropic's 400, translated)
+                translated = translated or empty_user_content(content) and message.get("role") == "user"
+            elif content.__class__ is str and content.isspace():  # (a user's: Anthropic's 400, translated)
                 translated = translated or message.get("role") == "user"
             continue
         for j, block in enumerate(content):
@@ -87,7 +90,17 @@ def walk_blocks(body, files=True) -> tuple:
                 translated = translated or kind in TRANSLATED_BLOCKS
                 if files and _names_file(block):
                     found.append((f"messages.{i}.content.{j}", block))
+            elif kind == "tool_use":
+                call_id = block.get("id")
+                if call_id.__class__ is str:
+                    called[call_id] = i
+                else:  # (the translation refuses it, or gives it an id)
+                    translated = True
             elif kind == "tool_result":
+                # (its call in the message before: else, or if a call is left unanswered, tool_pair_fault's 400, or a
+                # system message between, which the translation passes over; an id that is no string, its 400)
+                call_id = block.get("tool_use_id")
+                translated = translated or call_id.__class__ is not str or called.pop(call_id, None) != i - 1
                 if block.get("is_error") is True:
                     errored.append((i, j))
                 if not isinstance(block.get("content"), list):
@@ -102,6 +115,8 @@ def walk_blocks(body, files=True) -> tuple:
                             found.append((f"messages.{i}.content.{j}.content.{k}", item))
             elif kind in TOOL_CHANGES:
                 translated = translated or message.get("role") == "system"
+    if called:
+        translated = True
     return found, translated, errored
 
 

@@ -444,10 +444,54 @@ def _chat_messages(body) -> list:
         else:
             raise InvalidRequest(f"{where}.role: Input should be 'user', 'assistant' or 'system'",
                                  param=f"{where}.role")
+    fault = tool_pair_fault(messages)
+    if fault is not None:
+        raise fault
     _check_prefill(messages[-1])
     if system:
         chat.insert(0, {"role": "system", "content": _SYSTEM_JOINER.join(system)})
     return chat
+
+
+def tool_pair_fault(messages):
+    """Anthropic's 400 (its words) for the first of C{messages} (a Messages request's) that breaks its pairing of tool
+    calls and results, else None: an assistant turn's C{tool_use} ids whose C{tool_result} blocks are not all in the
+    next turn, or a user turn's C{tool_result} whose C{tool_use} is not in the turn before (the assistant's). A turn
+    is a message, or consecutive messages of one role, which Anthropic combines into one; a C{system} message, or
+    one that is no object, is passed over (Claude Code sends them mid-conversation); an id that is no string is left
+    to its block's own checks; the last turn's calls have no next one (a prefill's). vLLM's Messages API takes
+    either fault, and so does a chat template, which generates from them; an OpenAI-compatible provider refuses
+    them in its words."""
+    turns = []  # (role, the index of its first message, its calls' ids, its results' (where, id))
+    for i, message in enumerate(messages):
+        role = message.get("role") if message.__class__ is dict else None
+        if role != "user" and role != "assistant":
+            continue
+        if not turns or turns[-1][0] != role:
+            turns.append((role, i, [], []))
+        _, _, calls, results = turns[-1]
+        content = message.get("content")
+        for j, block in enumerate(content if content.__class__ is list else ()):
+            kind = block.get("type") if block.__class__ is dict else None
+            if kind == "tool_use" and role == "assistant" and block.get("id").__class__ is str:
+                calls.append(block["id"])
+            elif kind == "tool_result" and role == "user" and block.get("tool_use_id").__class__ is str:
+                results.append((f"messages.{i}.content.{j}", block["tool_use_id"]))
+    asked, at = (), None
+    for _, first, calls, results in turns:
+        answered = {call_id for _, call_id in results}
+        missing = [call_id for call_id in asked if call_id not in answered]
+        if missing:
+            return InvalidRequest(f"messages.{at}: `tool_use` ids were found without `tool_result` blocks immediately "
+                                  f"after: {', '.join(missing)}. Each `tool_use` block must have a corresponding "
+                                  "`tool_result` block in the next message.", param=f"messages.{at}")
+        for where, call_id in results:
+            if call_id not in asked:
+                return InvalidRequest(f"{where}: unexpected `tool_use_id` found in `tool_result` blocks: {call_id}. "
+                                      "Each `tool_result` block must have a corresponding `tool_use` block in the "
+                                      "previous message.", param=where)
+        asked, at = calls, first
+    return None
 
 
 def _check_prefill(message):
