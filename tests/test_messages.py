@@ -2538,6 +2538,7 @@ _BLANK = "messages: text content blocks must contain non-whitespace text"
 _EMPTY = "messages: text content blocks must be non-empty"
 _SYSTEM_EMPTY = "system: text content blocks must be non-empty"
 _SYSTEM_BLANK = "system: text content blocks must contain non-whitespace text"
+_EMPTY_MESSAGE = "messages.1: all messages must have non-empty content except for the optional final assistant message"
 
 
 def _blank_requests():
@@ -2563,8 +2564,17 @@ def _blank_requests():
         ([blank], [{"role": "user", "content": "Hi."}], _SYSTEM_BLANK),
         ([blank, blank], [{"role": "user", "content": "Hi."}], _SYSTEM_BLANK),
         (" \n\t", [{"role": "user", "content": "Hi."}], _SYSTEM_BLANK),  # (a string is one text block)
-        # taken: a blank block beside a text that is more, a blank tool result (unverified: sent on)
+        # an assistant's message but the last (a prefill's): a string of whitespace, as a user's; empty
+        (None, [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": " \n"},
+                {"role": "user", "content": "Again."}], _BLANK),
+        (None, [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": ""},
+                {"role": "user", "content": "Again."}], _EMPTY_MESSAGE),
+        (None, [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": []},
+                {"role": "user", "content": "Again."}], _EMPTY_MESSAGE),
+        # taken: a blank block beside a text that is more, a blank tool result (unverified: sent on), an empty
+        # final assistant message (a prefill)
         ([hi, blank], [{"role": "user", "content": [hi, blank]}], None),
+        (None, [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": ""}], None),
         (None, asked + [{"role": "user", "content": [result([blank]), hi]}], None),
     )
 

@@ -287,10 +287,13 @@ def test_one_walk_finds_file_sources_and_the_blocks_that_go_translated():
     for body in ({"messages": [{"role": "user", "content": [blank, hi]}]},
                  {"system": [blank, hi], "messages": messages[:1]}, {"system": "", "messages": messages[:1]}):
         assert walk_blocks(body) == ([], False, []), body
-    # so does an empty user message ("", []: Anthropic's other 400), not the assistant's
-    for content in ("", []):
+    # so does an empty user or assistant message ("", []: Anthropic's other 400), and an assistant's string of
+    # whitespace; not a system message's
+    for content in ("", [], " "):
         assert walk_blocks({"messages": [{"role": "user", "content": content}]}) == ([], True, [])
         assert walk_blocks({"messages": [{"role": "assistant", "content": content}, *messages[:1]]}) == (
+            [], True, [])
+        assert walk_blocks({"messages": [{"role": "system", "content": content}, *messages[:1]]}) == (
             [], False, [])
     # and a prefill (the last message the assistant's: its answer continues it), found before the walk, which then
     # looks only for file sources and failed tool results

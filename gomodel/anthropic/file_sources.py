@@ -14,7 +14,7 @@ naming the block.
 import base64
 
 from gomodel.anthropic.files import mime_type
-from gomodel.anthropic.translate import TOOL_CHANGES, blank_block, blank_system, empty_user_content
+from gomodel.anthropic.translate import TOOL_CHANGES, blank_block, blank_system, empty_content
 from gomodel.auth.tenancy import visible
 from gomodel.errors import InvalidRequest, shown
 from gomodel.store.records import MESSAGE_BATCH_PURPOSE
@@ -46,8 +46,8 @@ def walk_blocks(body, files=True) -> tuple:
     continues: vLLM's Messages API, 0.32, closes it as a finished turn and answers in a new one; translated, its
     chat completion continues it, C{continue_final_message}), a message or a tool result in one holds a block of
     L{TRANSLATED_BLOCKS}, a system message a tool change (L{gomodel.anthropic.translate.TOOL_CHANGES}), a
-    user message is empty (L{gomodel.anthropic.translate.empty_user_content}: C{""}, C{[]}) or nothing but
-    whitespace, a message's content or a tool result's holds an empty text block, a message's text blocks are
+    user or assistant message is empty (L{gomodel.anthropic.translate.empty_content}: C{""}, C{[]}) or a string of
+    nothing but whitespace, a message's content or a tool result's holds an empty text block, a message's text blocks are
     nothing but whitespace (L{gomodel.anthropic.translate.blank_block}), the system prompt is blank (its blocks,
     or a string of whitespace: L{gomodel.anthropic.translate.blank_system}), or a tool call's result is not in the
     next message or a result's call not in the one before (L{gomodel.anthropic.translate.tool_pair_fault}, looked
@@ -74,10 +74,12 @@ def walk_blocks(body, files=True) -> tuple:
     for i, message in enumerate(messages):
         content = message.get("content") if isinstance(message, dict) else None
         if not content or content.__class__ is not list:
-            if not content:  # ("", []: an empty user message is Anthropic's 400, translated)
-                translated = translated or empty_user_content(content) and message.get("role") == "user"
-            elif content.__class__ is str and content.isspace():  # (a user's: Anthropic's 400, translated)
-                translated = translated or message.get("role") == "user"
+            # ("", [], a string of whitespace: Anthropic's 400s, translated; a system message's is left out there, the
+            # last message's, a prefill's, is translated already)
+            if not content:
+                translated = translated or empty_content(content) and message.get("role") != "system"
+            elif content.__class__ is str and content.isspace():
+                translated = translated or message.get("role") != "system"
             continue
         for j, block in enumerate(content):
             kind = block.get("type") if isinstance(block, dict) else None

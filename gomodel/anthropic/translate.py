@@ -438,8 +438,11 @@ def _chat_messages(body) -> list:
         if role == "system":  # not Anthropic's, but vLLM takes it: merged into the one system message
             system.extend(_system_texts(content, f"{where}.content", inline=True))
         elif role == "user":
+            _check_filled(content, where)
             chat.extend(_user_messages(content, where))
         elif role == "assistant":
+            if i < len(messages) - 1:  # (the last one, a prefill, may be empty: its own rule, _check_prefill)
+                _check_filled(content, where)
             chat.append(_assistant_message(content, where))
         else:
             raise InvalidRequest(f"{where}.role: Input should be 'user', 'assistant' or 'system'",
@@ -821,14 +824,9 @@ def _user_messages(content, where) -> list:
     """A user turn: its tool results first (as C{tool} messages, which must follow the assistant's
     calls), then the rest of its content, and any images the tool results held, as one user message.
 
-    @raise InvalidRequest: the turn is empty (C{""}, C{[]}), a string of nothing but whitespace, or holds an empty
-        text block or blank ones (L{_blocks}): Anthropic's own 400s, word for word.
+    @raise InvalidRequest: the turn holds an empty text block or blank ones (L{_blocks}): Anthropic's own 400s, word
+        for word.
     """
-    if empty_user_content(content):
-        raise InvalidRequest(f"{where}: all messages must have non-empty content except for the optional "
-                             "final assistant message", param=f"{where}.content")
-    if content.__class__ is str and content.isspace():
-        raise InvalidRequest(_BLANK_TEXT, param=f"{where}.content")
     tools, parts, tool_images = [], [], []
     blocks = _blocks(content, where)
     for i, block in enumerate(blocks):
@@ -854,10 +852,23 @@ def _user_messages(content, where) -> list:
     return tools + [{"role": "user", "content": _parts_content(parts)}] if parts else tools
 
 
-def empty_user_content(content) -> bool:
-    """Whether C{content}, a user message's, is what Anthropic refuses as empty (L{_user_messages}' 400, "all
-    messages must have non-empty content ..."): C{""} or C{[]}. vLLM's Messages API takes it (such a request goes
-    to it translated: L{gomodel.anthropic.file_sources.walk_blocks})."""
+def _check_filled(content, where):
+    """Anthropic's 400s, word for word, for a message (a user's, or an assistant's but the last) that is empty
+    (L{empty_content}) or a string of nothing but whitespace (one blank text block to Anthropic).
+
+    @raise InvalidRequest: it is.
+    """
+    if empty_content(content):
+        raise InvalidRequest(f"{where}: all messages must have non-empty content except for the optional "
+                             "final assistant message", param=f"{where}.content")
+    if content.__class__ is str and content.isspace():
+        raise InvalidRequest(_BLANK_TEXT, param=f"{where}.content")
+
+
+def empty_content(content) -> bool:
+    """Whether C{content}, a message's, is what Anthropic refuses as empty (L{_check_filled}' 400, "all messages must
+    have non-empty content ..."; a final assistant message's it takes): C{""} or C{[]}. vLLM's Messages API takes it
+    (such a request goes to it translated: L{gomodel.anthropic.file_sources.walk_blocks})."""
     return (content.__class__ is str or content.__class__ is list) and not content
 
 
