@@ -1819,6 +1819,29 @@ async def test_stop_sequences_to_a_vllm_are_reported_as_anthropic_reports_them(h
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_empty_or_blank_stop_sequence_is_anthropics_400(http, gw, openai_gw, fake):
+    """A stop sequence that is empty or nothing but whitespace is Anthropic's 400, in its words ("stop_sequences:
+    each stop sequence must be non-empty", "... must contain non-whitespace"), for a vLLM or translated, streamed or
+    not, before any upstream; the first such in the list is named. Before, they went on: a newline stopped the
+    answer at its first line, an empty one went to the provider as it was."""
+    before = len(fake.forwarded())
+    empty = "stop_sequences: each stop sequence must be non-empty"
+    blank = "stop_sequences: each stop sequence must contain non-whitespace"
+    for stops, said in ((["\n"], blank), (["END", " \t"], blank), ([""], empty), (["", "\n"], empty),
+                        (["END", "\n", ""], blank)):
+        for gateway, model in ((gw, MODEL), (openai_gw, OPENAI_MODEL)):
+            for stream in (False, True):
+                response, answer = await post(http, gateway.url + "/v1/messages", {
+                    "model": model, "max_tokens": 8, "messages": HELLO, "stop_sequences": stops, "stream": stream})
+                assert response.code == 400 and json.loads(answer) == {
+                    "type": "error", "error": {"type": "invalid_request_error", "message": said}}, (stops, answer)
+    assert len(fake.forwarded()) == before
+    response, answer = await post(http, gw.url + "/v1/messages", {
+        "model": MODEL, "max_tokens": 8, "messages": HELLO, "stop_sequences": [" END\n"]})
+    assert response.code == 200, answer  # (whitespace around a sequence is its own)
+
+
+@pytest_twisted.ensureDeferred
 async def test_past_thinking_reaches_deepseek_which_requires_it_back(reactor, fake):
     """DeepSeek's thinking mode refuses a conversation whose assistant turns lack their reasoning_content ("The
     reasoning_content in the thinking mode must be passed back to the API", a 400 in every tool loop): a deepseek

@@ -75,6 +75,10 @@ def messages_to_chat(body: dict) -> dict:
     if stop is not None:
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
             raise InvalidRequest("stop_sequences: Input should be a list of strings", param="stop_sequences")
+        for sequence in stop:  # (Anthropic's 400s, word for word: the first such in the list named)
+            if not sequence or sequence.isspace():
+                raise InvalidRequest("stop_sequences: each stop sequence must " + (
+                    "contain non-whitespace" if sequence else "be non-empty"), param="stop_sequences")
         if stop:
             chat["stop"] = stop
     for name in _SAMPLING:
