@@ -18,7 +18,7 @@ from gomodel.anthropic.translate import (NO_STOP_REASON, PING, ChatToMessagesStr
                                          chat_to_events_bytes, chat_to_message, chat_to_message_bytes,
                                          check_options, check_sampling, check_tool_choice_and_metadata,
                                          count_tokens_answer, count_tokens_request, messages_to_chat, omits_thinking,
-                                         openai_error_to_anthropic, refuse_server_side, vllm_fields,
+                                         openai_error_to_anthropic, refuse_server_side, thinking_kind, vllm_fields,
                                          without_vllm_fields)
 from gomodel.errors import BadUpstreamResponse, InvalidRequest
 from gomodel.interfaces import IStreamObserver
@@ -290,7 +290,8 @@ def test_tools_that_cannot_be_sent_are_refused(fields, param):
 def test_thinking_switches_the_template():
     enabled = messages_to_chat(request(max_tokens=2048, thinking={"type": "enabled", "budget_tokens": 1024}))
     assert enabled["chat_template_kwargs"] == {"enable_thinking": True}
-    for budget, max_tokens, words in ((512, 2048, "greater than or equal to 1024"), (None, 2048, "integer"),
+    for budget, max_tokens, words in ((512, 2048, "greater than or equal to 1024"), (None, 2048, "Field required"),
+                                      ("2000", 4096, "valid integer"),
                                       (1024, 1024, "max_tokens")):
         with pytest.raises(InvalidRequest, match=words) as caught:
             messages_to_chat(request(max_tokens=max_tokens, thinking={"type": "enabled", "budget_tokens": budget}))
@@ -1362,7 +1363,7 @@ def test_check_options_reads_what_its_checks_read_and_fails_as_they_do():
     assert set(full) == _CHECKED_FIELDS
     others = {"model": "m", "max_tokens": 5, "system": [{"type": "text", "text": "s"}], "stop_sequences": ["x"],
               "messages": [{"role": "user", "content": "hi"}], "top_k": 5, "stream": True, "service_tier": "auto"}
-    for check in (check_sampling, refuse_server_side, check_tool_choice_and_metadata, omits_thinking):
+    for check in (check_sampling, refuse_server_side, check_tool_choice_and_metadata, thinking_kind, omits_thinking):
         body = _Reads(others)
         check(body)
         assert body.read <= _CHECKED_FIELDS, (check.__name__, body.read - _CHECKED_FIELDS)
@@ -1371,7 +1372,9 @@ def test_check_options_reads_what_its_checks_read_and_fails_as_they_do():
     for bad, said in (({"temperature": 2, "tools": [{"type": "web_search_20250305"}]}, "temperature: "),
                       ({"tools": [{"type": "web_search_20250305"}], "tool_choice": {"type": "nope"}}, "tools.0: "),
                       ({"tool_choice": {"type": "any"}, "thinking": {"display": "x"}}, "tool_choice: "),
-                      ({"metadata": 1}, "metadata: "), ({"thinking": {"display": "x"}}, "thinking.display: ")):
+                      ({"metadata": 1}, "metadata: "), ({"thinking": {"display": "x"}}, "thinking.type: "),
+                      ({"thinking": {"type": "enabled", "budget_tokens": 5, "display": "x"}}, "thinking.enabled."),
+                      ({"thinking": {"type": "adaptive", "display": "x"}}, "thinking.display: ")):
         with pytest.raises(InvalidRequest) as raised:
             check_options(bad)
         assert raised.value.message.startswith(said), raised.value.message

@@ -186,9 +186,9 @@ async def test_a_whole_native_answer_to_a_stream_becomes_its_event_stream(http, 
 @pytest_twisted.ensureDeferred
 async def test_tool_use_and_thinking_natively(gw, client):
     extra = {"fake_tool": WEATHER_CALL, "fake_reasoning": "The user wants weather."}
-    message = await in_thread(client.messages.create, model=MODEL, max_tokens=64, tools=[WEATHER_TOOL],
+    message = await in_thread(client.messages.create, model=MODEL, max_tokens=2048, tools=[WEATHER_TOOL],
                               messages=[{"role": "user", "content": "Weather in Paris?"}], extra_body=extra,
-                              thinking={"type": "enabled", "budget_tokens": 32})
+                              thinking={"type": "enabled", "budget_tokens": 1024})
     thinking, tool = message.content
     assert thinking.type == "thinking" and thinking.thinking == "The user wants weather." and thinking.signature
     assert tool.type == "tool_use" and tool.name == "get_weather" and tool.input == {"city": "Paris"}

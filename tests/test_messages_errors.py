@@ -225,3 +225,42 @@ async def test_count_tokens_refuses_what_a_create_refuses_first_in_its_words(htt
         assert response.code == 400, (path, content)
         assert anthropic_error(content) == {"type": "invalid_request_error", "message": said}, path
     assert len(fake.forwarded()) == before
+
+
+_MAX_BELOW_BUDGET = ("`max_tokens` must be greater than `thinking.budget_tokens`. Please consult our documentation "
+                     "at https://docs.claude.com/en/docs/build-with-claude/extended-thinking"
+                     "#max-tokens-and-context-window-size")
+# (thinking, max_tokens, Anthropic's 400, whether count_tokens (no max_tokens) is refused too)
+THINKING_FAULTS = [
+    ({"type": "enabled", "budget_tokens": 512}, 2048,
+     "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024", True),
+    ({"type": "enabled"}, 2048, "thinking.enabled.budget_tokens: Field required", True),
+    ({"type": "enabled", "budget_tokens": "2000"}, 4096,
+     "thinking.enabled.budget_tokens: Input should be a valid integer", True),
+    ({"type": "enabled", "budget_tokens": 2048}, 2048, _MAX_BELOW_BUDGET, False),
+    ({"type": "deep"}, 2048, "thinking.type: 'deep' is not one of 'enabled', 'disabled', 'adaptive'", True),
+]
+
+
+@pytest.mark.parametrize("model", [NATIVE, TRANSLATED], ids=["native", "translated"])
+@pytest.mark.parametrize("thinking, max_tokens, said, counted", THINKING_FAULTS, ids=[
+    "small budget", "no budget", "budget no integer", "budget past max_tokens", "unknown type"])
+@pytest_twisted.ensureDeferred
+async def test_a_thinking_config_anthropic_refuses_is_its_400_natively_too(http, gw, fake, thinking, max_tokens,
+                                                                            said, counted, model):
+    """A thinking budget below 1024, missing or no integer, one not below max_tokens, and a thinking type none of
+    Anthropic's are its 400s (in its words where they are known), for a vLLM as translated, streamed or not, and a
+    count_tokens (all but the budget against max_tokens, which it has not), before any upstream. Before, natively
+    they went to vLLM, and translated the words were not Anthropic's ("an integer greater than or equal to", the
+    budget against max_tokens without its pointer to the documentation)."""
+    before = len(fake.forwarded())
+    sent = [("/v1/messages", {"model": model, "max_tokens": max_tokens, "messages": HI, "thinking": thinking,
+                              "stream": stream}) for stream in (False, True)]
+    if counted:
+        sent.append(("/v1/messages/count_tokens", {"model": model, "messages": HI, "thinking": thinking}))
+    for path, data in sent:
+        response = await http.post(gw.url + path, data=json.dumps(data).encode(), headers=headers())
+        content = await treq.content(response)
+        assert response.code == 400, (path, content)
+        assert anthropic_error(content) == {"type": "invalid_request_error", "message": said}, path
+    assert len(fake.forwarded()) == before

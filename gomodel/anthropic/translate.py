@@ -178,9 +178,9 @@ def check_create(body: dict, walked=None) -> bool:
     @return: whether it asks for its thinking blocks without their text (L{omits_thinking}).
     @raise InvalidRequest: as the first of those that fails.
     """
-    checked_max_tokens(body)
+    max_tokens = checked_max_tokens(body)
     checked_messages(body)
-    return check_options(body, walked)
+    return check_options(body, walked, max_tokens=max_tokens)
 
 
 def check_count(body: dict, walked=None):
@@ -194,12 +194,13 @@ def check_count(body: dict, walked=None):
     check_options(body, walked, sampling=False)
 
 
-def check_options(body: dict, walked=None, sampling=True) -> bool:
+def check_options(body: dict, walked=None, sampling=True, max_tokens=None) -> bool:
     """Check the optional fields of a Messages create C{body} (natively too): L{check_sampling} (with C{sampling}),
-    L{refuse_server_side}, L{check_tool_choice_and_metadata}, in that order; a body that sends none of their fields
-    (most) passes them in one look.
+    L{refuse_server_side}, L{check_tool_choice_and_metadata}, L{thinking_kind}, in that order; a body that sends
+    none of their fields (most) passes them in one look.
 
     @param walked: as L{check_tool_choice_and_metadata}'s.
+    @param max_tokens: the create's (its thinking budget must be below it), or None (C{count_tokens}).
     @return: whether it asks for its thinking blocks without their text (L{omits_thinking}).
     @raise InvalidRequest: as the first of those that fails, or L{omits_thinking}.
     """
@@ -209,6 +210,7 @@ def check_options(body: dict, walked=None, sampling=True) -> bool:
         check_sampling(body)
     refuse_server_side(body)
     check_tool_choice_and_metadata(body, walked)
+    thinking_kind(body, max_tokens)
     return omits_thinking(body)
 
 
@@ -1075,33 +1077,44 @@ def _tool_choice(choice) -> dict:
 
 
 def _template_kwargs(body, max_tokens=None) -> dict:
-    """vLLM's C{chat_template_kwargs}: the request's own (a vLLM extra), with C{enable_thinking} from C{thinking}.
-
-    C{budget_tokens} is checked as Anthropic (and vLLM's own endpoint) check
-    it: at least 1024, and below C{max_tokens} where there is one.
-    """
+    """vLLM's C{chat_template_kwargs}: the request's own (a vLLM extra), with C{enable_thinking} from C{thinking}
+    (checked: L{thinking_kind})."""
     kwargs = dict(body["chat_template_kwargs"]) if isinstance(body.get("chat_template_kwargs"), dict) else {}
+    kind = thinking_kind(body, max_tokens)
+    if kind is not None:
+        # budget_tokens is vLLM's thinking_token_budget (vllm_fields); max_tokens still bounds the whole answer.
+        kwargs["enable_thinking"] = kind != "disabled"
+    return kwargs
+
+
+# Anthropic's 400 for a thinking budget that leaves no room for the answer, word for word.
+_BUDGET_PAST_MAX = ("`max_tokens` must be greater than `thinking.budget_tokens`. Please consult our documentation at "
+                    "https://docs.claude.com/en/docs/build-with-claude/extended-thinking#max-tokens-and-context-window-size")
+
+
+def thinking_kind(body: dict, max_tokens=None):
+    """The C{thinking.type} of the Messages request C{body} (None: no thinking), checked as Anthropic checks it,
+    natively too (vLLM would answer in its words, or think with the budget): an C{enabled} one's C{budget_tokens} an
+    integer of at least 1024, and below C{max_tokens} where there is one (a create's; C{count_tokens} has none).
+
+    @raise InvalidRequest: it is none of Anthropic's types, or its budget is not so (Anthropic's words where known).
+    """
     thinking = body.get("thinking")
     if thinking is None:
-        return kwargs
+        return None
     kind = thinking.get("type") if isinstance(thinking, dict) else None
     if kind == "enabled":
         budget = thinking.get("budget_tokens")
         if not _is_int(budget) or budget < 1024:
-            raise InvalidRequest("thinking.enabled.budget_tokens: Input should be an integer greater than or "
-                                 "equal to 1024", param="thinking.budget_tokens")
+            raise InvalidRequest("thinking.enabled.budget_tokens: " + (
+                "Field required" if budget is None else "Input should be a valid integer" if not _is_int(budget)
+                else "Input should be greater than or equal to 1024"), param="thinking.budget_tokens")
         if max_tokens is not None and budget >= max_tokens:
-            raise InvalidRequest("`max_tokens` must be greater than `thinking.budget_tokens`",
-                                 param="thinking.budget_tokens")
-    if kind in ("enabled", "adaptive"):
-        # budget_tokens is vLLM's thinking_token_budget (vllm_fields); max_tokens still bounds the whole answer.
-        kwargs["enable_thinking"] = True
-    elif kind == "disabled":
-        kwargs["enable_thinking"] = False
-    else:
+            raise InvalidRequest(_BUDGET_PAST_MAX, param="thinking.budget_tokens")
+    elif kind != "disabled" and kind != "adaptive":
         raise InvalidRequest(f"thinking.type: {quoted(kind)} is not one of 'enabled', 'disabled', 'adaptive'",
                              param="thinking")
-    return kwargs
+    return kind
 
 
 def _output_config(body) -> dict:
