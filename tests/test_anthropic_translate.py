@@ -349,7 +349,7 @@ def test_output_config_becomes_a_response_format():
         {"type": "tool_use", "id": "t", "name": "f", "input": "x"}]}]}, "messages.0.content.0.input", "object"),
     ({"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": [
         {"type": "image", "source": {"type": "base64", "media_type": 5, "data": "x"}}]}]},
-     "messages.0.content.0", "media_type"),
+     "messages.0.content.0.source.media_type", "Input should be 'image/jpeg', 'image/png', 'image/gif' or"),
 ])
 def test_malformed_requests_are_refused_clearly(body, param, words):
     with pytest.raises(InvalidRequest) as caught:

@@ -2698,6 +2698,47 @@ async def test_unpaired_tool_calls_and_results_are_anthropics_400_natively_and_t
     assert len(fake.forwarded()) == before
 
 
+_IMAGE_TYPES = "Input should be 'image/jpeg', 'image/png', 'image/gif' or 'image/webp'"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_image_of_a_type_anthropic_refuses_is_its_400_natively_and_translated(http, gw, openai_gw, fake):
+    """A base64 image whose media_type is none of Anthropic's four, or missing, in a message or a tool result, is
+    Anthropic's 400 in its words (the block's place named as it names it), for a create (plain or streamed) and a
+    count_tokens, for a vLLM (natively) or translated, before any upstream. Before, natively vLLM was sent it (and
+    read a BMP, or refused an SVG in its words), translated a missing type was taken for a JPEG."""
+    def image(media=None):
+        source = {"type": "base64", "data": "iVBORw0KGgo="}
+        return {"type": "image", "source": dict(source, media_type=media) if media else source}
+
+    call = {"type": "tool_use", "id": "toolu_1", "name": "read", "input": {"path": "a.svg"}}
+    hi = {"type": "text", "text": "What is it?"}
+    before = len(fake.forwarded())
+    for messages, said in (
+            ([{"role": "user", "content": [image("image/bmp"), hi]}],
+             f"messages.0.content.0.image.source.base64.media_type: {_IMAGE_TYPES}"),
+            ([{"role": "user", "content": [hi, image()]}],
+             "messages.0.content.1.image.source.base64.media_type: Field required"),
+            ([{"role": "user", "content": "Read a.svg."}, {"role": "assistant", "content": [call]},
+              {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                            "content": [{"type": "text", "text": "a.svg:"}, image("image/svg+xml")]}]}],
+             f"messages.2.content.0.tool_result.content.1.image.source.base64.media_type: {_IMAGE_TYPES}")):
+        for model in (MODEL, OPENAI_MODEL):
+            gateway = gw if model == MODEL else openai_gw
+            for path, sent in (("/v1/messages", {"model": model, "max_tokens": 8, "messages": messages}),
+                               ("/v1/messages", {"model": model, "max_tokens": 8, "messages": messages,
+                                                 "stream": True}),
+                               ("/v1/messages/count_tokens", {"model": model, "messages": messages})):
+                response, answer = await post(http, gateway.url + path, sent)
+                assert response.code == 400 and json.loads(answer) == {
+                    "type": "error", "error": {"type": "invalid_request_error", "message": said}}, (sent, answer)
+    assert len(fake.forwarded()) == before
+    for media in ("image/jpeg", "image/png", "image/gif", "image/webp"):
+        response, answer = await post(http, gw.url + "/v1/messages", {
+            "model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": [image(media), hi]}]})
+        assert response.code == 200 and fake.last_request().path == b"/v1/messages", answer
+
+
 @pytest_twisted.ensureDeferred
 async def test_an_empty_user_message_is_anthropics_400_natively_too(http, gw, fake, client):
     """A create (plain or streamed) or a count_tokens for a vLLM with an empty user message (C{""}, C{[]}) is

@@ -14,7 +14,7 @@ naming the block.
 import base64
 
 from gomodel.anthropic.files import mime_type
-from gomodel.anthropic.translate import TOOL_CHANGES, blank_block, blank_system, empty_content
+from gomodel.anthropic.translate import TOOL_CHANGES, blank_block, blank_system, empty_content, refused_image
 from gomodel.auth.tenancy import visible
 from gomodel.errors import InvalidRequest, shown
 from gomodel.store.records import MESSAGE_BATCH_PURPOSE
@@ -47,15 +47,15 @@ def walk_blocks(body, files=True) -> tuple:
     chat completion continues it, C{continue_final_message}), a message or a tool result in one holds a block of
     L{TRANSLATED_BLOCKS}, a system message a tool change (L{gomodel.anthropic.translate.TOOL_CHANGES}), a
     user or assistant message is empty (L{gomodel.anthropic.translate.empty_content}: C{""}, C{[]}) or a string of
-    nothing but whitespace, a message's content or a tool result's holds an empty text block, a message's text blocks are
-    nothing but whitespace (L{gomodel.anthropic.translate.blank_block}), the system prompt is blank (its blocks,
-    or a string of whitespace: L{gomodel.anthropic.translate.blank_system}), or a tool call's result is not in the
-    next message or a result's call not in the one before (L{gomodel.anthropic.translate.tool_pair_fault}, looked
-    at more widely: a system message between is translated too, where the translation passes it over) (the
-    translation refuses each as Anthropic does; vLLM's Messages API would take them, dropping an empty block and
-    generating from the rest)
-    (what a vLLM gets translated, L{gomodel.api.messages.translates}; once it is known, the walk looks no more for
-    it), and the C{(message, block)} indexes of the C{tool_result} blocks whose C{is_error} is true
+    nothing but whitespace, a message's content or a tool result's holds an empty text block, a message's text
+    blocks are nothing but whitespace (L{gomodel.anthropic.translate.blank_block}), the system prompt is blank (its
+    blocks, or a string of whitespace: L{gomodel.anthropic.translate.blank_system}), a tool call's result is not in
+    the next message or a result's call not in the one before (L{gomodel.anthropic.translate.tool_pair_fault},
+    looked at more widely: a system message between is translated too, where the translation passes it over), or
+    an image's base64 type is none of Anthropic's (L{gomodel.anthropic.translate.refused_image}) (the translation
+    refuses each as Anthropic does; vLLM's Messages API would take them, dropping an empty block and generating from
+    the rest) (what a vLLM gets translated, L{gomodel.api.messages.translates}; once it is known, the walk looks no
+    more for it), and the C{(message, block)} indexes of the C{tool_result} blocks whose C{is_error} is true
     (L{gomodel.anthropic.translate.with_tool_errors}).
 
     (No scan of the body's bytes for those words first: on a long Claude Code conversation, 200 messages in
@@ -89,7 +89,7 @@ def walk_blocks(body, files=True) -> tuple:
                     translated = translated or message.get("role") != "system" and (
                         text == "" or blank_block(content) is not None)
             elif kind in _LOOKED_AT:
-                translated = translated or kind in TRANSLATED_BLOCKS
+                translated = translated or kind in TRANSLATED_BLOCKS or kind == "image" and refused_image(block)
                 if files and _names_file(block):
                     found.append((f"messages.{i}.content.{j}", block))
             elif kind == "tool_use":
@@ -112,7 +112,7 @@ def walk_blocks(body, files=True) -> tuple:
                     if kind == "text":
                         translated = translated or item.get("text") == ""
                     elif kind in _LOOKED_AT:
-                        translated = translated or kind in TRANSLATED_BLOCKS
+                        translated = translated or kind in TRANSLATED_BLOCKS or kind == "image" and refused_image(item)
                         if files and _names_file(item):
                             found.append((f"messages.{i}.content.{j}.content.{k}", item))
             elif kind in TOOL_CHANGES:

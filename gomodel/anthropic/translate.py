@@ -689,13 +689,34 @@ def blank_system(system) -> bool:
                                          or blank_block(system) is not None)
 
 
-def _image_url(block, where) -> dict:
+# The image types Anthropic takes: a base64 image of none of them (or of none said) is its 400.
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
+
+
+def refused_image(block) -> bool:
+    """Whether the C{image} block C{block} has a base64 source whose C{media_type} Anthropic refuses (L{_image_url}'s
+    400): none, or none of L{IMAGE_TYPES}."""
+    source = block.get("source")
+    return source.__class__ is dict and source.get("type") == "base64" and source.get("media_type") not in IMAGE_TYPES
+
+
+def _image_url(block, where, typed=None) -> dict:
+    """The chat C{image_url} part for the C{image} block C{block} at C{where}.
+
+    @param typed: its place as Anthropic names it in its 400s (its types in the path: C{messages.2.content.0.
+        tool_result.content.1}); None: C{where}.
+    @raise InvalidRequest: its source is none of a base64 image's or a URL's, or lacks its data, or a base64 one has
+        no media type or one Anthropic refuses (L{refused_image}: its 400, word for word).
+    """
     source = block.get("source")
     kind = source.get("type") if isinstance(source, dict) else None
     if kind == "base64":
-        media = source.get("media_type") or "image/jpeg"
-        if not isinstance(media, str):
-            raise InvalidRequest(f"{where}: image source media_type should be a string", param=where)
+        media = source.get("media_type")
+        if media not in IMAGE_TYPES:
+            raise InvalidRequest(f"{typed or where}.image.source.base64.media_type: " + (
+                "Field required" if media is None else
+                "Input should be 'image/jpeg', 'image/png', 'image/gif' or 'image/webp'"),
+                param=f"{where}.source.media_type")
         data = _source_string(source, "data", where)
         return {"type": "image_url", "image_url": {"url": f"data:{media};base64,{data}"}}
     if kind == "url":
@@ -897,7 +918,7 @@ def _tool_result(block, where):
                     raise InvalidRequest(_EMPTY_TEXT, param=at)
                 texts.append(text)
             elif kind == "image":
-                images.append(_image_url(item, at))
+                images.append(_image_url(item, at, typed=f"{where}.tool_result.content.{i}"))
             elif kind == "document":
                 for part in _document_parts(item, at):  # a tool message holds text: images go with the others
                     if part["type"] == "text":
