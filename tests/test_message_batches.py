@@ -168,13 +168,19 @@ async def test_a_lines_blank_text_is_its_error_natively_too(setup):
     one went to vLLM. The others run."""
     from tests.test_messages import _blank_requests
 
+    await _lines_errored(setup, [({"messages": messages} if system is None else
+                                  {"messages": messages, "system": system}, message)
+                                 for system, messages, message in _blank_requests() if message is not None])
+
+
+async def _lines_errored(setup, faults):
+    """Assert that a batch of a fine line and, for each C{(params, message)} of C{faults}, a line of them for a vLLM
+    (natively) and one translated, runs the fine line and errors each other with C{message}, no vLLM asked for
+    them."""
     gw, client, vllm, openai = setup
     lines, said = [request("fine")], {}
-    for i, (system, messages, message) in enumerate(_blank_requests()):
-        if message is None:
-            continue
-        fields = {"messages": messages} if system is None else {"messages": messages, "system": system}
-        lines += [request(f"native-{i}", **fields), request(f"translated-{i}", model=TRANSLATED, **fields)]
+    for i, (params, message) in enumerate(faults):
+        lines += [request(f"native-{i}", **params), request(f"translated-{i}", model=TRANSLATED, **params)]
         said[f"native-{i}"] = said[f"translated-{i}"] = message
     made = await in_thread(client.messages.batches.create, requests=lines)
     await ended(gw, client, made.id)
@@ -192,21 +198,8 @@ async def test_a_lines_unpaired_tool_calls_are_its_error_natively_too(setup):
     before, a native one went to vLLM. The others run."""
     from tests.test_messages import _unpaired_requests
 
-    gw, client, vllm, openai = setup
-    lines, said = [request("fine")], {}
-    for i, (messages, message) in enumerate(_unpaired_requests()):
-        if message is None:
-            continue
-        lines += [request(f"native-{i}", messages=messages),
-                  request(f"translated-{i}", model=TRANSLATED, messages=messages)]
-        said[f"native-{i}"] = said[f"translated-{i}"] = message
-    made = await in_thread(client.messages.batches.create, requests=lines)
-    await ended(gw, client, made.id)
-    got = await results(client, made.id)
-    assert got["fine"].type == "succeeded"
-    for custom_id, message in said.items():
-        assert got[custom_id].type == "errored" and got[custom_id].error.error.message == message, custom_id
-    assert {r.body["fake_marker"] for r in vllm.requests if r.path == b"/v1/messages"} == {"fine"}
+    await _lines_errored(setup, [({"messages": messages}, message) for messages, message in _unpaired_requests()
+                                 if message is not None])
 
 
 async def test_a_line_with_several_faults_is_told_the_one_an_online_create_is(setup):

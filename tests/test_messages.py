@@ -2679,22 +2679,28 @@ async def test_unpaired_tool_calls_and_results_are_anthropics_400_natively_and_t
     previous one, are Anthropic's 400s in its words, for a create (plain or streamed) and a count_tokens, for a vLLM
     (natively) or translated, before any upstream. Before, vLLM generated from them natively (its chat template took
     them as they came), and translated an OpenAI-compatible provider refused them in its own words."""
-    before = len(fake.forwarded())
     for messages, message in _unpaired_requests():
-        for model in (MODEL, OPENAI_MODEL):
-            gateway = gw if model == MODEL else openai_gw
-            for path, sent in (("/v1/messages", {"model": model, "max_tokens": 8, "messages": messages}),
-                               ("/v1/messages", {"model": model, "max_tokens": 8, "messages": messages,
-                                                 "stream": True}),
-                               ("/v1/messages/count_tokens", {"model": model, "messages": messages})):
-                response, answer = await post(http, gateway.url + path, sent)
-                if message is None:
-                    assert response.code == (501 if model == OPENAI_MODEL and path.endswith("tokens") else 200), \
-                        answer
-                    before = len(fake.forwarded())
-                    continue
-                assert response.code == 400 and json.loads(answer) == {
-                    "type": "error", "error": {"type": "invalid_request_error", "message": message}}, (sent, answer)
+        if message is not None:
+            await _refused_everywhere(http, gw, openai_gw, fake, {"messages": messages}, message)
+            continue
+        for path, sent in (("/v1/messages", {"model": MODEL, "max_tokens": 8, "messages": messages}),
+                           ("/v1/messages", {"model": OPENAI_MODEL, "max_tokens": 8, "messages": messages}),
+                           ("/v1/messages/count_tokens", {"model": MODEL, "messages": messages})):
+            response, answer = await post(http, (gw if sent["model"] == MODEL else openai_gw).url + path, sent)
+            assert response.code == 200, answer
+
+
+async def _refused_everywhere(http, gw, openai_gw, fake, fields, said):
+    """Assert that a Messages request of C{fields} is Anthropic's 400 C{said} for a create (plain and streamed) and a
+    count_tokens, for a vLLM (C{gw}, natively) and translated (C{openai_gw}), before any upstream."""
+    before = len(fake.forwarded())
+    for gateway, model in ((gw, MODEL), (openai_gw, OPENAI_MODEL)):
+        for path, sent in (("/v1/messages", dict(fields, model=model, max_tokens=8)),
+                           ("/v1/messages", dict(fields, model=model, max_tokens=8, stream=True)),
+                           ("/v1/messages/count_tokens", dict(fields, model=model))):
+            response, answer = await post(http, gateway.url + path, sent)
+            assert response.code == 400 and json.loads(answer) == {
+                "type": "error", "error": {"type": "invalid_request_error", "message": said}}, (sent, answer)
     assert len(fake.forwarded()) == before
 
 
@@ -2713,7 +2719,6 @@ async def test_an_image_of_a_type_anthropic_refuses_is_its_400_natively_and_tran
 
     call = {"type": "tool_use", "id": "toolu_1", "name": "read", "input": {"path": "a.svg"}}
     hi = {"type": "text", "text": "What is it?"}
-    before = len(fake.forwarded())
     for messages, said in (
             ([{"role": "user", "content": [image("image/bmp"), hi]}],
              f"messages.0.content.0.image.source.base64.media_type: {_IMAGE_TYPES}"),
@@ -2723,16 +2728,7 @@ async def test_an_image_of_a_type_anthropic_refuses_is_its_400_natively_and_tran
               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
                                             "content": [{"type": "text", "text": "a.svg:"}, image("image/svg+xml")]}]}],
              f"messages.2.content.0.tool_result.content.1.image.source.base64.media_type: {_IMAGE_TYPES}")):
-        for model in (MODEL, OPENAI_MODEL):
-            gateway = gw if model == MODEL else openai_gw
-            for path, sent in (("/v1/messages", {"model": model, "max_tokens": 8, "messages": messages}),
-                               ("/v1/messages", {"model": model, "max_tokens": 8, "messages": messages,
-                                                 "stream": True}),
-                               ("/v1/messages/count_tokens", {"model": model, "messages": messages})):
-                response, answer = await post(http, gateway.url + path, sent)
-                assert response.code == 400 and json.loads(answer) == {
-                    "type": "error", "error": {"type": "invalid_request_error", "message": said}}, (sent, answer)
-    assert len(fake.forwarded()) == before
+        await _refused_everywhere(http, gw, openai_gw, fake, {"messages": messages}, said)
     for media in ("image/jpeg", "image/png", "image/gif", "image/webp"):
         response, answer = await post(http, gw.url + "/v1/messages", {
             "model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": [image(media), hi]}]})
