@@ -17,6 +17,7 @@ from gomodel import jsonutil
 from gomodel.anthropic.translate import (NO_STOP_REASON, PING, ChatToMessagesStream, MessagesStreamObserver,
                                          chat_to_events_bytes, chat_to_message, chat_to_message_bytes,
                                          check_options, check_sampling, check_tool_choice_and_metadata,
+                                         check_tool_names,
                                          count_tokens_answer, count_tokens_request, messages_to_chat, omits_thinking,
                                          openai_error_to_anthropic, refuse_server_side, thinking_kind, vllm_fields,
                                          without_vllm_fields)
@@ -1363,7 +1364,8 @@ def test_check_options_reads_what_its_checks_read_and_fails_as_they_do():
     assert set(full) == _CHECKED_FIELDS
     others = {"model": "m", "max_tokens": 5, "system": [{"type": "text", "text": "s"}], "stop_sequences": ["x"],
               "messages": [{"role": "user", "content": "hi"}], "top_k": 5, "stream": True, "service_tier": "auto"}
-    for check in (check_sampling, refuse_server_side, check_tool_choice_and_metadata, thinking_kind, omits_thinking):
+    for check in (check_sampling, check_tool_names, refuse_server_side, check_tool_choice_and_metadata, thinking_kind,
+                  omits_thinking):
         body = _Reads(others)
         check(body)
         assert body.read <= _CHECKED_FIELDS, (check.__name__, body.read - _CHECKED_FIELDS)

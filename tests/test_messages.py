@@ -2704,6 +2704,28 @@ async def _refused_everywhere(http, gw, openai_gw, fake, fields, said):
     assert len(fake.forwarded()) == before
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_tool_name_anthropic_refuses_is_its_400_natively_and_translated(http, gw, openai_gw, fake):
+    """A client tool whose name is not 1 to 128 letters, digits, underscores or hyphens (an MCP client's
+    C{server.tool}, a space, 129 characters, an empty one) is Anthropic's 400 in its words, for a create (plain or
+    streamed) and a count_tokens, for a vLLM (natively) or translated, before any upstream. Before, vLLM was sent
+    it, and OpenAI refused a dot in its own words. A name of 128 is taken; two of one name are refused too
+    ("tools: Tool names must be unique.")."""
+    pattern = "String should match pattern '^[a-zA-Z0-9_-]{1,128}$'"
+    for name, at in (("caldav.create-event", 1), ("get weather", 1), ("x" * 129, 1), ("", 1)):
+        tools = [WEATHER_TOOL, dict(WEATHER_TOOL, name=name)]
+        await _refused_everywhere(http, gw, openai_gw, fake, {"messages": HELLO, "tools": tools},
+                                  f"tools.{at}.custom.name: {pattern}")
+    response, answer = await post(http, gw.url + "/v1/messages", {
+        "model": MODEL, "max_tokens": 8, "messages": HELLO, "tools": [dict(WEATHER_TOOL, name="a-" + "x" * 126)]})
+    assert response.code == 200, answer
+    # Two tools of one name (a client's own and an MCP server's) are Anthropic's other 400, after a bad name's.
+    await _refused_everywhere(http, gw, openai_gw, fake, {"messages": HELLO, "tools": [WEATHER_TOOL] * 2},
+                              "tools: Tool names must be unique.")
+    await _refused_everywhere(http, gw, openai_gw, fake, {"messages": HELLO, "tools": [
+        WEATHER_TOOL, WEATHER_TOOL, dict(WEATHER_TOOL, name="a.b")]}, f"tools.2.custom.name: {pattern}")
+
+
 _IMAGE_TYPES = "Input should be 'image/jpeg', 'image/png', 'image/gif' or 'image/webp'"
 
 

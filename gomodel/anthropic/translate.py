@@ -87,6 +87,7 @@ def messages_to_chat(body: dict) -> dict:
     metadata = body.get("metadata")
     if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str):
         chat["user"] = _chat_user(metadata["user_id"])
+    check_tool_names(body)
     tools = _tools(_resolved_tools(body))
     if tools:
         chat["tools"] = tools
@@ -196,8 +197,8 @@ def check_count(body: dict, walked=None):
 
 def check_options(body: dict, walked=None, sampling=True, max_tokens=None) -> bool:
     """Check the optional fields of a Messages create C{body} (natively too): L{check_sampling} (with C{sampling}),
-    L{refuse_server_side}, L{check_tool_choice_and_metadata}, L{thinking_kind}, in that order; a body that sends
-    none of their fields (most) passes them in one look.
+    L{check_tool_names}, L{refuse_server_side}, L{check_tool_choice_and_metadata}, L{thinking_kind}, in that order; a
+    body that sends none of their fields (most) passes them in one look.
 
     @param walked: as L{check_tool_choice_and_metadata}'s.
     @param max_tokens: the create's (its thinking budget must be below it), or None (C{count_tokens}).
@@ -208,6 +209,7 @@ def check_options(body: dict, walked=None, sampling=True, max_tokens=None) -> bo
         return False
     if sampling:
         check_sampling(body)
+    check_tool_names(body)
     refuse_server_side(body)
     check_tool_choice_and_metadata(body, walked)
     thinking_kind(body, max_tokens)
@@ -247,6 +249,35 @@ def check_tool_choice_and_metadata(body: dict, walked=None):
         if choice["name"] not in names:
             raise InvalidRequest(f"tool_choice.name: tool {quoted(choice['name'])} is not one of the tools",
                                  param="tool_choice.name")
+
+
+# What Anthropic takes as a client tool's name (its 400 quotes the pattern).
+_TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,128}")
+
+
+def check_tool_names(body: dict):
+    """Refuse a Messages request C{body} with a client tool whose name is not 1 to 128 letters, digits, underscores or
+    hyphens, or with two tools (client or server ones) of one name, as Anthropic does, natively too (vLLM takes any,
+    and both; OpenAI refuses a dot in its words). A name that is no string is left to the tool's own checks.
+
+    @raise InvalidRequest: Anthropic's 400, word for word, for the first such name, else for a name twice.
+    """
+    tools = body.get("tools")
+    if tools.__class__ is not list:
+        return
+    names = []
+    for i, tool in enumerate(tools):
+        if tool.__class__ is not dict:
+            continue
+        name = tool.get("name")
+        if name.__class__ is not str:
+            continue
+        if tool.get("type") in _CLIENT_TOOL_TYPES and _TOOL_NAME.fullmatch(name) is None:
+            raise InvalidRequest(f"tools.{i}.custom.name: String should match pattern '^[a-zA-Z0-9_-]{{1,128}}$'",
+                                 param=f"tools.{i}.name")
+        names.append(name)
+    if len(set(names)) < len(names):
+        raise InvalidRequest("tools: Tool names must be unique.", param="tools")
 
 
 def refuse_server_side(body: dict):
