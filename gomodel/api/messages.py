@@ -454,15 +454,16 @@ def translates(body, walked=None) -> bool:
     continues it, C{continue_final_message}), a C{document} or
     C{search_result} block (L{gomodel.anthropic.file_sources.TRANSLATED_BLOCKS}), a system message's tool changes
     (vLLM 0.32 resolves them, one without that support refuses them; the translation resolves them as 0.32 does),
-    or an empty user message (C{""}, C{[]}, or nothing but empty text blocks: vLLM takes it, or drops the blocks
-    and generates from the rest; the translation refuses it with Anthropic's 400, before anything is sent).
+    or what Anthropic refuses and vLLM takes, which the translation refuses with Anthropic's 400 before anything is
+    sent (an empty message, blank text, tool calls and results that do not pair, an image type none of Anthropic's:
+    L{walk_blocks}; vLLM takes them, or drops empty blocks and generates from the rest).
     vLLM's Messages API has no document nor search result block: it refuses one in a message (a 400 that lists the
     block types it knows) and drops one in a tool result unread; translated, a text or custom-content document
     reaches the model as its text and image parts, a search result as its text, and a document that cannot (a PDF)
     is the gateway's 400 saying so.
 
-    @param walked: whether C{body} has a prefill, such a block, tool change or empty user message, as
-        L{walk_blocks} found; None: walk it here.
+    @param walked: whether C{body} has a prefill, such a block, tool change or fault, as L{walk_blocks} found; None:
+        walk it here.
     """
     if body.get("stop_sequences"):
         return True
