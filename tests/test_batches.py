@@ -255,6 +255,27 @@ async def test_a_responses_batch_lines_responses_are_kept_as_online_ones_are(htt
         other.close()
 
 
+async def team_keys(http, gateway, clients):
+    """Managed keys alice (team a), mover and bob (team b), by name; an openai client of each added to C{clients}."""
+    keys = {}
+    for name, path in (("alice", "/team/a"), ("mover", "/team/b"), ("bob", "/team/b")):
+        made = await http.post(gateway.url + "/admin/api/v1/auth-keys", headers=AUTH,
+                               data=json.dumps({"name": name, "user_path": path}).encode())
+        keys[name] = json.loads(await treq.content(made))
+        clients.append(openai_client(gateway, keys[name]["value"]))
+    return keys
+
+
+async def moved_while_held(reactor, http, gateway, fake, key):
+    """Move C{key} to team a once the fake holds its batch's first line, then let that line be answered: the line
+    holds the provider's one slot, the next waits for it, and the last one is read once it got it (after the move)."""
+    await with_timeout(reactor, fake.when_held(1), 10)
+    moved = await http.patch(gateway.url + f"/admin/api/v1/auth-keys/{key['id']}", headers=AUTH,
+                             data=json.dumps({"user_path": "/team/a"}).encode())
+    assert moved.code == 200, await treq.content(moved)
+    fake.release_holds()
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_line_continues_no_response_of_a_team_its_key_joined_after_the_batch_started(reactor, fake, http,
                                                                                              tmp_path):
@@ -264,13 +285,9 @@ async def test_a_line_continues_no_response_of_a_team_its_key_joined_after_the_b
     every member of team b read and continued."""
     gateway = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": KEY,
                                             "GOMODEL_DATA_DIR": str(tmp_path), "BATCH_CONCURRENCY_PER_PROVIDER": "1"})
-    keys, clients = {}, []
+    clients = []
     try:
-        for name, path in (("alice", "/team/a"), ("mover", "/team/b"), ("bob", "/team/b")):
-            made = await http.post(gateway.url + "/admin/api/v1/auth-keys", headers=AUTH,
-                                   data=json.dumps({"name": name, "user_path": path}).encode())
-            keys[name] = json.loads(await treq.content(made))
-            clients.append(openai_client(gateway, keys[name]["value"]))
+        keys = await team_keys(http, gateway, clients)
         alice, mover, bob = clients
         plans = await in_thread(alice.responses.create, model=MODEL, input="team a's plans")
         await gateway.service.store.responses.get(plans.id)  # (kept: stored once read)
@@ -278,12 +295,7 @@ async def test_a_line_continues_no_response_of_a_team_its_key_joined_after_the_b
                  for custom_id, body in (("first", {"input": "hi", "fake_hold": True}), ("waits", {"input": "hi"}),
                                          ("next", {"input": "go on", "previous_response_id": plans.id}))]
         batch = await start_batch(mover, lines, endpoint="/v1/responses")
-        await with_timeout(reactor, fake.when_held(1), 10)  # (the first line holds the provider's one slot: the next
-        # waits for it, and the last one is read once it got it)
-        moved = await http.patch(gateway.url + f"/admin/api/v1/auth-keys/{keys['mover']['id']}", headers=AUTH,
-                                 data=json.dumps({"user_path": "/team/a"}).encode())
-        assert moved.code == 200, await treq.content(moved)
-        fake.release_holds()
+        await moved_while_held(reactor, http, gateway, fake, keys["mover"])
         await gateway.service.batch_runner.settled(batch.id)
         ended = await in_thread(bob.batches.retrieve, batch.id)  # (team b's batch, as it was made)
         assert ended.request_counts.completed == 2, ended
@@ -295,6 +307,38 @@ async def test_a_line_continues_no_response_of_a_team_its_key_joined_after_the_b
         again = await finished(gateway, mover, (await start_batch(mover, lines[2:], endpoint="/v1/responses")).id)
         [line] = await file_lines(alice, again.output_file_id)
         assert line["response"]["body"]["previous_response_id"] == plans.id
+    finally:
+        await stop_all(gateway, clients=clients)
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_line_of_a_batch_takes_its_tenants_cache_salt_wherever_its_key_moved_since(reactor, fake, http,
+                                                                                                tmp_path):
+    """A batch's lines share vLLM's prefix cache with the team it is (the one its key was in when it made it), as
+    its output and stored responses do, wherever the key moved since. Before, the lines read after the key moved
+    from team b to team a took team a's C{cache_salt}: team a shared the prefix cache with team b's batch prompts
+    (and could time them), and team b's own requests missed their batch's warm cache."""
+    gateway = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": KEY,
+                                            "GOMODEL_DATA_DIR": str(tmp_path), "BATCH_CONCURRENCY_PER_PROVIDER": "1"})
+    clients, salts = [], {}
+    try:
+        keys = await team_keys(http, gateway, clients)
+        alice, mover, bob = clients
+        for name, client in (("a", alice), ("b", bob)):
+            await in_thread(client.chat.completions.create, model=MODEL, messages=[{"role": "user", "content": "hi"}])
+            salts[name] = fake.last_request(b"/v1/chat/completions").body["cache_salt"]
+        assert salts["a"] != salts["b"]
+        lines = [chat_line("first", fake_hold=True), chat_line("waits"), chat_line("next", cache_salt="mine")]
+        batch = await start_batch(mover, lines)
+        await moved_while_held(reactor, http, gateway, fake, keys["mover"])
+        ended = await finished(gateway, bob, batch.id)
+        assert ended.request_counts.completed == 3, ended
+        sent = {r.body["fake_marker"]: r.body.get("cache_salt") for r in fake.forwarded(b"/v1/chat/completions")
+                if "fake_marker" in r.body}
+        assert sent == {"first": salts["b"], "waits": salts["b"], "next": salts["b"]}
+        # A batch it makes now is team a's: its lines share team a's cache.
+        await finished(gateway, mover, (await start_batch(mover, [chat_line("now")])).id)
+        assert fake.last_request(b"/v1/chat/completions").body["cache_salt"] == salts["a"]
     finally:
         await stop_all(gateway, clients=clients)
 

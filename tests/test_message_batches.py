@@ -543,6 +543,41 @@ async def test_another_tenants_key_sees_none_of_a_teams_message_batches(setup):
         team_b.close()
 
 
+async def test_a_message_batchs_requests_take_its_teams_cache_salt_wherever_its_key_moved_since(reactor, tmp_path):
+    """A message batch's requests share vLLM's prefix cache with the team the batch is (the one its key was in when
+    it made it), wherever the key moved while it ran; before, those read after the move took the new team's
+    C{cache_salt}."""
+    vllm = await start_fake(reactor)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": vllm.base_url, "GOMODEL_MASTER_KEY": KEY,
+                                       "GOMODEL_DATA_DIR": str(tmp_path), "BATCH_CONCURRENCY_PER_PROVIDER": "1"})
+    admin, keys, clients, salts = {"authorization": f"Bearer {KEY}"}, {}, [], {}
+    try:
+        for name, path in (("alice", "/team/a"), ("mover", "/team/b"), ("bob", "/team/b")):
+            made = await treq.post(gw.url + "/admin/api/v1/auth-keys", headers=admin,
+                                   json={"name": name, "user_path": path})
+            keys[name] = await made.json()
+            clients.append(anthropic.Anthropic(base_url=gw.url, api_key=keys[name]["value"], max_retries=0,
+                                               timeout=10))
+        alice, mover, bob = clients
+        for team, client in (("a", alice), ("b", bob)):
+            await in_thread(client.messages.create, model=NATIVE, max_tokens=16, messages=HELLO)
+            salts[team] = vllm.last_request(b"/v1/messages").body["cache_salt"]
+        assert salts["a"] != salts["b"]
+        made = await in_thread(mover.messages.batches.create, requests=[
+            request("first", fake_hold=True), request("waits"), request("next")])
+        await vllm.when_held(1)  # (the last request is read once the first is answered)
+        moved = await treq.patch(gw.url + f"/admin/api/v1/auth-keys/{keys['mover']['id']}", headers=admin,
+                                 json={"user_path": "/team/a"})
+        assert moved.code == 200
+        vllm.release_holds()
+        assert (await ended(gw, bob, made.id)).request_counts.succeeded == 3
+        sent = {r.body["fake_marker"]: r.body["cache_salt"] for r in vllm.forwarded(b"/v1/messages")
+                if "fake_marker" in r.body}
+        assert sent == {"first": salts["b"], "waits": salts["b"], "next": salts["b"]}
+    finally:
+        await stop_all(gw, vllm, clients=clients)
+
+
 @pytest_twisted.async_yield_fixture()
 async def queued(reactor, tmp_path):
     """A gateway that runs one batch at a time, running one whose request the fake vLLM holds: the next waits,

@@ -36,8 +36,8 @@ class MessagesLines:
         L{translates}); the fallbacks are those reached the
         same way.
 
-        @param body_for: C{body_for(principal, payload, model, provider)} -> the body for C{model} at
-            C{provider}, with what that provider takes of C{principal} (the batch runner's).
+        @param body_for: C{body_for(payload, model, provider)} -> the body for C{model} at C{provider}, with
+            what that provider takes of C{principal} and of the batch (the batch runner's: its tenant's salt).
         @return: C{answer(body, model)} -> a successful answer as a message (natively, L{native_answer}).
         @raise gomodel.errors.InvalidRequest: C{payload} cannot be translated, or fails an online create's checks
             in their order (L{gomodel.anthropic.translate.check_create}: no message, sampling out of bounds,
@@ -57,7 +57,7 @@ class MessagesLines:
             sent = native_body(payload, errored)  # (as online)
 
             def rebody(model, provider):
-                return body_for(principal, sent, model, provider)
+                return body_for(sent, model, provider)
 
             answer = partial(native_answer, omit_thinking=True) if omit else native_answer
             return "/messages", rebody(route.upstream_model, route.provider), fallbacks, rebody, answer
@@ -65,7 +65,7 @@ class MessagesLines:
         extras, passed = vllm_fields(payload, chat["messages"]), passed_fields(payload)
 
         def rebody(model, provider):
-            return body_for(principal, chat_for(provider, chat, extras, passed), model, provider)
+            return body_for(chat_for(provider, chat, extras, passed), model, provider)
 
         # (a tool whose name an OpenAI target is sent short, chat_for: its calls named as the line declared it)
         # (and cut at a stop sequence past the four an OpenAI target is sent: chat_for, unsent_stops)

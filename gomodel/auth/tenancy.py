@@ -12,8 +12,8 @@ vLLM shares its prefix cache between requests: a tenant could time another
 tenant's prompts through it. A request of a managed key sent to a vLLM
 provider carries a C{cache_salt} derived with a server secret from the key's
 tenant (its user path when it has one, so a team shares its cache, else the
-key), replacing a client's own unless the key is allowed one
-(C{own_cache_salt}). Its C{kv_transfer_params} and C{ec_transfer_params} are
+key; a batch's lines, its batch's tenant's, wherever the key moved since), replacing a client's own unless the
+key is allowed one (C{own_cache_salt}). Its C{kv_transfer_params} and C{ec_transfer_params} are
 left out then: they name the KV (encoder) cache blocks a disaggregated vLLM
 reads, and the engine it reads them from, every tenant's, past any salt; its
 answer from that vLLM goes without them too (L{gomodel.proxy.transfers}). The
@@ -88,10 +88,13 @@ class CacheSalts:
             salt = self._salts[tenant] = hmac.new(self._key, tenant.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
         return salt
 
-    def apply(self, principal, upstream, body: dict) -> bool:
+    def apply(self, principal, upstream, body: dict, tenant=None) -> bool:
         """Set C{body["cache_salt"]} for a managed key's request to a vLLM provider, without its
         L{TRANSFER_FIELDS} (see the module); whether it goes without them, its answer too then
-        (L{gomodel.proxy.transfers}: a key allowed its own salt, and the master key, keep them both ways)."""
+        (L{gomodel.proxy.transfers}: a key allowed its own salt, and the master key, keep them both ways).
+
+        @param tenant: whose salt it takes, where that is not the key's tenant now: a batch's line takes its
+            batch's (the team its key was in when it made it), wherever the key moved since."""
         if (not self.enabled or principal is None or principal.master
                 or upstream.type not in SALTED_PROVIDER_TYPES):
             return False
@@ -101,7 +104,8 @@ class CacheSalts:
         elif not TRANSFER_FIELDS.isdisjoint(body):  # (one test in C where neither came, as almost always)
             for name in TRANSFER_FIELDS:
                 body.pop(name, None)
-        tenant = principal.tenant
+        if tenant is None:
+            tenant = principal.tenant
         body["cache_salt"] = self._salts.get(tenant) or self.salt(tenant)
         return not principal.own_cache_salt
 

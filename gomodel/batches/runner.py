@@ -218,7 +218,7 @@ class BatchRunner(Service):
         @param max_claimed: how many batches this runner holds at most.
         @param owner: this process's owner id for claims (default: a new unique one).
         @param keys: the L{gomodel.auth.keys.KeyRing}: a batch made with a managed key runs as
-            that key (its model access, its tenant's cache salt, its usage).
+            that key (its model access, its usage), for the batch's tenant (its cache salt: L{_body_for}).
         @param salts: the L{gomodel.auth.tenancy.CacheSalts}, or None.
         @param gate: the L{gomodel.limits.gate.Gate}: a line whose key or user path spent its
             budget fails with C{budget_exceeded} instead of being sent.
@@ -576,6 +576,7 @@ class BatchRunner(Service):
         one of a key deactivated or expired since the batch started fails (C{invalid_api_key}) instead of being
         sent."""
         self._key_now(job)
+        body_for = self._bodies(job)
         try:
             payload = jsonutil.loads(body)
             route, *fallbacks = plan_model(self._registry, payload, None, job.principal)
@@ -602,20 +603,20 @@ class BatchRunner(Service):
                     sending = await with_references(self._responses, payload, previous)
                     prefer = previous.get("replica") if previous["provider"] == route.provider.name else None
                     # (an instance that no longer holds it, restarted: sent the conversation explicitly, as online)
-                    again = partial(self._explicitly, payload, previous, route, job.principal)
+                    again = partial(self._explicitly, payload, previous, route, body_for)
                 else:  # (a master key's id the gateway does not hold: the upstream's 404 for it is OpenAI's 400)
                     unheld = payload["previous_response_id"]
             if path == "/messages" and self._messages is not None:  # natively, or translated to chat
-                again = partial(self._translated, payload, route, fallbacks, job.principal)
+                again = partial(self._translated, payload, route, fallbacks, job.principal, body_for)
                 sent, first, fallbacks, rebody, answer = self._messages.plan(
-                    payload, route, fallbacks, job.principal, self._body_for)
+                    payload, route, fallbacks, job.principal, body_for)
                 if sent != "/messages":
                     again = None  # (translated already)
             else:
                 if path == "/responses":  # (a provider without /responses: translated to chat completions, as online)
-                    again = partial(self._responses_again, payload, previous, route, job.principal, again,
+                    again = partial(self._responses_again, payload, previous, route, body_for, again,
                                     fallbacks, prefer)
-                sent, rebody = path, partial(self._body_for, job.principal, sending)
+                sent, rebody = path, partial(body_for, sending)
                 first = rebody(route.upstream_model, route.provider)
         except StorageUnavailable:
             raise  # the line stays pending: the job backs off
@@ -640,8 +641,9 @@ class BatchRunner(Service):
             return
         if path == "/responses" and not self._native_responses.native(route.provider.name):
             # (a provider known, maybe since the line was read, to have no /responses: translated at once, as online)
+            body_for = self._bodies(job)  # (as the key is now, after the wait)
             try:
-                translated, answer = await self._as_chat(payload, previous, route, job.principal, fallbacks, prefer)
+                translated, answer = await self._as_chat(payload, previous, route, body_for, fallbacks, prefer)
             except BaseException as e:
                 sem.release()
                 if not isinstance(e, GatewayError) or isinstance(e, StorageUnavailable):
@@ -650,7 +652,7 @@ class BatchRunner(Service):
                 return
             sent, first, fallbacks, rebody = translated.path, translated.body, translated.fallbacks, translated.rebody
             # (a fallback asked natively that has no /responses: translated there, as online)
-            again = partial(self._fallback_refused, route, payload, previous, job.principal, fallbacks)
+            again = partial(self._fallback_refused, route, payload, previous, body_for, fallbacks)
         reserved = None
         if self._gate is not None:
             try:
@@ -738,16 +740,23 @@ class BatchRunner(Service):
         self._track(job, recorded)
         return recorded
 
-    def _body_for(self, principal, payload, model, provider) -> bytes:
+    def _bodies(self, job):
+        """C{body_for(payload, model, provider)}: L{_body_for} for a line of C{job}, as its key is now, for its
+        batch's tenant."""
+        return partial(self._body_for, job.principal, job.tenant)
+
+    def _body_for(self, principal, tenant, payload, model, provider) -> bytes:
         """The body of a line (C{payload}, as the client wrote it) for C{model} at C{provider}, with what
-        that provider takes of the batch's key: its tenant's C{cache_salt} (every endpoint of a batch takes
-        it at vLLM: generation and pooling) and, where it schedules by priority, the key's C{priority} (as
+        that provider takes of the batch's key (C{principal}): the C{cache_salt} of the batch's C{tenant} (the team
+        the key was in when it made the batch, wherever it moved since, as the batch's output and stored responses
+        are that team's: or the new team would share the prefix cache with its prompts; every endpoint of a batch
+        takes it at vLLM: generation and pooling) and, where it schedules by priority, the key's C{priority} (as
         online: the key's wins over the line's; a key without one, the line's no sooner than the default:
         L{key_priority}); never another target's. For an OpenAI provider, its tool call ids as short as it takes
         them and no vLLM-only field (L{for_openai})."""
         body = dict(payload, model=model)
         if self._salts is not None:
-            self._salts.apply(principal, provider, body)
+            self._salts.apply(principal, provider, body, tenant)
         if provider.priority_scheduling:
             key_priority(principal, body)
         if provider.type in OPENAI_TYPES:
@@ -882,20 +891,20 @@ class BatchRunner(Service):
         finally:
             job.upstream.discard(upstream)
 
-    async def _explicitly(self, payload, previous, route, principal, outcome):
+    async def _explicitly(self, payload, previous, route, body_for, outcome):
         """C{(call, answer)} to send a C{/v1/responses} line (C{payload}, continuing the stored C{previous})
         again with its stored conversation as explicit input, when its C{outcome} is its instance's 404 for the
-        response it continues (vLLM keeps them in memory: it restarted), as an online follow-up is; the answer
-        then names the response it follows (L{relink}); else None."""
+        response it continues (vLLM keeps them in memory: it restarted), as an online follow-up is (its body made by
+        C{body_for}, the line's L{_bodies}); the answer then names the response it follows (L{relink}); else None."""
         previous_id = payload["previous_response_id"]
         if outcome.status != 404 or not names_previous(outcome.body, previous_id):
             return None
         body = await with_history(self._responses, payload, previous)
-        call = upstream_call("/responses", self._body_for(principal, body, route.upstream_model, route.provider),
+        call = upstream_call("/responses", body_for(body, route.upstream_model, route.provider),
                              model=route.upstream_model)
         return call, partial(_relinked, previous_id)
 
-    async def _responses_again(self, payload, previous, route, principal, explicitly, fallbacks, prefer, outcome):
+    async def _responses_again(self, payload, previous, route, body_for, explicitly, fallbacks, prefer, outcome):
         """C{(call, answer)} to send a C{/v1/responses} line (C{payload}, continuing the stored C{previous} or
         None) again after its native C{outcome} failed: with its conversation explicit (C{explicitly}, the
         L{_explicitly} of a line continuing a stored response, or None) where its instance forgot it, or
@@ -914,10 +923,10 @@ class BatchRunner(Service):
             return None
         self._native_responses.remember(outcome.provider.name)  # (the next lines go translated at once)
         if outcome.provider.name == route.provider.name:
-            return await self._as_chat(payload, previous, route, principal, fallbacks, prefer)
-        return await self._translated_at(payload, previous, principal, fallbacks, outcome)
+            return await self._as_chat(payload, previous, route, body_for, fallbacks, prefer)
+        return await self._translated_at(payload, previous, body_for, fallbacks, outcome)
 
-    async def _fallback_refused(self, route, payload, previous, principal, fallbacks, outcome):
+    async def _fallback_refused(self, route, payload, previous, body_for, fallbacks, outcome):
         """C{(call, answer, provider)} to send a C{/v1/responses} line sent translated (L{_as_chat}: C{route},
         then C{fallbacks}) again, translated, at the fallback whose native C{outcome} says it has no
         C{/responses} (as online; the next lines go translated there at once), on to the fallbacks after it; else
@@ -928,23 +937,24 @@ class BatchRunner(Service):
         if outcome.provider.name == route.provider.name or not no_native_route(outcome.status, outcome.body):
             return None  # (route's provider is translated, each target of it too)
         self._native_responses.remember(outcome.provider.name)
-        return await self._translated_at(payload, previous, principal, fallbacks, outcome)
+        return await self._translated_at(payload, previous, body_for, fallbacks, outcome)
 
-    async def _translated_at(self, payload, previous, principal, fallbacks, outcome):
+    async def _translated_at(self, payload, previous, body_for, fallbacks, outcome):
         """C{(call, answer, provider)} to send a C{/v1/responses} line (C{payload}, continuing C{previous} or
         None) translated at the fallback (of C{fallbacks}) whose C{outcome} it is, then at those after it; or
         None where none of them gave it."""
         for at, fallback in enumerate(fallbacks):  # (its first target failed: translated where it went on to)
             if fallback.provider.name == outcome.provider.name and fallback.upstream_model == outcome.model:
-                call, answer = await self._as_chat(payload, previous, fallback, principal, fallbacks[at + 1:])
+                call, answer = await self._as_chat(payload, previous, fallback, body_for, fallbacks[at + 1:])
                 return call, answer, fallback.provider
         return None
 
-    async def _as_chat(self, payload, previous, route, principal, fallbacks=(), prefer=None):
+    async def _as_chat(self, payload, previous, route, body_for, fallbacks=(), prefer=None):
         """C{(call, answer)} to send a C{/v1/responses} line (C{payload}, continuing the stored C{previous} or
         None) translated to chat completions at C{route}, then at each of its C{fallbacks} (L{gomodel.routing.
         registry.Route}s) that the first's failure sends it to, as online, preferring C{route}'s replica C{prefer}
-        (a follow-up's); its answer made a response object naming the request's settings.
+        (a follow-up's), each body made by C{body_for} (the line's L{_bodies}); its answer made a response object
+        naming the request's settings.
 
         A fallback whose provider has a Responses API of its own (not known to lack one: L{NativeResponses}) gets
         the line natively, as online each target is asked natively first: its answer is its own response object.
@@ -959,11 +969,11 @@ class BatchRunner(Service):
                                    else "max_tokens")
             if provider.type in SHORT_ID_TYPES:  # (a vLLM's call ids are too long for OpenAI)
                 fit_call_ids(chat)
-            return self._body_for(principal, chat, model, provider)
+            return body_for(chat, model, provider)
 
         def rebody(model, provider):
             if previous is None and self._native_responses.native(provider.name):  # (a line that continues none:
-                return "/responses", self._body_for(principal, payload, model, provider)  # its own body, natively)
+                return "/responses", body_for(payload, model, provider)  # its own body, natively)
             return as_chat(model, provider)
 
         call = upstream_call("/chat/completions", as_chat(route.upstream_model, route.provider),
@@ -972,14 +982,13 @@ class BatchRunner(Service):
         now = int(self._clock.seconds())
         return call, partial(_chat_response, echo, now)
 
-    def _translated(self, payload, route, fallbacks, principal, outcome):
+    def _translated(self, payload, route, fallbacks, principal, body_for, outcome):
         """C{(call, answer)} to send a message batch's line (C{payload}, planned for C{route} and C{fallbacks})
         again translated to chat, when its native C{outcome} says the provider has no Messages API (as an online
         request is); else None."""
         if not self._messages.no_native(outcome.provider, outcome.model, outcome.status, outcome.body):
             return None
-        sent, first, fallbacks, rebody, answer = self._messages.plan(payload, route, fallbacks, principal,
-                                                                     self._body_for)
+        sent, first, fallbacks, rebody, answer = self._messages.plan(payload, route, fallbacks, principal, body_for)
         if sent == "/messages":  # (a fallback said so: the first target is still asked natively)
             return None
         call = upstream_call(sent, first, model=route.upstream_model, fallbacks=fallbacks,
