@@ -749,3 +749,30 @@ async def test_a_streams_head_leaves_in_one_write_with_the_first_events_come_wit
         assert event["outcome"] == "client_gone", event
     finally:
         await stop_all(gw, fake)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_translated_responses_stream_ends_at_its_response_completed_whatever_its_upstream_sends_after(
+        reactor, access):
+    # A chat upstream that went on after its [DONE] had its chunks translated after the response.completed that
+    # the [DONE] made: the client got a new output item, its text deltas, after the response had ended.
+    fake = await start_fake(reactor, responses=False)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
+    try:
+        logged = access.next(reactor)
+        chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": UPSTREAM_MODEL,
+                 "choices": [{"index": 0, "delta": {"content": "Hel"}, "finish_reason": None}]}
+        after = dict(chunk, choices=[{"index": 0, "delta": {"content": "lo"}, "finish_reason": "stop"}])
+        fake.steer = {"fake_sse": [json.dumps(chunk), "[DONE]", json.dumps(after), "[DONE]"]}
+        client = await connect(reactor, gw.port, request_bytes(b"/v1/responses", {"model": MODEL, "input": "hi"},
+                                                               b"Connection: close\r\n"))
+        await with_timeout(reactor, client.lost, 5)
+        head, _, received = bytes(client.received).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and received.endswith(b"\r\n0\r\n\r\n"), received
+        events = [e for e in received.split(b"\n\n") if b"data: " in e]
+        kinds = [json.loads(e[e.index(b"data: ") + 6:])["type"] for e in events]
+        assert kinds[-1] == "response.completed" and kinds.count("response.output_text.delta") == 1, kinds
+        event = await with_timeout(reactor, logged, 2)
+        assert event["outcome"] == "ok", event
+    finally:
+        await stop_all(gw, fake)

@@ -512,7 +512,7 @@ class ChatToResponsesStream:
     def feed(self, data: bytes) -> bytes:
         out = []
         for event in self._framer.feed(data):
-            if self.error is not None:  # (the stream ended at its error event: nothing after it is told)
+            if self.done:  # (the stream ended at its response.completed or error event: nothing after it is told)
                 break
             payload = event_data(event)
             if not payload or payload == b"[DONE]":
