@@ -541,6 +541,35 @@ async def test_a_passthrough_stream_cut_between_events_is_broken_where_its_route
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_passthrough_messages_stream_cut_after_its_deltas_is_charged_them(reactor, gateway, access):
+    """A passthrough Messages stream whose body ended after 20 deltas, before its message_delta, was charged its
+    message_start's usage as final: 0 output tokens for what its client got, not estimated. It is charged the
+    events relayed now (estimated), its input the upstream's own count (as /v1/messages charges such a stream)."""
+    answer = _events(MESSAGE_START, BLOCK, *[DELTA] * 20)
+    logged = access.next(reactor)
+    client = await connect(reactor, gateway.port, _passed(b"/p/vllm/v1/messages", {
+        "model": "meta-llama/Llama-3.1-8B-Instruct", "stream": True, "fake_raw": _raw(answer)}, CLOSE))
+    await with_timeout(reactor, client.lost, 5)
+    assert _dechunked(bytes(client.received)).startswith(answer.encode())
+    assert (await logged)["outcome"] == "stream_broken"
+    await gateway.service.usage.flush()
+    [record], _ = await gateway.service.store.usage.log(0, 2e9, 10)
+    assert record["input_tokens"] == 3 and record["output_tokens"] >= 20 and record["estimated"], record
+
+    # (a chat stream's usage chunk is its final usage, cut before [DONE] or not)
+    usage = {"id": "c", "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}}
+    logged = access.next(reactor)
+    client = await connect(reactor, gateway.port, _passed(b"/p/vllm/v1/chat/completions", {
+        "model": "meta-llama/Llama-3.1-8B-Instruct", "stream": True,
+        "fake_raw": _raw(WHOLE * 5 + "data: " + json.dumps(usage) + "\n\n")}, CLOSE))
+    await with_timeout(reactor, client.lost, 5)
+    assert (await logged)["outcome"] == "stream_broken"
+    await gateway.service.usage.flush()
+    record = (await gateway.service.store.usage.log(0, 2e9, 10))[0][0]
+    assert (record["input_tokens"], record["output_tokens"], record["estimated"]) == (7, 2, False), record
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_passthrough_stream_whose_end_went_out_is_whole_whatever_follows(reactor, gateway, access):
     """As on /v1: once a stream's C{[DONE]} went out, a client that leaves (SDKs leave at C{[DONE]}, before the body's
     last chunk) is no 499 and an upstream that breaks off is no broken stream, no error event after the end

@@ -1111,6 +1111,7 @@ class UsageTap:
     events = 0
     error = None
     done = False
+    estimated = False  # its usage's output is the events relayed (L{_cut_short})
 
     def __init__(self, stream=False, ends=None, hide=None):
         """
@@ -1208,9 +1209,22 @@ class UsageTap:
         if not self._stream:
             return
         if self._held:
+            self._cut_short()
             raise StreamIncomplete("the upstream stream ended inside an event")
         if self._ends is not None and not self.done:
+            self._cut_short()
             raise StreamIncomplete("the upstream stream ended " + self._ends.missing)
+
+    def _cut_short(self):
+        """A Messages stream cut before its message_delta: the usage its tail holds is its message_start's (0 or 1
+        output tokens), no final one, so its output is the events relayed (estimated, as a stream without usage is).
+        (A chat stream's usage chunk, and a Responses stream's final response, say the final usage.)"""
+        usage = self.usage
+        if self._ends is not MESSAGES_END or usage is None:
+            return
+        output = usage.get("output_tokens")
+        if (output if output.__class__ is int else 0) <= 1 < self.events:
+            self.usage, self.estimated = dict(usage, output_tokens=self.events), True
 
 
 def _errors_hidden(events: bytes, upstream) -> bytes:
