@@ -404,41 +404,56 @@ async def test_an_upstreams_error_event_mid_stream_reaches_the_client_and_is_log
         await stop_all(gw, fake)
 
 
+@pytest_twisted.async_yield_fixture()
+async def translated(reactor):
+    """C{(gateway, fake)}: the gateway in front of a fake vLLM without the Responses API (Responses translated to
+    chat)."""
+    fake = await start_fake(reactor, responses=False)
+    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
+    yield gw, fake
+    await stop_all(gw, fake)
+
+
+# A chat upstream's chunk of text (before its end).
+HEL = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": UPSTREAM_MODEL,
+       "choices": [{"index": 0, "delta": {"content": "Hel"}, "finish_reason": None}]}
+
+
+async def _translated_responses(reactor, gw, fake, sse, **steer) -> list:
+    """The event payloads a Responses client gets, its answer a whole 200, of a chat upstream's stream of C{sse}
+    (chunks, or raw payloads such as C{"[DONE]"}: the fake's C{fake_sse}), translated."""
+    fake.steer = dict(steer, fake_sse=[p if isinstance(p, str) else json.dumps(p) for p in sse])
+    client = await connect(reactor, gw.port, request_bytes(b"/v1/responses", {"model": MODEL, "input": "hi"},
+                                                           b"Connection: close\r\n"))
+    await with_timeout(reactor, client.lost, 5)
+    head, _, received = bytes(client.received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and received.endswith(b"\r\n0\r\n\r\n"), received
+    events = [e for e in received.split(b"\n\n") if b"data: " in e]
+    return [json.loads(e[e.index(b"data: ") + 6:]) for e in events]
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_translated_responses_streams_in_band_error_is_its_error_event_and_its_kept_responses_error(
-        reactor, access):
+        reactor, translated, access):
     # A chat upstream's error event in a Responses stream translated from chat was raised as the stream breaking
     # off: the client got a stream_incomplete event (or, where it came in the read that held the first tokens, a
     # 502 and none of them), the request was logged stream_broken, and the replica was held for it as for a
     # reset. Now it is the stream's error event (OpenAI's ResponseErrorEvent), as on every other route.
-    fake = await start_fake(reactor, responses=False)
-    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
-    try:
-        logged = access.next(reactor)
-        chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": UPSTREAM_MODEL,
-                 "choices": [{"index": 0, "delta": {"content": "Hel"}, "finish_reason": None}]}
-        error = {"error": {"message": "engine failed", "type": "InternalServerError", "code": 500}}
-        fake.steer = {"fake_sse": [json.dumps(chunk), json.dumps(error), json.dumps(chunk)], "fake_pace": 0.05}
-        client = await connect(reactor, gw.port, request_bytes(b"/v1/responses", {"model": MODEL, "input": "hi"},
-                                                               b"Connection: close\r\n"))
-        await with_timeout(reactor, client.lost, 5)
-        head, _, received = bytes(client.received).partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 200 ") and received.endswith(b"\r\n0\r\n\r\n"), received
-        events = [e for e in received.split(b"\n\n") if b"data: " in e]
-        payloads = [json.loads(e[e.index(b"data: ") + 6:]) for e in events]
-        assert [p["type"] for p in payloads][-2:] == ["response.output_text.delta", "error"]
-        assert payloads[-1] == {"type": "error", "code": "server_error", "message": "engine failed", "param": None,
-                                "sequence_number": len(payloads) - 1}
-        event = await with_timeout(reactor, logged, 2)
-        assert_released(gw)
-        assert (event["outcome"], event["error"]) == ("error", "upstream_stream_error"), event
-        [pool] = gw.registry.providers
-        assert pool.replicas[0].failures == 0
-        kept = json.loads(await (await with_timeout(reactor, __import__("treq").get(
-            gw.url + "/v1/responses/" + payloads[0]["response"]["id"]), 5)).content())
-        assert kept["status"] == "failed" and kept["error"] == {"code": "server_error", "message": "engine failed"}
-    finally:
-        await stop_all(gw, fake)
+    gw, fake = translated
+    logged = access.next(reactor)
+    error = {"error": {"message": "engine failed", "type": "InternalServerError", "code": 500}}
+    payloads = await _translated_responses(reactor, gw, fake, [HEL, error, HEL], fake_pace=0.05)
+    assert [p["type"] for p in payloads][-2:] == ["response.output_text.delta", "error"]
+    assert payloads[-1] == {"type": "error", "code": "server_error", "message": "engine failed", "param": None,
+                            "sequence_number": len(payloads) - 1}
+    event = await with_timeout(reactor, logged, 2)
+    assert_released(gw)
+    assert (event["outcome"], event["error"]) == ("error", "upstream_stream_error"), event
+    [pool] = gw.registry.providers
+    assert pool.replicas[0].failures == 0
+    kept = json.loads(await (await with_timeout(reactor, __import__("treq").get(
+        gw.url + "/v1/responses/" + payloads[0]["response"]["id"]), 5)).content())
+    assert kept["status"] == "failed" and kept["error"] == {"code": "server_error", "message": "engine failed"}
 
 
 @pytest.mark.parametrize("headed", [False, True])
@@ -753,26 +768,13 @@ async def test_a_streams_head_leaves_in_one_write_with_the_first_events_come_wit
 
 @pytest_twisted.ensureDeferred
 async def test_a_translated_responses_stream_ends_at_its_response_completed_whatever_its_upstream_sends_after(
-        reactor, access):
+        reactor, translated, access):
     # A chat upstream that went on after its [DONE] had its chunks translated after the response.completed that
     # the [DONE] made: the client got a new output item, its text deltas, after the response had ended.
-    fake = await start_fake(reactor, responses=False)
-    gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url})
-    try:
-        logged = access.next(reactor)
-        chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": UPSTREAM_MODEL,
-                 "choices": [{"index": 0, "delta": {"content": "Hel"}, "finish_reason": None}]}
-        after = dict(chunk, choices=[{"index": 0, "delta": {"content": "lo"}, "finish_reason": "stop"}])
-        fake.steer = {"fake_sse": [json.dumps(chunk), "[DONE]", json.dumps(after), "[DONE]"]}
-        client = await connect(reactor, gw.port, request_bytes(b"/v1/responses", {"model": MODEL, "input": "hi"},
-                                                               b"Connection: close\r\n"))
-        await with_timeout(reactor, client.lost, 5)
-        head, _, received = bytes(client.received).partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 200 ") and received.endswith(b"\r\n0\r\n\r\n"), received
-        events = [e for e in received.split(b"\n\n") if b"data: " in e]
-        kinds = [json.loads(e[e.index(b"data: ") + 6:])["type"] for e in events]
-        assert kinds[-1] == "response.completed" and kinds.count("response.output_text.delta") == 1, kinds
-        event = await with_timeout(reactor, logged, 2)
-        assert event["outcome"] == "ok", event
-    finally:
-        await stop_all(gw, fake)
+    gw, fake = translated
+    logged = access.next(reactor)
+    after = dict(HEL, choices=[{"index": 0, "delta": {"content": "lo"}, "finish_reason": "stop"}])
+    kinds = [p["type"] for p in await _translated_responses(reactor, gw, fake, [HEL, "[DONE]", after, "[DONE]"])]
+    assert kinds[-1] == "response.completed" and kinds.count("response.output_text.delta") == 1, kinds
+    event = await with_timeout(reactor, logged, 2)
+    assert event["outcome"] == "ok", event
