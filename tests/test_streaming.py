@@ -106,6 +106,52 @@ async def test_stream_without_done_is_reported_broken(reactor, gateway):
     assert not received.endswith(b"0\r\n\r\n")
 
 
+def _sse_chunk(content, finish=None, **extra):
+    return json.dumps({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                       "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": finish, **extra}]})
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_whose_done_comes_without_a_finish_reason_is_reported_broken(gateway):
+    """vLLM's stream of a request its engine dropped (the engine stopped, or failed before the first token) ends
+    with [DONE] though no choice said why it ended, or says vLLM's "abort": a cut, which the client is told as
+    one (stream_incomplete, no [DONE]; before its first event, the 502 of an upstream that broke off), as a stream
+    without [DONE] is. A stream whose last content chunk says why, with or without a usage chunk after it, in one
+    read or cut across two, ends well; so does a text completion's."""
+    usage = json.dumps({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                        "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
+
+    async def streamed(path, body):
+        """Its status, and what came of its body (a cut one's too: no clean end of its chunked body)."""
+        from twisted.web.client import ResponseFailed
+
+        response = await treq.post(gateway.url + path, data=json.dumps(body).encode())
+        parts = []
+        try:
+            await treq.collect(response, parts.append)
+        except ResponseFailed:
+            parts.append(b"<cut>")
+        return response.code, b"".join(parts)
+
+    cut = [("/v1/chat/completions", stream_body(fake_sse=payloads, fake_pace=0.02)) for payloads in (
+        [_sse_chunk("a"), _sse_chunk("b"), "[DONE]"], [_sse_chunk("a"), _sse_chunk("", "abort"), usage, "[DONE]"])]
+    completion = {"model": MODEL, "prompt": "hi", "stream": True, "fake_pace": 0.02}
+    cut += [("/v1/completions", dict(completion, fake_finish=finish)) for finish in (None, "abort")]
+    for path, body in cut:
+        code, content = await streamed(path, body)
+        assert code == 200 and content.count(b"stream_incomplete") == 1, content
+        assert b"without a finish_reason" in content and b"[DONE]" not in content, content
+    code, content = await streamed("/v1/chat/completions", stream_body(fake_sse=["[DONE]"]))
+    assert code == 502 and b"broke off" in content, content
+    for payloads in ([_sse_chunk("a"), _sse_chunk("b", "stop"), "[DONE]"],
+                     [_sse_chunk("a"), _sse_chunk("é", "length", stop_reason=None), usage, "[DONE]"]):
+        for split in (False, True):  # (each event in one read, or cut in two: the reason found across the cut)
+            code, content = await streamed("/v1/chat/completions", stream_body(
+                fake_sse=payloads, fake_split_utf8=split, fake_pace=0.02 if split else 0))
+            assert code == 200 and content.endswith(b"data: [DONE]\n\n"), content
+            assert b"stream_incomplete" not in content
+
+
 @pytest_twisted.ensureDeferred
 async def test_silent_upstream_is_cut_by_the_idle_timeout(reactor, fake):
     gw = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "HTTP_STREAM_IDLE_TIMEOUT": "0.2s"})

@@ -93,7 +93,7 @@ class InferenceRoutes:
                     del options["continuous_usage_stats"]
                 strip_usage = True
             body["stream_options"] = options
-            observer = ChatStreamObserver(strip_usage, partial(answerer_hidden, self._registry, ctx))
+            observer = ChatStreamObserver(strip_usage, partial(answerer_hidden, self._registry, ctx), reasons=True)
         # (a fallback's body from this one as the request made it, before the first target's own fields)
         again = fallback_bodies(request, ctx, self._salts, body, fallbacks) if fallbacks else None
         self.prioritise(request, ctx, upstream, body)  # (L{target}, inline: every request takes this way)

@@ -150,6 +150,8 @@ def failed_error(payload: dict) -> dict:
 
 # The event that ends a chat or text completion stream, as vLLM and OpenAI write it.
 DONE_EVENT = b"data: [DONE]\n\n"
+# A choice's reason for ending, as a chunk says it (one of vLLM's, OpenAI's: not null, not vLLM's "abort").
+_REASON = re.compile(rb'"finish_reason"\s*:\s*"(?!abort")')
 
 
 class StreamIncomplete(Exception):
@@ -338,15 +340,23 @@ class ChatStreamObserver:
     done = False
     error = None
     events = 0  # events relayed while no usage is known: about one generated token each, for an estimate
+    reasoned = False  # a choice said why it ended (L{_REASON}; L{_reasoned_in})
+    unreasoned = False  # its [DONE] came, no choice having said why it ended: dropped, the stream was cut
+    _last = b""  # the last read that went without a look into it (the one before a read that is looked into)
 
-    def __init__(self, strip_usage: bool, hide=None):
+    def __init__(self, strip_usage: bool, hide=None, reasons=False):
         """
         @param hide: a function of one of the upstream's texts (an error's message) giving it as the client may
             see it, its upstream's address and key hidden (L{gomodel.upstream.errors.without_address}), or None.
+        @param reasons: whether a stream that ends well says why its choices ended (a chat or text completion's
+            C{finish_reason}, in its last content chunk): one whose [DONE] comes without (vLLM's engine stopped
+            or failed under it, an error before its first token: nothing else says so), or with vLLM's
+            C{"abort"}, was cut (L{finish}).
         """
         self._framer = SSEFramer()
         self._strip_usage = strip_usage
         self._hide = hide
+        self._reasons = reasons
 
     def feed(self, data: bytes) -> bytes:
         """Take upstream bytes; return the bytes to send the client now (whole events)."""
@@ -358,15 +368,18 @@ class ChatStreamObserver:
         if (not long and not self._framer._buffer and data.endswith(b"\n\n") and data.find(b"\r") < 0
                 and data.find(b'"usage"') < 0 and data.find(b'"error"') < 0 and data.find(b"[DONE]") < 0):
             self.events += data.count(b"\n\n")
+            self._last = data
             return data
         if long:
             joined, events = self._framer.feed_joined(data)
             if events is None:
+                self._reasoned_in(joined)
                 return self._feed_joined(joined)
         else:
             events = self._framer.feed(data)
         self.events += len(events)
         joined = b"".join(events)
+        self._reasoned_in(joined)
         # Only events that can carry usage, an error or the end are looked into: most reads hold none,
         # and a word found in the joined events is within one of them (none holds a line break). The
         # words (C{"usage"}, C{"error"}, C{[DONE]}) are looked for inline here (see mentions): this runs
@@ -412,6 +425,8 @@ class ChatStreamObserver:
         """C{out} and those of C{events} the client gets, joined; each holding a watched word is observed."""
         for event in events:
             if event == DONE_EVENT:  # (how a stream ends, as vLLM writes it: told at once)
+                if not self._ends():
+                    continue
                 self.done = True
             elif event.find(b'"usage"') >= 0 or event.find(b'"error"') >= 0 or event.find(b"[DONE]") >= 0:
                 event = self._observe(event)
@@ -425,6 +440,8 @@ class ChatStreamObserver:
         upstream's address), or None."""
         data = event_data(event)
         if data == b"[DONE]":
+            if not self._ends():
+                return None
             self.done = True
             return event
         if data.find(b'"usage"') >= 0 or data.find(b'"error"') >= 0:
@@ -453,8 +470,27 @@ class ChatStreamObserver:
                         return b"data: " + jsonutil.dumps(chunk) + b"\n\n"
         return event
 
+    def _reasoned_in(self, joined: bytes):
+        """Note whether a choice said why it ended (L{reasoned}) in C{joined}, the whole events of a read that is
+        looked into, or in the read before it that went without (L{_last}: a last content chunk, most often)."""
+        if self._reasons and not self.reasoned and (
+                _REASON.search(self._last) is not None or _REASON.search(joined) is not None):
+            self.reasoned = True
+        self._last = b""
+
+    def _ends(self) -> bool:
+        """Whether the stream's [DONE] ends it well: where its choices must say why they ended (C{reasons}), one
+        did (L{reasoned}), or an error ended it first (L{done}: the client has it); else it is dropped
+        (L{unreasoned}: L{finish} says the stream was cut)."""
+        if not self._reasons or self.reasoned or self.done:
+            return True
+        self.unreasoned = True
+        return False
+
     def finish(self):
         """The upstream body ended cleanly; raise L{StreamIncomplete} if the stream did not."""
+        if self.unreasoned and not self.done:
+            raise StreamIncomplete("the upstream stream ended without a finish_reason")
         require_end(self._framer, self.done, "without [DONE]")
 
     def whole(self, answer: bytes) -> bytes:

@@ -51,7 +51,8 @@ of a type it does not know (a C{document}: a 400 in vLLM's OpenAI envelope). Cha
   - C{fake_cached}: prompt tokens read from the prefix cache (in the usage)
   - C{fake_deltas}: a stream is these chat C{delta} objects, one chunk each (after
     the role's), the last with C{finish_reason} C{fake_finish} (default "stop")
-  - C{fake_finish}: a chat answer's C{finish_reason} (default "length"; a stream's last content chunk's too)
+  - C{fake_finish}: a chat answer's C{finish_reason} (default "length"; a stream's last content chunk's too, and a
+    text completion stream's last chunk's: null for none)
 
 Messages also take C{fake_events}: a stream of exactly these C{[event, data]} pairs (data a raw
 string; a native Responses stream takes them too); C{fake_stream_anyway} answers a Messages request that did
@@ -507,11 +508,15 @@ class FakeVLLM(Resource):
             event = b"data: " + jsonutil.dumps({"id": "cmpl-fake", "object": "text_completion", "created": 1700000000,
                                                 "model": body["model"], "choices": [{"index": 0, "text": "x" * 4000,
                                                 "logprobs": None, "finish_reason": None}]}) + b"\n\n"
-            _flood(request, record, body, event, lambda: self._end_stream(request, dict(body, stream_options=None)))
+            last = {"id": "cmpl-fake", "object": "text_completion", "created": 1700000000, "model": body["model"],
+                    "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": "length"}]}
+            _flood(request, record, body, event, lambda: self._end_stream(
+                request, dict(body, stream_options=None), b"data: " + jsonutil.dumps(last) + b"\n\n"))
             return server.NOT_DONE_YET
         payloads = [b"data: " + jsonutil.dumps({
             "id": "cmpl-fake", "object": "text_completion", "created": 1700000000, "model": body["model"],
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "length" if i == n - 1 else None,
+            "choices": [{"index": 0, "text": text, "logprobs": None,
+                         "finish_reason": body.get("fake_finish", "length") if i == n - 1 else None,
                          "stop_reason": None}]}) + b"\n\n" for i in range(n)]
         self._send_events(request, body, payloads, float(body.get("fake_pace", 0)), None, False, 0)
         return server.NOT_DONE_YET
@@ -908,7 +913,8 @@ class FakeVLLM(Resource):
         request.setResponseCode(200)
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
         if "fake_flood" in body:
-            flood = _Flood(request, record, int(body["fake_flood"]), lambda: self._end_stream(request, body))
+            flood = _Flood(request, record, int(body["fake_flood"]), lambda: self._end_stream(request, body, b"data: "
+                           + jsonutil.dumps(_chunk({}, "length")) + b"\n\n"))
             request.registerProducer(flood, True)
             flood.resumeProducing()
             return server.NOT_DONE_YET
@@ -984,9 +990,13 @@ class FakeVLLM(Resource):
         request.write(rest)
         self._reactor.callLater(pace, self._send_events, request, body, payloads, pace, die_after, split, index + 1)
 
-    def _end_stream(self, request, body):
+    def _end_stream(self, request, body, last=None):
+        """End a stream: C{last} (an event: a flood's last chunk, saying why it ended), its usage chunk where asked
+        for, [DONE] (unless C{fake_no_done}), the body's end (C{fake_after_done})."""
         if request._disconnected:
             return
+        if last is not None:
+            request.write(last)
         options = body.get("stream_options") or {}
         if options.get("include_usage"):
             usage = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000,
