@@ -150,8 +150,18 @@ def failed_error(payload: dict) -> dict:
 
 # The event that ends a chat or text completion stream, as vLLM and OpenAI write it.
 DONE_EVENT = b"data: [DONE]\n\n"
-# A choice's reason for ending, as a chunk says it (one of vLLM's, OpenAI's: not null, not vLLM's "abort").
-_REASON = re.compile(rb'"finish_reason"\s*:\s*"(?!abort")')
+# A choice's reason for ending, as a chunk says it (a string: not null), as vLLM and OpenAI write it, and spaced.
+_REASONS = (b'"finish_reason":"', b'"finish_reason": "')
+
+
+def _reasoned(data: bytes, start: int) -> bool:
+    """Whether C{data}, from C{start} (its last event's start), says why a choice ended: a C{finish_reason} that is
+    a string, but vLLM's C{"abort"} (one search in C for each spelling, no regex: this runs at every stream's end)."""
+    for reason in _REASONS:
+        at = data.find(reason, start)
+        if at >= 0:
+            return not data.startswith(b'abort"', at + len(reason))
+    return False
 
 
 class StreamIncomplete(Exception):
@@ -340,9 +350,9 @@ class ChatStreamObserver:
     done = False
     error = None
     events = 0  # events relayed while no usage is known: about one generated token each, for an estimate
-    reasoned = False  # a choice said why it ended (L{_REASON}; L{_reasoned_in})
+    reasoned = False  # a choice said why it ended (L{_reasoned}), in the event before a watched one or in it
     unreasoned = False  # its [DONE] came, no choice having said why it ended: dropped, the stream was cut
-    _last = b""  # the last read that went without a look into it (the one before a read that is looked into)
+    _last = b""  # the last events relayed before a read (where the event before its first watched one ends)
 
     def __init__(self, strip_usage: bool, hide=None, reasons=False):
         """
@@ -373,13 +383,11 @@ class ChatStreamObserver:
         if long:
             joined, events = self._framer.feed_joined(data)
             if events is None:
-                self._reasoned_in(joined)
                 return self._feed_joined(joined)
         else:
             events = self._framer.feed(data)
         self.events += len(events)
         joined = b"".join(events)
-        self._reasoned_in(joined)
         # Only events that can carry usage, an error or the end are looked into: most reads hold none,
         # and a word found in the joined events is within one of them (none holds a line break). The
         # words (C{"usage"}, C{"error"}, C{[DONE]}) are looked for inline here (see mentions): this runs
@@ -424,6 +432,9 @@ class ChatStreamObserver:
     def _passed(self, out: list, events) -> bytes:
         """C{out} and those of C{events} the client gets, joined; each holding a watched word is observed."""
         for event in events:
+            if self._reasons and not self.reasoned:  # (why its choices ended: in the event before, a last content
+                before = out[-1] if out else self._last    # chunk, most often; or in this one, beside its usage)
+                self.reasoned = _reasoned(event, 0) or _reasoned(before, before.rfind(b"\ndata:") + 1)
             if event == DONE_EVENT:  # (how a stream ends, as vLLM writes it: told at once)
                 if not self._ends():
                     continue
@@ -433,6 +444,8 @@ class ChatStreamObserver:
                 if event is None:
                     continue
             out.append(event)
+        if out:
+            self._last = out[-1]
         return b"".join(out)
 
     def _observe(self, event: bytes):
@@ -469,14 +482,6 @@ class ChatStreamObserver:
                         del chunk["usage"]
                         return b"data: " + jsonutil.dumps(chunk) + b"\n\n"
         return event
-
-    def _reasoned_in(self, joined: bytes):
-        """Note whether a choice said why it ended (L{reasoned}) in C{joined}, the whole events of a read that is
-        looked into, or in the read before it that went without (L{_last}: a last content chunk, most often)."""
-        if self._reasons and not self.reasoned and (
-                _REASON.search(self._last) is not None or _REASON.search(joined) is not None):
-            self.reasoned = True
-        self._last = b""
 
     def _ends(self) -> bool:
         """Whether the stream's [DONE] ends it well: where its choices must say why they ended (C{reasons}), one
