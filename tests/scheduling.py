@@ -47,7 +47,10 @@ class PathGroupScheduling(LoadGroupScheduling):
             self.workqueue.move_to_end(HELD)
             if len(self.workqueue) == 1 and not self._others_ended(node):
                 return
-        super()._assign_work_unit(node)
+        try:
+            super()._assign_work_unit(node)
+        except OSError:  # (execnet's "cannot send": it crashed after its last test's end, before xdist heard of it)
+            node.unreachable = True  # what it was given comes back with its crash (C{remove_node}), as what it held
 
     def _reschedule(self, node):
         """xdist's, but a worker is sent units until it holds more than two tests (xdist sends one a test's end, and
@@ -57,7 +60,7 @@ class PathGroupScheduling(LoadGroupScheduling):
         if not self._held_alone():
             super()._reschedule(node)
             while (self.workqueue and not self._held_alone() and not node.shutting_down
-                   and self._pending_of(self.assigned_work[node]) <= 2):
+                   and not getattr(node, "unreachable", False) and self._pending_of(self.assigned_work[node]) <= 2):
                 self._assign_work_unit(node)
         if self._held_alone():
             self._stage()
