@@ -434,7 +434,8 @@ class ChatStreamObserver:
         for event in events:
             if self._reasons and not self.reasoned:  # (why its choices ended: in the event before, a last content
                 before = out[-1] if out else self._last    # chunk, most often; or in this one, beside its usage)
-                self.reasoned = _reasoned(event, 0) or _reasoned(before, before.rfind(b"\ndata:") + 1)
+                self.reasoned = (event.find(b'"finish_reason"') >= 0 and _reasoned(event, 0)) or _reasoned(
+                    before, before.rfind(b"\ndata:") + 1)  # (its last event's start: one event searched)
             if event == DONE_EVENT:  # (how a stream ends, as vLLM writes it: told at once)
                 if not self._ends():
                     continue
