@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gomodel.errors import StorageUnavailable
-from gomodel.store.sqlite import rows  # noqa: F401 (its adapters, for this process's connections)
+from gomodel.store.sqlite import rows  # (its adapters, for this process's connections; its settings)
 from gomodel.store.sqlite.migrations import migrate
 from gomodel.store.threads import OwnedThreads
 
@@ -100,14 +100,7 @@ class Database:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
-            # WAL + NORMAL: a committed transaction survives a killed process; only
-            # an OS crash or power loss can take back the last ones.
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=5000")
-            # 256 KiB of page cache, as the writer's (rows.serve): SQLite's default, 2 MiB, filled as the usage
-            # ledger grew (a budget's sums, read every second) and stayed in the process; a page read again
-            # beyond it comes from the OS's cache.
-            conn.execute("PRAGMA cache_size=-256")
+            rows.tune(conn)
             migrate(conn)
         except Exception as e:
             self._broken = str(e) or type(e).__name__  # what every later call answers with
