@@ -108,7 +108,8 @@ async def test_stream_without_done_is_reported_broken(reactor, gateway):
 
 def _sse_chunk(content, finish=None, **extra):
     return json.dumps({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
-                       "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": finish, **extra}]})
+                       "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": finish, **extra}]},
+                      ensure_ascii=False)  # (an "é" as its UTF-8 bytes, as vLLM writes it: fake_split_utf8 cuts it)
 
 
 @pytest_twisted.ensureDeferred
@@ -150,6 +151,12 @@ async def test_a_stream_whose_done_comes_without_a_finish_reason_is_reported_bro
                 fake_sse=payloads, fake_split_utf8=split, fake_pace=0.02 if split else 0))
             assert code == 200 and content.endswith(b"data: [DONE]\n\n"), content
             assert b"stream_incomplete" not in content
+    # The fake's own stream, each chunk cut in two reads (its last content chunk's reason in the second half, its
+    # usage and [DONE] each a read of their own), the client asking for its usage or not.
+    for options in (None, {"include_usage": True}):
+        code, content = await streamed("/v1/chat/completions", stream_body(
+            fake_split_utf8=True, fake_pace=0.02, **({"stream_options": options} if options else {})))
+        assert code == 200 and content.endswith(b"data: [DONE]\n\n"), content
 
 
 @pytest_twisted.ensureDeferred

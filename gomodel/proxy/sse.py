@@ -394,6 +394,8 @@ class ChatStreamObserver:
         # for every event.
         usage_at, error_at, done_at = joined.find(b'"usage"'), joined.find(b'"error"'), joined.find(b"[DONE]")
         if usage_at < 0 and error_at < 0 and done_at < 0:
+            if joined:  # (an event come over reads, a last content chunk's: the one before the next watched one)
+                self._last = joined
             return joined
         if len(events) > 1:
             # The events before the first one holding a word go as they are (a read that holds a
