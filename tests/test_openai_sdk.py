@@ -67,6 +67,29 @@ async def test_sdk_streams_with_usage_when_asked(sdk):
 
 
 @pytest_twisted.ensureDeferred
+async def test_sdk_streams_several_choices_and_is_told_of_one_that_never_ended(sdk):
+    """A stream of n choices (a text completion's of each prompt) ends well once each one said why it ended; one
+    vLLM's engine aborted, or that never said why, is an error the SDK raises, though another choice ended last."""
+    hi = [{"role": "user", "content": "hi"}]
+    stream = await in_thread(sdk.chat.completions.create, model=MODEL, messages=hi, stream=True, n=2)
+    chunks = await in_thread(_collect, stream)
+    for index in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        assert "".join(c.delta.content or "" for c in mine) == "héhéhé" and mine[-1].finish_reason == "length"
+    stream = await in_thread(sdk.completions.create, model=MODEL, prompt=["a", "b"], stream=True)
+    reasons = {c.choices[0].index: c.choices[0].finish_reason for c in await in_thread(_collect, stream)
+               if c.choices and c.choices[0].finish_reason}
+    assert reasons == {0: "length", 1: "length"}
+    for create, asked in ((sdk.chat.completions.create, {"messages": hi, "n": 2}),
+                          (sdk.completions.create, {"prompt": ["a", "b"]})):
+        stream = await in_thread(create, model=MODEL, stream=True, extra_body={"fake_finishes": ["abort", "stop"]},
+                                 **asked)
+        with pytest.raises(openai.APIError) as raised:
+            await in_thread(_collect, stream)
+        assert "choice 0 ended without a finish_reason" in raised.value.message
+
+
+@pytest_twisted.ensureDeferred
 async def test_sdk_sees_openai_errors(sdk):
     with pytest.raises(openai.NotFoundError) as raised:
         await in_thread(sdk.chat.completions.create, model="vllm/nope", messages=[])

@@ -17,7 +17,7 @@ from gomodel.proxy.relay import (END_LINGER, ClientStalled, StreamRelay, StreamT
                                  UpstreamLingered)
 from gomodel._twistedcompat import send_now
 from gomodel.timers import Timers
-from gomodel.proxy.sse import (ChatStreamObserver, ResponsesStreamObserver, SSEFramer, StreamIncomplete, earliest,
+from gomodel.proxy.sse import (ChatStreamObserver, ChoicesStreamObserver, ResponsesStreamObserver, SSEFramer, StreamIncomplete, earliest,
                                event_at, event_data)
 from tests.support import copy_counting_bytes
 
@@ -143,6 +143,48 @@ def test_a_chat_read_of_whole_plain_events_goes_as_it_came_without_the_framer():
         assert out == b"".join(event for event in events if event != USAGE), size
         assert observer.events == len(events) and observer.done, size
         observer.finish()
+
+
+def _choice_chunk(index, content, reason=None):
+    return b'data: {"id":"c","choices":[{"index":%d,"delta":{"content":"%s"},"finish_reason":%s}]}\n\n' % (
+        index, content.encode(), b"null" if reason is None else b'"%s"' % reason.encode())
+
+
+def test_a_stream_of_several_choices_ends_well_once_each_said_why_in_reads_cut_anywhere():
+    """L{ChoicesStreamObserver} holds each choice to its finish_reason, however the stream's bytes come in reads
+    (CR line breaks too), relaying every byte as it came; the [DONE] of one whose choice did not end is dropped
+    and L{finish} names that choice. L{ChatStreamObserver}'s check of one choice, where the reason is in the
+    event before [DONE], holds however that event is cut too."""
+    def stream(reasons, usage=True):
+        events = [_choice_chunk(i, "h\u00e9") for i in range(len(reasons))]
+        events += [_choice_chunk(i, "x", reason) for i, reason in enumerate(reasons)]
+        return b"".join(events) + (USAGE if usage else b"") + b"data: [DONE]\n\n"
+
+    cases = [(stream(["stop", "length"]), 2, None), (stream(["stop", "length", "stop"], False), 3, None),
+             (stream(["abort", "stop"]), 2, 0), (stream(["stop", None]), 2, 1), (stream(["stop", "stop"]), 3, 2),
+             (stream(["stop"]), 2, 1), (stream(["stop", "stop", "stop"]), 2, None),  # (one that came: ended)
+             (stream(["stop", "stop", "abort"]), 2, 2)]
+    for whole, choices, unended in cases:
+        for crlf in (False, True):
+            data = whole.replace(b"\n", b"\r\n") if crlf else whole
+            for size in (1, 7, 40, 41, 100, len(data) - 1, len(data)):
+                observer = ChoicesStreamObserver(False, None, choices)
+                out = b"".join(observer.feed(data[i:i + size]) for i in range(0, len(data), size))
+                if unended is None:
+                    assert out == data and observer.done, (whole, size, crlf)
+                    observer.finish()
+                    continue
+                assert out == data[:data.rfind(b"data: [DONE]")] and not observer.done, (whole, size, crlf)
+                with pytest.raises(StreamIncomplete, match="choice %d ended without a finish_reason" % unended):
+                    observer.finish()
+    for whole, ends in ((CHUNK + _choice_chunk(0, "x", "stop") + b"data: [DONE]\n\n", True),
+                        (CHUNK + _choice_chunk(0, "x", "stop") + USAGE + b"data: [DONE]\n\n", True),
+                        (CHUNK + _choice_chunk(0, "x", "abort") + USAGE + b"data: [DONE]\n\n", False),
+                        (CHUNK + _choice_chunk(0, "x") + b"data: [DONE]\n\n", False)):
+        for size in range(1, len(whole) + 1):
+            observer = ChatStreamObserver(False, reasons=True)
+            out = b"".join(observer.feed(whole[i:i + size]) for i in range(0, len(whole), size))
+            assert observer.done is ends and (out == whole) is ends, (whole, size)
 
 
 def test_chat_observer_reads_a_long_read_as_event_by_event():

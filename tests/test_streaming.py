@@ -106,6 +106,19 @@ async def test_stream_without_done_is_reported_broken(reactor, gateway):
     assert not received.endswith(b"0\r\n\r\n")
 
 
+async def _posted(gateway, path, body):
+    """Its status, and what came of its body (a cut one's too: C{<cut>}, no clean end of its chunked body)."""
+    from twisted.web.client import ResponseFailed
+
+    response = await treq.post(gateway.url + path, data=json.dumps(body).encode())
+    parts = []
+    try:
+        await treq.collect(response, parts.append)
+    except ResponseFailed:
+        parts.append(b"<cut>")
+    return response.code, b"".join(parts)
+
+
 def _sse_chunk(content, finish=None, **extra):
     return json.dumps({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
                        "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": finish, **extra}]},
@@ -122,41 +135,96 @@ async def test_a_stream_whose_done_comes_without_a_finish_reason_is_reported_bro
     usage = json.dumps({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
                         "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
 
-    async def streamed(path, body):
-        """Its status, and what came of its body (a cut one's too: no clean end of its chunked body)."""
-        from twisted.web.client import ResponseFailed
-
-        response = await treq.post(gateway.url + path, data=json.dumps(body).encode())
-        parts = []
-        try:
-            await treq.collect(response, parts.append)
-        except ResponseFailed:
-            parts.append(b"<cut>")
-        return response.code, b"".join(parts)
-
     cut = [("/v1/chat/completions", stream_body(fake_sse=payloads, fake_pace=0.02)) for payloads in (
         [_sse_chunk("a"), _sse_chunk("b"), "[DONE]"], [_sse_chunk("a"), _sse_chunk("", "abort"), usage, "[DONE]"])]
     completion = {"model": MODEL, "prompt": "hi", "stream": True, "fake_pace": 0.02}
     cut += [("/v1/completions", dict(completion, fake_finish=finish)) for finish in (None, "abort")]
     for path, body in cut:
-        code, content = await streamed(path, body)
+        code, content = await _posted(gateway, path, body)
         assert code == 200 and content.count(b"stream_incomplete") == 1, content
         assert b"without a finish_reason" in content and b"[DONE]" not in content, content
-    code, content = await streamed("/v1/chat/completions", stream_body(fake_sse=["[DONE]"]))
+    code, content = await _posted(gateway, "/v1/chat/completions", stream_body(fake_sse=["[DONE]"]))
     assert code == 502 and b"broke off" in content, content
     for payloads in ([_sse_chunk("a"), _sse_chunk("b", "stop"), "[DONE]"],
                      [_sse_chunk("a"), _sse_chunk("é", "length", stop_reason=None), usage, "[DONE]"]):
         for split in (False, True):  # (each event in one read, or cut in two: the reason found across the cut)
-            code, content = await streamed("/v1/chat/completions", stream_body(
+            code, content = await _posted(gateway, "/v1/chat/completions", stream_body(
                 fake_sse=payloads, fake_split_utf8=split, fake_pace=0.02 if split else 0))
             assert code == 200 and content.endswith(b"data: [DONE]\n\n"), content
             assert b"stream_incomplete" not in content
     # The fake's own stream, each chunk cut in two reads (its last content chunk's reason in the second half, its
     # usage and [DONE] each a read of their own), the client asking for its usage or not.
     for options in (None, {"include_usage": True}):
-        code, content = await streamed("/v1/chat/completions", stream_body(
+        code, content = await _posted(gateway, "/v1/chat/completions", stream_body(
             fake_split_utf8=True, fake_pace=0.02, **({"stream_options": options} if options else {})))
         assert code == 200 and content.endswith(b"data: [DONE]\n\n"), content
+
+
+def _reasons_of(content: bytes) -> dict:
+    """Each choice index's finish_reason in a relayed stream (the last said, null ones skipped)."""
+    reasons = {}
+    for event in events_of(content):
+        if event.startswith(b"data: {"):
+            for choice in jsonutil.loads(event[6:]).get("choices") or ():
+                if choice.get("finish_reason") is not None:
+                    reasons[choice["index"]] = choice["finish_reason"]
+    return reasons
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_of_several_choices_ends_well_only_once_each_said_why_it_ended(gateway):
+    """With n>1 (or a text completion's prompt list) vLLM streams the choices interleaved, each ending on its own
+    chunk's finish_reason. One its engine aborted ("abort") or that never said why it ended was cut, though
+    another choice's reason came last: the client is told so (stream_incomplete naming it, no [DONE]), as a
+    stream of one choice whose [DONE] comes without a reason is. A stream each of whose choices ended is relayed
+    unchanged, in one read or many."""
+    chat = "/v1/chat/completions"
+    text = "/v1/completions"
+    completion = {"model": MODEL, "prompt": "hi", "stream": True}
+    for pace, chunks in ((0.01, 3), (0, 40)):  # (event by event; and many events in a long read, at once)
+        paced = {"fake_pace": pace, "fake_chunks": chunks}
+        for path, body, reasons in (
+                (chat, stream_body(n=2, **paced), {0: "length", 1: "length"}),
+                (chat, stream_body(n=3, fake_finishes=["stop", "length", "stop"],
+                                   stream_options={"include_usage": True}, **paced),
+                 {0: "stop", 1: "length", 2: "stop"}),
+                (text, dict(completion, n=2, **paced), {0: "length", 1: "length"}),
+                (text, dict(completion, prompt=["a", "b"], **paced), {0: "length", 1: "length"}),
+                (text, dict(completion, prompt=["a", "b"], n=2, **paced), {i: "length" for i in range(4)}),
+                (chat, stream_body(n=2, fake_split_utf8=True, **paced), {0: "length", 1: "length"}),
+                (text, dict(completion, prompt=[1, 2, 3], **paced), {0: "length"})):  # (token ids: one prompt)
+            code, content = await _posted(gateway, path, body)
+            assert code == 200 and content.endswith(b"data: [DONE]\n\n"), (body, content)
+            assert b"stream_incomplete" not in content and _reasons_of(content) == reasons, (body, content)
+        for path, body, choice in (
+                (chat, stream_body(n=2, fake_finishes=["stop", "abort"], **paced), 1),
+                (chat, stream_body(n=2, fake_finishes=["abort", "stop"], **paced), 0),  # (the reason last: 1's)
+                (chat, stream_body(n=2, fake_finishes=["stop", None], stream_options={"include_usage": True},
+                                   **paced), 1),
+                (chat, stream_body(n=3, fake_finishes=["stop", "stop", None], **paced), 2),
+                (chat, stream_body(n=2, fake_finishes=["abort", "stop"], fake_split_utf8=True, **paced), 0),
+                (text, dict(completion, n=2, fake_finishes=["length", "abort"], **paced), 1),
+                (text, dict(completion, prompt=["a", "b"], fake_finishes=["length", None], **paced), 1),
+                (text, dict(completion, prompt=["a", "b"], n=2, fake_finishes=["stop", "stop", "abort", "stop"],
+                            **paced), 2)):
+            code, content = await _posted(gateway, path, body)
+            assert code == 200 and content.count(b"stream_incomplete") == 1, (body, content)
+            assert b"[DONE]" not in content and content.endswith(b"<cut>"), (body, content)
+            assert b"choice %d ended without a finish_reason" % choice in content, (body, content)
+    # A choice asked for that never came at all never said why it ended either.
+    one = _sse_chunk("a", "stop")
+    for body in (stream_body(n=2, fake_sse=[one, "[DONE]"], fake_pace=0.01),
+                 stream_body(n="2", fake_sse=[one, "[DONE]"])):  # (vLLM reads "2" as 2)
+        code, content = await _posted(gateway, chat, body)
+        assert code == 200 and b"choice 1 ended without a finish_reason" in content, content
+        assert b"[DONE]" not in content
+    # An error in band ends it as it ends a stream of one choice: the client has it, the stream is over.
+    error = json.dumps({"error": {"message": "engine died", "type": "InternalServerError", "code": 500}})
+    code, content = await _posted(gateway, chat, stream_body(n=2, fake_sse=[one, error, "[DONE]"]))
+    assert code == 200 and b"engine died" in content and b"stream_incomplete" not in content, content
+    # A whole answer (not streamed) with choices that say no reason is relayed as it came.
+    code, content = await _posted(gateway, chat, dict(stream_body(n=2, fake_finish=None), stream=False))
+    assert code == 200 and jsonutil.loads(content)["choices"][0]["finish_reason"] is None, content
 
 
 @pytest_twisted.ensureDeferred

@@ -164,10 +164,10 @@ def asked_tokens(fields: dict, path=None):
     n = fields.get("n")
     if n is None:  # (most bodies: one sequence)
         return value
-    return value * _sequence_count(n)
+    return value * sequence_count(n)
 
 
-def _sequence_count(n) -> int:
+def sequence_count(n) -> int:
     """A body's C{n} where it is a count of sequences (L{_asked_count}, from 1 to L{_MAX_SEQUENCES}), else 1."""
     count = _asked_count(n)
     return count if count is not None and 1 <= count <= _MAX_SEQUENCES else 1
@@ -268,7 +268,7 @@ def _sequences(body) -> int:
     if parsed.__class__ is not dict:
         return 1
     n = parsed.get("n")
-    return 1 if n is None else _sequence_count(n)
+    return 1 if n is None else sequence_count(n)
 
 
 # The most sequences one request is counted to generate (a larger C{n} is the upstream's to refuse).

@@ -10,13 +10,13 @@ to the exchange.
 from functools import partial
 
 from gomodel import jsonutil
-from gomodel.accounting.tokens import asked_tokens, without_max_tokens
+from gomodel.accounting.tokens import asked_tokens, sequence_count, without_max_tokens
 from gomodel.api.uploads import Form
 from gomodel.errors import AmbiguousModel, InvalidRequest, ModelAccessDenied, ModelNotFound, NotSupported, shown
 from gomodel.http.bodies import json_body, stream_options, streams, whole_number
 from gomodel.http.headers import CONTENT_TYPE, EVENT_STREAM, X_REQUEST_PRIORITY, request_header
 from gomodel.proxy.exchange import UsageTap, upstream_call
-from gomodel.proxy.sse import ChatStreamObserver
+from gomodel.proxy.sse import ChatStreamObserver, ChoicesStreamObserver
 from gomodel.routing.affinity import affinity_key
 from gomodel.routing.registry import ready_first
 from gomodel.routing.selectors import public_id
@@ -93,7 +93,10 @@ class InferenceRoutes:
                     del options["continuous_usage_stats"]
                 strip_usage = True
             body["stream_options"] = options
-            observer = ChatStreamObserver(strip_usage, partial(answerer_hidden, self._registry, ctx), reasons=True)
+            if "n" not in body and path != "/completions":  # (one choice: no n, no text completion's prompt list)
+                observer = ChatStreamObserver(strip_usage, partial(answerer_hidden, self._registry, ctx), reasons=True)
+            else:
+                observer = stream_observer(body, path, strip_usage, partial(answerer_hidden, self._registry, ctx))
         # (a fallback's body from this one as the request made it, before the first target's own fields)
         again = fallback_bodies(request, ctx, self._salts, body, fallbacks) if fallbacks else None
         self.prioritise(request, ctx, upstream, body)  # (L{target}, inline: every request takes this way)
@@ -403,6 +406,21 @@ def fallback_bodies(request, ctx, salts, body, fallbacks):
     """
     vet_priority(request, ctx, fallbacks, body)
     return retargeted(request, ctx, salts, copies(body))
+
+
+def stream_observer(body, path, strip_usage, hide):
+    """The observer of a chat or text completion stream that may have more than one choice (C{body}'s C{n}, each of
+    a text completion's prompts): L{ChoicesStreamObserver}, which holds every choice to its C{finish_reason}, where
+    it has; else L{ChatStreamObserver}'s of one."""
+    choices = sequence_count(body.get("n", 1))
+    if path == "/completions":
+        prompt = body.get("prompt")
+        # (a list of strings or of token id lists: a prompt each; one of token ids: one prompt)
+        if prompt.__class__ is list and prompt and prompt[0].__class__ is not int:
+            choices *= len(prompt)
+    if choices == 1:
+        return ChatStreamObserver(strip_usage, hide, reasons=True)
+    return ChoicesStreamObserver(strip_usage, hide, choices)
 
 
 def answerer_hidden(registry, ctx, text) -> str:

@@ -525,6 +525,72 @@ class ChatStreamObserver:
         return b"".join(b"data: " + jsonutil.dumps(event) + b"\n\n" for event in events) + b"data: [DONE]\n\n"
 
 
+class ChoicesStreamObserver(ChatStreamObserver):
+    """L{ChatStreamObserver} (C{reasons}) of a stream of more than one choice (a request's C{n}, a text completion's
+    prompts), which vLLM streams interleaved, each ending on its own chunk's C{finish_reason}: its [DONE] ends it
+    well only where every choice asked for, and every one that came, said why it ended (a string, not vLLM's
+    C{"abort"}); the last event's reason says one choice's alone. Each event is parsed: a rare request's cost, kept
+    off the stream of one choice."""
+
+    def __init__(self, strip_usage: bool, hide, choices: int):
+        """
+        @param hide: as L{ChatStreamObserver}'s.
+        @param choices: the choices the request asked for (indexed from 0): each must end, and each other that came.
+        """
+        super().__init__(strip_usage, hide)
+        self._choices = choices
+        self._seen = SSEFramer()  # (the events as they come, each looked into before the relay's framer has it)
+        self._ended = {}  # a choice's index -> whether it said why it ended (its last reason said)
+        self._unended = None  # the first choice that ended without a reason (L{_ends})
+
+    def feed(self, data: bytes) -> bytes:
+        """L{ChatStreamObserver.feed}, each event it completes looked into first (L{_note})."""
+        for event in self._seen.feed(data):
+            self._note(event)
+        return super().feed(data)
+
+    def _note(self, event: bytes):
+        """Record the reasons C{event}'s choices said they ended for."""
+        if event.find(b'"choices"') < 0:
+            return
+        payload = event_object(event)
+        choices = payload.get("choices") if payload is not None else None
+        if choices.__class__ is not list:
+            return
+        ended = self._ended
+        for choice in choices:
+            if choice.__class__ is not dict:
+                continue
+            index = choice.get("index", 0)
+            if index.__class__ is not int:
+                continue
+            reason = choice.get("finish_reason")
+            if reason.__class__ is str:
+                ended[index] = reason != "abort"
+            elif index not in ended:
+                ended[index] = False
+
+    def _ends(self) -> bool:
+        """Whether the stream's [DONE] ends it well: an error ended it first (L{done}), or every choice asked for
+        and every one that came said why it ended; else it is dropped (L{unreasoned}, the first that did not in
+        L{_unended}: L{finish} names it)."""
+        if self.done:
+            return True
+        ended = self._ended
+        for index in sorted(set(range(self._choices)).union(ended)):
+            if not ended.get(index):
+                self._unended = index
+                self.unreasoned = True
+                return False
+        return True
+
+    def finish(self):
+        """L{ChatStreamObserver.finish}, naming the choice that ended without a reason (L{_unended})."""
+        if self.unreasoned and not self.done:
+            raise StreamIncomplete(f"the upstream stream's choice {self._unended} ended without a finish_reason")
+        super().finish()
+
+
 def hidden_strings(value, hide):
     """C{value} (an upstream's error: a JSON value) with C{hide} applied to every string in it, at any depth."""
     if value.__class__ is str:

@@ -53,6 +53,10 @@ of a type it does not know (a C{document}: a 400 in vLLM's OpenAI envelope). Cha
     the role's), the last with C{finish_reason} C{fake_finish} (default "stop")
   - C{fake_finish}: a chat answer's C{finish_reason} (default "length"; a stream's last content chunk's too, and a
     text completion stream's last chunk's: null for none)
+  - C{n} (a text completion's C{prompt} list too: C{n} choices of each prompt, indexed as vLLM does, prompt by
+    prompt): a stream of more than one choice has each one's chunks, with its C{index}, interleaved as vLLM streams
+    them, each choice's last chunk saying why it ended; C{fake_finishes}: those reasons, one per choice (null for
+    none), where they are not C{fake_finish}
 
 Messages also take C{fake_events}: a stream of exactly these C{[event, data]} pairs (data a raw
 string; a native Responses stream takes them too); C{fake_stream_anyway} answers a Messages request that did
@@ -513,11 +517,13 @@ class FakeVLLM(Resource):
             _flood(request, record, body, event, lambda: self._end_stream(
                 request, dict(body, stream_options=None), b"data: " + jsonutil.dumps(last) + b"\n\n"))
             return server.NOT_DONE_YET
-        payloads = [b"data: " + jsonutil.dumps({
+        prompt = body.get("prompt")
+        prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
+        payloads = [b"data: " + jsonutil.dumps(event) + b"\n\n" for event in _choices([{
             "id": "cmpl-fake", "object": "text_completion", "created": 1700000000, "model": body["model"],
             "choices": [{"index": 0, "text": text, "logprobs": None,
                          "finish_reason": body.get("fake_finish", "length") if i == n - 1 else None,
-                         "stop_reason": None}]}) + b"\n\n" for i in range(n)]
+                         "stop_reason": None}]} for i in range(n)], body, _choice_count(body, prompts))]
         self._send_events(request, body, payloads, float(body.get("fake_pace", 0)), None, False, 0)
         return server.NOT_DONE_YET
 
@@ -946,6 +952,7 @@ class FakeVLLM(Resource):
             n = 0
         for i in range(n):
             events.append(_chunk({"content": text}, body.get("fake_finish", "length") if i == n - 1 else None))
+        events = _choices(events, body, _choice_count(body, 1))
         options = body.get("stream_options") or {}
         if options.get("include_usage") and options.get("continuous_usage_stats"):
             for generated, event in enumerate(events):  # vLLM's: the prompt's count on every chunk, the first too
@@ -1012,6 +1019,29 @@ class FakeVLLM(Resource):
             request.transport.loseConnection()  # what was written goes out, the body's end never
         elif after != "hold":
             request.finish()
+
+
+def _choice_count(body, prompts: int) -> int:
+    """The choices a stream of C{body} has: its C{n} for each of its C{prompts}."""
+    n = body.get("n")
+    return (n if isinstance(n, int) and n > 1 else 1) * prompts
+
+
+def _choices(events, body, count: int):
+    """C{events} (a stream's chunks of one choice, each holding it, the last saying why it ended) as C{count}
+    choices' (L{_choice_count}), interleaved as vLLM streams them: each its C{index}, its last chunk's
+    C{finish_reason} C{body}'s C{fake_finishes}' (where it says them)."""
+    if count == 1 and "fake_finishes" not in body:
+        return events
+    finishes = body.get("fake_finishes")
+    streamed = []
+    for at, event in enumerate(events):
+        for index in range(count):
+            choice = dict(event["choices"][0], index=index)
+            if at == len(events) - 1 and finishes is not None:
+                choice["finish_reason"] = finishes[index]
+            streamed.append(dict(event, choices=[choice]))
+    return streamed
 
 
 def _flood(request, record, body, event, finish):
