@@ -1040,40 +1040,81 @@ async def test_count_tokens_without_a_tokenizer_is_501_not_a_guess(http, openai_
         client.close()
 
 
+# The three ways a count goes: natively (MODEL), by /tokenize (a vLLM without count_tokens) and to no tokenizer.
+COUNTED = (MODEL, f"vllm-tok/{CHAT_MODEL}", OPENAI_MODEL)
+
+
+@pytest_twisted.async_yield_fixture()
+async def counting(reactor, fake):
+    """C{(SDK client, the fake of a vLLM without count_tokens)} of a gateway counting each of L{COUNTED}'s ways."""
+    no_count = await start_fake(reactor, messages="no_count")
+    gateway = await start(reactor, {"VLLM_BASE_URL": fake.base_url, "VLLM_TOK_BASE_URL": no_count.base_url,
+                                    "OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "sk-up"})
+    client = sdk(gateway)
+    yield client, no_count
+    await stop_all(gateway, no_count, clients=[client])
+
+
 @pytest_twisted.ensureDeferred
-async def test_count_tokens_checks_the_tool_choice_as_a_create_does(reactor, fake):
+async def test_count_tokens_checks_the_tool_choice_as_a_create_does(counting, fake):
     """A C{count_tokens} request whose C{tool_choice} a create refuses (one asking for a tool without tools, one
     naming a tool not declared, one of no known type) is the same 400 naming it, before any upstream: natively (a
     vLLM), by /tokenize (a vLLM without count_tokens, or a request that goes translated) and for a provider without
     a tokenizer (the 400 before its 501). Before, vLLM's own count said it in vLLM's words, /tokenize counted it as
     if it were none, and the others answered the 501 (fixing the provider would only have led to the 400)."""
-    no_count = await start_fake(reactor, messages="no_count")
-    gateway = await start(reactor, {"VLLM_BASE_URL": fake.base_url, "VLLM_TOK_BASE_URL": no_count.base_url,
-                                    "OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "sk-up"})
-    client = sdk(gateway)
-    try:
-        before = len(fake.forwarded()), len(no_count.forwarded())
-        for model in (MODEL, f"vllm-tok/{CHAT_MODEL}", OPENAI_MODEL):
-            for fields, said in (
-                    ({"tool_choice": {"type": "any"}},
-                     "tool_choice: tool_choice of type 'any' may only be specified while providing tools"),
-                    ({"tool_choice": {"type": "tool", "name": "get_time"}, "tools": [WEATHER_TOOL]},
-                     "tool_choice.name: tool 'get_time' is not one of the tools"),
-                    ({"tool_choice": {"type": "sometimes"}, "tools": [WEATHER_TOOL]},
-                     "tool_choice.type: 'sometimes' is not one of 'auto', 'any', 'tool', 'none'")):
-                with pytest.raises(anthropic.BadRequestError) as caught:
-                    await in_thread(client.messages.count_tokens, model=model, messages=HELLO, **fields)
-                assert caught.value.body == {"type": "error", "error": {
-                    "type": "invalid_request_error", "message": said}}, (model, caught.value.body)
-        assert (len(fake.forwarded()), len(no_count.forwarded())) == before
-        counted = await in_thread(client.messages.count_tokens, model=MODEL, messages=HELLO, tools=[WEATHER_TOOL],
-                                  tool_choice={"type": "any"})
+    client, no_count = counting
+    before = len(fake.forwarded()), len(no_count.forwarded())
+    for model in COUNTED:
+        for fields, said in (
+                ({"tool_choice": {"type": "any"}},
+                 "tool_choice: tool_choice of type 'any' may only be specified while providing tools"),
+                ({"tool_choice": {"type": "tool", "name": "get_time"}, "tools": [WEATHER_TOOL]},
+                 "tool_choice.name: tool 'get_time' is not one of the tools"),
+                ({"tool_choice": {"type": "sometimes"}, "tools": [WEATHER_TOOL]},
+                 "tool_choice.type: 'sometimes' is not one of 'auto', 'any', 'tool', 'none'")):
+            with pytest.raises(anthropic.BadRequestError) as caught:
+                await in_thread(client.messages.count_tokens, model=model, messages=HELLO, **fields)
+            assert caught.value.body == {"type": "error", "error": {
+                "type": "invalid_request_error", "message": said}}, (model, caught.value.body)
+    assert (len(fake.forwarded()), len(no_count.forwarded())) == before
+    counted = await in_thread(client.messages.count_tokens, model=MODEL, messages=HELLO, tools=[WEATHER_TOOL],
+                              tool_choice={"type": "any"})
+    assert counted.input_tokens > 0
+    counted = await in_thread(client.messages.count_tokens, model=f"vllm-tok/{CHAT_MODEL}", messages=HELLO,
+                              tool_choice={"type": "auto"})
+    assert counted.input_tokens > 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_count_tokens_refuses_a_creates_own_fields_and_takes_claude_codes(counting, fake):
+    """A C{count_tokens} request sending a field of a create alone (C{max_tokens}, C{stream}, the sampling,
+    C{metadata}, ...) is Anthropic's 400 naming the first sent (C{"max_tokens: Extra inputs are not permitted"}:
+    its count refuses what its schema lacks), before any upstream: natively (a vLLM), by /tokenize and for a
+    provider without a tokenizer (before its 501); a fault of the messages is named first. Before, it was counted
+    (vLLM's count and /tokenize read them not), where Anthropic's refuses it. What Claude Code's count sends (model,
+    messages, tools, a thinking budget where the messages hold thinking, its betas) is counted as before."""
+    client, no_count = counting
+    before = len(fake.forwarded()), len(no_count.forwarded())
+    for model in COUNTED:
+        for extra, said in (({"max_tokens": 1024}, "max_tokens"), ({"stream": False}, "stream"),
+                            ({"temperature": 0.5, "max_tokens": 8}, "temperature"), ({"top_p": 0.9}, "top_p"),
+                            ({"top_k": 5}, "top_k"), ({"stop_sequences": ["x"]}, "stop_sequences"),
+                            ({"metadata": {"user_id": "u"}}, "metadata"), ({"service_tier": "auto"}, "service_tier")):
+            with pytest.raises(anthropic.BadRequestError) as caught:
+                await in_thread(client.messages.count_tokens, model=model, messages=HELLO, extra_body=extra)
+            assert caught.value.body == {"type": "error", "error": {
+                "type": "invalid_request_error", "message": f"{said}: Extra inputs are not permitted"}}, model
+        with pytest.raises(anthropic.BadRequestError) as caught:  # (the messages' fault first, as a create's)
+            await in_thread(client.messages.count_tokens, model=model, messages=[], extra_body={"max_tokens": 8})
+        assert caught.value.body["error"]["message"] == "messages: at least one message is required"
+    assert (len(fake.forwarded()), len(no_count.forwarded())) == before
+    # Claude Code's count (its tokenEstimation: model, messages, tools, thinking where the messages hold some).
+    for model, path in ((MODEL, b"/v1/messages/count_tokens"), (f"vllm-tok/{CHAT_MODEL}", b"/tokenize")):
+        counted = await in_thread(client.beta.messages.count_tokens, model=model, messages=THOUGHT,
+                                  tools=[WEATHER_TOOL], thinking={"type": "enabled", "budget_tokens": 1024},
+                                  betas=["claude-code-20250219", "interleaved-thinking-2025-05-14"])
         assert counted.input_tokens > 0
-        counted = await in_thread(client.messages.count_tokens, model=f"vllm-tok/{CHAT_MODEL}", messages=HELLO,
-                                  tool_choice={"type": "auto"})
-        assert counted.input_tokens > 0
-    finally:
-        await stop_all(gateway, no_count, clients=[client])
+        assert (fake if model == MODEL else no_count).last_request().path == path
 
 
 # -- errors ----------------------------------------------------------------------------------
@@ -1149,8 +1190,9 @@ async def test_vllms_native_errors_get_anthropics_error_types_by_status(http, gw
     for status, vllm_type, expected in cases:
         for path, where in (("/v1/messages", host), ("/v1/messages", "vllm"), ("/v1/messages/count_tokens", "vllm")):
             vllm_error = {"type": "error", "error": {"type": vllm_type, "message": f"failed at {where} ({status})"}}
-            body = {"model": MODEL, "max_tokens": 8, "messages": HELLO, "fake_status": status,
-                    "fake_body": json.dumps(vllm_error)}
+            body = {"model": MODEL, "messages": HELLO, "fake_status": status, "fake_body": json.dumps(vllm_error)}
+            if path == "/v1/messages":  # (count_tokens takes no max_tokens)
+                body["max_tokens"] = 8
             response, content = await post(http, gw.url + path, body)
             assert response.code == status, (path, status)
             assert json.loads(content) == {"type": "error", "error": {

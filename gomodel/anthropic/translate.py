@@ -184,19 +184,31 @@ def check_create(body: dict, walked=None) -> bool:
     return check_options(body, walked, max_tokens=max_tokens)
 
 
+# The fields of a create that Anthropic's count_tokens does not take: its 400 names the first sent (its schema
+# forbids any field it lacks, "<field>: Extra inputs are not permitted"). Claude Code's counts send none of them.
+_CREATE_ONLY = frozenset(("max_tokens", "stream", "stop_sequences", "temperature", "top_p", "top_k", "metadata",
+                          "service_tier"))
+
+
 def check_count(body: dict, walked=None):
     """Check a Messages C{count_tokens} request C{body} as L{check_create} checks a create, in its order, less what
-    C{count_tokens} has not (C{max_tokens}, the sampling): so that of several faults both name the same first.
+    C{count_tokens} has not: its C{messages}, then that it sends no field of a create alone (L{_CREATE_ONLY}:
+    C{max_tokens}, C{stream}, the sampling...), then its optional fields; so that of several faults both name the
+    same first.
 
     @param walked: as L{check_tool_choice_and_metadata}'s.
-    @raise InvalidRequest: as the first of those that fails.
+    @raise InvalidRequest: as the first of those that fails (a create's field: Anthropic's C{"max_tokens: Extra
+        inputs are not permitted"}, naming it).
     """
     checked_messages(body)
-    check_options(body, walked, sampling=False)
+    if not _CREATE_ONLY.isdisjoint(body.keys()):
+        name = next(name for name in body if name in _CREATE_ONLY)
+        raise InvalidRequest(f"{name}: Extra inputs are not permitted", param=name)
+    check_options(body, walked)
 
 
-def check_options(body: dict, walked=None, sampling=True, max_tokens=None) -> bool:
-    """Check the optional fields of a Messages create C{body} (natively too): L{check_sampling} (with C{sampling}),
+def check_options(body: dict, walked=None, max_tokens=None) -> bool:
+    """Check the optional fields of a Messages create C{body} (natively too): L{check_sampling},
     L{check_tool_names}, L{refuse_server_side}, L{check_tool_choice_and_metadata}, L{thinking_kind}, in that order; a
     body that sends none of their fields (most) passes them in one look.
 
@@ -207,8 +219,7 @@ def check_options(body: dict, walked=None, sampling=True, max_tokens=None) -> bo
     """
     if body.keys().isdisjoint(_CHECKED_FIELDS):
         return False
-    if sampling:
-        check_sampling(body)
+    check_sampling(body)
     check_tool_names(body)
     refuse_server_side(body)
     check_tool_choice_and_metadata(body, walked)
