@@ -427,6 +427,20 @@ def test_a_final_assistant_message_ending_in_whitespace_is_refused_as_anthropic_
                                        {"role": "user", "content": "Go on."}]))
 
 
+@pytest.mark.parametrize("content", [" ", "\n\t", [{"type": "text", "text": "  "}]])
+def test_a_final_assistant_message_of_nothing_but_whitespace_is_one_blank_text_block_string_or_not(content):
+    """A string is one text block to Anthropic: a final assistant string of nothing but whitespace is refused as
+    that block is ("text content blocks must contain non-whitespace text", before the prefill's own rule); the
+    string was the trailing whitespace 400, its block form the blank text's."""
+    body = request(messages=[PREFILL[0], {"role": "assistant", "content": content}])
+    for translate_it in (messages_to_chat, count_tokens_request):
+        with pytest.raises(InvalidRequest) as caught:
+            translate_it(body)
+        assert str(caught.value.message) == "messages: text content blocks must contain non-whitespace text"
+    for empty in ("", []):  # (an empty prefill is taken, as Anthropic takes it)
+        assert messages_to_chat(request(messages=[PREFILL[0], {"role": "assistant", "content": empty}]))
+
+
 # -- count_tokens ---------------------------------------------------------------
 
 

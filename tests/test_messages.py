@@ -8,6 +8,7 @@ Messages API.
 import base64
 import io
 import json
+from functools import partial
 
 import anthropic
 import pytest
@@ -480,6 +481,31 @@ async def test_a_prefill_is_continued_by_a_translated_vllm_and_kept_as_a_turn_el
         assert message.content[0].text == "héhéhé"
     finally:
         client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_blank_prefill_is_one_blank_text_block_string_or_not(gw, openai_gw, fake):
+    """A final assistant message of nothing but whitespace, a string or one text block (one block to Anthropic),
+    is Anthropic's blank text 400 either way, before anything goes upstream, for a vLLM (translated, as every
+    prefill) and an OpenAI-compatible provider, create and count_tokens; the string was the trailing whitespace
+    400, its block form the blank text's. A prefill ending in whitespace after its text keeps its own 400."""
+    before = len(fake.forwarded())
+    for gateway, model in ((gw, MODEL), (openai_gw, OPENAI_MODEL)):
+        client = sdk(gateway)
+        try:
+            blank = "text content blocks must contain non-whitespace text"
+            for content, said in ((" ", blank), ("\n", blank), ([{"type": "text", "text": " \n"}], blank),
+                                  ([{"type": "text", "text": "Bonjour,"}, {"type": "text", "text": " "}],
+                                   "final assistant content cannot end with trailing whitespace")):
+                messages = [PREFILL[0], {"role": "assistant", "content": content}]
+                for call in (partial(client.messages.create, max_tokens=8), client.messages.count_tokens):
+                    with pytest.raises(anthropic.BadRequestError) as caught:
+                        await in_thread(call, model=model, messages=messages)
+                    assert caught.value.body == {"type": "error", "error": {
+                        "type": "invalid_request_error", "message": f"messages: {said}"}}, (model, content)
+        finally:
+            client.close()
+    assert len(fake.forwarded()) == before
 
 
 @pytest_twisted.ensureDeferred

@@ -489,8 +489,8 @@ def _chat_messages(body) -> list:
             _check_filled(content, where)
             chat.extend(_user_messages(content, where))
         elif role == "assistant":
-            if i < len(messages) - 1:  # (the last one, a prefill, may be empty: its own rule, _check_prefill)
-                _check_filled(content, where)
+            # (the last one, a prefill, may be empty; not blank: its own rule besides, _check_prefill)
+            _check_filled(content, where, prefill=i == len(messages) - 1)
             chat.append(_assistant_message(content, where))
         else:
             raise InvalidRequest(f"{where}.role: Input should be 'user', 'assistant' or 'system'",
@@ -921,13 +921,14 @@ def _user_messages(content, where) -> list:
     return tools + [{"role": "user", "content": _parts_content(parts)}] if parts else tools
 
 
-def _check_filled(content, where):
-    """Anthropic's 400s, word for word, for a message (a user's, or an assistant's but the last) that is empty
-    (L{empty_content}) or a string of nothing but whitespace (one blank text block to Anthropic).
+def _check_filled(content, where, prefill=False):
+    """Anthropic's 400s, word for word, for a message that is empty (L{empty_content}: a user's, or an assistant's
+    but the last, the C{prefill}, which may be) or a string of nothing but whitespace (any: one blank text block to
+    Anthropic, refused as that block is, L{blank_block}, before a prefill's trailing whitespace, L{_check_prefill}).
 
     @raise InvalidRequest: it is.
     """
-    if empty_content(content):
+    if not prefill and empty_content(content):
         raise InvalidRequest(f"{where}: all messages must have non-empty content except for the optional "
                              "final assistant message", param=f"{where}.content")
     if content.__class__ is str and content.isspace():
