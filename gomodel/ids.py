@@ -18,6 +18,13 @@ def random_hex_bytes() -> bytes:
     return b"%032x" % getrandbits(128)
 
 
+def held_nowhere(object_id: str) -> bool:
+    """Whether C{object_id}, an id a client names (a string), is no object's anywhere: it holds a NUL character,
+    which no id the gateway or an upstream makes holds and PostgreSQL's text cannot. A lookup answers it as any
+    unknown id without asking the store (PostgreSQL refused the NUL, a 400 there, where SQLite found nothing)."""
+    return "\x00" in object_id
+
+
 def new_id(prefix: str) -> str:
     """C{prefix}, an underscore and L{random_hex} (C{msg_...}, C{resp_...})."""
     return f"{prefix}_{random_hex()}"

@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from gomodel import jsonutil
 from gomodel.auth.tenancy import visible
 from gomodel.errors import InvalidRequest, NotFound, shown
-from gomodel.ids import new_id
+from gomodel.ids import held_nowhere, new_id
 from gomodel.logs import log_failure
 from gomodel.periodic import Repeating
 from gomodel.proxy.sse import SSEFramer, event_kind, event_object
@@ -212,12 +212,16 @@ def unknown_response(response_id) -> NotFound:
 def checked_previous_id(previous_id):
     """A Responses create's C{previous_response_id} (not None; online, or a batch's line), checked.
 
-    @raise InvalidRequest: it is no string (C{invalid_type}), or empty (C{invalid_value}).
+    @raise InvalidRequest: it is no string (C{invalid_type}), or empty (C{invalid_value}); or it names no
+        response anywhere (L{held_nowhere}), L{unknown_previous}, the store not asked, for any key (an upstream
+        holds no such id either).
     """
     if previous_id.__class__ is not str or not previous_id:
         raise InvalidRequest("previous_response_id must be a response id (a non-empty string) or null.",
                              param="previous_response_id",
                              code="invalid_value" if previous_id == "" else "invalid_type")
+    if held_nowhere(previous_id):
+        raise unknown_previous(previous_id)
     return previous_id
 
 
@@ -263,7 +267,8 @@ async def no_chosen_id(store, body: dict, principal):
 
     @return: a Deferred (a coroutine) firing with None once the id is free to choose.
     @raise InvalidRequest: a managed key's C{request_id} (C{unsupported_value}); the master key's naming a
-        tenant's response (C{invalid_value}).
+        tenant's response, or holding a NUL character (C{invalid_value}: no store could keep the response, nor a
+        path name it; the store not asked, L{held_nowhere}).
     """
     if principal is not None and not principal.master:
         raise InvalidRequest("request_id names the response an upstream makes: a managed key cannot choose it "
@@ -272,6 +277,9 @@ async def no_chosen_id(store, body: dict, principal):
     chosen = body["request_id"]
     if store is None or chosen.__class__ is not str or not chosen:
         return
+    if held_nowhere(chosen):
+        raise InvalidRequest("request_id names the response an upstream makes, and a response id cannot hold a NUL "
+                             "character.", param="request_id", code="invalid_value")
     record = await store.get(chosen)
     if record is not None and record.get("tenant") is not None:
         raise InvalidRequest(f"request_id names the response an upstream makes, and '{shown(chosen)}' is a managed "

@@ -5,6 +5,7 @@ The behaviour of each aggregate is in the contract tests (tests/test_store_*.py,
 """
 
 import time
+from functools import partial
 
 import pytest
 import pytest_twisted
@@ -467,8 +468,6 @@ async def test_a_value_postgresql_cannot_hold_is_the_requests_400(reactor, http,
             assert (response.code, error["code"]) == (404, "not_found"), (path, error)
         for method, path, body in (
                 ("GET", "/v1/files?after=a%00", None),
-                ("POST", "/v1/responses", {"model": "vllm/meta-llama/Llama-3.1-8B-Instruct", "input": "x",
-                                           "previous_response_id": "resp_a\u0000"}),
                 ("POST", "/admin/api/v1/auth-keys", {"name": "a\u0000b"}),
                 ("GET", "/admin/api/v1/usage/log?model=a%00", None)):
             response = await http.request(method, gw.url + path, headers={"Authorization": "Bearer k1"},
@@ -480,6 +479,81 @@ async def test_a_value_postgresql_cannot_hold_is_the_requests_400(reactor, http,
         await response.content()
     finally:
         await gw.service.stopService()
+
+
+@pytest.mark.parametrize("storage", ["sqlite", "postgresql"])
+@pytest_twisted.ensureDeferred
+async def test_an_id_holding_a_nul_is_unknown_on_every_store_without_asking_it(reactor, http, fake, storage):
+    """An id a client names in a body or a cursor that holds a NUL character (no id the gateway or an upstream makes
+    does) is answered as any unknown id, the same on both stores, the store not asked: a previous_response_id
+    (a create, streamed or not, an input_tokens count, a raw /p/ create; any key) is OpenAI's 400
+    previous_response_not_found, a batch's input_file_id the 404 file_not_found, a Messages block's file its 400,
+    a message batch cursor its 404; a request_id naming one is a 400 invalid_value (no store could keep the
+    response). Before, PostgreSQL refused the NUL (the 400 invalid_value "cannot be kept or looked up") where
+    SQLite found nothing (and a master key's unknown previous id went upstream, a request_id's response was kept)."""
+    import anthropic
+    import json
+    import openai
+
+    from tests.support import in_thread, openai_client, start_gateway, stop_all
+
+    env = {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "k1"}
+    if storage == "postgresql":
+        postgres.require()
+        database = postgres.create_database()
+        env.update(STORAGE_TYPE="postgresql", POSTGRES_URL=postgres.url(database))
+    gw = await start_gateway(reactor, env)
+    model, nul = "vllm/meta-llama/Llama-3.1-8B-Instruct", "\u0000"
+    try:
+        made = await http.post(gw.url + "/admin/api/v1/auth-keys", data=json.dumps({"name": "t"}).encode(),
+                               headers={"Authorization": "Bearer k1"})
+        managed = json.loads(await made.content())["value"]
+        before = len(fake.forwarded())
+        for key in ("k1", managed):
+            client = openai_client(gw, key)
+            messages = anthropic.Anthropic(base_url=gw.url, api_key=key, max_retries=0, timeout=10)
+            try:
+                for call in (partial(client.responses.create, model=model, input="x"),
+                             partial(client.responses.create, model=model, input="x", stream=True),
+                             partial(client.responses.input_tokens.count, model=model, input="x")):
+                    with pytest.raises(openai.BadRequestError) as caught:
+                        await in_thread(call, previous_response_id="resp_a" + nul)
+                    assert (caught.value.body["code"], caught.value.body["param"]) == (
+                        "previous_response_not_found", "previous_response_id"), (key, caught.value.body)
+                raw = await http.post(gw.url + "/p/vllm/v1/responses", headers={"Authorization": "Bearer " + key},
+                                      data=json.dumps({"model": "meta-llama/Llama-3.1-8B-Instruct", "input": "x",
+                                                       "previous_response_id": "resp_a" + nul}).encode())
+                error = json.loads(await raw.content())["error"]
+                assert (raw.code, error["code"]) == (400, "previous_response_not_found"), (key, error)
+                with pytest.raises(openai.NotFoundError) as caught:
+                    await in_thread(client.batches.create, input_file_id="file-a" + nul,
+                                    endpoint="/v1/chat/completions", completion_window="24h")
+                assert caught.value.body["code"] == "file_not_found"
+                with pytest.raises(anthropic.BadRequestError) as caught:
+                    await in_thread(messages.messages.create, model=model, max_tokens=8, messages=[
+                        {"role": "user", "content": [{"type": "document",
+                                                      "source": {"type": "file", "file_id": "file_a" + nul}}]}])
+                assert caught.value.body["error"]["message"] == (
+                    f"messages.0.content.0.source.file_id: no file file_a{nul} (upload it with the Files API first)")
+                for cursor in ("after_id", "before_id"):
+                    with pytest.raises(anthropic.NotFoundError) as caught:
+                        await in_thread(messages.messages.batches.list, **{cursor: "msgbatch_a" + nul})
+                    assert caught.value.body["error"]["type"] == "not_found_error"
+            finally:
+                client.close()
+                messages.close()
+        chosen = await http.post(gw.url + "/v1/responses", headers={"Authorization": "Bearer k1"},
+                                 data=json.dumps({"model": model, "input": "x", "request_id": "a" + nul}).encode())
+        error = json.loads(await chosen.content())["error"]
+        assert (chosen.code, error["code"], error["param"]) == (400, "invalid_value", "request_id"), error
+        assert len(fake.forwarded()) == before  # (nothing went upstream)
+        client = openai_client(gw, "k1")  # the store goes on
+        await in_thread(client.responses.create, model=model, input="x")
+        client.close()
+    finally:
+        await stop_all(gw)
+        if storage == "postgresql":
+            postgres.drop_database(database)
 
 
 @pytest_twisted.ensureDeferred

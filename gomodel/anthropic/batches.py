@@ -40,6 +40,7 @@ from gomodel.batches.lines import PAGE_BYTES
 from gomodel.errors import Conflict, GatewayError, InvalidRequest, NotFound, shown
 from gomodel.http.bodies import json_answer, json_body, query_arg, query_limit
 from gomodel.http.render import install as install_error_handlers
+from gomodel.ids import held_nowhere
 from gomodel.store.records import MESSAGE_BATCH, MESSAGE_BATCH_PURPOSE, new_file_id
 
 ENDPOINT = "/v1/messages"
@@ -349,8 +350,9 @@ class MessageBatchesAPI:
         return message_batch(record, await self._counts(record), now)
 
     async def _get(self, request, batch_id, param="message_batch_id"):
-        """The record of a message batch the request's key may see; L{NotFound} otherwise."""
-        record = await self._batches.get(batch_id)
+        """The record of a message batch the request's key may see; L{NotFound} otherwise (the store not asked where
+        none can be: L{held_nowhere}, a cursor's id)."""
+        record = await self._batches.get(batch_id) if not held_nowhere(batch_id) else None
         if record is None or record["kind"] != MESSAGE_BATCH or not visible(request.context.principal, record):
             raise NotFound(f"No message batch '{shown(batch_id)}'.", param=param)
         return record

@@ -17,6 +17,7 @@ from gomodel.anthropic.files import mime_type
 from gomodel.anthropic.translate import TOOL_CHANGES, blank_block, blank_system, empty_content, refused_image
 from gomodel.auth.tenancy import visible
 from gomodel.errors import InvalidRequest, shown
+from gomodel.ids import held_nowhere
 from gomodel.store.records import MESSAGE_BATCH_PURPOSE
 
 # The most bytes of files inlined into a request, and into a message batch (Anthropic's limits on their sizes).
@@ -163,9 +164,10 @@ class FileSources:
     async def _read(self, file_id, principal, where):
         """C{(record, contents)} of file C{file_id} that C{principal} may see.
 
-        @raise InvalidRequest: there is none (or it is past L{MAX_INLINE}).
+        @raise InvalidRequest: there is none (the store not asked where none can be: L{held_nowhere}), or it is past
+            L{MAX_INLINE}.
         """
-        record = await self._files.get(file_id)
+        record = await self._files.get(file_id) if not held_nowhere(file_id) else None
         # (as gomodel.api.files.client_file sees them: not imported, it would bring Klein to the hot path)
         if record is None or record["purpose"] == MESSAGE_BATCH_PURPOSE or not visible(principal, record):
             record = None

@@ -17,6 +17,7 @@ from gomodel.api.producers import send_file
 from gomodel.api.uploads import UPLOAD_PATHS, UploadSink
 from gomodel.auth.tenancy import tenant_of, tenants_of, visible
 from gomodel.errors import InvalidRequest, NotFound, shown
+from gomodel.ids import held_nowhere
 from gomodel.store.records import MESSAGE_BATCH_PURPOSE, OPENAI_BATCH, new_file_id
 
 # What a client may upload (OpenAI's list); "batch_output" is ours to write.
@@ -167,7 +168,7 @@ class FilesAPI:
             raise InvalidRequest("'ids' cannot be combined with 'limit' or 'page'.", param="ids", code="invalid_value")
         records = []
         for file_id in names:
-            record = await self._files.get(file_id)
+            record = await self._files.get(file_id) if not held_nowhere(file_id) else None
             if record is not None and record["purpose"] not in INTERNAL_PURPOSES and visible(
                     request.context.principal, record):
                 records.append(record)
@@ -211,9 +212,9 @@ async def client_file(files, principal, file_id, param="file_id"):
     """The record of file C{file_id} in C{files} (an L{gomodel.store.interfaces.IFileStore}) that C{principal}
     may see and that is no file of the gateway's own (L{INTERNAL_PURPOSES}).
 
-    @raise NotFound: there is no such file (C{param} named).
+    @raise NotFound: there is no such file (C{param} named), the store not asked where none can be (L{held_nowhere}).
     """
-    record = await files.get(file_id)
+    record = await files.get(file_id) if not held_nowhere(file_id) else None
     if record is None or record["purpose"] in INTERNAL_PURPOSES or not visible(principal, record):
         raise _no_file(file_id, param)
     return record

@@ -24,6 +24,7 @@ from gomodel.http import render
 from gomodel.http.bodies import not_json, whole_number
 from gomodel.http.context import PASSTHROUGH
 from gomodel.http.headers import HOP_BY_HOP, REQUEST_ID, X_REQUEST_ID, X_UPSTREAM_REQUEST_ID, connection_tokens
+from gomodel.ids import held_nowhere
 from gomodel.proxy.exchange import DONE_END, MESSAGES_END, RESPONSES_END, answer_shown, response_shown, upstream_call
 from gomodel.responses_history import continued, no_chosen_id, unknown_previous, unknown_response
 
@@ -243,12 +244,15 @@ class Passthrough:
         still holds that turn (vLLM keeps responses in memory), and a raw body cannot be sent the conversation
         without it (C{/v1/responses} does that).
 
-        @raise InvalidRequest: C{previous_response_not_found}.
+        @raise InvalidRequest: C{previous_response_not_found} (at once, for any key, where it names no response
+            anywhere: L{held_nowhere}).
         """
         previous = fields.get("previous_response_id")
         if not previous or self._responses is None:
             return
         previous = str(previous)
+        if held_nowhere(previous):
+            raise unknown_previous(previous)
         if principal is not None and not principal.master:
             await continued(self._responses, previous, principal)
         elif await self._responses.deleted(previous):  # (the master key's: an id the gateway does not hold goes

@@ -779,10 +779,6 @@ class BatchRunner(Service):
         checked_previous_id(previous_id)
         if self._responses is None:
             return None
-        if "\x00" in previous_id:  # (no store holds such an id)
-            if principal is None or principal.master:
-                return None
-            raise unknown_previous(previous_id)
         record = await continued(self._responses, previous_id, principal)
         if record is not None and tenant is not None and record.get("tenant") != tenant and (
                 principal is None or record.get("tenant") != f"key:{principal.id}"):
