@@ -40,6 +40,7 @@ from gomodel.limits.limiter import Limiter
 from gomodel.periodic import Repeating
 from gomodel.proxy.exchange import Exchange
 from gomodel.redis_client import connect as connect_redis
+from gomodel.redis_client import tagged as tag_redis_prefix
 from gomodel.responses_history import ResponseRetention
 from gomodel.routing.health import ReplicaMonitor
 from gomodel.routing.pins import SharedPins
@@ -96,8 +97,10 @@ def build_gateway(config, reactor, *, role="single", worker_argv=None, worker_en
     # Redis (REDIS_URL), one client: shared session pins here, shared limit counters below.
     redis = pins = None
     if config.store.redis_url:
-        redis = connect_redis(config.store.redis_url)
-        redis_prefix = config.store.redis_key_prefix
+        cluster = config.store.redis_cluster
+        redis = connect_redis(config.store.redis_url, cluster=cluster)
+        # (on a Redis Cluster, under one hash tag: every key of this deployment in one slot, for the scripts)
+        redis_prefix = tag_redis_prefix(config.store.redis_key_prefix) if cluster else config.store.redis_key_prefix
         gateway.pins = pins = SharedPins(redis, reactor, channel=redis_prefix + "pins",
                                          key_prefix=redis_prefix + "pins:")
     pools = [_pool(p, routing, relay_client, reactor, timers, config.upstreams.timeouts, pins)

@@ -35,6 +35,29 @@ def fresh_prefix(client):
             client.delete(*keys)
 
 
+@contextmanager
+def started_counters(reactor, new_client, prefix):
+    """Yields C{make(**kwargs)}: L{gomodel.limits.counters.RedisCounters} under C{prefix}, started, as separate
+    processes would have them (each on its own client, C{new_client()}); stopped, their clients closed, at the
+    end."""
+    from gomodel.limits.counters import RedisCounters
+
+    made = []
+
+    def make(**kwargs):
+        counters = RedisCounters(new_client(), prefix, reactor, **kwargs)
+        counters.start()
+        made.append(counters)
+        return counters
+
+    try:
+        yield make
+    finally:
+        for counters in made:
+            counters.stop()
+            counters._redis.close()
+
+
 class RedisServer:
     """A Redis of one test's own (C{redis-server} on a Unix socket in C{directory}, saved only when told: L{save}), which
     the test may pause (as a server that stops answering but keeps its data: a network cut) and resume, or restart

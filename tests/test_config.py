@@ -432,7 +432,7 @@ def test_the_table_has_every_setting_once():
         "ROUTING_AFFINITY_MAX_RATIO", "ROUTING_AFFINITY_SLACK", "METRICS_ENABLED", "METRICS_ENDPOINT",
         "METRICS_REQUIRE_KEY", "SHUTDOWN_TIMEOUT", "LOG_FORMAT", "LOG_LEVEL",
         "ADMIN_ENDPOINTS_ENABLED", "ADMIN_UI_ENABLED", "USAGE_ENABLED", "USAGE_FLUSH_INTERVAL", "USAGE_RETENTION_DAYS",
-        "CACHE_SALT_MODE", "CACHE_SALT_SECRET", "REDIS_URL", "REDIS_KEY_PREFIX", "OTEL_ENABLED",
+        "CACHE_SALT_MODE", "CACHE_SALT_SECRET", "REDIS_URL", "REDIS_KEY_PREFIX", "REDIS_CLUSTER", "OTEL_ENABLED",
         "STORAGE_TYPE", "POSTGRES_URL", "POSTGRES_MAX_CONNS", "BATCH_LEASE_TIMEOUT",
         "BATCH_MAX_CLAIMED", "BATCH_OUTPUT_EXPIRES_AFTER", "BATCH_INPUT_EXPIRES_AFTER",
         "MESSAGE_BATCH_RESULTS_EXPIRE_AFTER", "GOMODEL_MESSAGES_KEEPALIVE_SECONDS",
@@ -820,6 +820,28 @@ def test_a_redis_key_prefix_is_printable_text_without_a_pattern_character():
         with pytest.raises(ConfigError) as raised:
             load_config({"REDIS_KEY_PREFIX": bad})
         assert "REDIS_KEY_PREFIX" in str(raised.value)
+
+
+def test_redis_cluster_is_off_by_default_and_refuses_a_url_a_cluster_client_cannot_use():
+    assert load_config({"REDIS_URL": "redis://h:6379/0"}).store.redis_cluster is False
+    config = load_config({"REDIS_URL": "redis://:s3cret@h:7000", "REDIS_CLUSTER": "true"})
+    assert config.store.redis_cluster is True and not config.warnings
+    # (before the setting, such a URL was a standalone server's: accepted, and still is without it)
+    for url in ("unix:///run/s3cret.sock", "redis://:s3cret@h:7000/2"):
+        with pytest.raises(ConfigError) as raised:
+            load_config({"REDIS_URL": url, "REDIS_CLUSTER": "yes"})
+        assert "REDIS_URL" in str(raised.value) and "REDIS_CLUSTER" in str(raised.value)
+        assert "s3cret" not in str(raised.value)
+    assert any("REDIS_CLUSTER is set but REDIS_URL is not" in w for w in load_config({"REDIS_CLUSTER": "1"}).warnings)
+
+
+def test_a_prefix_on_a_redis_cluster_is_tagged_once():
+    from gomodel.redis_client import tagged
+
+    assert tagged("gomodel:") == "{gomodel:}"
+    assert tagged("prod-eu:gomodel:") == "{prod-eu:gomodel:}"
+    assert tagged("{prod}:gomodel:") == "{prod}:gomodel:"  # its own tag
+    assert tagged("a{}b:") == "{a{}b:}" and tagged("}x:") == "{_}x:}"
 
 
 def test_a_redis_url_with_an_option_redis_py_does_not_know_is_refused_at_start():

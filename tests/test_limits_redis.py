@@ -20,7 +20,7 @@ from gomodel.limits.limiter import Limiter
 from gomodel.limits.specs import Budget, RateLimit, Window, period_window
 from gomodel.redis_client import connect, reason
 from tests.integration.support import free_port
-from tests.redis_server import fresh_prefix, redis_client
+from tests.redis_server import fresh_prefix, redis_client, started_counters
 from tests.support import with_timeout
 
 redis = pytest.importorskip("redis")
@@ -44,18 +44,8 @@ def prefix(client):
 @pytest.fixture
 def make(reactor, prefix):
     """Start RedisCounters as separate processes would have them (each its own client); stopped after the test."""
-    made = []
-
-    def make(**kwargs):
-        counters = RedisCounters(redis.Redis(host=HOST, port=PORT, socket_timeout=2), prefix, reactor, **kwargs)
-        counters.start()
-        made.append(counters)
-        return counters
-
-    yield make
-    for counters in made:
-        counters.stop()
-        counters._redis.close()
+    with started_counters(reactor, lambda: redis.Redis(host=HOST, port=PORT, socket_timeout=2), prefix) as make:
+        yield make
 
 
 async def refused(limiter, scopes, tokens=0, headers_for=None) -> RateLimitExceeded:

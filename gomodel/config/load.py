@@ -63,6 +63,16 @@ def load_config(
         warnings.append("POSTGRES_URL is set but STORAGE_TYPE is sqlite (the default): files, batches, keys and "
                         "usage stay in this host's SQLite file, shared with no other host; set "
                         "STORAGE_TYPE=postgresql to use the database")
+    if store.redis_cluster and store.redis_url:
+        from gomodel.redis_client import check
+
+        try:
+            check(store.redis_url, cluster=True)
+        except ValueError as e:
+            raise ConfigError(f"REDIS_URL {e}") from None
+    elif store.redis_cluster:
+        warnings.append("REDIS_CLUSTER is set but REDIS_URL is not: limits, budgets and session pins are this "
+                        "process's own")
     providers = load_providers(document.get("providers"), yaml_path, env, warnings)
     sections["upstreams"] = dataclasses.replace(sections["upstreams"], providers=providers)
     known = {p.name for p in providers} | {p.type for p in providers}  # (what a target's provider part may name)

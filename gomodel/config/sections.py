@@ -191,6 +191,8 @@ class StoreConfig:
     redis_url: Optional[str] = setting("REDIS_URL", parsers.redis_url, None, secret=True)
     # What every Redis key and channel of this deployment starts with: deployments sharing one Redis each set their own.
     redis_key_prefix: str = setting("REDIS_KEY_PREFIX", parsers.redis_key_prefix, "gomodel:")
+    # REDIS_URL is a node of a Redis Cluster (cluster mode enabled): the keys of this deployment carry one hash tag.
+    redis_cluster: bool = setting("REDIS_CLUSTER", parsers.boolean, False)
 
 
 @dataclass(frozen=True)

@@ -47,8 +47,10 @@ id, new each time it starts afresh, which the settlement of a reservation names
 seeded under one mark for every sum, given anew where a new connection finds a server other than the
 last one (restarted, failed over) or Redis is found gone back: a sum under an older mark is seeded
 again at its next use, by whichever process uses it. Multi-key
-scripts need one Redis server (or primary),
-not Redis Cluster.
+scripts need their keys on one Redis server (or primary): on a Redis Cluster
+(L{gomodel.redis_client.Cluster}) the prefix carries one hash tag
+(L{gomodel.redis_client.tagged}), so every key, the liveness keys the
+scripts name from it included, is in one slot.
 """
 
 import itertools
@@ -62,7 +64,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
-from gomodel.redis_client import connect, reason
+from gomodel.redis_client import connect, errors, is_cluster, on_connect, reason
 from gomodel.store.threads import OwnedThreads
 
 INF = float("inf")
@@ -899,12 +901,15 @@ class RedisCounters(_Forms):
         self._settle = redis.register_script(_SETTLE)
         self._spent = redis.register_script(_SPENT)
         self._peek = redis.register_script(_PEEK)
-        from redis import RedisError, ResponseError
+        from redis import ResponseError
+        from redis.exceptions import AskError
 
-        self._errors = RedisError
+        self._errors = errors()
         self._refused = ResponseError
+        # (a cluster's node that does not serve the counters' slot answers MOVED: L{_connected})
+        self._elsewhere = AskError if is_cluster(redis) else ()
         # each new connection first tells which server it reached (L{_connected})
-        redis.connection_pool.connection_kwargs["redis_connect_func"] = self._connected
+        on_connect(redis, self._connected)
 
     @classmethod
     def from_url(cls, url, reactor, prefix="gomodel:limits:", timeout=1.0, **kwargs):
@@ -950,12 +955,10 @@ class RedisCounters(_Forms):
             raise
 
     def _failed(self, failure, open_answer):
-        import redis
-
         if failure.check(_Down):
             self.failures += 1
             return open_answer
-        failure.trap(redis.RedisError)
+        failure.trap(*self._errors)
         now = self._reactor.seconds()
         self.failures += 1
         self._down_until = now + self._retry_after
@@ -1257,7 +1260,8 @@ class RedisCounters(_Forms):
         snapshot, failed over) has the budget sums marked anew, so that none is read as seeded before it is seeded
         again from the usage ledger, the spending of processes gone since counted too. A new mark is Redis gone
         back for this process too (L{_went_back}). Fails as a command does (the connection is then closed)."""
-        connection.on_connect()
+        if not self._elsewhere:  # (a cluster client set it up already: redis-py's calls this after)
+            connection.on_connect()
         connection.send_command("INFO", "server")
         try:
             found = _RUN_ID.search(_bytes(connection.read_response()))
@@ -1265,7 +1269,11 @@ class RedisCounters(_Forms):
             found = None
         server = found.group(1).decode() if found else ""
         connection.send_command("EVAL", _NEW_SERVER, 2, self._server_key, self._seeded_key, server, uuid.uuid4().hex)
-        self._reactor.callFromThread(self._marked, _bytes(connection.read_response()).decode())
+        try:
+            mark = _bytes(connection.read_response()).decode()
+        except self._elsewhere:  # (a cluster's node that does not serve the counters' slot: none of the sums)
+            return
+        self._reactor.callFromThread(self._marked, mark)
 
     def _marked(self, mark):
         """C{mark}: the sums' seed mark a new connection found (L{_connected}); other than the last, Redis went

@@ -49,7 +49,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gomodel import jsonutil
-from gomodel.redis_client import reason
+from gomodel.redis_client import errors, reason
 from gomodel.store.threads import OwnedThreads
 
 CHANNEL = "gomodel:pins"
@@ -110,6 +110,7 @@ class SharedPins:
         self._thread = None
         self._ended = None
         self.failures = 0
+        self._errors = errors()
 
     def attach(self, pools):
         """Share the pins of C{pools} (L{gomodel.routing.pool.ReplicaPool}s, by provider name)."""
@@ -149,9 +150,7 @@ class SharedPins:
         return wake.addCallback(lambda _: self._ended)
 
     def _quietly(self, failure):
-        import redis
-
-        failure.trap(redis.RedisError)
+        failure.trap(*self._errors)
 
     # -- pins made here ----------------------------------------------------------------
 
@@ -248,8 +247,6 @@ class SharedPins:
 
     def _listen(self):
         """The subscriber thread: every message on the channel goes to the reactor, in order."""
-        import redis
-
         pubsub = None
         try:
             while not self._stopping.is_set():
@@ -259,7 +256,7 @@ class SharedPins:
                         pubsub.subscribe(self._channel, self._wake_channel)
                         self._reactor.callFromThread(self._subscribed)
                     message = pubsub.get_message(timeout=POLL)
-                except redis.RedisError as e:
+                except self._errors as e:
                     if pubsub is not None:
                         _close(pubsub)
                         pubsub = None
@@ -306,9 +303,7 @@ class SharedPins:
     # -- failures -----------------------------------------------------------------------
 
     def _failed(self, failure):
-        import redis
-
-        failure.trap(redis.RedisError)
+        failure.trap(*self._errors)
         self.failures += 1
         self._down(reason(failure.value))
 
