@@ -421,7 +421,12 @@ class Readiness:
         if problem is not None and self._store.running:
             down["database"] = f"{problem}: files, batches, stored responses, key and budget edits and usage " \
                                "are unavailable (503 storage_unavailable)"
-        if any(getattr(shared, "unreachable", False) for shared in (self._counters, self._pins)):
-            down["redis"] = "unreachable: rate and concurrency limits are not enforced, budgets are judged by " \
-                            "the usage ledger, and each host keeps its own session pins"
+        failing = [shared for shared in (self._counters, self._pins) if getattr(shared, "unreachable", False)]
+        if failing:
+            # (a client of the wrong kind for the server, REDIS_CLUSTER to set or unset, fails for good: said so)
+            wrong = next((shared.misconfigured for shared in failing if getattr(shared, "misconfigured", None)),
+                         None)
+            down["redis"] = ("unreachable" if wrong is None else f"misconfigured ({wrong})") + \
+                ": rate and concurrency limits are not enforced, budgets are judged by the usage ledger, and each " \
+                "host keeps its own session pins"
         return down

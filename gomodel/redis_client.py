@@ -9,6 +9,13 @@ import threading
 # (A server is named host:port or by its socket's path: "hash to the same slot" names none.)
 _SERVER = re.compile(r"\b(to|from)(?: unix socket:)? (?=\S*[:/])\S+?(?=\.?(?:\s|$))")
 
+# What a client of the wrong kind meets (L{misconfigured}): a cluster node answering a plain client (a key of a
+# slot of another node: MOVED or ASK, which name that node; keys of several slots: CROSSSLOT), a server
+# without cluster mode answering a cluster client.
+_NOT_CLUSTER = "cluster mode is not enabled on this node"
+CLUSTER_OFF = "REDIS_URL is a node of a Redis Cluster in cluster mode: set REDIS_CLUSTER=true"
+CLUSTER_ON = "REDIS_CLUSTER is set but REDIS_URL is a server without cluster mode: unset REDIS_CLUSTER"
+
 
 def connect(url, timeout=1.0, cluster=False):
     """A C{redis.Redis} for C{url} (C{redis://[:password@]host:port/db}, C{rediss://}, C{unix://}); with
@@ -161,9 +168,25 @@ def tagged(prefix) -> str:
     return "{_" + prefix + "}" if prefix.startswith("}") else "{" + prefix + "}"
 
 
+def misconfigured(error):
+    """Where C{error} (one of L{errors}) is what a client of the wrong kind meets (L{CLUSTER_OFF},
+    L{CLUSTER_ON}), that text; else None."""
+    from redis.exceptions import AskError, ClusterCrossSlotError, RedisClusterException
+
+    if isinstance(error, (AskError, ClusterCrossSlotError)) or str(error).startswith("CROSSSLOT"):
+        return CLUSTER_OFF
+    if isinstance(error, RedisClusterException) and _NOT_CLUSTER in str(error).lower():
+        return CLUSTER_ON
+    return None
+
+
 def reason(error) -> str:
     """C{error} (a redis-py error) in one line, naming neither the server's host nor its port."""
-    text = str(error).strip().splitlines()
-    if not text:
-        return type(error).__name__
-    return type(error).__name__ + ": " + _SERVER.sub(r"\1 the server", text[0])
+    from redis.exceptions import AskError
+
+    wrong = misconfigured(error)
+    text = [] if isinstance(error, AskError) else str(error).strip().splitlines()  # (MOVED names a node)
+    said = type(error).__name__
+    if text:
+        said += ": " + _SERVER.sub(r"\1 the server", text[0])
+    return said if wrong is None else f"{said} ({wrong})"

@@ -631,7 +631,8 @@ async def test_an_admission_whose_answer_cannot_be_read_fails_rather_than_never_
 
 def test_a_reason_hides_the_server_but_keeps_the_rest_of_redis_words(client):
     """C{reason} leaves out where the server is, and nothing else: Redis Cluster's refusal of a script over
-    keys of several slots reads as Redis says it (before: "hash to the server same slot")."""
+    keys of several slots reads as Redis says it (before: "hash to the server same slot"), and names the setting
+    that makes the gateway a cluster's client."""
     with socket.socket() as s:
         s.bind((HOST, 0))
         port = s.getsockname()[1]
@@ -643,7 +644,8 @@ def test_a_reason_hides_the_server_but_keeps_the_rest_of_redis_words(client):
     refused.close()
     with pytest.raises(redis.RedisError) as raised:
         client.eval("return redis.error_reply(\"CROSSSLOT Keys in request don't hash to the same slot\")", 0)
-    assert reason(raised.value) == "ClusterCrossSlotError: Keys in request don't hash to the same slot"
+    assert reason(raised.value) == "ClusterCrossSlotError: Keys in request don't hash to the same slot (REDIS_URL " \
+                                   "is a node of a Redis Cluster in cluster mode: set REDIS_CLUSTER=true)"
 
 
 @pytest_twisted.ensureDeferred

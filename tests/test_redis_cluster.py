@@ -1,14 +1,18 @@
 """Redis Cluster (C{REDIS_CLUSTER=true}): the limits, budgets and session pins of one deployment on a real cluster
-of three masters (L{tests.redis_cluster}, one per module), each test under a key prefix of its own.
+of three masters (L{tests.redis_cluster}, one per module), each test under a key prefix of its own; and what a
+client of the wrong kind for its server says (C{REDIS_CLUSTER} set on a plain server, or not on a cluster node).
 """
 
 import json
+import os
+import time
 import uuid
 
 import openai
 import pytest
 import pytest_twisted
 import treq
+from twisted.logger import formatEvent, globalLogPublisher
 
 from gomodel.limits.budgets import BudgetBook
 from gomodel.limits.limiter import Limiter, RateLimitExceeded
@@ -17,7 +21,7 @@ from gomodel.redis_client import connect, tagged
 from gomodel.routing.pins import SharedPins
 from tests import postgres
 from tests.redis_cluster import RedisCluster
-from tests.redis_server import started_counters
+from tests.redis_server import redis_client, started_counters
 from tests.support import in_thread, openai_client, start_gateway, until, with_timeout
 from tests.test_pins import key_of
 from tests.test_scaleout import KEYS, MODEL, admin, env_for
@@ -211,3 +215,79 @@ async def test_two_gateways_on_a_cluster_share_rpm_budgets_and_session_pins(
         await a.service.stopService()
         await b.service.stopService()
         await fleet.stop()
+
+
+async def _misconfigured(reactor, http, gateway, words) -> dict:
+    """Send a request past a limit until C{gateway}'s readiness says Redis is misconfigured: its body."""
+    async def said():
+        response = await http.get(gateway.url + "/health/ready")
+        body = json.loads(await treq.content(response))
+        return body if response.code == 200 and words in body.get("down", {}).get("redis", "") else None
+
+    deadline = time.monotonic() + 10
+    while True:
+        body = await said()
+        if body is not None:
+            return body
+        assert time.monotonic() < deadline, "the readiness never named the setting"
+        await http.post(gateway.url + "/v1/chat/completions", json.dumps(
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}).encode(),
+            headers={"authorization": "Bearer master-scale", "content-type": "application/json"})
+
+
+@pytest.fixture
+def warnings():
+    said = []
+
+    def observer(event):
+        if event.get("log_namespace", "").startswith("gomodel") and event.get("log_level") is not None and \
+                event["log_level"].name == "warn":
+            said.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observer)
+    yield said
+    globalLogPublisher.removeObserver(observer)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cluster_node_without_redis_cluster_set_is_a_readiness_reason_naming_the_setting(
+        reactor, http, fake, tmp_path, cluster, prefix, warnings):
+    """Before, every script failed (MOVED, CROSSSLOT) and the limits opened for good, said as "unreachable", and
+    the warning named the node that MOVED pointed to."""
+    yaml = tmp_path / "limits.yaml"
+    yaml.write_text("rate_limits: {providers: [{name: vllm, limits: [{period: minute, max_requests: 1000}]}]}\n")
+    gateway = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "master-scale",
+                                            "REDIS_URL": cluster.url, "REDIS_KEY_PREFIX": prefix}, str(yaml))
+    try:
+        body = await _misconfigured(reactor, http, gateway, "REDIS_CLUSTER=true")
+        assert body["status"] == "degraded" and body["down"]["redis"].startswith("misconfigured (")
+        said = " ".join(warnings)
+        assert "set REDIS_CLUSTER=true" in said
+        assert not any(str(port) in said for port in cluster.ports) and "127.0.0.1" not in said, said
+    finally:
+        await gateway.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_cluster_set_on_a_plain_server_is_a_readiness_reason_naming_the_setting(
+        reactor, http, fake, tmp_path, warnings):
+    """Before the setting there was no cluster client; set on a server without cluster mode, the client cannot
+    learn the slots: a readiness reason and a warning say to unset it (the limits and pins open meanwhile)."""
+    redis_client().close()  # (skipped without the test Redis)
+    url = os.environ.get("GOMODEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    yaml = tmp_path / "limits.yaml"
+    yaml.write_text("rate_limits: {providers: [{name: vllm, limits: [{period: minute, max_requests: 1000}]}]}\n")
+    gateway = await start_gateway(reactor, {"VLLM_BASE_URL": fake.base_url, "GOMODEL_MASTER_KEY": "master-scale",
+                                            "REDIS_URL": url, "REDIS_CLUSTER": "true",
+                                            "REDIS_KEY_PREFIX": f"gomodel-test:{uuid.uuid4().hex}:"}, str(yaml))
+    try:
+        body = await _misconfigured(reactor, http, gateway, "unset REDIS_CLUSTER")
+        assert body["status"] == "degraded"
+        assert any("unset REDIS_CLUSTER" in w for w in warnings), warnings
+        response = await http.post(gateway.url + "/v1/chat/completions", json.dumps(
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}).encode(),
+            headers={"authorization": "Bearer master-scale", "content-type": "application/json"})
+        assert response.code == 200  # (failing open, as for a Redis that cannot be reached)
+        await treq.content(response)
+    finally:
+        await gateway.service.stopService()

@@ -64,7 +64,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
-from gomodel.redis_client import connect, errors, is_cluster, on_connect, reason
+from gomodel.redis_client import connect, errors, is_cluster, misconfigured, on_connect, reason
 from gomodel.store.threads import OwnedThreads
 
 INF = float("inf")
@@ -852,6 +852,8 @@ class RedisCounters(_Forms):
     module docstring for the fail-open rule.
 
     @ivar failures: operations answered open because Redis failed.
+    @ivar misconfigured: why the last failure was one of a client of the wrong kind for the server
+        (L{gomodel.redis_client.misconfigured}: C{REDIS_CLUSTER} to set or unset), or None.
     """
 
     shared = True
@@ -892,6 +894,7 @@ class RedisCounters(_Forms):
         # operation reading the key starts after them (L{_after_writes})
         self._writes = {}
         self.failures = 0
+        self.misconfigured = None
         self._admit = redis.register_script(_ADMIT)
         self._finish = redis.register_script(_FINISH)
         self._renew_script = redis.register_script(_RENEW)
@@ -961,6 +964,7 @@ class RedisCounters(_Forms):
         failure.trap(*self._errors)
         now = self._reactor.seconds()
         self.failures += 1
+        self.misconfigured = misconfigured(failure.value)
         self._down_until = now + self._retry_after
         if self._warned_at is None or now - self._warned_at >= self._warn_every:
             self._warned_at = now

@@ -49,7 +49,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gomodel import jsonutil
-from gomodel.redis_client import errors, reason
+from gomodel.redis_client import errors, misconfigured, reason
 from gomodel.store.threads import OwnedThreads
 
 CHANNEL = "gomodel:pins"
@@ -79,6 +79,8 @@ class SharedPins:
     docstring for what is shared and the fail-open rule.
 
     @ivar failures: pins not written and lookups not made because Redis failed.
+    @ivar misconfigured: why the last failure was one of a client of the wrong kind for the server
+        (L{gomodel.redis_client.misconfigured}: C{REDIS_CLUSTER} to set or unset), or None.
     @ivar recall_timeout: seconds a L{recall} waits at most.
     """
 
@@ -110,6 +112,7 @@ class SharedPins:
         self._thread = None
         self._ended = None
         self.failures = 0
+        self.misconfigured = None
         self._errors = errors()
 
     def attach(self, pools):
@@ -281,7 +284,7 @@ class SharedPins:
 
     def _lost(self, error):
         self._subscribed_at = None  # pins published from now on are missed: look sessions up again
-        self._down(reason(error))
+        self._down(error)
 
     def _received(self, data):
         """Apply a message's pins (a JSON list of C{[provider, key, replica URL]}); anything else is ignored."""
@@ -305,15 +308,17 @@ class SharedPins:
     def _failed(self, failure):
         failure.trap(*self._errors)
         self.failures += 1
-        self._down(reason(failure.value))
+        self._down(failure.value)
 
     def _down(self, error):
+        """Redis failed with C{error} (one of redis-py's): the pins are this process's own for C{retry_after}."""
+        self.misconfigured = misconfigured(error)
         now = self._reactor.seconds()
         self._down_until = now + self._retry_after
         if self._warned_at is None or now - self._warned_at >= self._warn_every:
             self._warned_at = now
             self.log.warn("Redis session pins unreachable, each host keeps its own for {retry}s: {error}",
-                          retry=self._retry_after, error=error)
+                          retry=self._retry_after, error=reason(error))
 
 
 def _close(pubsub):
