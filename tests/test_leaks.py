@@ -910,6 +910,38 @@ def test_an_upstreams_base_path_alone_is_hidden_too():
     assert hidden_in(page, Pool) == b"<p>The requested URL other/x was not found; see \"other/docs\" or other.</p>"
 
 
+def test_an_error_answered_as_an_event_stream_keeps_every_rule_of_a_json_one():
+    """An upstream's error answer whose body is an event stream (its error the first event's data) is read as that
+    data: its key and address hidden, its 429 C{insufficient_quota} a spent quota, its 401 for a missing scope
+    told as one; an event stream with no JSON in its first event is the gateway's own words."""
+    from gomodel.addresses import Secret
+    from gomodel.errors import UpstreamAuthFailed, UpstreamQuotaExhausted
+    from gomodel.upstream.errors import lacks_scope, out_of_quota, upstream_error
+
+    hide = ("http://10.0.0.5:8000/v1", "10.0.0.5:8000", "10.0.0.5", Secret("sk-0123456789"))
+
+    def stream(message, code=None, kind="BadRequestError"):
+        error = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+        return b"event: error\r\ndata: " + json.dumps(error).encode() + b"\r\n\r\ndata: [DONE]\r\n\r\n"
+
+    error = upstream_error(400, stream("key sk-0123456789 at 10.0.0.5:8000 refused it", 400), "up", hide)
+    assert error.message == "key *** at up refused it" and error.status == 400
+    assert json.loads(error.body())["error"] == {"message": "key *** at up refused it", "type": "BadRequestError",
+                                                 "param": None, "code": 400}
+    plain = stream("max_tokens is too large")
+    error = upstream_error(400, plain, "up", hide)
+    assert error.body() == plain.split(b"data: ")[1].split(b"\r\n")[0]  # (the event's data, byte for byte)
+    quota = stream("You exceeded your current quota", "insufficient_quota", "insufficient_quota")
+    assert out_of_quota(429, quota)
+    assert isinstance(upstream_error(429, quota, "up", hide), UpstreamQuotaExhausted)
+    scope = stream("You have insufficient permissions for this operation. Missing scopes: model.request")
+    assert lacks_scope(401, scope)
+    error = upstream_error(401, scope, "up", hide)
+    assert isinstance(error, UpstreamAuthFailed) and "Missing scopes: model.request" in error.message
+    assert upstream_error(500, b"data: nothing\n\n", "up", hide).message == "The upstream provider 'up' answered HTTP 500."
+    assert upstream_error(500, b": ping\n\n", "up", hide).message == "The upstream provider 'up' answered HTTP 500."
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_passthrough_error_too_large_to_search_is_not_relayed(http, two):
     """A passthrough error whose body is larger than the gateway searches (1 MiB), its length said in its head, is

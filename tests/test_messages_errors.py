@@ -264,3 +264,32 @@ async def test_a_thinking_config_anthropic_refuses_is_its_400_natively_too(http,
         assert response.code == 400, (path, content)
         assert anthropic_error(content) == {"type": "invalid_request_error", "message": said}, path
     assert len(fake.forwarded()) == before
+
+
+@pytest.mark.parametrize("model", [NATIVE, TRANSLATED], ids=["native", "translated"])
+@pytest_twisted.ensureDeferred
+async def test_an_upstreams_error_answered_as_an_event_stream_is_told_in_its_words(gw, fake, model):
+    """An upstream that refuses a streamed request with a 400 whose body is an event stream (its error the first
+    event's data): the Anthropic SDK's BadRequestError carries the upstream's message in Anthropic's envelope, its
+    address replaced by the provider's name (before: "answered HTTP 400." only)."""
+    import anthropic
+
+    from tests.support import in_thread
+    where = fake.base_url.split("//")[1].split("/")[0]
+    said = json.dumps({"error": {"message": f"max_tokens is too large: 9999 (at {where})",
+                                 "type": "BadRequestError", "param": "max_tokens", "code": 400}})
+    events = f"event: error\ndata: {said}\n\ndata: [DONE]\n\n"
+    raw = (f"HTTP/1.1 400 Bad Request\r\nContent-Type: text/event-stream\r\nContent-Length: {len(events)}\r\n\r\n"
+           + events)
+    fake.steer = {"fake_raw": raw}
+    client = anthropic.Anthropic(base_url=gw.url, api_key=KEY, max_retries=0, timeout=10)
+    try:
+        with pytest.raises(anthropic.BadRequestError) as raised:
+            await in_thread(client.messages.create, model=model, max_tokens=9999, messages=HI, stream=True)
+    finally:
+        client.close()
+    provider = model.split("/")[0]
+    assert raised.value.status_code == 400
+    assert raised.value.body == {"type": "error", "error": {
+        "type": "invalid_request_error", "message": f"max_tokens is too large: 9999 (at {provider})"}}, raised.value.body
+    assert where.split(":")[1] not in str(raised.value.body)

@@ -1,5 +1,7 @@
 """The official openai SDK, pointed at the gateway, against the fake vLLM."""
 
+import json
+
 import openai
 import pytest
 import pytest_twisted
@@ -182,3 +184,39 @@ async def test_sdk_provider_field_chooses_the_provider_and_never_goes_upstream(r
             assert (raised.value.code, raised.value.param) == ("invalid_type", "provider")
     finally:
         await stop_all(gw, a, b, clients=(client,))
+
+
+def _sse_refusal(fake, framing):
+    """An upstream's 400 for a streamed chat whose body is an event stream (C{framing}: its events' shape), its
+    message naming the upstream's address."""
+    where = fake.base_url.split("//")[1].split("/")[0]
+    error = {"error": {"message": f"max_tokens is too large: 9999 (at {where})", "type": "BadRequestError",
+                       "param": "max_tokens", "code": 400}}
+    data = json.dumps(error)
+    events = {
+        "data": f"data: {data}\n\ndata: [DONE]\n\n",
+        "event": f"event: error\ndata: {data}\n\n",
+        "crlf": f"data: {data}\r\n\r\ndata: [DONE]\r\n\r\n",
+        "bare": f"data:{data}\n\n",
+    }[framing]
+    raw = (f"HTTP/1.1 400 Bad Request\r\nContent-Type: text/event-stream\r\nContent-Length: {len(events.encode())}"
+           f"\r\n\r\n{events}")
+    return where, raw
+
+
+@pytest.mark.parametrize("framing", ["data", "event", "crlf", "bare"])
+@pytest_twisted.ensureDeferred
+async def test_sdk_hears_the_upstreams_words_in_an_error_answered_as_an_event_stream(sdk, fake, framing):
+    """An upstream that refuses a streamed chat with a 400 whose body is an event stream (its error the first
+    event's data, as some OpenAI-compatible servers answer one): the SDK's BadRequestError carries the upstream's
+    message, type and param, its address replaced by the provider's name (before: "answered HTTP 400." only)."""
+    where, raw = _sse_refusal(fake, framing)
+    with pytest.raises(openai.BadRequestError) as raised:
+        stream = await in_thread(sdk.chat.completions.create, model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                 stream=True, max_tokens=9999, extra_body={"fake_raw": raw})
+        await in_thread(_collect, stream)
+    error = raised.value
+    assert error.status_code == 400
+    assert error.body["message"] == "max_tokens is too large: 9999 (at vllm)"
+    assert (error.type, error.param) == ("BadRequestError", "max_tokens")
+    assert where not in str(error.body) and where.split(":")[1] not in str(error.body)

@@ -3,19 +3,23 @@
 An OpenAI-shaped error (vLLM's own 400/404/...) passes through byte for byte;
 vLLM's bare C{{"error": "Unauthorized"}}, FastAPI's C{{"detail": ...}}, vLLM's
 old flat C{{"object": "error", ...}} and anything that is not JSON are wrapped.
+An error answered as an event stream (a streamed request's 4xx/5xx from some
+OpenAI-compatible servers) is read as its first event's data.
 The upstream's address never appears in what the client gets, nor the provider's
 own key (an upstream that quotes the key it refused: L{gomodel.addresses.Secret}).
 """
 
+import re
 import time
 from functools import partial
 
 from gomodel import jsonutil
 from gomodel.errors import SDK_RETRY_WAIT, UpstreamAuthFailed, UpstreamError, UpstreamQuotaExhausted, envelope
-from gomodel.proxy.sse import hidden_strings
+from gomodel.proxy.sse import event_data, hidden_strings
 from gomodel.addresses import scrubbed, scrubber
 from gomodel.routing.pool import retry_after_seconds
 
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -46,7 +50,7 @@ def upstream_error(status: int, body: bytes, provider_name: str, hide=()) -> Ups
     if status == 401:  # (the gateway's key for the provider, not the client's: never relayed as a 401)
         said = _scope_missing(body)
         return UpstreamAuthFailed(provider_name, None if said is None else _hidden(said, hide, provider_name))
-    parsed = _parse(body)
+    body, parsed = _json_of(body)
     error = parsed.get("error") if isinstance(parsed, dict) else None
     if status == 429 and _spent(error):
         said = error.get("message")
@@ -84,7 +88,7 @@ def out_of_quota(status: int, body: bytes) -> bool:
     with it has no credit left, which no wait and no other replica of it (the same account) changes."""
     if status != 429 or body.find(b"insufficient_quota") < 0:
         return False
-    parsed = _parse(body)
+    parsed = _json_of(body)[1]
     return _spent(parsed.get("error") if isinstance(parsed, dict) else None)
 
 
@@ -99,7 +103,7 @@ def _scope_missing(body: bytes):
     """The message of a 401's C{body} saying the key lacks a permission or scope (L{lacks_scope}), or None."""
     if body.find(b"scope") < 0 and body.find(b"permission") < 0:
         return None
-    parsed = _parse(body)
+    parsed = _json_of(body)[1]
     error = parsed.get("error") if isinstance(parsed, dict) else None
     message = error.get("message") if isinstance(error, dict) else None
     if not isinstance(message, str):
@@ -177,6 +181,21 @@ def _mentions(body: bytes, parsed, hide) -> bool:
     if body.find(b"\\") < 0 and body.find(b"%") < 0:  # (no escape: the decoded strings are the bytes)
         return False
     return scrubbed(jsonutil.dumps(parsed), hide, "") != jsonutil.dumps(parsed)
+
+
+def _json_of(body: bytes):
+    """C{(data, value)}: an error answer's C{body} and its JSON value; where it is no JSON but an event stream (the
+    error a streamed request was answered with, C{data: {"error": ...}}, maybe C{[DONE]} after it), its first
+    event's data and that data's value. C{value} is None where neither is JSON."""
+    parsed = _parse(body)
+    if parsed is not None or body.find(b"data:") < 0:
+        return body, parsed
+    for event in _EVENT_END.split(body):
+        data = event_data(event)
+        if data and data != b"[DONE]":
+            parsed = _parse(data)
+            return (body, None) if parsed is None else (data, parsed)
+    return body, None
 
 
 def _parse(body: bytes):
