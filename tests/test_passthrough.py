@@ -513,7 +513,7 @@ async def test_a_passthrough_stream_cut_between_events_is_broken_where_its_route
              b'the upstream stream ended before message_stop."}}'),
             (b"/p/vllm/v1/responses", _events(RESPONSE_DELTA),
              b'event: error\ndata: {"type":"error","code":"stream_incomplete","message":"The stream ended abnormally: '
-             b'the upstream stream ended before response.completed.","param":null}')):
+             b'the upstream stream ended before response.completed.","param":null,"sequence_number":4}')):
         logged = access.next(reactor)
         client = await connect(reactor, gateway.port, _passed(path, dict(chat, fake_raw=_raw(answer)), CLOSE))
         await with_timeout(reactor, client.lost, 5)
@@ -538,6 +538,44 @@ async def test_a_passthrough_stream_cut_between_events_is_broken_where_its_route
         assert bytes(client.received).endswith(b"0\r\n\r\n")
         event = await logged
         assert (event["status"], event["outcome"]) == (200, "ok"), path
+
+
+def _events_until_cut(stream) -> tuple:
+    """The events of C{stream} (an SDK's) as far as they came, and what ended it (None: a proper end)."""
+    events = []
+    try:
+        for event in stream:
+            events.append(event)
+    except Exception as e:
+        return events, e
+    return events, None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_passthrough_responses_stream_cut_midway_numbers_its_error_event_after_the_last(two):
+    """A C{/p/} Responses stream whose upstream broke off after its third event (sequence numbers 0 to 2) ends with
+    the gateway's C{error} event (C{stream_incomplete}) numbered 3, as the openai SDK's ResponseErrorEvent has it:
+    every event of a Responses stream carries the next number (before: none on this one, as on a /v1 stream it had);
+    one whose body ended inside its fifth event (a delta numbered 3 before it), 4."""
+    import openai
+
+    gw, plain, guarded = two
+    client = openai.OpenAI(base_url=gw.url + "/p/vllm/v1", api_key="gw-key", max_retries=0, timeout=10)
+    inside = _events(RESPONSE_DELTA) + 'event: response.output_text.delta\ndata: {"type": "response.output'
+    try:
+        seen = []
+        for steer in ({"fake_die_after": 3}, {"fake_raw": _raw(inside)}):
+            stream = await in_thread(client.responses.create, model="meta-llama/Llama-3.1-8B-Instruct", input="hi",
+                                     stream=True, extra_body=steer)
+            seen.append(await in_thread(_events_until_cut, stream))
+    finally:
+        client.close()
+    (events, ended), (after_delta, ended_inside) = seen
+    assert ended is not None and ended_inside is not None  # (each body was left without its end)
+    assert [(e.type, e.sequence_number) for e in events] == [
+        ("response.created", 0), ("response.output_item.added", 1), ("response.content_part.added", 2), ("error", 3)]
+    assert events[-1].code == "stream_incomplete" and "abnormally" in events[-1].message
+    assert [(e.type, e.sequence_number) for e in after_delta] == [("response.output_text.delta", 3), ("error", 4)]
 
 
 @pytest_twisted.ensureDeferred

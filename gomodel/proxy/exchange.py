@@ -52,7 +52,7 @@ from gomodel.proxy.relay import END_LINGER, ClientStalled, StreamRelay, StreamTo
 from gomodel.proxy.renamed import model_named, rewriting
 from gomodel.proxy.transfers import NulledTransfers, without_transfers
 from gomodel.proxy.sse import (MAX_EVENT_BYTES, RESPONSE_END_TYPES, SSEFramer, StreamIncomplete, error_in,
-                               event_around, event_kind, event_object, events_end, failure_in)
+                               event_around, event_kind, event_object, events_end, failure_in, sequence_after)
 from gomodel.routing.pool import HOLD_MAX
 from gomodel.routing.vllm_metrics import parse_load_header
 from gomodel.upstream.client import BodyTooLarge, BoundedCollector, discard, read_body, within
@@ -1199,6 +1199,11 @@ class UsageTap:
         self._held_size = size
         self._seam = (seam + part[-3:])[-3:]
 
+    def next_sequence(self):
+        """Of a Responses stream, the C{sequence_number} after the last event relayed (the gateway's own error
+        event's: L{gomodel.http.render.ResponsesDialect}), or None where the tail it holds says none."""
+        return sequence_after(self._tail) if self._ends is RESPONSES_END else None
+
     def finish(self):
         """Read the usage; of an event stream, raise L{StreamIncomplete} where it ended inside an event or,
         having an end of its own, without it."""
@@ -1209,16 +1214,19 @@ class UsageTap:
         if not self._stream:
             return
         if self._held:
-            self._cut_short()
+            self._cut_short(tail)
             raise StreamIncomplete("the upstream stream ended inside an event")
         if self._ends is not None and not self.done:
-            self._cut_short()
+            self._cut_short(tail)
             raise StreamIncomplete("the upstream stream ended " + self._ends.missing)
 
-    def _cut_short(self):
+    def _cut_short(self, tail: bytes):
         """A Messages stream cut before its message_delta: the usage its tail holds is its message_start's (0 or 1
         output tokens), no final one, so its output is the events relayed (estimated, as a stream without usage is).
-        (A chat stream's usage chunk, and a Responses stream's final response, say the final usage.)"""
+        (A chat stream's usage chunk, and a Responses stream's final response, say the final usage.) A Responses
+        stream keeps its C{tail}, whose last number the gateway's error event follows (L{next_sequence})."""
+        if self._ends is RESPONSES_END:
+            self._tail = tail
         usage = self.usage
         if self._ends is not MESSAGES_END or usage is None:
             return

@@ -618,6 +618,18 @@ def _streamed_choice(choice: dict) -> dict:
 
 
 _NUMBER = re.compile(rb"\s*(\d+)")
+
+
+def sequence_after(events):
+    """The C{sequence_number} after the last one C{events} (whole events of a Responses stream, bytes or a
+    bytearray) say (a key: one in a string is escaped), or None where they say none."""
+    at = events.rfind(b'"sequence_number":')
+    if at < 0:
+        return None
+    digits = _NUMBER.match(events, at + 18)
+    return int(digits.group(1)) + 1 if digits is not None else None
+
+
 # The event types that end a Responses stream, each carrying its final response object.
 RESPONSE_END_TYPES = ("response.completed", "response.incomplete", "response.failed")
 _RESPONSE_END_EVENTS = tuple(kind.encode() for kind in RESPONSE_END_TYPES)
@@ -656,11 +668,7 @@ class ResponsesStreamObserver:
 
     def next_sequence(self):
         """The C{sequence_number} after the last event relayed, or None where none said one."""
-        at = self._last.rfind(b'"sequence_number":')
-        if at < 0:
-            return None
-        digits = _NUMBER.match(self._last, at + 18)
-        return int(digits.group(1)) + 1 if digits is not None else None
+        return sequence_after(self._last)
 
     def feed(self, data: bytes) -> bytes:
         # A short read of whole events (LF line breaks) after whole events, holding none of the watched words: a
