@@ -608,6 +608,47 @@ async def test_a_passthrough_messages_stream_cut_after_its_deltas_is_charged_the
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_passthrough_messages_stream_left_or_broken_off_is_charged_its_message_starts_input(reactor, gateway):
+    """A C{/p/} Messages stream its client left after some deltas, or whose upstream broke off (the connection
+    reset), before its message_delta: charged message_start's input (its C{input_tokens} and cache reads, 13 + 5),
+    and the events relayed as its output, estimated (before: its input estimated from the request, 1 or 2 tokens,
+    its output alone the upstream's). So too one past the 128 KiB the tap keeps of its end, whose message_start
+    went by long before."""
+    start = ("message_start", json.dumps({"type": "message_start", "message": dict(MESSAGE_START[1]["message"], usage={
+        "input_tokens": 13, "cache_read_input_tokens": 5, "output_tokens": 1})}))
+
+    def steer(deltas, text, **more):
+        events = [start, (BLOCK[0], json.dumps(BLOCK[1]))] + [
+            ("content_block_delta", json.dumps(dict(DELTA[1], delta={"type": "text_delta", "text": text(i)})))
+            for i in range(deltas)] + [(STOP[0], json.dumps(STOP[1]))]
+        return dict({"model": "meta-llama/Llama-3.1-8B-Instruct", "max_tokens": 500, "stream": True,
+                     "messages": [{"role": "user", "content": "hi"}], "fake_events": events}, **more)
+
+    cases = [  # (the request, what the client waits for before it leaves, or None: it stays to the end)
+        (steer(40, lambda i: "MARK" if i == 5 else "hi", fake_pace=0.05), b"MARK"),
+        (steer(120, lambda i: ("MARK" if i == 90 else "x") * 2000, fake_pace=0.01), b"MARK" * 2000),
+        (steer(40, lambda i: "hi", fake_die_after=12), None),
+    ]
+    for body, mark in cases:
+        client = await connect(reactor, gateway.port, _passed(b"/p/vllm/v1/messages", body))
+        if mark is not None:
+            await with_timeout(reactor, client.wait_for(mark), 10)
+            client.transport.abortConnection()
+        await with_timeout(reactor, client.lost, 10)
+    records = []
+    for _ in range(100):  # (a left stream's record is written once its upstream side closed)
+        await gateway.service.usage.flush()
+        records, _ = await gateway.service.store.usage.log(0, 2e9, 10)
+        if len(records) == len(cases):
+            break
+    broken, long_left, left = records  # (newest first)
+    for record, gone, relayed in ((left, True, 7), (long_left, True, 92), (broken, False, 12)):
+        assert (record["input_tokens"], record["cached_tokens"], record["estimated"]) == (18, 5, True), record
+        assert record["output_tokens"] >= relayed and record["client_gone"] is gone, record
+    assert broken["outcome"] == "stream_broken"
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_passthrough_stream_whose_end_went_out_is_whole_whatever_follows(reactor, gateway, access):
     """As on /v1: once a stream's C{[DONE]} went out, a client that leaves (SDKs leave at C{[DONE]}, before the body's
     last chunk) is no 499 and an upstream that breaks off is no broken stream, no error event after the end

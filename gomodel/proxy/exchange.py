@@ -1044,7 +1044,12 @@ def _note_usage(ctx, observer, body):
     so)."""
     if observer.usage is not None:
         ctx.usage, ctx.estimated = observer.usage, getattr(observer, "estimated", False)
-    elif ctx.stream and (ctx.usage is None or ctx.estimated):  # (or a stream before it that broke off)
+        return
+    if ctx.stream and (ctx.usage is None or ctx.estimated):  # (or a stream before it that broke off)
+        cut = getattr(observer, "cut_usage", None)  # (a passthrough's Messages stream: its message_start's count)
+        if cut is not None and cut() is not None:
+            ctx.usage, ctx.estimated = observer.usage, observer.estimated
+            return
         events = getattr(observer, "events", 0)
         prompt = prompt_estimate(body)
         if prompt or events:
@@ -1112,6 +1117,9 @@ class UsageTap:
     error = None
     done = False
     estimated = False  # its usage's output is the events relayed (L{_cut_short})
+    # Of a Messages stream longer than the tail it keeps: its message_start's usage, kept as the tail first lost it
+    # (False: it had none there), or None
+    _started = None
 
     def __init__(self, stream=False, ends=None, hide=None):
         """
@@ -1158,6 +1166,8 @@ class UsageTap:
         tail = self._tail
         tail += data
         if len(tail) > 2 * TAP_TAIL:
+            if self._started is None and self._ends is MESSAGES_END:  # (the stream's first events go now)
+                self._started = _start_usage(tail) or False
             del tail[:-TAP_TAIL]
         if ended:  # its usage now: a client may leave at the end (SDKs do), an upstream hold its body open past it
             self.usage = usage_of(bytes(tail[-TAP_TAIL:]))
@@ -1220,19 +1230,48 @@ class UsageTap:
             self._cut_short(tail)
             raise StreamIncomplete("the upstream stream ended " + self._ends.missing)
 
+    def cut_usage(self):
+        """The usage of a Messages stream whose relay ended before its end without L{finish} (its client left, its
+        upstream broke off), as L{finish} makes it of one cut short (L{_cut_short}), now its C{usage}; None for
+        another stream, or one whose message_start did not come.
+
+        (Called only where the stream has no usage: L{_note_usage}.)
+        """
+        if self._ends is not MESSAGES_END:
+            return None
+        tail = bytes(self._tail[-TAP_TAIL:])
+        self.usage = usage_of(tail)
+        self._cut_short(tail)
+        return self.usage
+
     def _cut_short(self, tail: bytes):
         """A Messages stream cut before its message_delta: the usage its tail holds is its message_start's (0 or 1
-        output tokens), no final one, so its output is the events relayed (estimated, as a stream without usage is).
-        (A chat stream's usage chunk, and a Responses stream's final response, say the final usage.) A Responses
-        stream keeps its C{tail}, whose last number the gateway's error event follows (L{next_sequence})."""
+        output tokens; of one longer than its tail, that kept, L{_started}), no final one, so its output is the
+        events relayed (estimated, as a stream without usage is). (A chat stream's usage chunk, and a Responses
+        stream's final response, say the final usage.) A Responses stream keeps its C{tail}, whose last number the
+        gateway's error event follows (L{next_sequence})."""
         if self._ends is RESPONSES_END:
             self._tail = tail
-        usage = self.usage
-        if self._ends is not MESSAGES_END or usage is None:
+        if self._ends is not MESSAGES_END:
+            return
+        usage, started = self.usage, self._started
+        if started:  # (a message_delta's after it, where one came, over it)
+            usage = started if usage is None else {**started, **usage}
+        if usage is None:
             return
         output = usage.get("output_tokens")
         if (output if output.__class__ is int else 0) <= 1 < self.events:
-            self.usage, self.estimated = dict(usage, output_tokens=self.events), True
+            usage, self.estimated = dict(usage, output_tokens=self.events), True
+        self.usage = usage
+
+
+def _start_usage(events):
+    """The usage of the C{message_start} event among C{events} (a Messages stream's first ones, a bytearray), or
+    None."""
+    at = events.find(b"message_start")
+    if at < 0:
+        return None
+    return usage_of(event_around(bytes(events), at))
 
 
 def _errors_hidden(events: bytes, upstream) -> bytes:
