@@ -540,17 +540,6 @@ async def test_a_passthrough_stream_cut_between_events_is_broken_where_its_route
         assert (event["status"], event["outcome"]) == (200, "ok"), path
 
 
-def _events_until_cut(stream) -> tuple:
-    """The events of C{stream} (an SDK's) as far as they came, and what ended it (None: a proper end)."""
-    events = []
-    try:
-        for event in stream:
-            events.append(event)
-    except Exception as e:
-        return events, e
-    return events, None
-
-
 @pytest_twisted.ensureDeferred
 async def test_a_passthrough_responses_stream_cut_midway_numbers_its_error_event_after_the_last(two):
     """A C{/p/} Responses stream whose upstream broke off after its third event (sequence numbers 0 to 2) ends with
@@ -560,16 +549,14 @@ async def test_a_passthrough_responses_stream_cut_midway_numbers_its_error_event
     import openai
 
     gw, plain, guarded = two
-    client = openai.OpenAI(base_url=gw.url + "/p/vllm/v1", api_key="gw-key", max_retries=0, timeout=10)
     inside = _events(RESPONSE_DELTA) + 'event: response.output_text.delta\ndata: {"type": "response.output'
-    try:
-        seen = []
-        for steer in ({"fake_die_after": 3}, {"fake_raw": _raw(inside)}):
-            stream = await in_thread(client.responses.create, model="meta-llama/Llama-3.1-8B-Instruct", input="hi",
-                                     stream=True, extra_body=steer)
-            seen.append(await in_thread(_events_until_cut, stream))
-    finally:
-        client.close()
+    seen = []
+    for steer in ({"fake_die_after": 3}, {"fake_raw": _raw(inside)}):
+        seen.append(await in_thread(
+            _sdk_stream, lambda: openai.OpenAI(base_url=gw.url + "/p/vllm/v1", api_key="gw-key", max_retries=0,
+                                               timeout=10),
+            lambda client, steer=steer: client.responses.create(model="meta-llama/Llama-3.1-8B-Instruct", input="hi",
+                                                                stream=True, extra_body=steer)))
     (events, ended), (after_delta, ended_inside) = seen
     assert ended is not None and ended_inside is not None  # (each body was left without its end)
     assert [(e.type, e.sequence_number) for e in events] == [
