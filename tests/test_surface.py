@@ -371,13 +371,14 @@ async def test_a_broken_responses_stream_ends_with_openais_error_event(gateway, 
     last = bytes(raw.received).rpartition(b"\nevent: ")[2]
     assert last.startswith(b"error\ndata: {"), last
     assert set(jsonutil.loads(last[12:].split(b"\n")[0])) == {"type", "code", "message", "param", "sequence_number"}
-    # the same through the passthrough (no sequence_number: a raw relay reads no event)
+    # the same through the passthrough, numbered after the last event relayed (before: no sequence_number)
     passed = chat_request({"model": MODEL.partition("/")[2], "input": "hi", "stream": True, "fake_die_after": 2})
     raw = await connect(reactor, gateway.port, passed.replace(b"/v1/chat/completions", b"/p/vllm/v1/responses"))
     await with_timeout(reactor, raw.lost, 5)
     last = bytes(raw.received).rpartition(b"\nevent: ")[2]
     assert last.startswith(b"error\ndata: {"), bytes(raw.received)[-300:]
-    assert set(jsonutil.loads(last[12:].split(b"\n")[0])) == {"type", "code", "message", "param"}
+    event = jsonutil.loads(last[12:].split(b"\n")[0])
+    assert set(event) == {"type", "code", "message", "param", "sequence_number"} and event["sequence_number"] == 2
     chat = await connect(reactor, gateway.port, chat_request(
         {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True, "fake_die_after": 2}))
     await with_timeout(reactor, chat.lost, 5)
