@@ -1,6 +1,7 @@
 """/p/{provider}/{endpoint}: provider-native requests to the named instance, relayed raw."""
 
 import json
+from functools import partial
 from urllib.parse import unquote
 
 import pytest_twisted
@@ -633,6 +634,50 @@ async def test_a_passthrough_messages_stream_left_or_broken_off_is_charged_its_m
         assert (record["input_tokens"], record["cached_tokens"], record["estimated"]) == (18, 5, True), record
         assert record["output_tokens"] >= relayed and record["client_gone"] is gone, record
     assert broken["outcome"] == "stream_broken"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_passthrough_messages_stream_its_upstream_ended_with_an_error_is_charged_what_it_relayed(
+        reactor, gateway, access):
+    """A C{/p/} Messages stream that ends with its upstream's own C{event: error} (C{overloaded_error}) after 30
+    content deltas, its body then ended or held open until the client (the anthropic SDK, which raises on the error
+    event) leaves: charged message_start's input (13 + 5 cache reads) and the deltas relayed as its output,
+    estimated, as a stream cut short is (before: message_start's 1 output token, as final); its outcome the
+    upstream's error (C{upstream_stream_error}), the SDK's error the upstream's."""
+    import anthropic
+
+    start = ("message_start", json.dumps({"type": "message_start", "message": dict(MESSAGE_START[1]["message"], usage={
+        "input_tokens": 13, "cache_read_input_tokens": 5, "output_tokens": 1})}))
+    overloaded = ("error", json.dumps({"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}))
+    events = [start, (BLOCK[0], json.dumps(BLOCK[1]))] + [(DELTA[0], json.dumps(DELTA[1]))] * 30 + [overloaded]
+
+    def sdk():
+        return anthropic.Anthropic(base_url=gateway.url + "/p/vllm", api_key="unused", max_retries=0, timeout=10)
+
+    def read(client, **steer):
+        return client.messages.create(model="meta-llama/Llama-3.1-8B-Instruct", max_tokens=500, stream=True,
+                                      messages=[{"role": "user", "content": "hi"}],
+                                      extra_body=dict(fake_events=events, **steer))
+
+    for steer in ({}, {"fake_after_done": "hold"}):
+        logged = access.next(reactor)
+        seen, error = await in_thread(_sdk_stream, sdk, partial(read, **steer))
+        assert [event.type for event in seen].count("content_block_delta") == 30
+        assert isinstance(error, anthropic.APIStatusError) and "busy" in str(error), repr(error)
+        assert error.body["error"]["type"] == "overloaded_error", error.body
+        event = await logged
+        assert (event["status"], event["outcome"], event["error"]) == (200, "error", "upstream_stream_error")
+    records = []
+    for _ in range(100):  # (a held stream's record is written once its upstream side closed)
+        await gateway.service.usage.flush()
+        records, _ = await gateway.service.store.usage.log(0, 2e9, 10)
+        if len(records) == 2:
+            break
+    assert len(records) == 2, records
+    for record in records:
+        assert (record["input_tokens"], record["cached_tokens"], record["estimated"], record["outcome"]) == (
+            18, 5, True, "error"), record
+        assert record["output_tokens"] >= 30, record
 
 
 @pytest_twisted.ensureDeferred

@@ -1170,7 +1170,8 @@ class UsageTap:
                 self._started = _start_usage(tail) or False
             del tail[:-TAP_TAIL]
         if ended:  # its usage now: a client may leave at the end (SDKs do), an upstream hold its body open past it
-            self.usage = usage_of(bytes(tail[-TAP_TAIL:]))
+            last = bytes(tail[-TAP_TAIL:])
+            self._ended_usage(last, usage_of(last))
         return data
 
     def _whole(self, data: bytes) -> bytes:
@@ -1220,7 +1221,7 @@ class UsageTap:
         tail, self._tail = bytes(self._tail[-TAP_TAIL:]), b""
         usage = usage_of(tail)
         if usage is not None or not self.done:  # (read at the stream's end: what followed it is no usage)
-            self.usage = usage
+            self._ended_usage(tail, usage)
         if not self._stream:
             return
         if self._held:
@@ -1229,6 +1230,14 @@ class UsageTap:
         if self._ends is not None and not self.done:
             self._cut_short(tail)
             raise StreamIncomplete("the upstream stream ended " + self._ends.missing)
+
+    def _ended_usage(self, tail: bytes, usage):
+        """The C{usage} read from the C{tail} of a stream that ended (its own end or error passed, or its body ended)
+        its usage; of a Messages stream its upstream's error event ended, before its message_delta, that of one cut
+        short (L{_cut_short}): message_start's input, the content relayed as output, estimated."""
+        self.usage, self.estimated = usage, False
+        if self.error is not None and self._ends is MESSAGES_END:
+            self._cut_short(tail)
 
     def cut_usage(self):
         """The usage of a Messages stream whose relay ended before its end without L{finish} (its client left, its
@@ -1245,9 +1254,10 @@ class UsageTap:
         return self.usage
 
     def _cut_short(self, tail: bytes):
-        """A Messages stream cut before its message_delta: the usage its tail holds is its message_start's (0 or 1
-        output tokens; of one longer than its tail, that kept, L{_started}), no final one, so its output is the
-        events relayed (estimated, as a stream without usage is). (A chat stream's usage chunk, and a Responses
+        """A Messages stream cut, or ended by its upstream's error event, before its message_delta: the usage its
+        tail holds is its message_start's (0 or 1 output tokens; of one longer than its tail, that kept,
+        L{_started}), no final one, so its output is the events relayed (estimated, as a stream without usage is).
+        (A chat stream's usage chunk, and a Responses
         stream's final response, say the final usage.) A Responses stream keeps its C{tail}, whose last number the
         gateway's error event follows (L{next_sequence})."""
         if self._ends is RESPONSES_END:
