@@ -287,6 +287,37 @@ def test_the_usage_tap_finds_a_streams_end_where_its_route_has_one():
                 assert str(raised.value) == "the upstream stream ended " + ends.missing
 
 
+def test_the_usage_tap_of_a_messages_stream_counts_its_content_deltas_as_its_output_estimate():
+    """A Messages stream cut short is charged the content deltas it relayed (about a token each), whatever the
+    reads' sizes: not its message_start, block starts and stops, pings (before: every event, so a short answer's
+    estimate ran several tokens high), nor a token that names the type in its text (its quotes escaped); another
+    stream's tap counts its events."""
+    import pytest
+
+    from gomodel.proxy.exchange import MESSAGES_END, UsageTap
+    from gomodel.proxy.sse import StreamIncomplete
+
+    def event(kind, **data):
+        return b"event: %s\ndata: %s\n\n" % (kind.encode(), json.dumps(dict(data, type=kind)).encode())
+
+    def delta(text):
+        return event("content_block_delta", index=0, delta={"type": "text_delta", "text": text})
+
+    start = event("message_start", message={"id": "m", "usage": {"input_tokens": 9, "output_tokens": 1}})
+    body = (start + event("ping") + event("content_block_start", index=0, content_block={"type": "text", "text": ""})
+            + delta("hi") + delta('"content_block_delta"') + delta(" there") + event("content_block_stop", index=0))
+    for size in (1, 7, 64, 4096):
+        tap = UsageTap(stream=True, ends=MESSAGES_END)
+        assert b"".join(tap.feed(body[at:at + size]) for at in range(0, len(body), size)) == body
+        assert tap.events == 3, size
+        with pytest.raises(StreamIncomplete):
+            tap.finish()
+        assert (tap.usage, tap.estimated) == ({"input_tokens": 9, "output_tokens": 3}, True)
+    tap = UsageTap(stream=True)
+    tap.feed(body)
+    assert tap.events == 7
+
+
 class _BodyTransport:
     """An upstream body's transport: it notes being stopped (the upstream connection closed)."""
 

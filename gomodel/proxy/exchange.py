@@ -1068,6 +1068,8 @@ TAP_TAIL = 64 * 1024
 # (L{MAX_EVENT_BYTES}): a longer one breaks the stream off, its client never handed part of an event.
 HELD_EVENT = MAX_EVENT_BYTES
 _EVENTS = re.compile(rb"(\r\n\r\n|\n\n|\r\r)")  # (an event's blank line, kept by split)
+# A Messages stream's content delta, as its data names its type (once an event: a quote in a token is escaped)
+_DELTA_TYPE = b'"content_block_delta"'
 _EVENT_ENDS = (b"\n\n", b"\r\r")  # (the last two bytes of a stream whose last event is whole: most reads)
 
 
@@ -1105,8 +1107,8 @@ class UsageTap:
     Of an event stream it relays whole events only, the part of an event not yet ended held back until it
     ends (a client gets no event that a cut leaves broken: the error event comes after whole ones; an event
     longer than L{HELD_EVENT} breaks the stream off); it counts
-    the events, the estimate of what a stream without a usage chunk made (as
-    L{gomodel.proxy.sse.ChatStreamObserver} does), notes the first in-band error (L{error}: vLLM's error
+    the events (of a Messages stream, its content deltas), the estimate of what a stream without a usage chunk made
+    (as L{gomodel.proxy.sse.ChatStreamObserver} does), notes the first in-band error (L{error}: vLLM's error
     chunk, an C{error} event) and, where the stream has an end of its own (C{ends}), whether it came
     (L{done}). An end inside an event, or without that end, is no proper end (L{finish}): a body that ends
     with the connection (no length, not chunked) says nothing else of being cut short.
@@ -1120,6 +1122,9 @@ class UsageTap:
     # Of a Messages stream longer than the tail it keeps: its message_start's usage, kept as the tail first lost it
     # (False: it had none there), or None
     _started = None
+    # What L{events} counts of what is relayed: each event's blank line; a Messages stream's content deltas (about a
+    # token each, as vLLM streams them: not its message_start, block starts and stops, pings), their data's type
+    _counted = b"\n\n"
 
     def __init__(self, stream=False, ends=None, hide=None):
         """
@@ -1132,6 +1137,8 @@ class UsageTap:
         self._tail = bytearray()  # (appended to; cut back to L{TAP_TAIL} once it holds twice that: each byte
         self._stream = stream     # is copied about twice, where a new tail made per read copied 64 KiB each)
         self._ends = ends
+        if ends is MESSAGES_END:
+            self._counted = _DELTA_TYPE
         # The part of an event not relayed yet, as it came (joined once its end comes: each byte copied once,
         # where joining it on every read made a long event in small reads cost its size squared), its size, and
         # its last 3 bytes (where an end split between two reads begins).
@@ -1145,7 +1152,7 @@ class UsageTap:
             data = self._whole(data)
             if not data:
                 return data
-            self.events += data.count(b"\n\n")
+            self.events += data.count(self._counted)
             erred = data.find(b'"error"') >= 0
             if erred and self.error is None:
                 self.error = error_in(data)
@@ -1256,10 +1263,10 @@ class UsageTap:
     def _cut_short(self, tail: bytes):
         """A Messages stream cut, or ended by its upstream's error event, before its message_delta: the usage its
         tail holds is its message_start's (0 or 1 output tokens; of one longer than its tail, that kept,
-        L{_started}), no final one, so its output is the events relayed (estimated, as a stream without usage is).
-        (A chat stream's usage chunk, and a Responses
-        stream's final response, say the final usage.) A Responses stream keeps its C{tail}, whose last number the
-        gateway's error event follows (L{next_sequence})."""
+        L{_started}), no final one, so its output is the content deltas relayed where more (estimated, as a stream
+        without usage is). (A chat stream's usage chunk, and a Responses stream's final response, say the final
+        usage.) A Responses stream keeps its C{tail}, whose last number the gateway's error event follows
+        (L{next_sequence})."""
         if self._ends is RESPONSES_END:
             self._tail = tail
         if self._ends is not MESSAGES_END:
@@ -1270,7 +1277,8 @@ class UsageTap:
         if usage is None:
             return
         output = usage.get("output_tokens")
-        if (output if output.__class__ is int else 0) <= 1 < self.events:
+        output = output if output.__class__ is int else 0
+        if output <= 1 and output < self.events:
             usage, self.estimated = dict(usage, output_tokens=self.events), True
         self.usage = usage
 
