@@ -1262,6 +1262,37 @@ async def test_a_400_that_only_mentions_support_and_messages_keeps_the_provider_
     assert response.code == 200 and fake.last_request().path == b"/v1/messages"  # still asked natively
 
 
+def _sse_answer(status, reason, body):
+    """A C{fake_raw} answer to C{/v1/messages} alone: C{status} with C{body} as an event stream."""
+    return {"fake_raw_path": "/v1/messages", "fake_raw": (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/event-stream\r\nContent-Length: {len(body.encode())}"
+        f"\r\nConnection: close\r\n\r\n{body}")}
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_error_a_streamed_messages_request_is_answered_with_as_an_event_stream_is_read_as_its_data(
+        gw, fake, client):
+    """An upstream that answers a streamed native Messages request's error as an event stream (some servers do:
+    its first event's data the error) is read as one answering it as JSON (L{gomodel.upstream.errors}): its
+    404 of Anthropic's own, C{not_found_error}, is its answer (before: read as no such route, so the request went
+    translated, a 200 for a model it said it lacks); vLLM's "does not support Messages API", with a 400, sends the
+    model translated (before: the client got the 400)."""
+    missing = json.dumps({"type": "error", "error": {"type": "not_found_error", "message": "model: gone"}})
+    steer = _sse_answer(404, "Not Found", f"event: error\ndata: {missing}\n\n")
+    with pytest.raises(anthropic.NotFoundError) as caught:
+        await in_thread(lambda: list(client.messages.create(model=MODEL, max_tokens=8, messages=HELLO, stream=True,
+                                                            extra_body=steer)))
+    assert caught.value.body == json.loads(missing)
+    assert [r.path for r in fake.forwarded()] == [b"/v1/messages"]  # (not translated)
+    unsupported = json.dumps({"error": {"message": "The model does not support Messages API",
+                                        "type": "BadRequestError", "code": 400}})
+    steer = _sse_answer(400, "Bad Request", f"data: {unsupported}\n\ndata: [DONE]\n\n")
+    events = await in_thread(lambda: list(client.messages.create(model=MODEL, max_tokens=8, messages=HELLO,
+                                                                 stream=True, extra_body=steer)))
+    assert "".join(e.delta.text for e in events if e.type == "content_block_delta") == "héhéhé"
+    assert [r.path for r in fake.forwarded()][1:] == [b"/v1/messages", b"/v1/chat/completions"]
+
+
 @pytest_twisted.ensureDeferred
 async def test_too_large_and_wrong_method_in_anthropics_shape(reactor, http, fake):
     gw = await start(reactor, {"VLLM_BASE_URL": fake.base_url, "BODY_SIZE_LIMIT": "2KB"})

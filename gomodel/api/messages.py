@@ -65,7 +65,7 @@ from gomodel.proxy.exchange import ERROR_BODY_LIMIT, fails_over, upstream_call
 from gomodel.routing.affinity import affinity_key
 from gomodel.translate.call_ids import SHORT_ID_TYPES, fit_call_ids, fit_tool_names, long_names
 from gomodel.translate.openai_body import OPENAI_TYPES
-from gomodel.upstream.errors import upstream_error, with_retry_after, without_address
+from gomodel.upstream.errors import json_of, upstream_error, with_retry_after, without_address
 
 MESSAGES = b"/v1/messages"
 COUNT_TOKENS = b"/v1/messages/count_tokens"
@@ -103,13 +103,11 @@ _MAYBE_UNSUPPORTED = (400, 404, 405, 501)
 def no_messages_api(status, answer):
     """What an answer C{answer} (bytes) with C{status} to a native Messages request says of the server: True,
     it has no Messages API (vLLM's "does not support Messages API"); False, no such route (FastAPI's bare
-    404/405, a 501); None, neither (the upstream's own answer)."""
+    404/405, a 501); None, neither (the upstream's own answer). One answered as an event stream is read as its
+    first event's data (L{json_of}), as the client's error is."""
     if status not in _MAYBE_UNSUPPORTED:
         return None
-    try:
-        parsed = jsonutil.loads(answer)
-    except jsonutil.JSONError:
-        parsed = None
+    parsed = json_of(answer)[1]
     error = parsed.get("error") if isinstance(parsed, dict) else None
     message = error.get("message") if isinstance(error, dict) else None
     if isinstance(message, str) and "support" in message.lower() and "messages api" in message.lower():

@@ -50,7 +50,7 @@ def upstream_error(status: int, body: bytes, provider_name: str, hide=()) -> Ups
     if status == 401:  # (the gateway's key for the provider, not the client's: never relayed as a 401)
         said = _scope_missing(body)
         return UpstreamAuthFailed(provider_name, None if said is None else _hidden(said, hide, provider_name))
-    body, parsed = _json_of(body)
+    body, parsed = json_of(body)
     error = parsed.get("error") if isinstance(parsed, dict) else None
     if status == 429 and _spent(error):
         said = error.get("message")
@@ -88,7 +88,7 @@ def out_of_quota(status: int, body: bytes) -> bool:
     with it has no credit left, which no wait and no other replica of it (the same account) changes."""
     if status != 429 or body.find(b"insufficient_quota") < 0:
         return False
-    parsed = _json_of(body)[1]
+    parsed = json_of(body)[1]
     return _spent(parsed.get("error") if isinstance(parsed, dict) else None)
 
 
@@ -103,7 +103,7 @@ def _scope_missing(body: bytes):
     """The message of a 401's C{body} saying the key lacks a permission or scope (L{lacks_scope}), or None."""
     if body.find(b"scope") < 0 and body.find(b"permission") < 0:
         return None
-    parsed = _json_of(body)[1]
+    parsed = json_of(body)[1]
     error = parsed.get("error") if isinstance(parsed, dict) else None
     message = error.get("message") if isinstance(error, dict) else None
     if not isinstance(message, str):
@@ -183,7 +183,7 @@ def _mentions(body: bytes, parsed, hide) -> bool:
     return scrubbed(jsonutil.dumps(parsed), hide, "") != jsonutil.dumps(parsed)
 
 
-def _json_of(body: bytes):
+def json_of(body: bytes):
     """C{(data, value)}: an error answer's C{body} and its JSON value; where it is no JSON but an event stream (the
     error a streamed request was answered with, C{data: {"error": ...}}, maybe C{[DONE]} after it), its first
     event's data and that data's value. C{value} is None where neither is JSON."""
