@@ -11,7 +11,8 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from gomodel import jsonutil
-from gomodel.accounting.tokens import _asked_count, asked_tokens, requested_tokens
+from gomodel.accounting.tokens import (_asked_count, asked_tokens, completion_sequences, completion_tokens,
+                                      requested_tokens)
 from gomodel.errors import BudgetExceeded, RateLimitExceeded, whole_seconds
 from gomodel.limits.budgets import SEED_RETRY, BudgetBook
 from gomodel.limits.counters import LocalCounters
@@ -1230,7 +1231,7 @@ def test_the_output_a_route_asks_for_is_the_field_vllm_reads_there():
             (nested + b',"max_tokens":16}', "/chat/completions", 16),
             (nested + b',"max_completion_tokens":16,"max_tokens":9}', "/chat/completions", 16),
             (b'{"max_completion_tokens":9,"max_tokens":7}', "/completions", 7),
-            (b'{"max_completion_tokens":9}', "/completions", None),
+            (b'{"max_completion_tokens":9}', "/completions", 16),  # (vLLM's default: see below)
             (b'{"max_tokens":7,"max_output_tokens":9}', "/responses", 9),
             (b'{"max_tokens":7}', "/responses", None),
             (b'{"max_output_tokens":9,"max_tokens":7}', "/messages", 7),
@@ -1245,10 +1246,51 @@ def test_the_output_a_route_asks_for_is_the_field_vllm_reads_there():
             (b'{"max_output_tokens":16,"n":4}', "/responses", 16),
             (b'{"max_tokens":16,"n":4}', "/messages", 16)):
         assert requested_tokens(body, path) == asked, (body, path)
-        assert asked_tokens(jsonutil.loads(body), path) == (asked or 0), (body, path)
+        parsed = completion_tokens if path == "/completions" else asked_tokens  # (as the routes read them)
+        assert parsed(jsonutil.loads(body), path) == (asked or 0), (body, path)
     body = b'{"max_tokens":7,"max_completion_tokens":9,"messages":[]}'
     assert estimate(body, "/chat/completions") == len(body) // 4 + 9
     assert estimate(body, "/completions") == len(body) // 4 + 7
+
+
+def test_a_completions_body_asks_for_each_sequence_of_each_of_its_prompts():
+    """A text completion's C{prompt} that is a list of k prompts (strings, or lists of token ids; a list of ints is
+    one prompt) generates k sequences of each C{n} on vLLM (before, n were counted: a 4-prompt request reserved a
+    quarter of what it can generate)."""
+    for fields, sequences in (({"prompt": "hi"}, 1), ({"prompt": ["a", "b", "c", "d"]}, 4),
+                              ({"prompt": [[1, 2], [3], [4, 5, 6]]}, 3), ({"prompt": [1, 2, 3, 4]}, 1),
+                              ({"prompt": ["a", "b"], "n": 3}, 6), ({"prompt": [[1], [2]], "n": "2"}, 4),
+                              ({"prompt": [1, 2, 3], "n": 5}, 5), ({"prompt": [], "n": 2}, 2), ({}, 1),
+                              ({"prompt": ["a", "b"], "n": None}, 2), ({"prompt": ["a", "b"], "n": 5000}, 2)):
+        assert completion_sequences(fields) == sequences, fields
+
+
+def test_a_completions_body_without_max_tokens_asks_for_vllms_default_of_16():
+    """vLLM's (and OpenAI's) text completions generate 16 tokens a sequence where the body sends no C{max_tokens}
+    (before, none was reserved); a null asks for the model's whole context, unknown here, as chat's default is: none
+    reserved. Online (the parsed body, L{completion_tokens}) and as bytes (a batch line's, a passthrough's, at each
+    spelling of the path) alike; chat is as it was."""
+    four = {"model": "m", "prompt": ["a", "b", "c", "d"]}
+    for fields, asked in ((four, 64), (dict(four, max_tokens=100), 400), (dict(four, max_tokens=100, n=2), 800),
+                          (dict(four, n=3), 192), ({"prompt": [[1, 2], [3]], "max_tokens": 5}, 10),
+                          ({"prompt": [1, 2, 3], "max_tokens": 5, "n": 2}, 10), ({"prompt": "hi"}, 16),
+                          ({"prompt": "hi", "max_tokens": 0}, 0), (dict(four, max_tokens=0), 0),
+                          ({"prompt": "hi", "max_tokens": None}, 0), ({"prompt": "hi", "max_tokens": "7"}, 7),
+                          ({"prompt": "hi", "max_tokens": 5.5}, 0),
+                          ({"prompt": "say max_tokens", "max_completion_tokens": 9}, 16),
+                          ({"prompt": ["max_tokens", "b"], "stream": True}, 32)):
+        assert completion_tokens(fields) == asked, fields
+        body = jsonutil.dumps(fields)
+        for path in ("/completions", "completions", "v1/completions", "/v1/completions"):
+            assert requested_tokens(body, path) == (asked or None), (fields, path)
+        assert estimate(body, "/completions") == len(body) // 4 + asked
+    assert requested_tokens(b"", "/completions") is None and requested_tokens(None, "/completions") is None
+    assert requested_tokens(b"not json", "/completions") is None  # (vLLM refuses it: nothing generated)
+    assert requested_tokens(b'[{"prompt":"hi"}]', "/completions") is None
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 4, "prompt": ["a", "b"]}
+    assert asked_tokens(chat, "/chat/completions") == 0
+    assert requested_tokens(jsonutil.dumps(chat), "/chat/completions") is None
+    assert asked_tokens(dict(chat, max_tokens=5), "/chat/completions") == 20
 
 
 def test_a_batch_line_reserves_the_field_vllm_reads_at_the_path_it_is_sent_to(clock, counters):
@@ -1259,6 +1301,9 @@ def test_a_batch_line_reserves_the_field_vllm_reads_at_the_path_it_is_sent_to(cl
     body = b'{"model":"m","prompt":"hi","max_tokens":7,"max_completion_tokens":900}'
     assert fired(gate.reserve_line(key, "vllm/m", body, "/chat/completions")).tokens == len(body) // 4 + 900
     assert fired(gate.reserve_line(key, "vllm/m", body, "/completions")).tokens == len(body) // 4 + 7
+    # A completion line's prompt list: each prompt's sequences, and vLLM's 16 tokens each without a max_tokens.
+    body = b'{"model":"m","prompt":["a","b","c","d"],"n":2}'
+    assert fired(gate.reserve_line(key, "vllm/m", body, "/completions")).tokens == len(body) // 4 + 4 * 2 * 16
 
 
 def test_the_output_a_parsed_body_asks_for_is_what_its_bytes_ask_for():

@@ -286,6 +286,72 @@ async def test_tpm_reserves_the_max_tokens_field_vllm_reads_on_each_route(http, 
 
 
 @pytest_twisted.ensureDeferred
+async def test_tpm_reserves_each_prompt_of_a_completions_prompt_list_and_vllms_default_max_tokens(http, gw):
+    """A text completion generates C{n} sequences for each prompt of a C{prompt} list (strings, or lists of token
+    ids; one list of token ids is one prompt), and 16 tokens each where it sends no C{max_tokens} (vLLM's default,
+    as OpenAI's): its reservation counts them, online (streamed or not) and through C{/p/} (before, n sequences
+    whatever its prompts, and nothing without a C{max_tokens}: a 4-prompt request reserved a quarter of what it
+    can generate). Chat is as it was: without a C{max_tokens} it reserves no output (its default is the model's
+    whole context)."""
+    hi = [{"role": "user", "content": "hi"}]
+
+    async def answer(key, path, **body):
+        body["model"] = MODEL.split("/", 1)[1] if path.startswith("/p/") else MODEL  # (a passthrough: its own name)
+        response = await http.post(gw.url + path, data=json.dumps(body).encode(), headers={
+            "authorization": f"Bearer {key['value']}", "content-type": "application/json"})
+        await treq.content(response)
+        return response
+
+    for path in ("/v1/completions", "/p/vllm/v1/completions"):
+        fresh = await new_key(http, gw, tpm=1000)
+        reserved = (await answer(fresh, path, prompt=["a", "b", "c", "d"])).headers.getRawHeaders(
+            "x-ratelimit-remaining-tokens")
+        assert 1000 - 64 - 30 <= int(reserved[0]) <= 1000 - 64  # (4 x 16, and the body's size / 4)
+        key = await new_key(http, gw, tpm=1000)
+
+        async def code(**body):
+            return (await answer(key, path, **body)).code
+
+        assert await code(prompt=["a", "b", "c", "d"], max_tokens=300) == 429  # 1200: too large
+        assert await code(prompt=["a", "b", "c", "d"], max_tokens=300, stream=True) == 429
+        assert await code(prompt=[[1, 2], [3, 4], [5], [6]], max_tokens=300) == 429
+        assert await code(prompt=["a", "b", "c", "d"], n=20) == 429  # 4 x 20 x 16
+        assert await code(prompt="hi", n=60, max_tokens=None) == 200  # (null: the model's whole context, unknown)
+        assert await code(prompt=[1, 2, 3, 4], max_tokens=200, n=3) == 200  # one prompt of token ids: 600
+        assert await code(prompt="hi", n=20) == 200  # 320
+    for path in ("/v1/chat/completions", "/p/vllm/v1/chat/completions"):
+        assert (await answer(key, path, messages=hi, n=60)).code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_completions_batch_lines_reservation_counts_each_prompt_and_vllms_default_max_tokens(
+        reactor, http, gw, fake):
+    """A C{/v1/completions} batch line reserves from its key's budgets each sequence of each prompt of its C{prompt}
+    list, 16 tokens each without a C{max_tokens} (vLLM's default), as online: while it is in flight the key's
+    other requests see the reservation (before, a quarter of it here, the output none: they went on)."""
+    key = await new_key(http, gw, budgets=[{"period": "total", "max_tokens": 60}])
+    sdk = openai_client(gw, key["value"])
+    try:
+        line = {"custom_id": "four", "method": "POST", "url": "/v1/completions",
+                "body": {"model": MODEL, "prompt": ["a", "b", "c", "d"], "fake_hold": True}}
+        uploaded = await in_thread(sdk.files.create, purpose="batch", file=(
+            "in.jsonl", io.BytesIO(json.dumps(line).encode() + b"\n")))
+        batch = await in_thread(sdk.batches.create, input_file_id=uploaded.id, endpoint="/v1/completions",
+                                completion_window="24h")
+        await with_timeout(reactor, fake.when_held(1), 10)
+        with pytest.raises(openai.RateLimitError) as refused:  # (64 of the line's output and its prompt: over 60)
+            await in_thread(raw_chat, sdk)
+        assert refused.value.code == "budget_exceeded"
+        fake.release_holds()
+        await gw.service.batch_runner.settled(batch.id)
+        done = await in_thread(sdk.batches.retrieve, batch.id)
+        assert (done.request_counts.completed, done.request_counts.failed) == (1, 0)
+    finally:
+        fake.release_holds()
+        sdk.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_max_concurrency_refuses_while_a_request_is_in_flight(reactor, http, gw, fake):
     key = await new_key(http, gw, max_concurrency=1)
     client = openai_client(gw, key["value"])

@@ -23,6 +23,12 @@ _ROUTES = {"chat/completions": _CHAT, "completions": (("max_tokens",), True),
 _ROUTES = {prefix + route: rule for route, rule in _ROUTES.items() for prefix in ("", "/", "v1/", "/v1/")}
 # Any other path (a passthrough's own, none given): the first of the fields sent, each sequence of its C{n}.
 _ANY = (None, True)
+# A text completion's paths (L{_ROUTES}' spellings): its sequences are its C{n} for each of its prompts, and it
+# generates L{COMPLETION_DEFAULT} tokens each where it sends no C{max_tokens} (L{completion_tokens}).
+_COMPLETIONS = frozenset(prefix + "completions" for prefix in ("", "/", "v1/", "/v1/"))
+# vLLM's (and OpenAI's) text completions' C{max_tokens} where a body sends none (chat's is the model's whole context,
+# unknown here: none reserved).
+COMPLETION_DEFAULT = 16
 
 TOKEN_TYPES = ("input", "output", "cached", "reasoning")
 # The most tokens a count may say: no request's count comes near a trillion. A larger one (an upstream's
@@ -138,7 +144,10 @@ def requested_tokens(body, path=None):
     route's field vLLM reads (the body's own, not one inside a message, a tool's input or a schema) for each of
     the sequences its C{n} asks to generate, or None when it sends none. Read without parsing the body where that
     field is the body's own (L{_own}) and no C{n} is in it; else parsed (a body that is no JSON object: that
-    field's number)."""
+    field's number). A text completion's (L{_COMPLETIONS}): L{completion_tokens} of it parsed, None where that is 0
+    or it is no JSON object (vLLM refuses it)."""
+    if path in _COMPLETIONS:
+        return _completion_requested(body)
     start = body.find(b'"max_') if body else -1  # most bodies send none: one scan in C, not the regex's
     if start < 0:
         return None
@@ -152,7 +161,8 @@ def requested_tokens(body, path=None):
 def asked_tokens(fields: dict, path=None):
     """L{requested_tokens} of a request body to C{path} already parsed, C{fields} (a dict, as sent: the body is its
     dump), read from it without a scan of its bytes; 0 where it asks for none
-    (L{gomodel.proxy.exchange.UpstreamCall}'s C{asked})."""
+    (L{gomodel.proxy.exchange.UpstreamCall}'s C{asked}). Not a text completion's: L{completion_tokens} reads that
+    (its route calls it, so that no other route's request looks at its path here)."""
     if fields.keys().isdisjoint(_MAX_FIELDS):  # (most bodies send none: one look in C, not one per field)
         return 0
     names, sequences = _ROUTES.get(path, _ANY)
@@ -165,6 +175,40 @@ def asked_tokens(fields: dict, path=None):
     if n is None:  # (most bodies: one sequence)
         return value
     return value * sequence_count(n)
+
+
+def completion_tokens(fields: dict, path=None) -> int:
+    """L{asked_tokens} of a text completion's parsed body C{fields} (C{path} is its route's, unread): its
+    C{max_tokens} (L{_asked_count}), else (none sent) vLLM's L{COMPLETION_DEFAULT}, for each of its
+    L{completion_sequences}; 0 where it is null (vLLM then generates up to the model's whole context, unknown here)
+    or no count."""
+    value = _asked_count(fields.get("max_tokens", COMPLETION_DEFAULT))
+    return value * completion_sequences(fields) if value else 0
+
+
+def completion_sequences(fields: dict) -> int:
+    """The sequences a text completion's parsed body C{fields} asks vLLM to generate (each a choice): its C{n}
+    (L{sequence_count}) for each of its prompts, a C{prompt} that is a list of strings or of token id lists being
+    that many, one of token ids (or any other) one."""
+    n = fields.get("n")
+    count = 1 if n is None else sequence_count(n)
+    prompt = fields.get("prompt")
+    if prompt.__class__ is list and prompt and prompt[0].__class__ is not int:
+        count *= len(prompt)
+    return count
+
+
+def _completion_requested(body):
+    """L{requested_tokens} of a text completion's JSON C{body} (bytes, or None)."""
+    if not body:
+        return None
+    try:
+        fields = jsonutil.loads(body)
+    except (jsonutil.JSONError, ValueError, TypeError):
+        return None
+    if fields.__class__ is not dict:
+        return None
+    return completion_tokens(fields) or None
 
 
 def sequence_count(n) -> int:

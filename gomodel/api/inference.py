@@ -10,7 +10,8 @@ to the exchange.
 from functools import partial
 
 from gomodel import jsonutil
-from gomodel.accounting.tokens import asked_tokens, sequence_count, without_max_tokens
+from gomodel.accounting.tokens import (asked_tokens, completion_sequences, completion_tokens, sequence_count,
+                                      without_max_tokens)
 from gomodel.api.uploads import Form
 from gomodel.errors import AmbiguousModel, InvalidRequest, ModelAccessDenied, ModelNotFound, NotSupported, shown
 from gomodel.http.bodies import json_body, stream_options, streams, whole_number
@@ -72,10 +73,12 @@ class InferenceRoutes:
         return self._completions(request, ctx, "/chat/completions")
 
     def completions(self, request, ctx):
-        return self._completions(request, ctx, "/completions")
+        return self._completions(request, ctx, "/completions", completion_tokens)
 
-    async def _completions(self, request, ctx, path):
-        """Chat or legacy completions: streams get usage forced on upstream, stripped if unasked."""
+    async def _completions(self, request, ctx, path, asked_of=asked_tokens):
+        """Chat or legacy completions: streams get usage forced on upstream, stripped if unasked. C{asked_of} reads
+        the output its parsed body asks for at most (C{(fields, path)}: a text completion's prompts and default
+        count, L{completion_tokens}; a default, so that chat's call passes nothing more)."""
         body = json_body(request)
         ctx.asked_stream = body.get("stream") is True  # (checked by streams() once routed)
         upstream, fallbacks = self.route(ctx, body, partial(affinity_key, request, body))
@@ -106,12 +109,12 @@ class InferenceRoutes:
             for_openai(body)
         if observer is None:
             call = upstream_call(path, jsonutil.dumps(body), model=ctx.upstream_model, affinity=affinity,
-                                 fallbacks=fallbacks, rebody=again, asked=asked_tokens(body, path))
+                                 fallbacks=fallbacks, rebody=again, asked=asked_of(body, path))
             return await self._exchange.relay(request, ctx, upstream, call)
         # (an upstream that ignores "stream" answers whole: the client still gets the stream's events)
         call = upstream_call(path, jsonutil.dumps(body), observer=observer, transform=observer.whole,
                              model=ctx.upstream_model, affinity=affinity, fallbacks=fallbacks, rebody=again,
-                             asked=asked_tokens(body, path))
+                             asked=asked_of(body, path))
         answer = await self._exchange.relay(request, ctx, upstream, call)
         if answer is not None:
             request.responseHeaders.put(CONTENT_TYPE, EVENT_STREAM)
@@ -412,12 +415,7 @@ def stream_observer(body, path, strip_usage, hide):
     """The observer of a chat or text completion stream that may have more than one choice (C{body}'s C{n}, each of
     a text completion's prompts): L{ChoicesStreamObserver}, which holds every choice to its C{finish_reason}, where
     it has; else L{ChatStreamObserver}'s of one."""
-    choices = sequence_count(body.get("n", 1))
-    if path == "/completions":
-        prompt = body.get("prompt")
-        # (a list of strings or of token id lists: a prompt each; one of token ids: one prompt)
-        if prompt.__class__ is list and prompt and prompt[0].__class__ is not int:
-            choices *= len(prompt)
+    choices = completion_sequences(body) if path == "/completions" else sequence_count(body.get("n", 1))
     if choices == 1:
         return ChatStreamObserver(strip_usage, hide, reasons=True)
     return ChoicesStreamObserver(strip_usage, hide, choices)
