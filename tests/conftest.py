@@ -105,3 +105,14 @@ def access():
     globalLogPublisher.addObserver(records)
     yield records
     globalLogPublisher.removeObserver(records)
+
+
+@pytest.fixture
+def refusing_port():
+    """A port of 127.0.0.1 that refuses connections for the whole test: bound and never listening (a port let go
+    can be another test's server by the time it is dialled: a Redis client then read an HTTP 400)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]

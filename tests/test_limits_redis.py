@@ -407,10 +407,8 @@ async def test_shared_budget_sums_start_from_the_ledger_once_and_again_when_redi
 
 
 @pytest_twisted.ensureDeferred
-async def test_an_unreachable_redis_fails_open_and_says_so(reactor):
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port = s.getsockname()[1]
+async def test_an_unreachable_redis_fails_open_and_says_so(reactor, refusing_port):
+    port = refusing_port
     counters = RedisCounters(redis.Redis(host=HOST, port=port, socket_connect_timeout=1), "x:", reactor,
                              retry_after=60)
     seen = []
@@ -495,10 +493,8 @@ async def test_read_says_what_windows_and_slots_hold_and_takes_nothing(reactor, 
 
 
 @pytest_twisted.ensureDeferred
-async def test_read_of_an_unreachable_redis_is_none(reactor):
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port = s.getsockname()[1]
+async def test_read_of_an_unreachable_redis_is_none(reactor, refusing_port):
+    port = refusing_port
     counters = RedisCounters(redis.Redis(host=HOST, port=port, socket_connect_timeout=1), "x:", reactor)
     counters.start()
     try:
@@ -629,13 +625,11 @@ async def test_an_admission_whose_answer_cannot_be_read_fails_rather_than_never_
         await with_timeout(reactor, limiter.admit([("key:k", RateLimit(rpm=5))], 0, headers_for=5), 5)
 
 
-def test_a_reason_hides_the_server_but_keeps_the_rest_of_redis_words(client):
+def test_a_reason_hides_the_server_but_keeps_the_rest_of_redis_words(client, refusing_port):
     """C{reason} leaves out where the server is, and nothing else: Redis Cluster's refusal of a script over
     keys of several slots reads as Redis says it (before: "hash to the server same slot"), and names the setting
     that makes the gateway a cluster's client."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port = s.getsockname()[1]
+    port = refusing_port
     refused = redis.Redis(host=HOST, port=port, socket_connect_timeout=1)
     with pytest.raises(redis.RedisError) as raised:
         refused.ping()
@@ -727,12 +721,10 @@ async def test_a_slot_released_while_its_renewal_runs_is_not_put_back(reactor, m
 
 
 @pytest_twisted.ensureDeferred
-async def test_requests_admitted_while_redis_is_known_down_leave_nothing_to_free(reactor):
+async def test_requests_admitted_while_redis_is_known_down_leave_nothing_to_free(reactor, refusing_port):
     """The leases of requests admitted open without Redis being asked (it failed a moment ago) are never in Redis:
     their end frees nothing there, and nothing is kept to free once it is back."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port = s.getsockname()[1]
+    port = refusing_port
     counters = RedisCounters(redis.Redis(host=HOST, port=port, socket_connect_timeout=1), "x:", reactor,
                              retry_after=60)
     counters.start()

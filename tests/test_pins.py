@@ -11,7 +11,6 @@ bounded L{deferLater} steps.
 """
 
 import io
-import socket
 import threading
 import time
 import uuid
@@ -228,10 +227,8 @@ async def test_a_host_started_later_finds_the_sessions_pin_in_redis(reactor, htt
 
 @pytest_twisted.ensureDeferred
 async def test_with_redis_unreachable_requests_flow_sessions_stick_per_host_and_readiness_says_so(
-        reactor, http, hosts, sessions):
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        nowhere = f"redis://{HOST}:{s.getsockname()[1]}/0"
+        reactor, http, hosts, sessions, refusing_port):
+    nowhere = f"redis://{HOST}:{refusing_port}/0"
     seen = []
     globalLogPublisher.addObserver(seen.append)
     try:
@@ -413,10 +410,8 @@ async def test_stopping_ends_the_subscriber_at_once(reactor, make_pins, client, 
 
 
 @pytest_twisted.ensureDeferred
-async def test_an_unreachable_redis_costs_requests_nothing_and_is_said_once(reactor, make_pins):
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port = s.getsockname()[1]
+async def test_an_unreachable_redis_costs_requests_nothing_and_is_said_once(reactor, make_pins, refusing_port):
+    port = refusing_port
     seen = []
     globalLogPublisher.addObserver(seen.append)
     try:
