@@ -101,10 +101,17 @@ async def test_killed_connections_are_replaced_and_never_lent_again(reactor, pg_
         await store.stopService()
 
 
+def sessions(database, sql_prefix, active=False) -> list:
+    """The pids of C{database}'s sessions whose statement (running, or the last one) starts with C{sql_prefix};
+    with C{active}, of those running it. (Only C{database}'s: tests beside it, under -n 2, run their own.)"""
+    return postgres.query(database, "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query "
+                          "LIKE %s" + (" AND state = 'active'" if active else ""), (sql_prefix + "%",))
+
+
 async def statement_running(reactor, database, sql_prefix):
     """Fires once a statement starting with C{sql_prefix} runs on C{database}."""
     deadline = time.monotonic() + 10
-    while not postgres.query(database, "SELECT pid FROM pg_stat_activity WHERE query LIKE %s", (sql_prefix + "%",)):
+    while not sessions(database, sql_prefix):
         assert time.monotonic() < deadline, "the statement never started"
         await deferLater(reactor, 0.01, lambda: None)
 
@@ -178,8 +185,7 @@ async def test_a_job_the_server_does_not_answer_in_time_is_a_503_and_the_store_r
         # until the server answered, here 30 s), and the next job finds the store back.
         await store.files.list()
         assert store.problem is None and time.monotonic() - started < 5
-        assert not postgres.query(pg_database, "SELECT pid FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%%' "
-                                               "AND state = 'active'")
+        assert not sessions(pg_database, "SELECT pg_sleep", active=True)
     finally:
         await store.stopService()
 
@@ -933,8 +939,7 @@ async def test_a_job_asked_before_the_opening_is_cancelled_within_its_time_limit
     store = opened(reactor, pg_database, job_timeout=limit)
 
     def sleeping():
-        return bool(postgres.query(pg_database, "SELECT pid FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%%' "
-                                                "AND state = 'active'"))
+        return bool(sessions(pg_database, "SELECT pg_sleep", active=True))
 
     try:
         asked = store._db.run(lambda conn: conn.execute("SELECT pg_sleep(30)"))
