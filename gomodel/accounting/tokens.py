@@ -200,15 +200,17 @@ def completion_sequences(fields: dict) -> int:
 
 def _completion_requested(body):
     """L{requested_tokens} of a text completion's JSON C{body} (bytes, or None)."""
-    if not body:
-        return None
+    fields = _json_object(body) if body else None
+    return None if fields is None else completion_tokens(fields) or None
+
+
+def _json_object(body):
+    """C{body} (JSON bytes) parsed, where it is an object (a request body as its route reads it); else None."""
     try:
-        fields = jsonutil.loads(body)
+        parsed = jsonutil.loads(body)
     except (jsonutil.JSONError, ValueError, TypeError):
         return None
-    if fields.__class__ is not dict:
-        return None
-    return completion_tokens(fields) or None
+    return parsed if parsed.__class__ is dict else None
 
 
 def sequence_count(n) -> int:
@@ -305,11 +307,8 @@ _SIGNIFICANT = frozenset("123456789-")
 def _sequences(body) -> int:
     """The sequences a JSON request C{body} has generated: its own C{n} (chat, completions: each a choice); 1 where
     it says none (or no number)."""
-    try:
-        parsed = jsonutil.loads(body)
-    except (jsonutil.JSONError, ValueError, TypeError):
-        return 1
-    if parsed.__class__ is not dict:
+    parsed = _json_object(body)
+    if parsed is None:
         return 1
     n = parsed.get("n")
     return 1 if n is None else sequence_count(n)
@@ -334,11 +333,8 @@ def _asked(body, start, names):
     number = found[1]
     if number is not None and number.isdigit() and len(number) <= 18 and _own(body, found.start(), found.end()):
         return int(number)
-    try:
-        parsed = jsonutil.loads(body)
-    except (jsonutil.JSONError, ValueError, TypeError):
-        return _number(number)
-    if parsed.__class__ is not dict:
+    parsed = _json_object(body)
+    if parsed is None:
         return _number(number)
     return _first_max(parsed, names)
 
@@ -397,11 +393,8 @@ def without_max_tokens(body):
     object (the body itself is then what is counted)."""
     if not body or body.find(b'"max_tokens"') < 0:
         return None
-    try:
-        fields = jsonutil.loads(body)
-    except (jsonutil.JSONError, ValueError, TypeError):
-        return None
-    if fields.__class__ is not dict or "max_tokens" not in fields:
+    fields = _json_object(body)
+    if fields is None or "max_tokens" not in fields:
         return None
     del fields["max_tokens"]
     return jsonutil.dumps(fields)
@@ -416,11 +409,8 @@ def prompt_estimate(body) -> int:
     Parsed: only a request whose usage is missing (a stream cut before its usage chunk) needs it."""
     if not body:
         return 0
-    try:
-        parsed = jsonutil.loads(body)
-    except (jsonutil.JSONError, ValueError, TypeError):
-        return len(body) // 4
-    if parsed.__class__ is not dict:
+    parsed = _json_object(body)
+    if parsed is None:
         return len(body) // 4
     for name in ("messages", "prompt", "input"):
         if name in parsed:
