@@ -96,10 +96,11 @@ class InferenceRoutes:
                     del options["continuous_usage_stats"]
                 strip_usage = True
             body["stream_options"] = options
+            hide = partial(answerer_hidden, self._registry, ctx)
             if "n" not in body and path != "/completions":  # (one choice: no n, no text completion's prompt list)
-                observer = ChatStreamObserver(strip_usage, partial(answerer_hidden, self._registry, ctx), reasons=True)
+                observer = ChatStreamObserver(strip_usage, hide, reasons=True)
             else:
-                observer = stream_observer(body, path, strip_usage, partial(answerer_hidden, self._registry, ctx))
+                observer = stream_observer(body, path, strip_usage, hide)
         # (a fallback's body from this one as the request made it, before the first target's own fields)
         again = fallback_bodies(request, ctx, self._salts, body, fallbacks) if fallbacks else None
         self.prioritise(request, ctx, upstream, body)  # (L{target}, inline: every request takes this way)
